@@ -1,0 +1,137 @@
+"""The Adapter interface: everything vtprune needs to know about one model family.
+
+Adapters are the only code that touches ``transformers`` classes. An adapter:
+
+* encodes the images of a request into per-image :class:`~vtprune.policy.ImageTokens` (native LLM
+  layout, grid positions, requested vision signals), optionally running stage-V policies;
+* computes the positions the unpatched model would use, and turns a shortened sequence back into
+  model inputs (``input_ids``, ``attention_mask``, positions, precomputed image features);
+* exposes the decoder layers, the rotary function and q/k projections for partial attention.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import attention_probs
+
+
+class Adapter:
+    """Base class; one subclass per family (see ``vtprune.adapters.ADAPTERS``)."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    default_positions: str = "renumber"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def llm_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    def num_llm_layers(self) -> int:
+        return len(self.llm_layers())
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    def nominal_visual_tokens(self) -> int | None:
+        """Visual tokens per image when fixed by the config (LLaVA-1.5), else None."""
+        return None
+
+    def attn_implementation(self) -> str:
+        return self.language_model.config._attn_implementation
+
+    # ---------------------------------------------------------------- requests
+    def has_images(self, kwargs: dict[str, Any]) -> bool:
+        return kwargs.get("pixel_values") is not None
+
+    def encode(self, kwargs: dict[str, Any], signals: dict[str, Any], vision_policies: list, ctx) -> list:
+        """Run the vision side; return one ``ImageTokens`` per image, in request order."""
+        raise NotImplementedError
+
+    def full_positions(self, kwargs: dict[str, Any], input_ids: Tensor, mask: Tensor) -> Tensor | None:
+        """Positions the unpatched model would use for this prefill, in its native format, or None."""
+        raise NotImplementedError
+
+    def build_inputs(self, kwargs: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+        """Return the kwargs for the model forward on the shortened sequence."""
+        raise NotImplementedError
+
+    def after_prefill(self, state) -> None:
+        """Hook for family-specific bookkeeping after the prefill inputs were rebuilt."""
+
+    # ---------------------------------------------------------------- LLM attention rows
+    def rotary_fn(self, layer: nn.Module):
+        """The modeling module's own ``apply_rotary_pos_emb`` for a decoder layer."""
+        mod = sys.modules[type(layer.self_attn).__module__]
+        return mod.apply_rotary_pos_emb
+
+    def llm_attention_rows(
+        self,
+        layer_idx: int,
+        hidden: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        rows: Tensor,
+        key_mask: Tensor | None,
+    ) -> Tensor:
+        """Head-wise probabilities of decoder layer ``layer_idx`` for query rows ``rows``.
+
+        Args:
+            hidden: (B, L, D) input of the layer (before its input norm).
+            position_embeddings: (cos, sin), each (B, L, hd) (the layer's own rotary tables).
+            rows: (B, R) long, query positions in the current sequence.
+            key_mask: (B, L) bool, False on padding keys.
+        Returns:
+            (B, H, R, L) fp32 probabilities under the causal + padding mask.
+        """
+        layer = self.llm_layers()[layer_idx]
+        attn = layer.self_attn
+        h = layer.input_layernorm(hidden)
+        b, n, _ = h.shape
+        hd = attn.head_dim
+        h_rows = torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1]))
+        q = attn.q_proj(h_rows).view(b, rows.shape[1], -1, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(b, n, -1, hd).transpose(1, 2)
+        cos, sin = position_embeddings
+        cos_r = torch.gather(cos, -2, rows[..., None].expand(-1, -1, cos.shape[-1]))
+        sin_r = torch.gather(sin, -2, rows[..., None].expand(-1, -1, sin.shape[-1]))
+        rot = self.rotary_fn(layer)
+        q, _ = rot(q, q, cos_r, sin_r)
+        k, _ = rot(k, k, cos, sin)
+        return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows)
+
+
+def vit_layer_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module, int, float]:
+    """(norm, attention module, num_heads, scale) of a plain ViT layer (CLIP, SigLIP, DINOv2)."""
+    norm = getattr(layer, "layer_norm1", None) or getattr(layer, "norm1", None)
+    attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+    if norm is None or attn is None or not hasattr(attn, "q_proj"):
+        raise ValueError(f"unsupported vision layer {type(layer).__name__}: expected CLIP, SigLIP or DINOv2 layers")
+    heads = getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads")
+    scale = getattr(attn, "scale", None) or getattr(attn, "scaling")
+    return norm, attn, int(heads), float(scale)
+
+
+def vit_qk(layer: nn.Module, x: Tensor, rows: slice | Tensor | None = None) -> tuple[Tensor, Tensor, float]:
+    """q (V, H, R, hd) for ``rows`` (all rows if None) and k (V, H, N, hd) of a plain ViT layer.
+
+    ``x`` is the layer input (V, N, C) (before the layer's first norm).
+    """
+    norm, attn, heads, scale = vit_layer_parts(layer)
+    h = norm(x)
+    v, n, c = h.shape
+    hq = h if rows is None else h[:, rows]
+    q = attn.q_proj(hq).view(v, hq.shape[1], heads, -1).transpose(1, 2)
+    k = attn.k_proj(h).view(v, n, heads, -1).transpose(1, 2)
+    return q, k, scale

@@ -1,0 +1,329 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT (``LlavaNextForConditionalGeneration``).
+
+Vision towers: CLIP, SigLIP and DINOv2 (any plain ViT whose layers have a first norm and q/k
+projections). Features come from HF's own ``get_image_features`` (so keep-all is bit-identical);
+vision signals are recomputed from the inputs of the requested encoder layers, captured with
+temporary forward pre-hooks. LLaVA-NeXT's native layout (base view, unpadded crop grid, one
+``image_newline`` per row) is recovered by running HF's own ``pack_image_features`` on index
+features, so the adapter never re-implements the unpadding geometry.
+
+Positions: the LLM gets a shorter sequence; LLaVA's reference convention renumbers contiguously,
+``positions="original"`` gathers the unpruned positions instead.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..attention import attention_probs, received_attention
+from ..policy import ImageTokens
+from .base import Adapter, vit_layer_parts, vit_qk
+
+VIT_SIGNAL_KINDS = ("vit_received", "vit_received_sum", "vit_cls", "vit_cls_logits", "vit_keys", "vit_hidden")
+
+
+def parse_signal(name: str) -> tuple[str, int]:
+    kind, _, layer = name.partition("@")
+    return kind, int(layer)
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_types = ("llava",)
+    default_positions = "renumber"
+
+    # ------------------------------------------------------------ vision structure
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def vit_layers(self) -> nn.ModuleList:
+        tower = self.vision_tower
+        inner = getattr(tower, "vision_model", tower)
+        enc = inner.encoder
+        return enc.layers if hasattr(enc, "layers") else enc.layer
+
+    def vit_has_cls(self) -> bool:
+        return self.config.vision_config.model_type != "siglip_vision_model"
+
+    def feature_offset(self) -> int:
+        """Encoder tokens dropped at the front of the features (1 = CLS dropped by 'default')."""
+        strategy = self.config.vision_feature_select_strategy
+        return 1 if (strategy == "default" and self.vit_has_cls()) else 0
+
+    def nominal_visual_tokens(self) -> int | None:
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        return side * side + (1 if self.vit_has_cls() else 0) - self.feature_offset()
+
+    def resolve_vit_layer(self, layer: int) -> int:
+        n = len(self.vit_layers())
+        if not -n <= layer < n:
+            raise ValueError(f"vision layer {layer} out of range for a {n}-layer vision tower")
+        return layer % n
+
+    # ------------------------------------------------------------ encoding
+    @contextmanager
+    def _capture(self, layers: set[int], outputs: set[int]):
+        """Capture inputs of ``layers`` and outputs of ``outputs`` (0-based vision layers)."""
+        got: dict[tuple[str, int], Tensor] = {}
+        handles = []
+        vit = self.vit_layers()
+        for l in layers:
+            handles.append(vit[l].register_forward_pre_hook(lambda m, a, l=l: got.__setitem__(("in", l), a[0])))
+        for l in outputs:
+            def hook(m, a, out, l=l):
+                got[("out", l)] = out[0] if isinstance(out, tuple) else out
+            handles.append(vit[l].register_forward_hook(hook))
+        try:
+            yield got
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _vision_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        layer = kwargs.get("vision_feature_layer")
+        strategy = kwargs.get("vision_feature_select_strategy")
+        return {
+            "vision_feature_layer": cfg.vision_feature_layer if layer is None else layer,
+            "vision_feature_select_strategy": cfg.vision_feature_select_strategy if strategy is None else strategy,
+        }
+
+    def _signal_layers(self, signals) -> tuple[set[int], set[int]]:
+        ins, outs = set(), set()
+        for name in signals:
+            kind, layer = parse_signal(name)
+            if kind not in VIT_SIGNAL_KINDS:
+                raise ValueError(f"unknown vision signal {name!r}; kinds: {VIT_SIGNAL_KINDS}")
+            layer = self.resolve_vit_layer(layer)
+            (outs if kind == "vit_hidden" else ins).add(layer)
+        return ins, outs
+
+    def _view_signals(self, signals, got) -> dict[str, Tensor]:
+        """Per-view signal tensors, indexed on encoder tokens: (V, N) or (V, N, C)."""
+        vit = self.vit_layers()
+        out = {}
+        for name in signals:
+            kind, layer = parse_signal(name)
+            layer = self.resolve_vit_layer(layer)
+            if kind == "vit_hidden":
+                out[name] = got[("out", layer)]
+                continue
+            x = got[("in", layer)]
+            if kind in ("vit_received", "vit_received_sum"):
+                q, k, scale = vit_qk(vit[layer], x)
+                probs = attention_probs(q, k, scale, chunk_heads=4)
+                out[name] = received_attention(probs, "mean" if kind == "vit_received" else "sum")
+            elif kind == "vit_cls":
+                q, k, scale = vit_qk(vit[layer], x, rows=slice(0, 1))
+                out[name] = attention_probs(q, k, scale).mean(1)[:, 0]
+            elif kind == "vit_cls_logits":
+                q, k, scale = vit_qk(vit[layer], x, rows=slice(0, 1))
+                out[name] = (torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale).mean(1)[:, 0]
+            elif kind == "vit_keys":
+                _, k, _ = vit_qk(vit[layer], x, rows=slice(0, 1))
+                out[name] = k.float().mean(1)
+        return out
+
+    def run_vision(self, kwargs: dict[str, Any], signals, vision_policies, ctx):
+        """Return (per-image pooled features list, per-view signals, per-image sources, stats)."""
+        ins, outs = self._signal_layers(signals)
+        pixel_values = kwargs["pixel_values"]
+        vkw = self._vision_kwargs(kwargs)
+        if vision_policies:
+            return self._run_vision_stage_v(pixel_values, vkw, signals, vision_policies, ctx, ins, outs)
+        with self._capture(ins, outs) as got:
+            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vkw)
+        feats = list(out.pooler_output)
+        n_enc = out.last_hidden_state.shape[1]
+        view_sig = self._view_signals(signals, got)
+        n_layers = len(self.vit_layers())
+        sched = [[n_enc] * n_layers for _ in range(pixel_values.shape[0])]
+        sources = [torch.arange(f.shape[0]) + self.feature_offset() for f in feats]
+        return feats, view_sig, sources, sched
+
+    def _run_vision_stage_v(self, pixel_values, vkw, signals, policies, ctx, ins, outs):
+        """Stage V: run the encoder layer by layer, letting policies shrink the sequence."""
+        if self.config.vision_config.model_type != "clip_vision_model":
+            raise ValueError(
+                "stage-V (in-encoder) policies support CLIP vision towers only; "
+                f"this model's tower is {self.config.vision_config.model_type!r}"
+            )
+        if not isinstance(vkw["vision_feature_layer"], int):
+            raise ValueError("stage-V policies need a single integer vision_feature_layer")
+        tower = self.vision_tower
+        vit = self.vit_layers()
+        feat_layer = self.resolve_vit_layer(vkw["vision_feature_layer"])
+        x = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))
+        v, n, _ = x.shape
+        src = torch.arange(n, device=x.device)[None].expand(v, -1)
+        got: dict[tuple[str, int], Tensor] = {}
+        sched = [[] for _ in range(v)]
+        for l in range(feat_layer + 1):
+            if l in ins:
+                got[("in", l)] = x
+            for i in range(v):
+                sched[i].append(x.shape[1])
+            x = vit[l](x, attention_mask=None)
+            x = x[0] if isinstance(x, tuple) else x
+            for p in policies:
+                if l in p.layers(len(vit)):
+                    res = p.after_layer(l, x, ctx)
+                    if res is not None:
+                        x, s = res
+                        src = torch.gather(src, 1, s.to(src.device))
+            if l in outs:
+                got[("out", l)] = x
+        if ins - set(range(feat_layer + 1)) or outs - set(range(feat_layer + 1)):
+            raise ValueError("with a stage-V policy, vision signals must come from layers <= the feature layer")
+        strategy = vkw["vision_feature_select_strategy"]
+        if strategy == "default":
+            x, src = x[:, 1:], src[:, 1:]
+        feats = self.model.model.multi_modal_projector(x)
+        return list(feats), self._view_signals(signals, got), list(src), sched
+
+    def encode(self, kwargs, signals, vision_policies, ctx) -> tuple[list[ImageTokens], list]:
+        feats, view_sig, sources, sched = self.run_vision(kwargs, signals, vision_policies, ctx)
+        images = []
+        for i, (f, src) in enumerate(zip(feats, sources)):
+            cls = 1 if self.vit_has_cls() else 0
+            n_tok = f.shape[0]
+            side = self._grid_side(src, cls)
+            patch = src - cls
+            grid = torch.stack([patch // side, patch % side], -1)
+            grid[patch < 0] = -1
+            sig = {}
+            for name, t in view_sig.items():
+                sig[name] = t[i] if t.dim() == 3 else t[i][src.to(t.device)]
+            images.append(
+                ImageTokens(
+                    features=f,
+                    candidate=torch.ones(n_tok, dtype=torch.bool),
+                    view=torch.zeros(n_tok, dtype=torch.long),
+                    grid=grid.cpu(),
+                    grid_shapes=[(side, side)],
+                    signals=sig,
+                    image_index=i,
+                    extra={"source": src.cpu()},
+                )
+            )
+        return images, sched
+
+    def _grid_side(self, src, cls) -> int:
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        if (int(src.max()) - cls + 1) > side * side:  # dynamic resolution (e.g. DINOv2 at another size)
+            side = math.isqrt(int(src.max()) - cls + 1)
+        return side
+
+    # ------------------------------------------------------------ positions and inputs
+    def full_positions(self, kwargs, input_ids, mask):
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            return pos
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+
+    def renumber_positions(self, kwargs, new_mask: Tensor) -> Tensor | None:
+        if kwargs.get("position_ids") is None:
+            return None  # the model numbers the shortened sequence itself (arange)
+        pos = new_mask.long().cumsum(-1) - 1
+        return pos.masked_fill(new_mask == 0, 0)
+
+    def build_inputs(self, kwargs, new):
+        out = dict(kwargs)
+        out.pop("pixel_values", None)
+        out.pop("image_sizes", None)
+        out["input_ids"] = new["input_ids"]
+        out["attention_mask"] = new["attention_mask"]
+        out["position_ids"] = new["position_ids"]
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=new["features"])}
+        return out
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    model_types = ("llava_next",)
+
+    def nominal_visual_tokens(self) -> int | None:
+        return None
+
+    def run_vision(self, kwargs, signals, vision_policies, ctx):
+        if vision_policies:
+            raise ValueError("stage-V (in-encoder) policies are supported on LLaVA-1.5 only, not LLaVA-NeXT")
+        ins, outs = self._signal_layers(signals)
+        vkw = self._vision_kwargs(kwargs)
+        pixel_values, image_sizes = kwargs["pixel_values"], kwargs["image_sizes"]
+        with self._capture(ins, outs) as got:
+            out = self.model.model.get_image_features(
+                pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True, **vkw
+            )
+        view_sig = self._view_signals(signals, got)
+        n_enc = out.last_hidden_state.shape[1]
+        return list(out.pooler_output), view_sig, n_enc, image_sizes, vkw
+
+    def encode(self, kwargs, signals, vision_policies, ctx):
+        from transformers.models.llava_next import modeling_llava_next as mln
+
+        feats, view_sig, n_enc, image_sizes, vkw = self.run_vision(kwargs, signals, vision_policies, ctx)
+        cfg = self.config
+        cls = 1 if self.vit_has_cls() else 0
+        off = 1 if vkw["vision_feature_select_strategy"] == "default" else 0
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        hw = side * side
+        n_layers = len(self.vit_layers())
+        images, sched, view0 = [], [], 0
+        for i, f in enumerate(feats):
+            n_views = mln.image_size_to_num_patches(
+                image_size=image_sizes[i], grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size
+            )
+            # HF's own packing applied to index features gives the native layout
+            idx = torch.arange(n_views * hw, dtype=torch.float32).view(n_views, hw, 1) + 1.0
+            packed, _ = self.model.model.pack_image_features(
+                [idx], image_sizes[i : i + 1], vkw["vision_feature_select_strategy"], image_newline=torch.zeros(1)
+            )
+            flat = packed[0][:, 0].round().long() - 1  # -1 marks newline tokens
+            if flat.numel() != f.shape[0]:
+                raise RuntimeError("LLaVA-NeXT layout recovery failed: feature count mismatch")
+            is_nl = flat < 0
+            view = torch.where(is_nl, -1, flat // hw)
+            patch = torch.where(is_nl, 0, flat % hw)
+            nph, npw = (1, 1)
+            if n_views > 1:
+                nph, npw = mln.get_anyres_image_grid_shape(
+                    image_sizes[i].tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size
+                )
+            crop = (view - 1).clamp(min=0)
+            row = torch.where(view == 0, patch // side, (crop // npw) * side + patch // side)
+            col = torch.where(view == 0, patch % side, (crop % npw) * side + patch % side)
+            grid = torch.stack([row, col], -1)
+            grid[is_nl] = -1
+            enc_src = (view0 + view.clamp(min=0)) * n_enc + patch + off  # flat index into (views, n_enc)
+            sig = {}
+            for name, t in view_sig.items():
+                if t.dim() == 3:
+                    sig[name] = t[view0 : view0 + n_views]
+                else:
+                    vals = t.reshape(-1)[enc_src.to(t.device)]
+                    sig[name] = torch.where(is_nl.to(vals.device), torch.zeros_like(vals), vals)
+            shapes = [(side, side)] + ([(nph * side, npw * side)] if n_views > 1 else [])
+            images.append(
+                ImageTokens(
+                    features=f,
+                    candidate=~is_nl,
+                    view=view,
+                    grid=grid,
+                    grid_shapes=shapes,
+                    signals=sig,
+                    image_index=i,
+                    extra={"source": torch.where(is_nl, -1, flat), "n_views": n_views},
+                )
+            )
+            sched.extend([[n_enc] * n_layers for _ in range(n_views)])
+            view0 += n_views
+        return images, sched

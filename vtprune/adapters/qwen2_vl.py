@@ -1,0 +1,207 @@
+"""Qwen2-VL and Qwen2.5-VL (packed ViT with ``cu_seqlens``, 2x2 patch merger, M-RoPE).
+
+Features are HF's own merged tokens (``get_image_features``, raster order per image). Positions are
+always the original M-RoPE positions: computed by the model's own ``compute_3d_position_ids`` (or
+taken from ``generate``'s precomputed 4-row ids) on the unpruned sequence, then gathered at the kept
+columns; ``rope_deltas`` is set to ``max_kept_pos + 1 - L_kept`` so that decoding without explicit
+positions continues at the unpruned numbering.
+
+Vision signals (``vit_received@b``): the attention each merged token receives in block ``b``,
+recomputed per attention segment (whole image in full-attention blocks, windows otherwise) from the
+block's input with its own ``qkv`` projection and vision rotary function: head mean, sum over query
+rows, mean over the 4 patches of each merge unit, un-permuted from window order to raster order.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..attention import attention_probs
+from ..policy import ImageTokens
+from .base import Adapter
+
+
+class Qwen2VLAdapter(Adapter):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    default_positions = "original"
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.model.visual
+
+    def vit_blocks(self) -> nn.ModuleList:
+        return self.visual.blocks
+
+    def resolve_vit_layer(self, layer: int) -> int:
+        n = len(self.vit_blocks())
+        if not -n <= layer < n:
+            raise ValueError(f"vision block {layer} out of range for a {n}-block vision tower")
+        return layer % n
+
+    def window_index(self, grid_thw: Tensor) -> Tensor | None:
+        """Merge-unit permutation of the ViT (None: raster order, as in Qwen2-VL)."""
+        return None
+
+    def full_attention_blocks(self) -> list[int]:
+        return list(range(len(self.vit_blocks())))
+
+    # ------------------------------------------------------------ encoding
+    @contextmanager
+    def _capture(self, blocks: set[int]):
+        got: dict[int, tuple[Tensor, dict]] = {}
+        handles = []
+        for b in blocks:
+            def hook(m, args, kwargs, b=b):
+                x = args[0] if args else kwargs["hidden_states"]
+                got[b] = (x, kwargs)
+            handles.append(self.vit_blocks()[b].register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield got
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _received(self, block: int, x: Tensor, kw: dict, grid_thw: Tensor) -> Tensor:
+        """(n_units_total,) attention received per merge unit, in raster order (images concatenated)."""
+        blk = self.vit_blocks()[block]
+        attn = blk.attn
+        h = blk.norm1(x)
+        n = h.shape[0]
+        qkv = attn.qkv(h).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+        q, k = qkv[0], qkv[1]
+        mod = sys.modules[type(attn).__module__]
+        cos, sin = kw["position_embeddings"]
+        q, k = mod.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        cu = kw["cu_seqlens"].tolist()
+        scores = torch.zeros(n, dtype=torch.float32, device=x.device)
+        for s, e in zip(cu[:-1], cu[1:]):
+            if e <= s:
+                continue
+            qs = q[s:e].transpose(0, 1)[None]  # (1, H, T, hd)
+            ks = k[s:e].transpose(0, 1)[None]
+            probs = attention_probs(qs, ks, attn.scaling, chunk_heads=4)
+            scores[s:e] = probs[0].mean(0).sum(0)
+        m = self.config.vision_config.spatial_merge_size ** 2
+        unit = scores.view(-1, m).mean(-1)
+        widx = self.window_index(grid_thw)
+        if widx is not None:
+            unit = unit[torch.argsort(widx.to(unit.device))]
+        return unit
+
+    def encode(self, kwargs, signals, vision_policies, ctx):
+        if vision_policies:
+            raise ValueError(
+                "stage-V (in-encoder) policies are not supported on Qwen2-VL/Qwen2.5-VL (packed, windowed ViT); "
+                "use the stage-P variant of the method"
+            )
+        blocks = {}
+        for name in signals:
+            kind, _, layer = name.partition("@")
+            if kind != "vit_received":
+                raise ValueError(f"unknown Qwen vision signal {name!r}; supported: vit_received@BLOCK")
+            blocks[name] = self.resolve_vit_layer(int(layer))
+        grid_thw = kwargs["image_grid_thw"]
+        with self._capture(set(blocks.values())) as got:
+            out = self.model.model.get_image_features(kwargs["pixel_values"], grid_thw, return_dict=True)
+        feats = list(out.pooler_output)
+        sig_all = {name: self._received(b, *got[b], grid_thw) for name, b in blocks.items()}
+        merge = self.config.vision_config.spatial_merge_size
+        images, start = [], 0
+        n_blocks = len(self.vit_blocks())
+        sched = []
+        for i, f in enumerate(feats):
+            t, hh, ww = (int(v) for v in grid_thw[i])
+            gh, gw = hh // merge, ww // merge
+            n = f.shape[0]
+            j = torch.arange(n)
+            grid = torch.stack([(j % (gh * gw)) // gw, j % gw], -1)
+            sig = {name: s[start : start + n] for name, s in sig_all.items()}
+            images.append(
+                ImageTokens(
+                    features=f,
+                    candidate=torch.ones(n, dtype=torch.bool),
+                    view=j // (gh * gw),  # temporal slice
+                    grid=grid,
+                    grid_shapes=[(gh, gw)] * t,
+                    signals=sig,
+                    image_index=i,
+                    extra={"source": j},
+                )
+            )
+            sched.append([t * hh * ww] * n_blocks)
+            start += n
+        return images, sched
+
+    # ------------------------------------------------------------ positions and inputs
+    def full_positions(self, kwargs, input_ids, mask):
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            return pos
+        inner = self.model.model
+        saved = inner.rope_deltas
+        inner.rope_deltas = None
+        try:
+            pos = inner.compute_3d_position_ids(
+                input_ids=input_ids,
+                inputs_embeds=torch.empty(*input_ids.shape, 0),
+                image_grid_thw=kwargs.get("image_grid_thw"),
+                video_grid_thw=kwargs.get("video_grid_thw"),
+                attention_mask=kwargs.get("attention_mask"),
+                cache=None,
+                mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+            )
+        finally:
+            inner.rope_deltas = saved
+        if pos is None:
+            raise ValueError(
+                "Qwen-VL inputs need `mm_token_type_ids` (returned by the processor) to compute M-RoPE "
+                "positions; pass the processor's full output to the model"
+            )
+        return pos
+
+    def renumber_positions(self, kwargs, new_mask):
+        raise ValueError(
+            "positions='renumber' is not defined for Qwen M-RoPE positions; use positions='original' (default)"
+        )
+
+    def build_inputs(self, kwargs, new):
+        out = dict(kwargs)
+        out.pop("pixel_values", None)
+        out["input_ids"] = new["input_ids"]
+        out["attention_mask"] = new["attention_mask"]
+        out["position_ids"] = new["position_ids"]
+        if kwargs.get("mm_token_type_ids") is not None:
+            out["mm_token_type_ids"] = new["gather"](kwargs["mm_token_type_ids"], 0)
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=new["features"])}
+        return out
+
+    def after_prefill(self, state) -> None:
+        """``rope_deltas`` so that cache-length-based decode positions continue the unpruned numbering."""
+        pos = state.positions  # (3|4, B, L') kept positions
+        mask = state.mask
+        p3 = pos[-3:] if pos.dim() == 3 else pos
+        masked = p3.masked_fill(~mask.bool()[None], -1)
+        max_pos = masked.amax(dim=(0, 2))
+        n_kept = mask.long().sum(-1)
+        self.model.model.rope_deltas = (max_pos + 1 - n_kept).unsqueeze(1)
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+
+    def window_index(self, grid_thw):
+        from transformers.vision_utils import get_vision_window_index
+
+        vc = self.config.vision_config
+        widx, _ = get_vision_window_index(grid_thw, vc.spatial_merge_size, vc.window_size, vc.patch_size)
+        return widx
+
+    def full_attention_blocks(self) -> list[int]:
+        return list(self.config.vision_config.fullatt_block_indexes)

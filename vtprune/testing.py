@@ -1,0 +1,186 @@
+"""Tiny randomly initialised VLMs of every supported family, built from config objects (no downloads).
+
+Used by the test suite and the demo. Each builder returns ``(model, processor)`` with a real
+processor (``LlavaProcessor``, ``LlavaNextProcessor``, ``Qwen2VLProcessor``) and a byte-level
+tokenizer that needs no files.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+
+def byte_tokenizer(specials: list[str]):
+    """A byte-level BPE tokenizer without merges; ``specials`` are added as special tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<eos>", pad_token="<pad>")
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    return tok
+
+
+def tiny_images(n: int = 3, seed: int = 0, sizes=None) -> list[Image.Image]:
+    """``n`` random RGB PIL images (different sizes when ``sizes`` is given)."""
+    rng = np.random.default_rng(seed)
+    sizes = sizes or [(56, 56)] * n
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for (h, w) in sizes[:n]]
+
+
+def _llama_config(vocab: int, **kw):
+    from transformers import LlamaConfig
+
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048, pad_token_id=0,
+               rms_norm_eps=1e-6)
+    cfg.update(kw)
+    return LlamaConfig(**cfg)
+
+
+def _clip_config(**kw):
+    from transformers import CLIPVisionConfig
+
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+               image_size=56, patch_size=14, projection_dim=32)
+    cfg.update(kw)
+    return CLIPVisionConfig(**cfg)
+
+
+def _image_processor_clip(size: int = 56):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, vision: str = "clip", dtype=torch.float32):
+    """LLaVA-1.5-shaped model: a tiny CLIP (56 px, patch 14 -> 16 patches + CLS) + tiny Llama (4 layers)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = byte_tokenizer(["<image>"])
+    vocab = len(tok)
+    if vision == "clip":
+        vcfg, strategy, feat_layer = _clip_config(), "default", -2
+    elif vision == "siglip":
+        from transformers import SiglipVisionConfig
+
+        vcfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  image_size=56, patch_size=14)
+        strategy, feat_layer = "full", -1
+    elif vision == "dinov2":
+        from transformers import Dinov2Config
+
+        vcfg = Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=56, patch_size=14, mlp_ratio=2)
+        strategy, feat_layer = "default", -1
+    else:
+        raise ValueError(f"vision={vision!r}")
+    cfg = LlavaConfig(
+        vision_config=vcfg,
+        text_config=_llama_config(vocab),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=feat_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
+    model.set_attn_implementation(attn_implementation)
+    n_tokens = 16 if strategy == "default" or vision == "siglip" else 17
+    proc = LlavaProcessor(image_processor=_image_processor_clip(), tokenizer=tok, patch_size=14,
+                          vision_feature_select_strategy=strategy, num_additional_image_tokens=0 if vision == "siglip" else 1,
+                          chat_template=None)
+    proc.num_image_tokens = n_tokens
+    return model, proc
+
+
+def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    """LLaVA-NeXT-shaped model with AnyRes pinpoints [[56,112],[112,56],[112,112]]."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+
+    tok = byte_tokenizer(["<image>"])
+    pins = [[56, 112], [112, 56], [112, 112]]
+    cfg = LlavaNextConfig(
+        vision_config=_clip_config(),
+        text_config=_llama_config(len(tok)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pins,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).to(dtype).eval()
+    model.set_attn_implementation(attn_implementation)
+    ip = LlavaNextImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=pins)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1)
+    return model, proc
+
+
+def _qwen(kind: str, attn_implementation: str, seed: int, dtype):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = byte_tokenizer(specials)
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if kind == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as M
+
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as M
+
+        vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1, 3], in_channels=3)
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+    torch.manual_seed(seed)
+    model = M(cfg).to(dtype).eval()
+    model.set_attn_implementation(attn_implementation)
+    ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                               temporal_patch_size=2)
+    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=_video_processor())
+    return model, proc
+
+
+def _video_processor():
+    from transformers import Qwen2VLVideoProcessor
+
+    return Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+
+
+def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    return _qwen("qwen2_vl", attn_implementation, seed, dtype)
+
+
+def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    return _qwen("qwen2_5_vl", attn_implementation, seed, dtype)
+
+
+BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+
+
+def prompt_for(family: str, question: str, n_images: int = 1) -> str:
+    """A prompt with ``n_images`` image placeholders in the family's processor syntax."""
+    if family.startswith("qwen"):
+        img = "<|vision_start|><|image_pad|><|vision_end|>"
+    else:
+        img = "<image>"
+    return "USER: " + img * n_images + "\n" + question + " ASSISTANT:"
+
+
+def make_inputs(family: str, proc, questions: list[str], images: list[Image.Image], padding_side: str = "left"):
+    """Processor outputs for a batch (one image per prompt), padded on ``padding_side``."""
+    proc.tokenizer.padding_side = padding_side
+    texts = [prompt_for(family, q) for q in questions]
+    return proc(text=texts, images=images, return_tensors="pt", padding=True)
