@@ -1,0 +1,375 @@
+"""HiPrune: hierarchical attention pruning with signals from the vision encoder (stage P).
+
+Paper: Liu et al., "HiPrune", arXiv 2508.00553 (HiPrune++, the text-guided variant of the latest
+version, is out of scope). Reference implementation: github.com/Danielement321/HiPrune at commit
+``6e83a12``. Spec: ``design/methods/hiprune.md``.
+
+Method. Two vision-encoder layers rank the visual tokens by the attention they *receive* (head mean,
+mean or sum over all query rows):
+
+* a middle **object layer** (LLaVA: 1-based layer 9, i.e. 0-based 8; Qwen2.5-VL: block 15), whose top
+  tokens are the **anchors** ``A`` (``N_a = round(N'*alpha/5)``, Python half-to-even);
+* **buffers**: the 4-neighbours (a cross) of each anchor; ``AB`` = anchors plus buffers;
+* a **deep layer** (LLaVA: layer 22 = ``vision_feature_layer``; Qwen: the last block) whose top
+  tokens among the rest are the **registers** ``R`` that fill the budget, ``|R| = N' - |AB|``.
+
+Kept = ``sort(AB | R)``: exactly ``N'`` projector outputs in raster order. The method is text-agnostic
+and runs once per image at prefill.
+
+This module holds only the pure tensor kernels; the dataclass policy and the model wiring (signal
+recompute, NeXT layout, positions, batching) live elsewhere / are added later.
+
+Reference code vs paper, and what these kernels default to (spec section 5):
+
+=====  =====================  ==========================================  ==========================
+#      item                   default here (reference behaviour unless     option
+                              marked "bug fix")
+=====  =====================  ==========================================  ==========================
+1      deep layer             LLaVA layer 22, Qwen last block (wiring)     ``deep_layer`` (policy)
+2      score reduction        CLIP: mean over heads and all 577 query     ``score="cls"`` ->
+                              rows (CLS row included), CLS column          :func:`cls_row_scores`
+                              dropped, not renormalised. Qwen: head mean,
+                              **sum** over queries, 4-patch unit mean,
+                              un-permuted by ``argsort(window_index)``
+3      anchor count           ``round(N'*alpha/5)`` half-to-even           --
+4      buffer border          **bug fix**: ``"grid"`` = true 2-D           ``"clamp"`` (exact
+                              neighbours (no out-of-grid, no row wrap)     reference: clamp to
+                                                                           [0, N-1], adds 0 / N-1
+                                                                           and wraps rows),
+                                                                           ``"drop"`` (paper Eq. 5:
+                                                                           intersect [0, N-1],
+                                                                           wraps rows)
+5      buffer shape           cross (4 neighbours)                         ``"square"`` (8)
+6      register exclusion     **bug fix**: exact exclusion of ``AB``       ``"subtract_one"``
+                                                                           (reference: deep scores
+                                                                           of AB minus 1, then
+                                                                           top-k; with Qwen column
+                                                                           sums it can re-pick AB
+                                                                           tokens -> duplicates,
+                                                                           fewer than N' kept)
+7      budget vs batch        **bug fix**: per image (reference divides    none
+                              by the batch size)
+8      NeXT layout            native (HF unpadding, newlines kept and      ``next_layout=
+                              not budgeted); here: the ``valid`` mask      "reference"`` (policy)
+9      NeXT budget            per view ``floor(keep/V)``, base included    ``"exact"``: first
+                                                                           ``keep mod V`` views +1
+10     precision              scores in fp32 (fp64 kept if given)         ``score_dtype="model"``
+                                                                           (policy passes dtype)
+11-13  Qwen recompute / multi-image / decode mask: wiring concerns (per segment, per image)
+14     top-k ties             (score desc, index asc) everywhere           --
+15     HiPrune++              not implemented                              --
+=====  =====================  ==========================================  ==========================
+
+Extensions (library, not reference): Qwen2-VL (``window_index`` = identity), native NeXT layout
+(positions in the unpadding margin are never anchors/registers, buffer candidates there are dropped,
+a crop keeps ``min(N', n_valid)`` and unused budget is not passed on), Qwen video per temporal slice
+(call the kernels per slice), multi-image (per image).
+
+Budgets: LLaVA-1.5 ``N' = keep``; LLaVA-NeXT :func:`budget_per_view`; Qwen :func:`qwen_budget`
+(``round(n_img * keep)``, half-to-even). ``|AB| > N'`` raises ``ValueError`` (the reference crashes in
+``topk``); it cannot happen for ``alpha <= 0.1`` and ``N' >= 5``.
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "attention_received",
+    "cls_row_scores",
+    "merge_unit_scores",
+    "anchor_count",
+    "buffer_candidates",
+    "HiPruneGroups",
+    "hiprune_groups",
+    "hiprune_select",
+    "budget_per_view",
+    "qwen_budget",
+]
+
+BufferBorder = Literal["grid", "drop", "clamp"]
+RegisterExclusion = Literal["exclude", "subtract_one"]
+BufferShape = Literal["cross", "square"]
+
+# (row offset, column offset) of the buffer shapes; (0, 0) is the anchor itself.
+_SHAPES: dict[str, tuple[tuple[int, int], ...]] = {
+    "cross": ((0, 0), (0, -1), (0, 1), (-1, 0), (1, 0)),
+    "square": tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)),
+}
+
+
+def _score_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """fp32 by default; a wider input dtype (fp64) is kept; ``dtype`` overrides."""
+    if dtype is not None:
+        return dtype
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _topk_lowest(scores: Tensor, k: int, candidates: Tensor) -> Tensor:
+    """The ``k`` candidates with the largest ``scores``, ordered (score desc, index asc).
+
+    ``scores`` (N,); ``candidates`` (M,) ascending LongTensor of positions into ``scores``.
+    Returns (min(k, M),) LongTensor.
+    """
+    if k <= 0 or candidates.numel() == 0:
+        return candidates[:0]
+    order = torch.argsort(scores[candidates], descending=True, stable=True)
+    return candidates[order[:k]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Score reductions
+# --------------------------------------------------------------------------------------------------
+def attention_received(
+    probs: Tensor,
+    *,
+    family: Literal["clip", "qwen"] = "clip",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Attention received per key token, from softmax probabilities.
+
+    * ``family="clip"``: ``probs`` (..., H, T, T) with the CLS token at index 0 (e.g. (V, 16, 577,
+      577)); returns (..., T-1) = mean over heads and **all** T query rows (CLS row included), then
+      the CLS column dropped, not renormalised.
+    * ``family="qwen"``: ``probs`` (..., H, T, T) of one segment (one image / frame) of a
+      full-attention block, in the packed (window) order; returns (..., T) = head mean, **sum** over
+      query rows (per patch, before the merge-unit reduction of :func:`merge_unit_scores`).
+
+    Computed in fp32 (fp64 inputs stay fp64) unless ``dtype`` is given.
+    """
+    if probs.dim() < 3 or probs.shape[-1] != probs.shape[-2]:
+        raise ValueError(f"probs must be (..., H, T, T), got {tuple(probs.shape)}")
+    p = probs.to(_score_dtype(probs, dtype))
+    if family == "clip":
+        return p.mean(dim=-3).mean(dim=-2)[..., 1:]
+    if family == "qwen":
+        return p.mean(dim=-3).sum(dim=-2)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def cls_row_scores(probs: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
+    """``score="cls"`` option (commented out in the reference): the CLS query row only.
+
+    ``probs`` (..., H, T, T) with CLS at index 0 -> (..., T-1): head mean of row 0, CLS column dropped.
+    """
+    if probs.dim() < 3:
+        raise ValueError(f"probs must be (..., H, T, T), got {tuple(probs.shape)}")
+    p = probs[..., 0, :].to(_score_dtype(probs, dtype))
+    return p.mean(dim=-2)[..., 1:]
+
+
+def merge_unit_scores(
+    s_patch: Tensor,
+    window_index: Tensor | Sequence[int] | None = None,
+    *,
+    unit: int = 4,
+) -> Tensor:
+    """Qwen merge-unit scores in raster order.
+
+    ``s_patch`` (P_total,): per-patch scores of all segments concatenated in packed (window) order,
+    where every ``unit`` (= spatial_merge_size**2 = 4) consecutive patches form one merge unit.
+    ``window_index`` (P_total/unit,): the model's window permutation (window position -> raster unit
+    index); ``None`` = identity (Qwen2-VL). Returns (P_total/unit,) = mean over each unit's patches,
+    un-permuted by ``argsort(window_index)`` into the raster order of merged tokens (images
+    concatenated in order; the caller splits per image).
+    """
+    if s_patch.dim() != 1 or s_patch.numel() % unit:
+        raise ValueError(f"s_patch must be 1-D with a multiple of {unit} entries")
+    s_unit = s_patch.reshape(-1, unit).mean(dim=-1)
+    if window_index is None:
+        return s_unit
+    wi = torch.as_tensor(window_index, device=s_unit.device).long()
+    if wi.shape != s_unit.shape:
+        raise ValueError(f"window_index has {wi.numel()} entries, expected {s_unit.numel()}")
+    return s_unit[torch.argsort(wi)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Budgets
+# --------------------------------------------------------------------------------------------------
+def anchor_count(n_keep: int, alpha: float) -> int:
+    """``N_a = round(N' * alpha / 5)`` with Python half-to-even rounding (125 -> 2, 175 -> 4 at 0.1)."""
+    return int(round(n_keep * alpha / 5))
+
+
+def budget_per_view(
+    keep: int, n_views: int, split: Literal["floor", "exact"] = "floor"
+) -> list[int]:
+    """LLaVA-NeXT per-view budgets (V = base view + crops), base view first.
+
+    ``"floor"`` (reference): ``floor(keep / V)`` for every view (640 -> 5 x 128; 640 -> 3 x 213 = 639).
+    ``"exact"`` (our extension): the first ``keep mod V`` views get one more, summing to ``keep``.
+    ``keep`` is a token count; fractions are resolved by the policy.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"keep must be a non-negative int, got {keep!r}")
+    if n_views < 1:
+        raise ValueError("n_views must be >= 1")
+    base = keep // n_views
+    if split == "floor":
+        return [base] * n_views
+    if split == "exact":
+        extra = keep % n_views
+        return [base + (1 if v < extra else 0) for v in range(n_views)]
+    raise ValueError(f"unknown split {split!r}")
+
+
+def qwen_budget(n_img: int, keep: float | int) -> int:
+    """Qwen per-image budget: ``round(n_img * keep)`` (half-to-even) for a fraction ``keep``.
+
+    ``n_img`` = merged tokens of the image (or temporal slice). An int ``keep`` is a token count and
+    gives ``min(keep, n_img)``.
+    """
+    if isinstance(keep, bool):
+        raise TypeError("keep must be an int or a float")
+    if isinstance(keep, int):
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        return min(keep, n_img)
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"a fractional keep must be in [0, 1], got {keep}")
+    return int(round(n_img * keep))
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------------
+def buffer_candidates(
+    anchors: Tensor,
+    n: int,
+    grid_width: int,
+    *,
+    buffer_border: BufferBorder = "grid",
+    buffer_shape: BufferShape = "cross",
+    valid: Tensor | None = None,
+) -> Tensor:
+    """``AB``: anchors plus their buffer neighbours, unique and ascending.
+
+    ``anchors`` (N_a,) LongTensor of raster indices in a grid of ``n`` tokens, ``grid_width`` columns.
+    Border rule: ``"grid"`` true 2-D neighbours; ``"drop"`` intersect with [0, n-1] (row wrap kept);
+    ``"clamp"`` clamp to [0, n-1] (reference). ``valid`` (n,) bool: candidates at invalid positions
+    are dropped. Returns (|AB|,) LongTensor.
+    """
+    offs = _SHAPES.get(buffer_shape)
+    if offs is None:
+        raise ValueError(f"unknown buffer_shape {buffer_shape!r}")
+    c = int(grid_width)
+    a = anchors.long().reshape(-1, 1)
+    dr = torch.tensor([o[0] for o in offs], dtype=torch.long, device=a.device)
+    dc = torch.tensor([o[1] for o in offs], dtype=torch.long, device=a.device)
+    j = a + dr * c + dc  # (N_a, m)
+    if buffer_border == "grid":
+        col = a % c + dc
+        cand = j[(col >= 0) & (col < c) & (j >= 0) & (j < n)]
+    elif buffer_border == "drop":
+        cand = j[(j >= 0) & (j < n)]
+    elif buffer_border == "clamp":
+        cand = j.clamp(0, n - 1).reshape(-1)
+    else:
+        raise ValueError(f"unknown buffer_border {buffer_border!r}")
+    if valid is not None:
+        cand = cand[valid[cand]]
+    return torch.unique(cand)
+
+
+class HiPruneGroups(NamedTuple):
+    """Result of :func:`hiprune_groups` (all LongTensors on the scores' device).
+
+    anchors: (N_a,) in selection order (score desc, index asc).
+    ab: (|AB|,) anchors + buffers, ascending.
+    registers: (N_r,) in selection order; may intersect ``ab`` only with ``"subtract_one"``.
+    kept: sorted unique ``ab | registers``.
+    """
+
+    anchors: Tensor
+    ab: Tensor
+    registers: Tensor
+    kept: Tensor
+
+
+def hiprune_groups(
+    s_obj: Tensor,
+    s_deep: Tensor,
+    n_keep: int,
+    alpha: float,
+    grid_width: int,
+    *,
+    buffer_border: BufferBorder = "grid",
+    register_exclusion: RegisterExclusion = "exclude",
+    buffer_shape: BufferShape = "cross",
+    valid: Tensor | None = None,
+) -> HiPruneGroups:
+    """HiPrune selection of one view, with its anchor / buffer / register groups.
+
+    ``s_obj``, ``s_deep``: (N,) raster-order scores of the object and deep layers; the grid has
+    ``grid_width`` columns (24 for CLIP-336, w/2 for Qwen). ``valid``: optional (N,) bool mask of
+    candidate positions (native NeXT layout); invalid positions are never anchors or registers and
+    buffer candidates there are dropped. The view keeps ``N' = min(n_keep, n_valid)`` tokens
+    (``n_valid = N`` without a mask) with ``N_a = anchor_count(N', alpha)`` anchors.
+    Raises ``ValueError`` if ``|AB| > N'``.
+    """
+    if s_obj.dim() != 1 or s_deep.shape != s_obj.shape:
+        raise ValueError("s_obj and s_deep must be 1-D tensors of the same length")
+    if isinstance(n_keep, bool) or int(n_keep) != n_keep or n_keep < 0:
+        raise ValueError(f"n_keep must be a non-negative int, got {n_keep!r}")
+    if grid_width < 1:
+        raise ValueError("grid_width must be >= 1")
+    if register_exclusion not in ("exclude", "subtract_one"):
+        raise ValueError(f"unknown register_exclusion {register_exclusion!r}")
+    n = s_obj.numel()
+    device = s_obj.device
+    if valid is None:
+        valid_mask = torch.ones(n, dtype=torch.bool, device=device)
+    else:
+        valid_mask = torch.as_tensor(valid, device=device)
+        if valid_mask.dtype != torch.bool or valid_mask.shape != s_obj.shape:
+            raise ValueError("valid must be a bool tensor shaped like s_obj")
+    cand = valid_mask.nonzero().reshape(-1)
+    n_eff = min(int(n_keep), cand.numel())
+
+    anchors = _topk_lowest(s_obj, anchor_count(n_eff, alpha), cand)
+    ab = buffer_candidates(
+        anchors, n, grid_width, buffer_border=buffer_border, buffer_shape=buffer_shape,
+        valid=valid_mask,
+    )
+    if ab.numel() > n_eff:
+        raise ValueError(
+            f"anchors+buffers ({ab.numel()}) exceed the budget ({n_eff}); lower alpha or raise keep"
+        )
+    n_r = n_eff - ab.numel()
+    if register_exclusion == "exclude":
+        pool = valid_mask.clone()
+        pool[ab] = False
+        registers = _topk_lowest(s_deep, n_r, pool.nonzero().reshape(-1))
+    else:  # "subtract_one": reference behaviour (bug-compatible)
+        sd = s_deep if s_deep.is_floating_point() else s_deep.float()
+        sd = sd.clone()
+        sd[ab] -= 1
+        registers = _topk_lowest(sd, n_r, cand)
+    kept = torch.unique(torch.cat([ab, registers]))
+    return HiPruneGroups(anchors, ab, registers, kept)
+
+
+def hiprune_select(
+    s_obj: Tensor,
+    s_deep: Tensor,
+    n_keep: int,
+    alpha: float,
+    grid_width: int,
+    *,
+    buffer_border: BufferBorder = "grid",
+    register_exclusion: RegisterExclusion = "exclude",
+    buffer_shape: BufferShape = "cross",
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Kept raster indices of one view: (N',) LongTensor, strictly increasing.
+
+    See :func:`hiprune_groups` for the arguments. ``N' = min(n_keep, n_valid)``; with
+    ``register_exclusion="subtract_one"`` fewer may come back (reference bug, spec section 5 item 6).
+    """
+    return hiprune_groups(
+        s_obj, s_deep, n_keep, alpha, grid_width, buffer_border=buffer_border,
+        register_exclusion=register_exclusion, buffer_shape=buffer_shape, valid=valid,
+    ).kept

@@ -1,0 +1,548 @@
+"""PiToMe: spectrum-preserving token merging inside the vision encoder (pure tensor kernels).
+
+Paper: Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024,
+arXiv 2405.16148. Reference implementation: github.com/hchautran/PiToMe at commit ``550b5de`` (built on
+ToMe). Both are CC BY-NC 4.0: this module is a re-implementation from the design spec
+(``design/methods/pitome.md``); no reference code is copied.
+
+Stage: **V** (inside the vision encoder, after every layer, at prefill). Text-agnostic; the only method
+here that also saves ViT compute. The Qwen variant (:func:`post_merger_merge`) runs at stage **P**.
+
+Method. Every encoder layer ``l = 0 .. l_f`` (``l_f = 22`` for LLaVA's CLIP-L/336, feature layer -2)
+merges ``r = floor(T - T*rho)`` tokens:
+
+* layers ``l <= 12``: ToMe bipartite soft matching (:func:`bsm_merge`; CLS protected, T counts CLS);
+* layers ``l >= 13``: PiToMe (:func:`pitome_merge`; CLS removed first, T = non-CLS count). Each token's
+  energy is the mean over all tokens of ``ELU(cos - m_l)`` with margin ``m_l = 0.9 - 0.9*l/24``; the
+  ``2r`` highest-energy tokens are split alternately into A and B (energy order), every A token is
+  averaged into its most similar B token, the rest is protected.
+
+Output order (reference): after BSM ``[unmerged a (ascending), all b]``, after PiToMe
+``[CLS, protected by descending energy, B by energy]``; not raster order. ``order="source"`` (our
+extension) sorts by the smallest original index a token contains (:func:`source_order`).
+
+Final visual counts for 576 patches + CLS (23 merges, then CLS dropped):
+rho 0.975/0.95/0.925/0.9/0.875/0.85 -> 330/183/101/54/30/17.
+
+Reference vs paper vs library (spec section 5); the kernels below expose the switches, the policy
+chooses:
+
+1. Merge point: reference merges after the whole layer; paper between attention and MLP. Library
+   default: after the layer (option ``merge_point="attn"``, policy/adapter level).
+2. Metric: reference uses layer-output hidden states; paper attention keys (head mean). Library
+   default: hidden states (option ``metric="keys"``, policy level; the kernels take any ``metric``).
+3. Algorithm per layer: reference BSM for ``l <= 12`` and PiToMe after; paper PiToMe throughout (our
+   reading). Library default: the reference split; ``bsm_layers`` in the schedule helpers.
+4. Margin: reference ``0.9 - 0.9*l/24``; paper's exact Eq. 4 not retrieved. Library: reference
+   (``margin`` callable or list in the schedule helpers).
+5. Energy kernel: reference ``ELU(S - m)`` (linear branch ``S - m``); the paper's ``f_m(x) = x`` for
+   ``x >= m`` is unverified and not rank-equivalent. Library: reference, no option.
+6. Merge op: reference unweighted mean with ``include_self`` and no size tracking; paper size-weighted
+   average (ToMe ``merge_wavg``) with optional proportional attention. Library default ``mode="mean"``;
+   ``mode="wavg"`` carries sizes (``prop_attn`` is an adapter concern: ``log(size)`` as an SDPA bias).
+7. ``output_attentions=True`` in every reference layer (forces eager, unused): bug, not reproduced; the
+   kernels need no attention.
+8. In-place edits of caller tensors in the reference (``unsqueeze_``/``transpose_``): bug; every
+   function here is pure (inputs are never modified).
+9. Sort stability: the reference ``argsort`` is unstable; here every sort is stable, ties go to the
+   lowest index and ``argmax`` returns the first maximum. Differs only on exact ties.
+10. LLaVA code status: present but flagged "under refactoring" upstream; we implement the present path.
+11. FLOPs reporting: see FLOPS.md (not a kernel concern).
+
+Library extensions and decisions (spec sections 4 and 6):
+
+* Budget mode (:func:`budget_schedule`): bisection on rho (resolution 1e-4) for the smallest rho whose
+  final count is ``>= N'``, then the surplus is removed at the last merge layer, spilling backwards;
+  cached, a pure function of its arguments.
+* Qwen2-VL / Qwen2.5-VL post-merger merging (:func:`post_merger_merge`, stage P; label results
+  "PiToMe-post-merger"; not validated). Also usable for LLaVA ``stage="P"``.
+* Feasibility cap (library decision): the reference has no 50 % cap on r. The kernels raise when r is
+  infeasible (BSM: more than the non-CLS a tokens; PiToMe: ``2r > T``), and the schedule helpers cap
+  r at the feasible maximum. The cap is only reached for rho < ~0.5, outside the reference sweep.
+* Scores (cosines, energies) are computed in at least fp32 (float64 stays float64); merging runs in
+  the dtype of ``x``.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "MergeResult",
+    "LayerMerge",
+    "merge_count",
+    "energy_scores",
+    "bsm_merge",
+    "pitome_merge",
+    "init_sources",
+    "source_order",
+    "apply_order",
+    "reference_margin",
+    "reference_schedule",
+    "budget_rho",
+    "budget_schedule",
+    "schedule_counts",
+    "post_merger_plan",
+    "post_merger_merge",
+]
+
+
+class MergeResult(NamedTuple):
+    """Output of one merge step.
+
+    x: (B, N - r, C) merged tokens. sizes: (B, N - r) token sizes, or None when not tracked.
+    sources: (B, N - r, N0) 0/1 membership of original tokens, or None when not tracked.
+    """
+
+    x: Tensor
+    sizes: Tensor | None
+    sources: Tensor | None
+
+
+class LayerMerge(NamedTuple):
+    """Merge plan of one encoder layer: ``algorithm`` in {"bsm", "pitome", "none"}, ``r`` tokens
+    removed (output length = input length - r), ``margin`` (PiToMe energy margin; None for BSM/none)."""
+
+    algorithm: str
+    r: int
+    margin: float | None
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def merge_count(T: int, rho: float) -> int:
+    """Tokens to merge at one layer: ``r = floor(T - T*rho)`` (Python float arithmetic, no cap).
+
+    ``T`` counts the CLS token for BSM and excludes it for PiToMe. ``rho >= 1`` gives ``r <= 0``
+    (callers treat ``r <= 0`` as a no-op).
+    """
+    return int(math.floor(T - T * rho))
+
+
+def _score_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _check3(name: str, t: Tensor) -> None:
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be (B, N, C); got shape {tuple(t.shape)}")
+
+
+def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """t (B, N, *rest), idx (B, K) -> (B, K, *rest)."""
+    view = idx.view(idx.shape + (1,) * (t.dim() - 2)).expand(idx.shape + t.shape[2:])
+    return t.gather(1, view)
+
+
+def _apply_plan(
+    t: Tensor, keep_idx: Tensor, b_idx: Tensor, src_idx: Tensor, dst: Tensor, reduce: str
+) -> Tensor:
+    """Output ``[t[keep_idx]] ++ [t[b_idx] with t[src_idx] reduced into slot dst]`` (include_self).
+
+    t: (B, N, *rest); keep_idx (B, K); b_idx (B, nb); src_idx, dst (B, r) with dst indexing b_idx.
+    """
+    kept = _gather_rows(t, keep_idx)
+    bt = _gather_rows(t, b_idx)
+    if src_idx.shape[1] > 0:
+        st = _gather_rows(t, src_idx)
+        didx = dst.view(dst.shape + (1,) * (t.dim() - 2)).expand(st.shape)
+        bt = bt.scatter_reduce(1, didx, st, reduce=reduce, include_self=True)
+    return torch.cat([kept, bt], dim=1)
+
+
+def _merge_with_plan(
+    x: Tensor,
+    plan: tuple[Tensor, Tensor, Tensor, Tensor],
+    sizes: Tensor | None,
+    mode: str,
+    sources: Tensor | None,
+) -> MergeResult:
+    keep_idx, b_idx, src_idx, dst = plan
+    if mode == "mean":
+        out = _apply_plan(x, keep_idx, b_idx, src_idx, dst, "mean")
+        new_sizes = None if sizes is None else _apply_plan(sizes, keep_idx, b_idx, src_idx, dst, "sum")
+    elif mode == "wavg":
+        if sizes is None:
+            sizes = x.new_ones(x.shape[:2])
+        w = sizes.to(x.dtype).unsqueeze(-1)
+        num = _apply_plan(x * w, keep_idx, b_idx, src_idx, dst, "sum")
+        new_sizes = _apply_plan(sizes, keep_idx, b_idx, src_idx, dst, "sum")
+        out = num / new_sizes.to(x.dtype).unsqueeze(-1)
+    else:
+        raise ValueError(f"mode must be 'mean' or 'wavg'; got {mode!r}")
+    new_sources = None
+    if sources is not None:
+        new_sources = _apply_plan(sources, keep_idx, b_idx, src_idx, dst, "amax")
+    return MergeResult(out, new_sizes, new_sources)
+
+
+def _check_tracking(x: Tensor, sizes: Tensor | None, sources: Tensor | None) -> None:
+    if sizes is not None and tuple(sizes.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"sizes must be (B, N) = {tuple(x.shape[:2])}; got {tuple(sizes.shape)}")
+    if sources is not None and (sources.dim() != 3 or tuple(sources.shape[:2]) != tuple(x.shape[:2])):
+        raise ValueError(f"sources must be (B, N, N0) with (B, N) = {tuple(x.shape[:2])}")
+
+
+def _noop(x: Tensor, sizes: Tensor | None, mode: str, sources: Tensor | None) -> MergeResult:
+    if mode == "wavg" and sizes is None:
+        sizes = x.new_ones(x.shape[:2])
+    return MergeResult(x, sizes, sources)
+
+
+# ------------------------------------------------------------------------------------------- BSM
+def _bsm_plan(metric: Tensor, r: int, class_token: bool):
+    B, N, _ = metric.shape
+    m = metric.to(_score_dtype(metric))
+    v = m / m.norm(dim=-1, keepdim=True)  # plain division (reference)
+    a, b = v[:, 0::2], v[:, 1::2]
+    S = a @ b.transpose(-1, -2)  # (B, Na, Nb)
+    if class_token:
+        S = S.clone()
+        S[:, 0, :] = -math.inf
+    node_idx = S.argmax(dim=-1)  # first maximum
+    node_max = S.gather(-1, node_idx.unsqueeze(-1)).squeeze(-1)
+    edge = torch.argsort(node_max, dim=-1, descending=True, stable=True)
+    src = edge[:, :r]
+    unm = edge[:, r:]
+    if class_token:
+        unm = unm.sort(dim=-1, stable=True).values
+    dst = node_idx.gather(-1, src)
+    Nb = b.shape[1]
+    b_idx = (torch.arange(Nb, device=metric.device) * 2 + 1).expand(B, Nb)
+    return (unm * 2, b_idx, src * 2, dst)
+
+
+def bsm_merge(
+    x: Tensor,
+    metric: Tensor,
+    r: int,
+    class_token: bool = True,
+    sizes: Tensor | None = None,
+    mode: str = "mean",
+    sources: Tensor | None = None,
+) -> MergeResult:
+    """ToMe bipartite soft matching as in the reference LLaVA ``clip_hf`` path.
+
+    x: (B, N, C) tokens (CLS at index 0 when ``class_token``); metric: (B, N, Cm); r: tokens to
+    remove (``merge_count(N, rho)``, N counting the CLS). sizes: optional (B, N); sources: optional
+    (B, N, N0) 0/1. Returns :class:`MergeResult` with x (B, N - r, C) ordered
+    ``[unmerged a (ascending index when class_token, else by descending similarity), all b]``.
+    ``mode="mean"``: unweighted mean including the b token; ``"wavg"``: size-weighted (ToMe).
+    """
+    _check3("x", x)
+    _check3("metric", metric)
+    _check_tracking(x, sizes, sources)
+    if metric.shape[:2] != x.shape[:2]:
+        raise ValueError("x and metric must share (B, N)")
+    if r <= 0:
+        return _noop(x, sizes, mode, sources)
+    n_a = (x.shape[1] + 1) // 2
+    max_r = n_a - (1 if class_token else 0)
+    if x.shape[1] // 2 == 0 or r > max_r:
+        raise ValueError(f"BSM: r={r} infeasible for N={x.shape[1]} (max {max_r})")
+    plan = _bsm_plan(metric, r, class_token)
+    return _merge_with_plan(x, plan, sizes, mode, sources)
+
+
+# ---------------------------------------------------------------------------------------- PiToMe
+def energy_scores(sim: Tensor, margin: float) -> Tensor:
+    """PiToMe energy: ``E_i = mean_j ELU(S_ij - margin; alpha=1)``.
+
+    sim: (..., T, T) cosine similarities (self-similarity included). Returns (..., T) in the dtype of
+    ``sim`` promoted to at least fp32.
+    """
+    s = sim.to(_score_dtype(sim))
+    return F.elu(s - margin, alpha=1.0).mean(dim=-1)
+
+
+def _pitome_plan(metric: Tensor, r: int, margin: float, class_token: bool):
+    B = metric.shape[0]
+    off = 1 if class_token else 0
+    m = metric[:, off:].to(_score_dtype(metric))
+    v = F.normalize(m, dim=-1, eps=1e-12)
+    S = v @ v.transpose(-1, -2)  # (B, T, T)
+    E = energy_scores(S, margin)
+    order = torch.argsort(E, dim=-1, descending=True, stable=True)
+    merge = order[:, : 2 * r]
+    protected = order[:, 2 * r :]
+    A, Bset = merge[:, 0::2], merge[:, 1::2]
+    S_ab = S.gather(1, A.unsqueeze(-1).expand(-1, -1, S.shape[-1]))
+    S_ab = S_ab.gather(2, Bset.unsqueeze(1).expand(-1, A.shape[1], -1))
+    dst = S_ab.argmax(dim=-1)  # first maximum, index into B
+    keep = protected + off
+    if class_token:
+        keep = torch.cat([torch.zeros(B, 1, dtype=keep.dtype, device=keep.device), keep], dim=1)
+    return (keep, Bset + off, A + off, dst)
+
+
+def pitome_merge(
+    x: Tensor,
+    metric: Tensor,
+    r: int,
+    margin: float,
+    class_token: bool = True,
+    sizes: Tensor | None = None,
+    mode: str = "mean",
+    sources: Tensor | None = None,
+) -> MergeResult:
+    """PiToMe energy-based merge (reference ``pitome`` step).
+
+    x: (B, N, C) (CLS at index 0 when ``class_token``; it is removed before scoring and never
+    merged); metric: (B, N, Cm); r: tokens to remove (``merge_count(N - 1, rho)`` with a CLS);
+    margin: energy margin. The 2r highest-energy tokens form A = merge[0::2], B = merge[1::2]
+    (energy order) and every A token is merged into its most similar B token.
+    Returns :class:`MergeResult` with x (B, N - r, C) = ``[CLS] ++ protected (descending energy) ++
+    merged B (energy order)``. sizes (B, N) / sources (B, N, N0) optional as in :func:`bsm_merge`.
+    """
+    _check3("x", x)
+    _check3("metric", metric)
+    _check_tracking(x, sizes, sources)
+    if metric.shape[:2] != x.shape[:2]:
+        raise ValueError("x and metric must share (B, N)")
+    if r <= 0:
+        return _noop(x, sizes, mode, sources)
+    T = x.shape[1] - (1 if class_token else 0)
+    if 2 * r > T:
+        raise ValueError(f"PiToMe: 2r={2 * r} exceeds T={T}")
+    plan = _pitome_plan(metric, r, margin, class_token)
+    return _merge_with_plan(x, plan, sizes, mode, sources)
+
+
+# -------------------------------------------------------------------------------- source tracking
+def init_sources(batch: int, n: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """Identity membership (B, n, n): token i contains original token i."""
+    return torch.eye(n, dtype=dtype, device=device).unsqueeze(0).expand(batch, n, n).clone()
+
+
+def source_order(sources: Tensor) -> Tensor:
+    """Permutation (B, N) sorting tokens by the smallest original index they contain.
+
+    sources: (B, N, N0) 0/1 membership. Used for ``order="source"`` (our extension).
+    """
+    first = (sources > 0).to(torch.uint8).argmax(dim=-1)  # first original index present
+    return torch.argsort(first, dim=-1, stable=True)
+
+
+def apply_order(t: Tensor, perm: Tensor) -> Tensor:
+    """Reorder tokens: t (B, N, *rest), perm (B, N) -> (B, N, *rest)."""
+    return _gather_rows(t, perm)
+
+
+# ------------------------------------------------------------------------------------- schedules
+def reference_margin(layer: int, n_layers: int = 24) -> float:
+    """Reference margin ``0.9 - 0.9*l/24`` (``n_layers`` = 24 for CLIP-L)."""
+    return 0.9 - 0.9 * layer / n_layers
+
+
+def _bsm_cap(T: int) -> int:
+    # non-CLS a tokens: ceil(T/2) - 1
+    return max((T + 1) // 2 - 1, 0)
+
+
+def _pitome_cap(T_total: int) -> int:
+    return max((T_total - 1) // 2, 0)
+
+
+def _norm_options(n_layers, bsm_layers, margin):
+    if bsm_layers is None:
+        bsm_layers = frozenset(range(13))
+    else:
+        bsm_layers = frozenset(int(b) for b in bsm_layers)
+    if margin is None:
+        margins = None
+    elif callable(margin):
+        margins = margin
+    else:
+        margins = tuple(float(m) for m in margin)
+    return bsm_layers, margins
+
+
+def _margin_at(l: int, n_layers: int, margins) -> float:
+    if margins is None:
+        return reference_margin(l, n_layers)
+    if callable(margins):
+        return float(margins(l))
+    return margins[l]
+
+
+def _rho_plan(rho, n_tokens, n_layers, feature_layer, bsm_layers, margins) -> tuple[LayerMerge, ...]:
+    out = []
+    N = n_tokens
+    for l in range(feature_layer + 1):
+        if rho >= 1:
+            out.append(LayerMerge("none", 0, None))
+            continue
+        if l in bsm_layers:
+            r = min(max(merge_count(N, rho), 0), _bsm_cap(N))
+            out.append(LayerMerge("bsm", r, None))
+        else:
+            r = min(max(merge_count(N - 1, rho), 0), _pitome_cap(N))
+            out.append(LayerMerge("pitome", r, _margin_at(l, n_layers, margins)))
+        N -= r
+    return tuple(out)
+
+
+def schedule_counts(schedule: Sequence[LayerMerge], n_tokens: int = 577) -> list[int]:
+    """Token counts (CLS included) ``[n_tokens, after layer 0, ..., after the last layer]``."""
+    counts = [n_tokens]
+    for step in schedule:
+        counts.append(counts[-1] - step.r)
+    return counts
+
+
+def reference_schedule(
+    rho: float,
+    n_tokens: int = 577,
+    n_layers: int = 24,
+    feature_layer: int = 22,
+    *,
+    bsm_layers: Sequence[int] | None = None,
+    margin: Callable[[int], float] | Sequence[float] | None = None,
+) -> tuple[LayerMerge, ...]:
+    """Per-layer plan for layers ``0 .. feature_layer`` at a fixed keep ratio ``rho``.
+
+    BSM with ``r = floor(T - T*rho)`` (T with CLS) in ``bsm_layers`` (default ``l <= 12``), PiToMe with
+    ``r = floor(T - T*rho)`` (T without CLS) and margin ``0.9 - 0.9*l/n_layers`` elsewhere. ``rho >= 1``
+    gives "none" everywhere. r is capped at the feasible maximum (library decision).
+    Returns a tuple of :class:`LayerMerge`, one per layer.
+    """
+    bl, mg = _norm_options(n_layers, bsm_layers, margin)
+    return _cached_rho_plan(float(rho), int(n_tokens), int(n_layers), int(feature_layer), bl, mg)
+
+
+@lru_cache(maxsize=256)
+def _cached_rho_plan(rho, n_tokens, n_layers, feature_layer, bsm_layers, margins):
+    return _rho_plan(rho, n_tokens, n_layers, feature_layer, bsm_layers, margins)
+
+
+def _feasible(plan: Sequence[LayerMerge], n_tokens: int) -> bool:
+    N = n_tokens
+    for step in plan:
+        if step.algorithm == "bsm" and step.r > _bsm_cap(N):
+            return False
+        if step.algorithm == "pitome" and step.r > _pitome_cap(N):
+            return False
+        N -= step.r
+    return True
+
+
+@lru_cache(maxsize=256)
+def _cached_budget(n_keep, n_tokens, n_layers, feature_layer, bsm_layers, margins):
+    def final(rho):
+        plan = _cached_rho_plan(rho, n_tokens, n_layers, feature_layer, bsm_layers, margins)
+        return schedule_counts(plan, n_tokens)[-1] - 1
+
+    if n_keep >= n_tokens - 1:
+        return 1.0, _cached_rho_plan(1.0, n_tokens, n_layers, feature_layer, bsm_layers, margins)
+    lo, hi = 0.0, 1.0
+    while hi - lo > 1e-4:
+        mid = (lo + hi) / 2
+        if final(mid) >= n_keep:
+            hi = mid
+        else:
+            lo = mid
+    rho = hi
+    plan = list(_cached_rho_plan(rho, n_tokens, n_layers, feature_layer, bsm_layers, margins))
+    surplus = final(rho) - n_keep
+    for l in range(len(plan) - 1, -1, -1):
+        if surplus <= 0:
+            break
+        step = plan[l]
+        if step.algorithm == "none":
+            continue
+        for extra in range(surplus, 0, -1):
+            trial = list(plan)
+            trial[l] = step._replace(r=step.r + extra)
+            if _feasible(trial, n_tokens):
+                plan = trial
+                surplus -= extra
+                break
+    if surplus != 0:
+        raise ValueError(f"budget {n_keep} not reachable from {n_tokens} tokens")
+    return rho, tuple(plan)
+
+
+def _budget(n_keep, n_tokens, n_layers, feature_layer, bsm_layers, margin):
+    if n_keep < 1:
+        raise ValueError("n_keep must be >= 1")
+    bl, mg = _norm_options(n_layers, bsm_layers, margin)
+    return _cached_budget(int(n_keep), int(n_tokens), int(n_layers), int(feature_layer), bl, mg)
+
+
+def budget_rho(
+    n_keep: int,
+    n_tokens: int = 577,
+    n_layers: int = 24,
+    feature_layer: int = 22,
+    *,
+    bsm_layers: Sequence[int] | None = None,
+    margin: Callable[[int], float] | Sequence[float] | None = None,
+) -> float:
+    """The rho found by the budget bisection of :func:`budget_schedule` (1.0 when nothing is cut)."""
+    return _budget(n_keep, n_tokens, n_layers, feature_layer, bsm_layers, margin)[0]
+
+
+def budget_schedule(
+    n_keep: int,
+    n_tokens: int = 577,
+    n_layers: int = 24,
+    feature_layer: int = 22,
+    *,
+    bsm_layers: Sequence[int] | None = None,
+    margin: Callable[[int], float] | Sequence[float] | None = None,
+) -> tuple[LayerMerge, ...]:
+    """Exact-budget plan (library extension): final visual count (CLS dropped) == ``n_keep``.
+
+    Bisects rho on [0, 1] to resolution 1e-4 for the smallest rho whose final count is ``>= n_keep``,
+    then removes the surplus at the last merge layer (respecting ``2r <= T`` and the feasibility of
+    every later layer), spilling any remainder to the layers before it. Cached (pure function of its
+    arguments). Returns a tuple of :class:`LayerMerge` for layers ``0 .. feature_layer``.
+    """
+    return _budget(n_keep, n_tokens, n_layers, feature_layer, bsm_layers, margin)[1]
+
+
+# ------------------------------------------------------------------------ post-merger (stage P)
+def post_merger_plan(n_tokens: int, n_keep: int) -> list[tuple[int, float]]:
+    """Steps ``(r_j, m_j)`` taking ``n_tokens`` to ``n_keep``: ``r_j = min(floor(T_j/2), T_j - N')``,
+    ``m_j = 0.9 - 0.9*j/J`` with J = the number of planned steps (our choice)."""
+    if n_keep < 1:
+        raise ValueError("n_keep must be >= 1")
+    rs = []
+    T = n_tokens
+    while T > n_keep:
+        r = min(T // 2, T - n_keep)
+        rs.append(r)
+        T -= r
+    J = len(rs)
+    return [(r, 0.9 - 0.9 * j / J) for j, r in enumerate(rs)]
+
+
+def post_merger_merge(y: Tensor, n_keep: int, mode: str = "mean") -> tuple[Tensor, Tensor]:
+    """PiToMe after the Qwen merger / LLaVA projector (stage P, library extension; no CLS).
+
+    y: (n, D) merged tokens of one image in raster order, or (B, n, D). Applies PiToMe steps
+    (class_token=False, metric = current tokens, unweighted mean by default) following
+    :func:`post_merger_plan`. Each output token is represented by its B destination token (or itself
+    if protected). Returns ``(tokens, rep)``: tokens (N', D) [or (B, N', D)] sorted by the
+    representative's original index, and rep (N',) [or (B, N')] those sorted original indices (long).
+    """
+    squeeze = y.dim() == 2
+    z = y.unsqueeze(0) if squeeze else y
+    _check3("y", z)
+    B, n, _ = z.shape
+    rep = torch.arange(n, device=z.device).expand(B, n)
+    for r, m in post_merger_plan(n, n_keep):
+        plan = _pitome_plan(z, r, m, class_token=False)
+        keep_idx, b_idx, _, _ = plan
+        z = _merge_with_plan(z, plan, None, mode, None).x
+        rep = torch.cat([rep.gather(1, keep_idx), rep.gather(1, b_idx)], dim=1)
+    perm = torch.argsort(rep, dim=-1, stable=True)
+    z = _gather_rows(z, perm)
+    rep = rep.gather(1, perm)
+    if squeeze:
+        return z[0], rep[0]
+    return z, rep

@@ -1,0 +1,327 @@
+"""ToDRE: token diversity before the LLM (stage P), task relevance inside it (stage D).
+
+Paper: Li, Yang, Zhang, Shao, Lu, "ToDRE: Effective Visual Token Pruning via Token Diversity and Task
+Relevance", arXiv 2505.18757. v2 (the basis) uses greedy **max-sum** diversification (Algorithm 1);
+v1 (known from its abstract only) used greedy **k-center**. There is **no public reference code**, so
+defaults follow the v2 text and everything the text leaves open is "our reading" and configurable.
+Spec: ``design/methods/todre.md``.
+
+Stage 1 (per image, after the projector): from the ℓ2-normalised candidate features, start at a pivot
+(the token the vision encoder's CLS attends to most) and greedily add the token with the smallest
+cumulative cosine similarity to the chosen set, until ``k`` tokens are chosen.
+
+Stage 2 (per sample, at prefill, decoder layer ``ℓ = round(7L/8) - 1``): with ``A`` the head-averaged
+attention probabilities, ``α_t→v`` = share of the text rows' mass on visual keys and ``α_v→t`` = share
+of the visual rows' mass on text keys. If both are ``< τ`` (strict, τ = 0.10), every visual token is
+removed from the hidden states entering layer ℓ+1 and later (survivors keep their positions).
+Causality caveat: with the text after the image, ``α_v→t ≡ 0``; the literal formula is implemented.
+
+This module holds only the pure tensor kernels; the dataclass policy and the model wiring (pivot /
+relevance recompute, NeXT pool and layout, decoder dropping, batching) are added later.
+
+Choices (spec section 5), default first:
+
+1. diversity rule: ``"maxsum"`` (v2 Alg. 1) | ``"kcenter"`` (v1; farthest-first traversal, our reading).
+2. pivot layer: LLaVA layer 22 = ``vision_feature_layer`` (our reading of "last layer") | 23 (policy).
+3. CLS head reduction: mean over heads of the full softmax row, CLS column dropped (our reading;
+   :func:`cls_attention`); only the argmax is used.
+4. pivot without CLS (Qwen): ``"farthest"`` = the token with the lowest cosine to the mean of the
+   ℓ2-normalised candidates (our choice; "mean candidate feature" read on the normalised rows)
+   | ``"random"`` (seeded) | ``"center"`` | ``"attention"`` (argmax of HiPrune-style received
+   attention; use :func:`cls_pivot` on those scores).
+5. NeXT pool: base view + valid crop tokens, newlines excluded (our reading); the pivot is the argmax
+   over the **base view only** (``cls_pivot(..., n_base=576)``; the base view comes first in the pool).
+6. budget: ``k = min(n, max(1, round(keep*n)))`` for a fraction, ``min(n, keep)`` for a count
+   | ``nominal_tokens`` (e.g. 2880: ``round(keep*2880)``, capped at n; the paper's "up to").
+7. kept order: ``"sorted"`` ascending (our reading) | ``"greedy"`` (selection order).
+8. stage-2 layer: single layer ``round(7L/8)`` 1-based (our reading) | ``relevance_layer``,
+   ``relevance_scan="from"`` (policy).
+9. ``α_v→t``: literal formula | ``relevance="off"`` (policy).
+10. positions after stage 2: original positions (our reading; wiring).
+
+Scores and greedy accumulators are fp32 (fp64 inputs stay fp64); ties go to the lowest index.
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "cls_attention",
+    "cls_pivot",
+    "farthest_pivot",
+    "center_pivot",
+    "random_pivot",
+    "todre_budget",
+    "maxsum_select",
+    "kcenter_select",
+    "diversity_select",
+    "relevance_layer_index",
+    "relevance_ratios",
+    "should_drop_visual",
+]
+
+Order = Literal["sorted", "greedy"]
+
+
+def _score_dtype(t: Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """fp32 by default; a wider input dtype (fp64) is kept; ``dtype`` overrides."""
+    if dtype is not None:
+        return dtype
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _first_argmax(s: Tensor) -> int:
+    """Index of the maximum of a 1-D tensor, the lowest index on ties."""
+    if s.numel() == 0:
+        raise ValueError("empty scores")
+    if torch.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    return int((s == s.max()).nonzero()[0, 0])
+
+
+def _first_argmin(s: Tensor) -> int:
+    return _first_argmax(-s)
+
+
+def _unit_rows(features: Tensor, dtype: torch.dtype | None) -> Tensor:
+    if features.dim() != 2:
+        raise ValueError(f"features must be (n, D), got {tuple(features.shape)}")
+    return F.normalize(features.to(_score_dtype(features, dtype)), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pivots
+# --------------------------------------------------------------------------------------------------
+def cls_attention(probs_cls_row: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
+    """CLS attention per patch: (..., H, T) softmax row of the CLS query over all T keys (CLS key
+    included) -> (..., T-1): mean over heads, CLS column dropped (our reading)."""
+    if probs_cls_row.dim() < 2:
+        raise ValueError("probs_cls_row must be (..., H, T)")
+    return probs_cls_row.to(_score_dtype(probs_cls_row, dtype)).mean(dim=-2)[..., 1:]
+
+
+def cls_pivot(cls_attn: Tensor, *, n_base: int | None = None) -> int:
+    """Pivot = argmax of the CLS attention (lowest index on ties).
+
+    ``cls_attn`` (n,): one score per candidate, in candidate-pool order (CLS column already dropped).
+    ``n_base``: only the first ``n_base`` entries compete (LLaVA-NeXT: the base view's 576 tokens,
+    which come first in the pool, so the index is already a pool index). Video: pass all frames
+    (global argmax). Returns a Python int.
+    """
+    if cls_attn.dim() != 1:
+        raise ValueError("cls_attn must be 1-D (n,)")
+    s = cls_attn if n_base is None else cls_attn[:n_base]
+    return _first_argmax(s)
+
+
+def farthest_pivot(features: Tensor, *, dtype: torch.dtype | None = None) -> int:
+    """``pivot="farthest"`` (Qwen default, no CLS): (n, D) features -> the index whose cosine to the
+    mean of the ℓ2-normalised rows is the lowest (lowest index on ties)."""
+    x = _unit_rows(features, dtype)
+    return _first_argmin(x @ x.mean(dim=0))
+
+
+def center_pivot(features: Tensor, *, dtype: torch.dtype | None = None) -> int:
+    """``pivot="center"``: (n, D) -> the index with the highest cosine to the mean normalised row."""
+    x = _unit_rows(features, dtype)
+    return _first_argmax(x @ x.mean(dim=0))
+
+
+def random_pivot(n: int, *, seed: int = 0) -> int:
+    """``pivot="random"``: a uniform index in [0, n), reproducible from ``seed`` (CPU generator)."""
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    g = torch.Generator().manual_seed(seed)
+    return int(torch.randint(n, (1,), generator=g))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1
+# --------------------------------------------------------------------------------------------------
+def todre_budget(n: int, keep: int | float, *, nominal_tokens: int | None = None) -> int:
+    """Stage-1 budget ``k`` for a pool of ``n`` candidates.
+
+    Fraction: ``min(n, max(1, round(keep * n)))`` (Python half-to-even); with ``nominal_tokens``
+    (e.g. 2880 for NeXT) ``min(n, max(1, round(keep * nominal_tokens)))``. Count: ``min(n, keep)``.
+    """
+    if isinstance(keep, bool):
+        raise TypeError("keep must be an int or a float")
+    if isinstance(keep, int):
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        return min(n, keep)
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"a fractional keep must be in [0, 1], got {keep}")
+    base = n if nominal_tokens is None else nominal_tokens
+    return min(n, max(1, int(round(keep * base))))
+
+
+def _check_k_pivot(n: int, k: int, pivot: int) -> None:
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if not 0 <= pivot < n:
+        raise ValueError(f"pivot must be in [0, {n}), got {pivot}")
+
+
+def _finish(chosen: list[int], order: Order, device: torch.device) -> Tensor:
+    out = torch.tensor(chosen, dtype=torch.long, device=device)
+    if order == "sorted":
+        return torch.sort(out).values
+    if order == "greedy":
+        return out
+    raise ValueError(f"unknown order {order!r}")
+
+
+def maxsum_select(
+    features: Tensor,
+    k: int,
+    pivot: int,
+    order: Order = "sorted",
+    *,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Greedy max-sum diversification (v2 Algorithm 1, the default).
+
+    ``features`` (n, D) candidate features (normalised here); ``pivot`` the first pick. Each step adds
+    the unselected token with the smallest cumulative cosine similarity to the selected set (lowest
+    index on ties). Returns (k,) LongTensor, ascending (``"sorted"``) or in selection order
+    (``"greedy"``).
+    """
+    x = _unit_rows(features, dtype)
+    n = x.shape[0]
+    _check_k_pivot(n, k, pivot)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=features.device)
+    chosen = [int(pivot)]
+    s = x @ x[pivot]
+    s[pivot] = float("inf")
+    for _ in range(k - 1):
+        c = _first_argmin(s)
+        chosen.append(c)
+        s = s + x @ x[c]
+        s[c] = float("inf")
+    return _finish(chosen, order, features.device)
+
+
+def kcenter_select(
+    features: Tensor,
+    k: int,
+    pivot: int,
+    order: Order = "sorted",
+    *,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Greedy k-center / farthest-first traversal (``diversity="kcenter"``, v1, our reading).
+
+    ``features`` (n, D); distance ``1 - cos``. Each step adds the token whose distance to its nearest
+    selected token is the largest (lowest index on ties). Returns (k,) LongTensor as
+    :func:`maxsum_select`.
+    """
+    x = _unit_rows(features, dtype)
+    n = x.shape[0]
+    _check_k_pivot(n, k, pivot)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=features.device)
+    chosen = [int(pivot)]
+    dmin = 1 - x @ x[pivot]
+    dmin[pivot] = float("-inf")
+    for _ in range(k - 1):
+        c = _first_argmax(dmin)
+        chosen.append(c)
+        dmin = torch.minimum(dmin, 1 - x @ x[c])
+        dmin[c] = float("-inf")
+    return _finish(chosen, order, features.device)
+
+
+def diversity_select(
+    features: Tensor,
+    k: int,
+    pivot: int,
+    diversity: Literal["maxsum", "kcenter"] = "maxsum",
+    order: Order = "sorted",
+    *,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Dispatch to :func:`maxsum_select` or :func:`kcenter_select`."""
+    if diversity == "maxsum":
+        return maxsum_select(features, k, pivot, order, dtype=dtype)
+    if diversity == "kcenter":
+        return kcenter_select(features, k, pivot, order, dtype=dtype)
+    raise ValueError(f"unknown diversity {diversity!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2
+# --------------------------------------------------------------------------------------------------
+def relevance_layer_index(num_layers: int) -> int:
+    """0-based stage-2 layer ``round(7L/8) - 1`` (1-based ``round(7L/8)``, Python rounding; our
+    reading): 32 -> 27, 40 -> 34, 28 -> 23, 36 -> 31."""
+    return int(round(7 * num_layers / 8)) - 1
+
+
+def _as_index(idx: Tensor | Sequence[int], device: torch.device) -> Tensor:
+    t = torch.as_tensor(idx, device=device)
+    if t.dtype == torch.bool:
+        return t.nonzero().reshape(-1)
+    return t.long().reshape(-1)
+
+
+def relevance_ratios(
+    attn_probs: Tensor,
+    sys_idx: Tensor | Sequence[int],
+    vis_idx: Tensor | Sequence[int],
+    txt_idx: Tensor | Sequence[int],
+    *,
+    query_positions: Tensor | Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Cross-modal attention shares ``(α_t→v, α_v→t)`` of one sample at one decoder layer.
+
+    ``attn_probs``: softmax probabilities (Lq, L) already averaged over heads, or (H, Lq, L) (averaged
+    here). Rows are queries, columns keys, in current-sequence coordinates. Without
+    ``query_positions`` the rows are positions 0..Lq-1; with it, row r is the query at position
+    ``query_positions[r]`` (it must cover ``vis_idx`` and ``txt_idx``).
+    ``sys_idx`` (S), ``vis_idx`` (V), ``txt_idx`` (T): index tensors / lists / bool masks of the three
+    sets (padding in none); S only enters the denominators (via "all keys") and is checked disjoint.
+
+    ``α_t→v = Σ_{i∈T} Σ_{j∈V} A_ij / Σ_{i∈T} Σ_j A_ij``,
+    ``α_v→t = Σ_{i∈V} Σ_{j∈T} A_ij / Σ_{i∈V} Σ_j A_ij``. Returns two 0-dim fp32 (or fp64) tensors;
+    an empty row set gives NaN (never "drop").
+    """
+    a = attn_probs
+    if a.dim() == 3:
+        a = a.to(_score_dtype(a)).mean(dim=0)
+    elif a.dim() == 2:
+        a = a.to(_score_dtype(a))
+    else:
+        raise ValueError("attn_probs must be (Lq, L) or (H, Lq, L)")
+    dev = a.device
+    s, v, t = (_as_index(i, dev) for i in (sys_idx, vis_idx, txt_idx))
+    allidx = torch.cat([s, v, t])
+    if torch.unique(allidx).numel() != allidx.numel():
+        raise ValueError("sys_idx, vis_idx and txt_idx must be disjoint and without duplicates")
+    if query_positions is None:
+        row_of = torch.arange(a.shape[0], device=dev)
+        if allidx.numel() and int(allidx.max()) >= a.shape[0]:
+            raise ValueError("attn_probs lacks query rows for some positions; pass query_positions")
+    else:
+        qp = _as_index(query_positions, dev)
+        if qp.numel() != a.shape[0]:
+            raise ValueError("query_positions must have one entry per row of attn_probs")
+        row_of = torch.full((a.shape[1],), -1, dtype=torch.long, device=dev)
+        row_of[qp] = torch.arange(qp.numel(), device=dev)
+        if (row_of[v] < 0).any() or (row_of[t] < 0).any():
+            raise ValueError("query_positions must cover vis_idx and txt_idx")
+    rows_t = a[row_of[t]]
+    rows_v = a[row_of[v]]
+    alpha_t2v = rows_t[:, v].sum() / rows_t.sum()
+    alpha_v2t = rows_v[:, t].sum() / rows_v.sum()
+    return alpha_t2v, alpha_v2t
+
+
+def should_drop_visual(alpha_t2v: Tensor | float, alpha_v2t: Tensor | float, tau: float = 0.10) -> bool:
+    """Stage-2 rule: drop all visual tokens iff ``α_t→v < τ`` **and** ``α_v→t < τ`` (strict)."""
+    return bool(alpha_t2v < tau) and bool(alpha_v2t < tau)

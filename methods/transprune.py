@@ -1,0 +1,244 @@
+"""TransPrune: token-transition pruning inside the LLM decoder (pure tensor kernels).
+
+Paper: Li, Duan, et al., "TransPrune: Token Transition Pruning for Efficient Large Vision-Language
+Model", arXiv 2507.20630 (CVPR 2026). Reference implementation: github.com/liaolea/TransPrune at
+commit ``c9e8284`` (a LLaVA fork; ``llava/model/modeling_llama_transprune.py``). Spec:
+``design/methods/transprune.md``.
+
+Stage: **D** (inside the decoder), progressive over 3 stages at the 1-based layers 7, 9, 12 (prune
+after that layer), prefill only; at decode only per-stage position offsets apply.
+
+Method:
+
+* Token transition variation (:func:`ttv`) of one module with input/output ``x_in``, ``x_out``:
+  ``m_i = |x_out,i| / |x_in,i|``, ``e_i = exp(1 - cos(x_in,i, x_out,i))``, ``w_i = e_i / sum_j e_j``,
+  ``TTV_i = m_i * w_i``; a layer's TTV is attention + FFN, accumulated over layers 7..p.
+* Instruction-guided attention (:func:`iga`): head-mean attention probabilities (layer p+1's
+  norm/q/k) from the instruction rows ``[img + n_s, L_prompt)`` to the image columns, averaged over
+  the rows.
+* Selection (:func:`transprune_select`): both renormalised to sum 1 (``+1e-8``), ``score =
+  alpha*T + (1 - alpha)*I``, top ``n_{s+1}`` (ties lowest index), sorted.
+* Schedule (:func:`stage_counts`): ``n_s = int(n_0 * r_s)`` relative to n_0, "High" = (0.875, 0.625,
+  0.125): 576 -> 504 -> 360 -> 72.
+* Positions (LLaVA reference): contiguous renumbering after each prune; at decode, layers after p_s
+  see ``L_full + t - (n_0 - n_{s+1})`` (:func:`decode_offsets`).
+
+Reference vs paper vs library (spec section 5):
+
+1. Direction term: reference ``1 - cos`` (signed); paper ``1 - |cos|``. Library: signed;
+   ``direction="abs"``.
+2. Softmax domain of e: reference sums over the whole sequence **and whole batch**; paper "all tokens"
+   (read: image tokens). Library: per sample over the non-padding sequence (= reference at bs 1),
+   ``norm_scope="image"`` (paper reading), ``"batch"`` (bug-compatible batch coupling).
+3. TTV and IGA renormalised to sum 1 over the current image tokens before adding: reference yes,
+   paper silent. Library: reference.
+4. Weighting: reference ``T + I``; paper ``alpha*TTV + (1 - alpha)*IGA`` with alpha = 0.5. Library:
+   alpha-form, alpha = 0.5 (identical ranking; scores are half the reference's).
+5. Ratios: relative to n_0 with ``int()`` floor (reference); ``keep_ratios`` option.
+6. Layer semantics: 1-based, prune after layer p, IGA with layer p+1's norm/q/k, TTV includes layer p
+   (reference; ``prune_layers``/``accum_layers`` at policy level).
+7. Positions: reference renumbers contiguously with per-stage decode offsets (library default on
+   LLaVA); ``positions="original"`` is our extension (policy level).
+8. Instruction rows: everything after the image up to the end of the prompt, template tail included
+   (reference).
+9. Batch size 1 only in the reference (**bug**): library per sample.
+10. Overhead in the reference (hidden-state clones, TTV at decode, ``cuda.synchronize``) (**bug**):
+    library computes TTV only at prefill, only for accumulation layers (policy level).
+11. GQA: the reference's IGA lacks ``repeat_kv`` (**bug** for GQA): library repeats (signal level).
+12. Eager attention breaks in the reference after a prune (**bug**): library gathers per-layer masks.
+13. Multi-image / long prompts: reference handles only the first image and truncates at 2048;
+    library handles all images (quota per image, policy level), no truncation.
+14. Ties: reference ``topk`` order unspecified; library lowest index.
+
+Scores are computed in fp32 (float64 stays float64).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "HIGH_RATIOS",
+    "ttv",
+    "iga",
+    "stage_counts",
+    "transprune_scores",
+    "transprune_select",
+    "keep_gather_index",
+    "decode_offsets",
+]
+
+#: The released "High" schedule (relative to n_0; the loader prepends 1.0).
+HIGH_RATIOS: tuple[float, float, float] = (0.875, 0.625, 0.125)
+
+
+def _score_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _span_mask(image_span, B: int, L: int, device) -> Tensor:
+    if isinstance(image_span, Tensor) and image_span.dtype == torch.bool:
+        if tuple(image_span.shape) != (B, L):
+            raise ValueError(f"image_span mask must be (B, L) = {(B, L)}")
+        return image_span.to(device)
+    spans = image_span
+    if len(spans) == 2 and all(isinstance(v, int) for v in spans):
+        spans = [tuple(spans)] * B
+    if len(spans) != B:
+        raise ValueError("image_span must be (start, end), B such pairs, or a (B, L) bool mask")
+    mask = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for b, (s, e) in enumerate(spans):
+        mask[b, s:e] = True
+    return mask
+
+
+def ttv(
+    x_in: Tensor,
+    x_out: Tensor,
+    valid_mask: Tensor | None = None,
+    direction: str = "signed",
+    norm_scope: str = "sequence",
+    image_span=None,
+) -> Tensor:
+    """Token transition variation of one module (attention or FFN), in at least fp32.
+
+    x_in, x_out: (B, L, D) module input (normed) and output (before the residual add).
+    valid_mask: (B, L) bool, True for real tokens (None = all real); padding gets TTV 0.
+    direction: ``"signed"`` (reference, ``e = exp(1 - cos)``) or ``"abs"`` (paper, ``exp(1 - |cos|)``).
+    norm_scope: the sum in ``w_i = e_i / sum e``: ``"sequence"`` (real tokens of the same sample;
+    library default), ``"image"`` (the sample's image tokens only; paper reading; needs
+    ``image_span`` = (start, end), B pairs, or a (B, L) bool mask; other tokens get 0), ``"batch"``
+    (real tokens of all samples; reference bug-compatible).
+    Returns (B, L) ``TTV_i = m_i * w_i``.
+    """
+    if x_in.shape != x_out.shape or x_in.dim() != 3:
+        raise ValueError("x_in and x_out must both be (B, L, D)")
+    dt = torch.promote_types(_score_dtype(x_in), _score_dtype(x_out))
+    a, o = x_in.to(dt), x_out.to(dt)
+    B, L, _ = a.shape
+    mask = torch.ones(B, L, dtype=torch.bool, device=a.device) if valid_mask is None else valid_mask.to(a.device).bool()
+    m = o.norm(dim=-1) / a.norm(dim=-1)
+    cos = F.cosine_similarity(a, o, dim=-1)
+    if direction == "signed":
+        e = torch.exp(1.0 - cos)
+    elif direction == "abs":
+        e = torch.exp(1.0 - cos.abs())
+    else:
+        raise ValueError(f"direction must be 'signed' or 'abs'; got {direction!r}")
+    if norm_scope == "sequence":
+        scope = mask
+        e = torch.where(scope, e, torch.zeros_like(e))
+        Z = e.sum(dim=-1, keepdim=True)
+    elif norm_scope == "image":
+        if image_span is None:
+            raise ValueError("norm_scope='image' needs image_span")
+        scope = mask & _span_mask(image_span, B, L, a.device)
+        e = torch.where(scope, e, torch.zeros_like(e))
+        Z = e.sum(dim=-1, keepdim=True)
+    elif norm_scope == "batch":
+        scope = mask
+        e = torch.where(scope, e, torch.zeros_like(e))
+        Z = e.sum()
+    else:
+        raise ValueError(f"norm_scope must be 'sequence', 'image' or 'batch'; got {norm_scope!r}")
+    out = m * (e / Z)
+    return torch.where(scope, out, torch.zeros_like(out))
+
+
+def iga(
+    attn_probs_head_mean: Tensor,
+    img_start: int,
+    n_img: int,
+    prompt_end: int,
+    query_start: int = 0,
+) -> Tensor:
+    """Instruction-guided attention to the current image tokens (unnormalised).
+
+    attn_probs_head_mean: (B, Q, Lk) head-mean softmax probabilities (or (B, H, Q, Lk), averaged over
+    heads here); row q is the query at absolute position ``query_start + q``. Uses the query rows
+    ``[img_start + n_img, prompt_end)`` and the columns ``[img_start, img_start + n_img)``, averaged
+    over the rows. Returns (B, n_img) in at least fp32.
+    """
+    a = attn_probs_head_mean
+    if a.dim() == 4:
+        a = a.to(_score_dtype(a)).mean(dim=1)
+    if a.dim() != 3:
+        raise ValueError("attention must be (B, Q, Lk) or (B, H, Q, Lk)")
+    a = a.to(_score_dtype(a))
+    r0, r1 = img_start + n_img - query_start, prompt_end - query_start
+    if r0 < 0 or r1 > a.shape[1] or r1 <= r0:
+        raise ValueError(f"query rows [{r0 + query_start}, {prompt_end}) not available")
+    cols = a[:, r0:r1, img_start : img_start + n_img]
+    return cols.mean(dim=1)
+
+
+def stage_counts(n0: int, ratios: Sequence[float] = HIGH_RATIOS) -> tuple[int, ...]:
+    """Image-token counts ``(n_0, n_1, ..., n_S)`` with ``n_s = int(n_0 * r_s)`` (floor, relative to
+    n_0; Python float arithmetic). ``stage_counts(576) == (576, 504, 360, 72)``."""
+    return (int(n0),) + tuple(int(n0 * r) for r in ratios)
+
+
+def transprune_scores(ttv_acc_img: Tensor, iga_img: Tensor, alpha: float = 0.5) -> Tensor:
+    """``alpha * T/(sum T + 1e-8) + (1 - alpha) * I/(sum I + 1e-8)``; inputs (B, n), output (B, n)."""
+    dt = torch.promote_types(_score_dtype(ttv_acc_img), _score_dtype(iga_img))
+    t, i = ttv_acc_img.to(dt), iga_img.to(dt)
+    t_hat = t / (t.sum(dim=-1, keepdim=True) + 1e-8)
+    i_hat = i / (i.sum(dim=-1, keepdim=True) + 1e-8)
+    return alpha * t_hat + (1.0 - alpha) * i_hat
+
+
+def transprune_select(ttv_acc_img: Tensor, iga_img: Tensor, n_keep: int, alpha: float = 0.5) -> Tensor:
+    """Indices (B, n_keep) into the current image span to keep, ascending.
+
+    ttv_acc_img: (B, n) accumulated TTV over the image tokens; iga_img: (B, n) IGA. Top ``n_keep`` of
+    :func:`transprune_scores`, ties by the lowest index. 1-D inputs give a 1-D result.
+    """
+    squeeze = ttv_acc_img.dim() == 1
+    t = ttv_acc_img.unsqueeze(0) if squeeze else ttv_acc_img
+    i = iga_img.unsqueeze(0) if squeeze else iga_img
+    score = transprune_scores(t, i, alpha)
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    keep = order[:, :n_keep].sort(dim=-1).values
+    return keep[0] if squeeze else keep
+
+
+def keep_gather_index(L: int, img_start: int, n_img: int, keep: Tensor) -> Tensor:
+    """Sequence gather index ``[0, img) ++ (img + keep) ++ [img + n_img, L)``.
+
+    keep: (B, k) or (k,) indices into the image span. Returns (B, L - n_img + k) or (L - n_img + k,);
+    use it for the hidden states, the stored per-layer TTV vectors and the masks.
+    """
+    squeeze = keep.dim() == 1
+    k = keep.unsqueeze(0) if squeeze else keep
+    B = k.shape[0]
+    pre = torch.arange(img_start, device=k.device).expand(B, -1)
+    post = torch.arange(img_start + n_img, L, device=k.device).expand(B, -1)
+    idx = torch.cat([pre, k.long() + img_start, post], dim=1)
+    return idx[0] if squeeze else idx
+
+
+def decode_offsets(
+    n0: int,
+    ratios: Sequence[float] = HIGH_RATIOS,
+    prune_layers: Sequence[int] = (7, 9, 12),
+    n_layers: int = 32,
+) -> tuple[int, ...]:
+    """Per-layer (0-based index) decode position offsets for the contiguous-renumbering convention.
+
+    A layer after the 1-based pruning layer ``p_s`` holds ``n_{s+1}`` image tokens and sees position
+    ``L_full + t - (n_0 - n_{s+1})`` for decode token t; layers up to ``p_0`` get 0. Returns a tuple
+    of ``n_layers`` offsets (<= 0): for n_0 = 576, High: 0 (layers 1-7), -72 (8-9), -216 (10-12),
+    -504 (13-32).
+    """
+    counts = stage_counts(n0, ratios)
+    if len(prune_layers) != len(ratios):
+        raise ValueError("prune_layers and ratios must have the same length")
+    out = []
+    for i in range(n_layers):
+        layer1 = i + 1
+        s = sum(1 for p in prune_layers if layer1 > p)
+        out.append(-(counts[0] - counts[s]))
+    return tuple(out)

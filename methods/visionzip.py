@@ -1,0 +1,309 @@
+"""VisionZip: dominant plus contextual tokens from the vision encoder (stage P).
+
+Paper: Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
+CVPR 2025, arXiv 2412.04467. Reference implementation: github.com/dvlab-research/VisionZip (now
+JIA-Lab-research/VisionZip) at commit ``3151f6d``, Apache-2.0; also PyPI ``visionzip==0.1.3``.
+Spec: ``design/methods/visionzip.md``.
+
+Method (per view, LLaVA / CLIP ViT-L/14-336, feature layer 22 with its CLS token):
+
+* **dominant** tokens: the CLS token plus the ``d - 1`` patches the CLS token attends to most in the
+  feature layer (CLS-row softmax probabilities **summed over heads**); ``d`` counts the CLS token.
+  Emitted in ascending index order (CLS first, then patches in raster order).
+* **contextual** tokens: the remaining tokens (ascending) are split into ``c`` targets, evenly
+  strided **in the remaining list** (``step = max(1, N_rem // c)``, positions ``0, step, ...``), and
+  sources; each source joins the target of highest cosine similarity of the head-mean keys (ties to the
+  first target). ``ctx_i = h[target_i] + mean(h[sources of i])`` (``h[target_i]`` alone if none).
+* The LLM receives ``[dominant (d)] ++ [ctx_1 .. ctx_c]`` after the projector. Text-agnostic, once
+  per image at prefill; positions contiguous on LLaVA.
+
+This module holds only the pure tensor kernels; the dataclass policy and the wiring (CLS-row and key
+recompute, NeXT block layouts, positions, batching) are added later.
+
+Reference code vs paper, and the defaults here (spec section 5):
+
+1. CLS head reduction: **sum** over heads (reference; ranking = mean).
+2. the CLS token is fed to the LLM (dominant includes index 0; vanilla LLaVA drops it).
+3. dominant order: ascending index (the reference's NeXT ``all_indices`` are in score order; the
+   wiring reorders if it needs that).
+4. contextual: ``target + mean(group)`` (reference; magnitude inflation kept), targets strided in the
+   remaining list | ``contextual_mode="mean"`` = group average including the target (our extension).
+5. NeXT layout: native (library default; unpadding-margin patches excluded from dominant candidates
+   and the contextual pool -> ``patch_valid`` here) | ``next_layout="reference"`` (policy/wiring).
+6-7. per-model hooks and one recomputed CLS row instead of global monkey patches and 24 eager maps
+   (wiring).
+8. ``d + c`` beyond the tokens raises ``ValueError`` (the reference crashes, issue #30); ``d >= 1``.
+9. ties: lowest index for top-k, first target for the assignment.
+
+Budgets: LLaVA-1.5 64 = 54+10, 128 = 108+20, 192 = 162+30 (``d`` includes the CLS token). The library
+must not use the reference function default 191+30. NeXT: totals 640/320/160 per request; per-view split
+unpublished, our reading 108+20 / 54+10 / 27+5 per view (policy).
+
+Qwen2-VL / Qwen2.5-VL extension (no CLS; after the 2x2 merger; :func:`visionzip_qwen`): dominant =
+top ``d`` merged tokens by the attention they receive in the last full-attention block (HiPrune's
+reduction, ``hiprune.attention_received(family="qwen")`` + ``merge_unit_scores``); contextual metric
+= the ℓ2-normalised merger outputs ``y``; ``ctx = y_target + mean(y_group)``; split
+:func:`qwen_split` (``d = round(0.84 N')``, the 54:10 ratio); all output tokens ordered by the original
+index of their representative (the target for a contextual token), which also gives their M-RoPE
+positions. Not validated against published Qwen numbers.
+
+Assignment similarities are computed in fp32 (fp64 inputs stay fp64); merged tokens are accumulated in
+that dtype and returned in the dtype of ``hidden``.
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "dominant_select",
+    "ContextualAssignment",
+    "contextual_assign",
+    "contextual_merge",
+    "visionzip_tokens",
+    "qwen_split",
+    "visionzip_qwen",
+]
+
+ContextualMode = Literal["reference", "mean"]
+
+
+def _score_dtype(t: Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _topk_lowest(scores: Tensor, k: int, candidates: Tensor) -> Tensor:
+    """The ``k`` candidates with the largest ``scores``, ordered (score desc, index asc)."""
+    if k <= 0 or candidates.numel() == 0:
+        return candidates[:0]
+    order = torch.argsort(scores[candidates], descending=True, stable=True)
+    return candidates[order[:k]]
+
+
+def _check_patch_valid(patch_valid: Tensor | None, n_patches: int, device) -> Tensor:
+    if patch_valid is None:
+        return torch.ones(n_patches, dtype=torch.bool, device=device)
+    pv = torch.as_tensor(patch_valid, device=device)
+    if pv.dtype != torch.bool or pv.shape != (n_patches,):
+        raise ValueError(f"patch_valid must be a bool tensor of shape ({n_patches},)")
+    return pv
+
+
+# --------------------------------------------------------------------------------------------------
+# LLaVA / CLIP
+# --------------------------------------------------------------------------------------------------
+def dominant_select(
+    cls_attn: Tensor,
+    d: int,
+    *,
+    includes_cls: bool = False,
+    patch_valid: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Dominant token indices of one view: (d,) LongTensor, ascending, starting with 0 (CLS).
+
+    ``cls_attn``: the CLS query's softmax row over the **patch** columns, per head (H, N) or already
+    summed over heads (N,); heads are summed here. With ``includes_cls=True`` the last axis has N+1
+    columns and column 0 (the CLS key) is dropped first. Patch column ``j`` is token ``j + 1``.
+    ``d`` counts the CLS token: the top ``d - 1`` patches (ties by the lowest index) are chosen.
+    ``patch_valid`` (N,) bool: only valid patches compete (native NeXT layout).
+    """
+    if cls_attn.dim() not in (1, 2):
+        raise ValueError("cls_attn must be (N,) or (H, N)")
+    s = cls_attn.to(_score_dtype(cls_attn, dtype))
+    if s.dim() == 2:
+        s = s.sum(dim=0)
+    if includes_cls:
+        s = s[1:]
+    n = s.numel()
+    pv = _check_patch_valid(patch_valid, n, s.device)
+    cand = pv.nonzero().reshape(-1)
+    if isinstance(d, bool) or int(d) != d or not 1 <= d <= cand.numel() + 1:
+        raise ValueError(f"d must be in [1, {cand.numel() + 1}] (CLS included), got {d!r}")
+    top = _topk_lowest(s, int(d) - 1, cand) + 1
+    zero = torch.zeros(1, dtype=torch.long, device=s.device)
+    return torch.cat([zero, torch.sort(top).values])
+
+
+class ContextualAssignment(NamedTuple):
+    """Targets and sources of the contextual merge (original token indices, LongTensors).
+
+    target_idx: (c,) in target order (= ascending). source_idx: (n_src,) ascending.
+    assignment: (n_src,) target number in [0, c) of each source.
+    """
+
+    target_idx: Tensor
+    source_idx: Tensor
+    assignment: Tensor
+
+
+def _head_mean_keys(keys: Tensor) -> Tensor:
+    if keys.dim() == 3:  # (H, T, dh)
+        return keys.mean(dim=0)
+    if keys.dim() == 2:  # (T, dk)
+        return keys
+    raise ValueError("keys must be (T, dk) or (H, T, dh)")
+
+
+def contextual_assign(
+    keys: Tensor,
+    dominant_idx: Tensor,
+    c: int,
+    *,
+    patch_valid: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> ContextualAssignment:
+    """Strided targets in the remaining list and the cosine assignment of the other tokens.
+
+    ``keys`` (T, dk) head-mean keys (or (H, T, dh), averaged here) of all T tokens of the view.
+    ``dominant_idx`` (d,) token indices. Remaining = ascending indices not in ``dominant_idx`` (and, with
+    ``patch_valid`` (T-1,) over tokens 1..T-1, valid); ``step = max(1, N_rem // c)``; targets are list
+    positions ``[0, step, 2*step, ...][:c]``; each source goes to ``argmax_i κ_s·κ_{t_i}`` with
+    ``κ = k / ‖k‖`` (plain division), ties to the first target.
+    """
+    k = _head_mean_keys(keys)
+    t_all = k.shape[0]
+    device = k.device
+    pool = torch.ones(t_all, dtype=torch.bool, device=device)
+    if patch_valid is not None:
+        pool[1:] = _check_patch_valid(patch_valid, t_all - 1, device)
+    pool[torch.as_tensor(dominant_idx, device=device).long()] = False
+    rem = pool.nonzero().reshape(-1)
+    n_rem = rem.numel()
+    if isinstance(c, bool) or int(c) != c or not 0 <= c <= n_rem:
+        raise ValueError(f"c must be in [0, {n_rem}] (tokens left after the dominant ones), got {c!r}")
+    c = int(c)
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    if c == 0:
+        return ContextualAssignment(empty, empty, empty)
+    step = max(1, n_rem // c)
+    tpos = torch.arange(0, n_rem, step, device=device)[:c]
+    is_t = torch.zeros(n_rem, dtype=torch.bool, device=device)
+    is_t[tpos] = True
+    kappa = k[rem].to(_score_dtype(k, dtype))
+    kappa = kappa / kappa.norm(dim=-1, keepdim=True)
+    sim = kappa[~is_t] @ kappa[is_t].T  # (n_src, c)
+    if sim.numel():
+        best = sim.max(dim=1, keepdim=True).values
+        # first (lowest) target among the maxima
+        ar = torch.arange(c, device=device).expand_as(sim)
+        assignment = torch.where(sim == best, ar, torch.full_like(ar, c)).min(dim=1).values
+        if (assignment == c).any():
+            raise ValueError("NaN similarity (a zero-norm key?)")
+    else:
+        assignment = empty
+    return ContextualAssignment(rem[tpos], rem[~is_t], assignment)
+
+
+def contextual_merge(
+    hidden: Tensor,
+    keys: Tensor,
+    dominant_idx: Tensor,
+    c: int,
+    mode: ContextualMode = "reference",
+    *,
+    patch_valid: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Contextual tokens of one view.
+
+    ``hidden`` (T, D) feature-layer output incl. CLS; ``keys`` as in :func:`contextual_assign`.
+    ``mode="reference"``: ``ctx_i = h[t_i] + mean(h[sources of i])`` (counts clamped at 1, so
+    ``h[t_i]`` if none); ``mode="mean"``: ``(h[t_i] + sum(h[sources of i])) / (1 + count_i)``.
+    Returns ``(ctx (c, D) in hidden's dtype, target_idx (c,) LongTensor)``.
+    """
+    if hidden.dim() != 2 or _head_mean_keys(keys).shape[0] != hidden.shape[0]:
+        raise ValueError("hidden must be (T, D) with keys over the same T tokens")
+    asg = contextual_assign(keys, dominant_idx, c, patch_valid=patch_valid, dtype=dtype)
+    c = asg.target_idx.numel()
+    acc_dtype = _score_dtype(hidden, dtype)
+    h = hidden.to(acc_dtype)
+    sums = torch.zeros(c, h.shape[1], dtype=acc_dtype, device=h.device)
+    sums.index_add_(0, asg.assignment, h[asg.source_idx])
+    counts = torch.zeros(c, dtype=acc_dtype, device=h.device)
+    counts.index_add_(0, asg.assignment, torch.ones_like(asg.assignment, dtype=acc_dtype))
+    target = h[asg.target_idx]
+    if mode == "reference":
+        ctx = target + sums / counts.clamp(min=1).unsqueeze(-1)
+    elif mode == "mean":
+        ctx = (target + sums) / (1 + counts).unsqueeze(-1)
+    else:
+        raise ValueError(f"unknown contextual_mode {mode!r}")
+    return ctx.to(hidden.dtype), asg.target_idx
+
+
+def visionzip_tokens(
+    hidden: Tensor,
+    cls_attn: Tensor,
+    keys: Tensor,
+    d: int,
+    c: int,
+    mode: ContextualMode = "reference",
+    *,
+    patch_valid: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """VisionZip output of one view: ``(tokens (d + c, D), dominant_idx (d,))``.
+
+    ``hidden`` (T, D) feature-layer output incl. CLS at 0; ``cls_attn`` (H, T-1) / (T-1,) over the patch
+    columns, or (H, T) / (T,) with the CLS column (dropped); ``keys`` (T, dk) head-mean keys or
+    (H, T, dh). Tokens = dominant tokens in ascending index order (CLS first), then the ``c``
+    contextual tokens in target order. Raises ``ValueError`` if ``d < 1`` or ``d + c`` exceeds the
+    tokens (the reference crashes).
+    """
+    t_all = hidden.shape[0]
+    n_cols = cls_attn.shape[-1]
+    if n_cols not in (t_all - 1, t_all):
+        raise ValueError(f"cls_attn has {n_cols} columns; expected {t_all - 1} (patches) or {t_all}")
+    dom = dominant_select(
+        cls_attn, d, includes_cls=(n_cols == t_all), patch_valid=patch_valid, dtype=dtype
+    )
+    ctx, _ = contextual_merge(hidden, keys, dom, c, mode, patch_valid=patch_valid, dtype=dtype)
+    return torch.cat([hidden[dom], ctx], dim=0), dom
+
+
+# --------------------------------------------------------------------------------------------------
+# Qwen extension
+# --------------------------------------------------------------------------------------------------
+def qwen_split(n_keep: int) -> tuple[int, int]:
+    """Qwen dominant/contextual split of a budget ``N'``: ``d = round(0.84 N')`` (half-to-even),
+    ``c = N' - d`` (64 -> 54 + 10)."""
+    if n_keep < 0:
+        raise ValueError("n_keep must be >= 0")
+    d = int(round(0.84 * n_keep))
+    return d, int(n_keep) - d
+
+
+def visionzip_qwen(
+    features: Tensor,
+    scores: Tensor,
+    d: int,
+    c: int,
+    mode: ContextualMode = "reference",
+    *,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Qwen VisionZip of one image (our extension): ``(tokens (d + c, D), rep_idx (d + c,))``.
+
+    ``features`` (n, D) merger outputs in raster order; ``scores`` (n,) attention received per merged
+    token. Dominant = top ``d`` by score (no CLS; lowest index on ties). Contextual: as
+    :func:`contextual_merge` with the ℓ2-normalised ``features`` as the metric. Every output token has
+    a representative (itself, or its target); tokens are returned sorted by ``rep_idx`` (ascending,
+    unique), whose entries index the original merged tokens (for M-RoPE positions).
+    """
+    if features.dim() != 2 or scores.shape != (features.shape[0],):
+        raise ValueError("features must be (n, D) and scores (n,)")
+    n = features.shape[0]
+    if isinstance(d, bool) or int(d) != d or not 0 <= d <= n or c < 0 or d + c > n:
+        raise ValueError(f"need 0 <= d, 0 <= c, d + c <= {n}; got d={d!r}, c={c!r}")
+    s = scores.to(_score_dtype(scores, dtype))
+    dom = torch.sort(_topk_lowest(s, int(d), torch.arange(n, device=s.device))).values
+    ctx, tgt = contextual_merge(features, features, dom, c, mode, dtype=dtype)
+    reps = torch.cat([dom, tgt])
+    tokens = torch.cat([features[dom], ctx], dim=0)
+    order = torch.argsort(reps)
+    return tokens[order], reps[order]
