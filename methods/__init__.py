@@ -1,2 +1,21 @@
-"""Built-in policies; importing this package registers them (see ``vtprune.methods()``)."""
-from . import baselines, fastv  # noqa: F401
+"""Built-in policies; importing this package registers them.
+
+The package is installed as ``vtprune.methods``, which is also the public function listing the
+registered methods (``vtprune.methods()``). Importing the subpackage would shadow that function on
+the ``vtprune`` package, so the module itself is made callable and behaves as the function.
+"""
+import sys
+import types
+
+from . import baselines, fastv, hiprune, todre, visionzip  # noqa: F401
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self) -> dict[str, str]:
+        """Registered methods with a one-line description each (same as ``vtprune.registry.methods``)."""
+        from vtprune.registry import methods
+
+        return methods()
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -61,8 +61,9 @@ class _RandomV(VisionPolicy):
     def after_layer(self, layer: int, x: Tensor, ctx: Context):
         v, n, _ = x.shape
         k = resolve_budget(self.keep, n - 1)
-        idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + random_subset(n - 1, k, ctx.generator)])
-                           for _ in range(v)]).to(x.device)
+        keys = ctx.extra.get("view_keys") or list(range(v))
+        idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + random_subset(n - 1, k, ctx.rng(keys[i]))])
+                           for i in range(v)]).to(x.device)
         return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1])), idx
 
 
@@ -73,7 +74,7 @@ class _RandomD(DecoderPolicy):
     def select(self, layer: int, view: DecoderView, ctx: Context) -> Tensor:
         vis = torch.nonzero(view.visual).flatten()
         k = self.budget(vis.numel(), layer)
-        return vis[random_subset(vis.numel(), k, ctx.generator).to(vis.device)]
+        return vis[random_subset(vis.numel(), k, ctx.rng(layer)).to(vis.device)]
 
 
 @register
@@ -103,7 +104,8 @@ class Random(TokenPolicy):
 
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
         cand = image.candidate_index()
-        return cand[random_subset(cand.numel(), n_keep, ctx.generator)]
+        rng = ctx.rng(image.extra.get("index_in_sample", image.image_index))
+        return cand[random_subset(cand.numel(), n_keep, rng)]
 
 
 def pooled_grid(rows: int, cols: int, k: int) -> tuple[int, int]:

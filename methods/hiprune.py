@@ -16,8 +16,9 @@ mean or sum over all query rows):
 Kept = ``sort(AB | R)``: exactly ``N'`` projector outputs in raster order. The method is text-agnostic
 and runs once per image at prefill.
 
-This module holds only the pure tensor kernels; the dataclass policy and the model wiring (signal
-recompute, NeXT layout, positions, batching) live elsewhere / are added later.
+The module holds the pure tensor kernels and, at the end, the registered policy :class:`HiPrune`
+(``"hiprune"``) that wires them to the hook layer: the adapter recomputes the two attention maps
+(signals ``vit_received@L``), the base class enforces the budget, the NeXT newlines and the positions.
 
 Reference code vs paper, and what these kernels default to (spec section 5):
 
@@ -71,10 +72,24 @@ Budgets: LLaVA-1.5 ``N' = keep``; LLaVA-NeXT :func:`budget_per_view`; Qwen :func
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+
+from vtprune.policy import Context, ImageTokens, TokenPolicy, check_keep_value, resolve_budget
+from vtprune.registry import register
+
+from ._common import (
+    LLAVA_FAMILIES,
+    check_choice,
+    llava_feature_layer,
+    resolve_layer,
+    scaled_default_layer,
+    view_grids,
+)
 
 __all__ = [
     "attention_received",
@@ -373,3 +388,190 @@ def hiprune_select(
         s_obj, s_deep, n_keep, alpha, grid_width, buffer_border=buffer_border,
         register_exclusion=register_exclusion, buffer_shape=buffer_shape, valid=valid,
     ).kept
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy
+# --------------------------------------------------------------------------------------------------
+#: paper budgets, the first of each family's evaluated list (spec section 4)
+HIPRUNE_DEFAULT_KEEP = {"llava": 192, "llava_next": 640, "qwen2_vl": 0.334, "qwen2_5_vl": 0.334}
+
+
+@register
+@dataclass
+class HiPrune(TokenPolicy):
+    """HiPrune (Liu et al., arXiv 2508.00553), stage P: anchors + buffers + registers per view.
+
+    Signals (recomputed by the adapter from the layers' inputs, fp32; the model keeps SDPA):
+    ``vit_received@l_o`` and ``vit_received@l_d`` (LLaVA: head mean, mean over all query rows incl.
+    CLS, CLS column dropped; Qwen: head mean, sum over queries, 2x2 merge-unit mean, raster order).
+
+    Fields:
+        keep: budget per image. ``None`` = the paper's first budget of the family: LLaVA-1.5 192,
+            LLaVA-NeXT 640 (total, split per view), Qwen 0.334 (fraction). An int is a count, a float
+            a fraction of the image's candidate tokens (Python rounding, at least 1).
+        alpha: anchor share, ``N_a = round(alpha * N' / 5)``.
+        object_layer: **1-based** object layer as in the paper (LLaVA 9, Qwen 16). ``None`` = that
+            default on a tower of the reference depth (CLIP 24 layers, Qwen ViT 32 blocks); on a tower
+            of another depth ``n`` the default keeps its relative depth, ``max(1, round(9*n/24))``
+            (``round(16*n/32)`` for Qwen), e.g. layer 1 of a 3-layer tiny CLIP.
+        deep_layer: **0-based** deep layer (negative counts from the end). ``None`` = LLaVA: the layer
+            whose output LLaVA uses (``vision_feature_layer`` -2 -> 22 of 24); Qwen: the last block.
+        buffer_border: ``"grid"`` (default, bug fix: true 2-D neighbours) | ``"drop"`` (paper Eq. 5)
+            | ``"clamp"`` (exact reference).
+        buffer_shape: ``"cross"`` | ``"square"``.
+        register_exclusion: ``"exclude"`` (default, bug fix) | ``"subtract_one"`` (reference; if it
+            re-picks an anchor/buffer token the budget cannot be met and a ``ValueError`` is raised).
+        score: ``"received"`` (reference) | ``"cls"`` (CLS row only, LLaVA with a CLS tower).
+        next_budget_split: LLaVA-NeXT per-view split, ``"floor"`` (reference) | ``"exact"``.
+        next_layout: ``"native"`` only (``"reference"``, the forced 'spatial' merge, needs adapter
+            support that does not exist yet: ``ValueError``).
+        positions: ``"auto"`` = LLaVA renumbers, Qwen keeps the original M-RoPE positions (reference).
+
+    Budgets: LLaVA-1.5 ``N' = keep``. LLaVA-NeXT: ``K`` = the image's budget (int, or fraction of
+    its candidates), every view (base + crops) gets ``floor(K / V)`` (``"exact"``: the first
+    ``K mod V`` views one more) and a crop keeps ``min(N'_v, n_valid)`` (unused budget is not passed
+    on); newline tokens are kept and not counted. Qwen: per image (per temporal slice for video)
+    ``N' = round(n * keep)``, at least 1 (deviation: the reference's ``round`` may give 0).
+
+    Deviations from the reference (spec section 5): bugs 4, 6, 7, 11-14 fixed by default (grid
+    buffers, exact register exclusion, per-image budget, per-segment recompute for the two needed
+    blocks, ties by the lowest index); scores in fp32 (``score_dtype="model"`` not implemented);
+    native NeXT layout only; a Qwen2.5-VL object/deep block that is not a full-attention block is
+    scored within its attention windows (warning). Extensions: Qwen2-VL, multi-image, native NeXT.
+    """
+
+    name: ClassVar[str] = "hiprune"
+    description: ClassVar[str] = (
+        "HiPrune: anchors (object-layer attention) + buffers + registers (deep-layer attention), stage P"
+    )
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+    keep: int | float | None = None
+    alpha: float = 0.1
+    object_layer: int | None = None
+    deep_layer: int | None = None
+    buffer_border: str = "grid"
+    buffer_shape: str = "cross"
+    register_exclusion: str = "exclude"
+    score: str = "received"
+    next_budget_split: str = "floor"
+    next_layout: str = "native"
+    positions: str = "auto"
+
+    def __post_init__(self):
+        self._family: str | None = None
+        self._signal_names: tuple[str, str] | None = None
+
+    # ------------------------------------------------------------ validation and signals
+    def _keep_for(self, family: str) -> int | float:
+        return HIPRUNE_DEFAULT_KEEP[family] if self.keep is None else self.keep
+
+    def validate(self, family: str, adapter: Any) -> None:
+        if family not in self.families:
+            raise ValueError(
+                f"method {self.name!r} does not support model family {family!r}; "
+                f"supported families: {', '.join(self.families)}"
+            )
+        keep = self._keep_for(family)
+        check_keep_value(keep)
+        n = adapter.nominal_visual_tokens()
+        if n is not None and isinstance(keep, int) and keep > n:
+            raise ValueError(
+                f"hiprune: keep={keep} is larger than the {n} visual tokens per image of this model; "
+                f"use an int in 1..{n} or a float fraction in (0, 1]"
+            )
+        check_choice(self.name, "positions", self.positions, ("auto", "original", "renumber"))
+        check_choice(self.name, "buffer_border", self.buffer_border, ("grid", "drop", "clamp"))
+        check_choice(self.name, "buffer_shape", self.buffer_shape, ("cross", "square"))
+        check_choice(self.name, "register_exclusion", self.register_exclusion, ("exclude", "subtract_one"))
+        check_choice(self.name, "score", self.score, ("received", "cls"))
+        check_choice(self.name, "next_budget_split", self.next_budget_split, ("floor", "exact"))
+        check_choice(self.name, "next_layout", self.next_layout, ("native", "reference"))
+        if self.next_layout == "reference":
+            raise ValueError(
+                "hiprune: next_layout='reference' (the reference's forced 'spatial' merge) needs adapter "
+                "support that vtprune does not have yet; use next_layout='native'"
+            )
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 5.0):
+            raise ValueError(f"hiprune: alpha={self.alpha!r} must be a number in [0, 5] (paper: 0.1)")
+        self._family = family
+        self._signal_names = self._signals_for(family, adapter)
+
+    def _signals_for(self, family: str, adapter: Any) -> tuple[str, str]:
+        if family in LLAVA_FAMILIES:
+            depth = len(adapter.vit_layers())
+            if self.object_layer is None:
+                lo = scaled_default_layer(9, 24, depth)
+            else:
+                lo = resolve_layer(self.object_layer, depth, method=self.name, knob="object_layer", one_based=True)
+            if self.deep_layer is None:
+                ld = llava_feature_layer(adapter, self.name, "deep_layer")
+            else:
+                ld = resolve_layer(self.deep_layer, depth, method=self.name, knob="deep_layer")
+            if self.score == "cls" and not adapter.vit_has_cls():
+                raise ValueError("hiprune: score='cls' needs a vision tower with a CLS token; use score='received'")
+            kind = "vit_received" if self.score == "received" else "vit_cls"
+            return f"{kind}@{lo}", f"{kind}@{ld}"
+        if self.score != "received":
+            raise ValueError("hiprune: score='cls' needs a CLS token; Qwen vision towers have none (use 'received')")
+        depth = len(adapter.vit_blocks())
+        if self.object_layer is None:
+            lo = scaled_default_layer(16, 32, depth)
+        else:
+            lo = resolve_layer(self.object_layer, depth, method=self.name, knob="object_layer", one_based=True)
+        ld = depth - 1 if self.deep_layer is None else resolve_layer(
+            self.deep_layer, depth, method=self.name, knob="deep_layer")
+        full = set(adapter.full_attention_blocks())
+        for what, b in (("object", lo), ("deep", ld)):
+            if b not in full:
+                warnings.warn(
+                    f"hiprune: the {what} block {b} is a windowed-attention block; its scores are computed "
+                    "within each window and are comparable only inside a window", stacklevel=3)
+        return f"vit_received@{lo}", f"vit_received@{ld}"
+
+    def required_signals(self, adapter: Any) -> dict[str, Any]:
+        if self._signal_names is None:
+            self.validate(adapter.family, adapter)
+        return {name: None for name in self._signal_names}
+
+    # ------------------------------------------------------------ budgets
+    def _view_budgets(self, image: ImageTokens) -> tuple[list, list[int]]:
+        family = self._family
+        grids = view_grids(image, family, method=self.name)
+        keep = self._keep_for(family)
+        if family == "llava":
+            budgets = [resolve_budget(keep, image.num_candidates)]
+        elif family == "llava_next":
+            total = resolve_budget(keep, image.num_candidates)
+            budgets = budget_per_view(total, len(grids), self.next_budget_split)
+        else:  # Qwen: per image, per temporal slice for video
+            budgets = [resolve_budget(keep, g.index.numel()) for g in grids]
+        budgets = [min(b, g.index.numel()) for b, g in zip(budgets, grids)]
+        return grids, budgets
+
+    def budget(self, image: ImageTokens) -> int:
+        return sum(self._view_budgets(image)[1])
+
+    # ------------------------------------------------------------ selection
+    def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
+        name_o, name_d = self._signal_names
+        s_o_tok = image.signals[name_o].float().cpu()
+        s_d_tok = image.signals[name_d].float().cpu()
+        grids, budgets = self._view_budgets(image)
+        kept = []
+        for g, nv in zip(grids, budgets):
+            valid = g.valid()
+            local = hiprune_select(
+                g.scatter(s_o_tok[g.index]), g.scatter(s_d_tok[g.index]), nv, float(self.alpha), g.cols,
+                buffer_border=self.buffer_border, register_exclusion=self.register_exclusion,
+                buffer_shape=self.buffer_shape, valid=None if bool(valid.all()) else valid,
+            )
+            if local.numel() != nv:
+                raise ValueError(
+                    f"hiprune: register_exclusion='subtract_one' re-picked an anchor/buffer token (the "
+                    f"reference bug with unnormalised scores) and kept {local.numel()} instead of {nv} "
+                    "tokens; use register_exclusion='exclude'"
+                )
+            kept.append(g.tokens_of(local))
+        return torch.sort(torch.cat(kept)).values if kept else torch.zeros(0, dtype=torch.long)

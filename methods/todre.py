@@ -16,8 +16,9 @@ of the visual rows' mass on text keys. If both are ``< τ`` (strict, τ = 0.10),
 removed from the hidden states entering layer ℓ+1 and later (survivors keep their positions).
 Causality caveat: with the text after the image, ``α_v→t ≡ 0``; the literal formula is implemented.
 
-This module holds only the pure tensor kernels; the dataclass policy and the model wiring (pivot /
-relevance recompute, NeXT pool and layout, decoder dropping, batching) are added later.
+The module holds the pure tensor kernels and, at the end, the registered policies :class:`ToDRE`
+(``"todre"``, stage 1, P) and :class:`ToDRERelevance` (``"todre-relevance"``, stage 2, D); their
+docstrings list the wiring choices, deviations and what stage 2 still needs from the hook layer.
 
 Choices (spec section 5), default first:
 
@@ -43,11 +44,18 @@ Scores and greedy accumulators are fp32 (fp64 inputs stay fp64); ties go to the 
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vtprune import decoder as _decoder
+from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, TokenPolicy
+from vtprune.registry import register
+
+from ._common import LLAVA_FAMILIES, check_choice, llava_feature_layer, resolve_layer
 
 __all__ = [
     "cls_attention",
@@ -325,3 +333,259 @@ def relevance_ratios(
 def should_drop_visual(alpha_t2v: Tensor | float, alpha_v2t: Tensor | float, tau: float = 0.10) -> bool:
     """Stage-2 rule: drop all visual tokens iff ``α_t→v < τ`` **and** ``α_v→t < τ`` (strict)."""
     return bool(alpha_t2v < tau) and bool(alpha_v2t < tau)
+
+
+# --------------------------------------------------------------------------------------------------
+# The policies
+# --------------------------------------------------------------------------------------------------
+PIVOTS = ("auto", "cls", "farthest", "center", "random", "attention")
+
+
+@register
+@dataclass
+class ToDRE(TokenPolicy):
+    """ToDRE stage 1 (Li et al., arXiv 2505.18757 v2), stage P: greedy diversity from a pivot.
+
+    Per image, over the post-projector features of its candidate tokens (LLaVA-NeXT: base view + valid
+    crop tokens; newlines are not candidates and are always kept), start at the pivot and add the
+    token with the smallest cumulative cosine similarity to the chosen set (``"maxsum"``, v2) or the
+    farthest from its nearest chosen token (``"kcenter"``, v1, our reading); kept tokens in ascending
+    order, positions as the family's reference (LLaVA contiguous, Qwen original M-RoPE).
+
+    Fields:
+        keep: ``k = min(n, max(1, round(keep * n)))`` for a fraction (default 0.25), ``min(n, keep)``
+            for a count.
+        nominal_tokens: e.g. 2880: a fraction is taken of this count instead (the paper's "up to").
+        diversity: ``"maxsum"`` | ``"kcenter"``.
+        pivot: ``"auto"`` = ``"cls"`` on LLaVA (argmax of the CLS attention of ``pivot_layer``, signal
+            ``vit_cls@l``: head mean, CLS column dropped; LLaVA-NeXT: over the base view only) and
+            ``"farthest"`` on Qwen (lowest cosine to the mean normalised candidate); also ``"center"``,
+            ``"random"`` (``seed``; per image, so a batch equals each sample alone) and
+            ``"attention"`` (argmax of the attention received in ``pivot_layer``, our extension).
+        pivot_layer: 0-based vision layer (negative from the end). ``None`` = LLaVA: the layer whose
+            output LLaVA uses (22 of 24; the paper's "last layer", our reading); Qwen
+            (``pivot="attention"``): the last full-attention block.
+        order: ``"sorted"`` only; ``"greedy"`` (selection order) raises ``ValueError`` because the
+            hook layer keeps stage-P selections in ascending order (``TokenPolicy.sorted_output``).
+        relevance, tau, relevance_layer, relevance_scan: stage 2. One registered name maps to one
+            policy class and a class has one stage, so stage 2 is the separate policy
+            ``"todre-relevance"``: write ``"todre + todre-relevance"``. ``relevance`` defaults to
+            ``"off"`` here (deviation: the paper runs both stages); ``"on"`` raises a ``ValueError``
+            naming the composition, and :meth:`parts` returns both policies for a hook layer that
+            expands composite policies. The stage-2 fields are handed to ``todre-relevance`` by
+            :meth:`parts`.
+    """
+
+    name: ClassVar[str] = "todre"
+    description: ClassVar[str] = "ToDRE stage 1: greedy max-sum diversity of the projected tokens from a CLS pivot, stage P"
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+    keep: int | float = 0.25
+    diversity: str = "maxsum"
+    pivot: str = "auto"
+    pivot_layer: int | None = None
+    order: str = "sorted"
+    nominal_tokens: int | None = None
+    seed: int = 0
+    relevance: str = "off"
+    tau: float = 0.10
+    relevance_layer: int | None = None
+    relevance_scan: str = "single"
+    positions: str = "auto"
+
+    def __post_init__(self):
+        self._family: str | None = None
+        self._pivot: str | None = None
+        self._signal: str | None = None
+
+    def parts(self) -> list:
+        """The policies this spec stands for: stage 1, plus ``todre-relevance`` if ``relevance="on"``."""
+        s1 = ToDRE(**{**self.params(), "relevance": "off"})
+        if self.relevance != "on":
+            return [s1]
+        return [s1, ToDRERelevance(tau=self.tau, relevance_layer=self.relevance_layer,
+                                   relevance_scan=self.relevance_scan)]
+
+    def validate(self, family: str, adapter: Any) -> None:
+        super().validate(family, adapter)
+        check_choice(self.name, "diversity", self.diversity, ("maxsum", "kcenter"))
+        check_choice(self.name, "pivot", self.pivot, PIVOTS)
+        check_choice(self.name, "order", self.order, ("sorted", "greedy"))
+        check_choice(self.name, "relevance", self.relevance, ("on", "off"))
+        if self.order == "greedy":
+            raise ValueError(
+                "todre: order='greedy' needs unsorted stage-P selections, which the hook layer does not "
+                "support yet (TokenPolicy.sorted_output); use order='sorted'"
+            )
+        if self.relevance == "on":
+            raise ValueError(
+                "todre: stage 2 is the separate policy 'todre-relevance'; write 'todre + todre-relevance' "
+                "(with relevance='off', the default, here)"
+            )
+        if self.nominal_tokens is not None and (
+                isinstance(self.nominal_tokens, bool) or not isinstance(self.nominal_tokens, int)
+                or self.nominal_tokens < 1):
+            raise ValueError(f"todre: nominal_tokens={self.nominal_tokens!r} must be a positive int")
+        pivot = self.pivot
+        if pivot == "auto":
+            pivot = "cls" if family in LLAVA_FAMILIES else "farthest"
+        signal = None
+        if family in LLAVA_FAMILIES:
+            depth = len(adapter.vit_layers())
+            if pivot in ("cls", "attention"):
+                if pivot == "cls" and not adapter.vit_has_cls():
+                    raise ValueError("todre: pivot='cls' needs a vision tower with a CLS token; use pivot='farthest'")
+                layer = (llava_feature_layer(adapter, self.name, "pivot_layer") if self.pivot_layer is None
+                         else resolve_layer(self.pivot_layer, depth, method=self.name, knob="pivot_layer"))
+                signal = f"{'vit_cls' if pivot == 'cls' else 'vit_received'}@{layer}"
+        else:
+            if pivot == "cls":
+                raise ValueError(
+                    "todre: pivot='cls' needs a CLS token; Qwen vision towers have none "
+                    "(use 'farthest' (default), 'center', 'random' or 'attention')"
+                )
+            if pivot == "attention":
+                depth = len(adapter.vit_blocks())
+                layer = (adapter.full_attention_blocks()[-1] if self.pivot_layer is None
+                         else resolve_layer(self.pivot_layer, depth, method=self.name, knob="pivot_layer"))
+                signal = f"vit_received@{layer}"
+        self._family, self._pivot, self._signal = family, pivot, signal
+
+    def required_signals(self, adapter: Any) -> dict[str, Any]:
+        if self._pivot is None:
+            self.validate(adapter.family, adapter)
+        return {self._signal: None} if self._signal else {}
+
+    def budget(self, image: ImageTokens) -> int:
+        return todre_budget(image.num_candidates, self.keep, nominal_tokens=self.nominal_tokens)
+
+    def _pivot_index(self, image: ImageTokens, cand: Tensor, x: Tensor) -> int:
+        if self._pivot in ("cls", "attention"):
+            s = image.signals[self._signal].float().cpu()[cand]
+            n_base = int((image.view.cpu()[cand] == 0).sum()) if self._family == "llava_next" else None
+            return cls_pivot(s, n_base=n_base or None)
+        if self._pivot == "farthest":
+            return farthest_pivot(x)
+        if self._pivot == "center":
+            return center_pivot(x)
+        key = image.extra.get("index_in_sample", 0)
+        return random_pivot(cand.numel(), seed=(int(self.seed) * 1_000_003 + int(key)) % (2**63 - 1))
+
+    def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
+        cand = image.candidate_index()
+        x = image.features[cand.to(image.features.device)]
+        pivot = self._pivot_index(image, cand, x)
+        chosen = diversity_select(x, n_keep, pivot, self.diversity, "sorted")
+        return cand[chosen.cpu()]
+
+
+#: decoder signal kinds this vtprune version computes (``vtprune.decoder.SIGNAL_KINDS`` once it exists)
+def _decoder_signal_kinds() -> tuple[str, ...]:
+    return tuple(getattr(_decoder, "SIGNAL_KINDS", ("last_row",)))
+
+
+@register
+@dataclass
+class ToDRERelevance(DecoderPolicy):
+    """ToDRE stage 2 (arXiv 2505.18757 v2), stage D: drop **all** visual tokens after layer ``ℓ``
+    when the text no longer attends to them.
+
+    At prefill, with ``A`` the head-mean attention probabilities of decoder layer ``ℓ`` (default
+    ``round(7L/8) - 1``, 0-based; 27 of 32), per sample ``α_t→v`` (share of the rows after the last
+    visual token that falls on visual keys) and ``α_v→t`` (share of the visual rows on those text keys,
+    ``≡ 0`` under causal masking); if both are ``< tau`` (strict), every visual token is removed from
+    the hidden states entering layer ``ℓ + 1`` and later; survivors keep their original positions.
+    ``relevance_scan="from"`` re-checks every later layer until the rule holds.
+
+    Fields: ``tau`` (0.10), ``relevance_layer`` (0-based ``ℓ``; ``None`` = ``round(7L/8) - 1``; it
+    must leave a layer to prune, ``ℓ <= L - 2``), ``relevance_scan`` (``"single"`` | ``"from"``).
+
+    **Needs two hook-layer additions that do not exist yet**, so :meth:`validate` raises a
+    ``ValueError`` until the decoder advertises them (``vtprune.decoder.SIGNAL_KINDS`` containing
+    ``"mean_rows"``): (1) a decoder signal ``"mean_rows"`` = per sample the (L, L) head-mean attention
+    probabilities of the layer under the causal + padding mask, sliced on both axes to the current
+    tokens in :class:`~vtprune.policy.DecoderView` (the decoder supports ``"last_row"`` only); (2) a
+    data-dependent budget (``variable_budget = True``: the decoder takes the count of
+    :meth:`select`, 0 or all, instead of checking it against :meth:`budget`). The selection logic is
+    complete and unit-tested on hand-built views.
+    """
+
+    name: ClassVar[str] = "todre-relevance"
+    description: ClassVar[str] = (
+        "ToDRE stage 2: drop all visual tokens after layer round(7L/8) when the text ignores them, stage D"
+    )
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+    signal_kind: ClassVar[str] = "mean_rows"
+    variable_budget: ClassVar[bool] = True
+
+    tau: float = 0.10
+    relevance_layer: int | None = None
+    relevance_scan: str = "single"
+    layer: int = 0  # set from relevance_layer (first pruned layer = relevance layer + 1)
+    keep: int | float = 1.0  # unused: the budget is all or nothing
+
+    def __post_init__(self):
+        self.last_ratios: dict[int, tuple[float, float]] = {}
+
+    def _relevance_layer(self, num_layers: int) -> int:
+        if self.relevance_layer is None:
+            return relevance_layer_index(num_layers)
+        return resolve_layer(self.relevance_layer, num_layers, method=self.name, knob="relevance_layer")
+
+    def validate(self, family: str, adapter: Any) -> None:
+        if family not in self.families:
+            raise ValueError(
+                f"method {self.name!r} does not support model family {family!r}; "
+                f"supported families: {', '.join(self.families)}"
+            )
+        check_choice(self.name, "relevance_scan", self.relevance_scan, ("single", "from"))
+        if not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"todre-relevance: tau={self.tau!r} must be a number in [0, 1] (paper: 0.10)")
+        n = adapter.num_llm_layers()
+        ell = self._relevance_layer(n)
+        if ell > n - 2:
+            raise ValueError(
+                f"todre-relevance: relevance layer {ell} (0-based) leaves no later layer to prune in this "
+                f"{n}-layer LLM; pass relevance_layer in 0..{n - 2}"
+            )
+        self.layer = ell + 1
+        if self.signal_kind not in _decoder_signal_kinds():
+            raise ValueError(
+                "todre-relevance needs the decoder signal 'mean_rows' (head-mean attention rows of all "
+                "queries) and data-dependent budgets, which this vtprune version does not have yet; "
+                "use 'todre' (stage 1) alone"
+            )
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        ell = self._relevance_layer(num_layers)
+        return list(range(ell + 1, num_layers)) if self.relevance_scan == "from" else [ell + 1]
+
+    def signal_layers(self, num_layers: int) -> dict[int, str]:
+        return {l - 1: self.signal_kind for l in self.prune_layers(num_layers)}
+
+    def budget(self, n_visual: int, layer: int) -> int:
+        return n_visual  # upper bound; the decision is made in select (variable_budget)
+
+    def ratios(self, view: DecoderView, signal_layer: int) -> tuple[Tensor, Tensor]:
+        """``(α_t→v, α_v→t)`` of one sample from the view's ``mean_rows@signal_layer`` matrix."""
+        a = view.signals[f"{self.signal_kind}@{signal_layer}"]
+        vis = torch.nonzero(view.visual).flatten()
+        n = view.visual.numel()
+        if vis.numel() == 0:
+            nan = torch.tensor(float("nan"))
+            return nan, nan
+        first, last = int(vis.min()), int(vis.max())
+        ar = torch.arange(n, device=view.visual.device)
+        sys_idx = ar[:first]
+        txt_idx = ar[last + 1:]
+        other = ar[first:last + 1][~view.visual[first:last + 1]]  # non-visual tokens between images
+        sys_idx = torch.cat([sys_idx, other])
+        return relevance_ratios(a, sys_idx, vis, txt_idx)
+
+    def select(self, layer: int, view: DecoderView, ctx: Context) -> Tensor:
+        vis = torch.nonzero(view.visual).flatten()
+        t2v, v2t = self.ratios(view, layer - 1)
+        self.last_ratios[layer] = (float(t2v), float(v2t))
+        if should_drop_visual(t2v, v2t, self.tau):
+            return vis[:0]
+        return vis

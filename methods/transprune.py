@@ -51,14 +51,37 @@ Reference vs paper vs library (spec section 5):
 14. Ties: reference ``topk`` order unspecified; library lowest index.
 
 Scores are computed in fp32 (float64 stays float64).
+
+Policy (:class:`TransPrune`, registered ``"transprune"``; stage D on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and
+Qwen2.5-VL). Hook-layer signals (``vtprune/decoder.py``): ``attn_io``/``mlp_io`` forward hooks on the
+accumulation layers' ``self_attn`` and ``mlp`` (reduced at once to the (B, L) TTV by
+:meth:`TransPrune.reduce_io`), ``post_visual_rows`` (IGA rows: every prompt row after the last visual
+token, head mean, averaged over the rows, recomputed with the pruning layer's own norm/q/k, GQA keys
+repeated) and ``image_tokens_in`` (n_0 per image). All stay aligned with the shrinking sequence.
+Deviations of the policy from the reference, besides the kernel-level ones above:
+
+* positions: only ``positions="original"`` (the surviving tokens keep their positions, FastV-style;
+  our extension) is implemented. The reference's contiguous renumbering with per-stage decode offsets
+  (:func:`decode_offsets`) needs per-layer rotary tables at decode in the hook layer; **not done**
+  (``positions="renumber"`` raises ``ValueError``).
+* several images per sample: TTV and IGA are normalised over the sample's image pool, the budget is
+  the sum of the per-image quotas ``int(n_0^i * r_s)``, and the top-k is taken inside each image.
+* LLaVA-NeXT: n_0 counts every visual feature of the image, newline tokens included (reference).
+* ``score="ttv"`` (TTV only; the IGA signal is then not computed) and ``score="iga"`` are ablations.
+* Qwen2/2.5-VL (no reference code): same layers and ratios, original M-RoPE positions.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vtprune.policy import Context, DecoderPolicy, DecoderView, Policy
+from vtprune.registry import register
 
 __all__ = [
     "HIGH_RATIOS",
@@ -69,6 +92,7 @@ __all__ = [
     "transprune_select",
     "keep_gather_index",
     "decode_offsets",
+    "TransPrune",
 ]
 
 #: The released "High" schedule (relative to n_0; the loader prepends 1.0).
@@ -242,3 +266,179 @@ def decode_offsets(
         s = sum(1 for p in prune_layers if layer1 > p)
         out.append(-(counts[0] - counts[s]))
     return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------ policy
+class LayerTuple(tuple):
+    """1-based pruning layers that double as the ``DecoderPolicy.prune_layers(num_layers)`` hook.
+
+    The spec's field name ``prune_layers`` collides with the base-class method; the field value is
+    this tuple, and calling it returns the 0-based indices of the layers whose *input* is pruned,
+    which are the 1-based numbers themselves (prune after 1-based layer p = before 0-based layer p).
+    """
+
+    def __call__(self, num_layers: int) -> list[int]:
+        return list(self)
+
+
+def _int_tuple(value, what: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in _tuple(value, what))
+
+
+def _tuple(value, what: str) -> tuple:
+    """Accept a tuple/list, a single number, or a spec-string form ``"7/9/12"`` (also ``;``)."""
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[/;\s]+", value.strip()) if p]
+        try:
+            return tuple(float(p) if any(c in p for c in ".eE") else int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"transprune: {what}={value!r}; use numbers separated by '/' (e.g. 7/9/12)") from None
+    if isinstance(value, (int, float)):
+        return (value,)
+    return tuple(value)
+
+
+@register
+@dataclass
+class TransPrune(DecoderPolicy):
+    """TransPrune (Li, Duan et al., arXiv 2507.20630): stage D, progressive token-transition pruning.
+
+    After each 1-based layer ``p_s`` of ``prune_layers`` (default 7, 9, 12) the image tokens are cut to
+    ``n_{s+1} = int(n_0 * keep_ratios[s])`` (relative to the image's count at the LLM input n_0; default
+    "High" 0.875/0.625/0.125: 576 -> 504 -> 360 -> 72), ranked by ``alpha * TTV + (1 - alpha) * IGA``
+    (each normalised to sum 1 over the current image tokens):
+
+    * TTV: token transition variation of the attention and FFN modules, summed over the accumulation
+      layers ``accum_layers`` (1-based, default ``p_0 .. p_last`` = 7..12) up to ``p_s``;
+    * IGA: the attention from the instruction rows (all prompt tokens after the image, chat tail
+      included) to the image tokens, computed with layer ``p_s + 1``'s norm/q/k.
+
+    Fields: ``prune_layers``, ``keep_ratios``, ``accum_layers`` (tuples; spec strings use ``7/9/12``),
+    ``alpha`` (0.5), ``score`` (``"ttv+iga"``; ``"ttv"`` = TTV-only mode, ``"iga"``), ``ttv_direction``
+    (``"signed"`` reference / ``"abs"`` paper), ``ttv_norm_scope`` (``"sequence"`` / ``"image"`` /
+    ``"batch"``), ``positions`` (only ``"original"``). The inherited ``layer``/``keep`` are unused and
+    must stay None. Tiny LLMs need explicit layers, e.g. ``prune_layers=(1, 2, 3)``.
+
+    Deviations from the reference (details in the module docstring): original positions instead of
+    contiguous renumbering (renumbering + decode offsets not implemented); per-sample TTV
+    normalisation (= reference at batch size 1); GQA keys repeated in IGA; per-layer masks (eager
+    works); all images of a sample (per-image quotas); ties by the lowest index; TTV computed only at
+    prefill and only in the accumulation layers.
+    """
+
+    name: ClassVar[str] = "transprune"
+    description: ClassVar[str] = (
+        "TransPrune: progressive in-LLM pruning by token transition variation + instruction attention"
+    )
+    layer: int | None = None
+    keep: int | float | None = None
+    prune_layers: tuple[int, ...] = LayerTuple((7, 9, 12))
+    keep_ratios: tuple[float, ...] = HIGH_RATIOS
+    accum_layers: tuple[int, ...] | None = None
+    alpha: float = 0.5
+    score: str = "ttv+iga"
+    ttv_direction: str = "signed"
+    ttv_norm_scope: str = "sequence"
+    positions: str = "original"
+
+    def __post_init__(self):
+        self.prune_layers = LayerTuple(_int_tuple(self.prune_layers, "prune_layers"))
+        self.keep_ratios = tuple(float(r) for r in _tuple(self.keep_ratios, "keep_ratios"))
+        if self.accum_layers is not None:
+            self.accum_layers = _int_tuple(self.accum_layers, "accum_layers")
+
+    # ---------------------------------------------------------------- configuration
+    def validate(self, family: str, adapter: Any) -> None:
+        Policy.validate(self, family, adapter)
+        if self.layer is not None or self.keep is not None:
+            raise ValueError("transprune: use prune_layers (1-based) and keep_ratios instead of layer/keep")
+        n = adapter.num_llm_layers()
+        pl = self.prune_layers
+        if not pl or list(pl) != sorted(set(pl)):
+            raise ValueError(f"transprune: prune_layers={pl} must be strictly increasing 1-based layers")
+        if pl[0] < 1 or pl[-1] > n - 1:
+            raise ValueError(
+                f"transprune: prune_layers={pl} must lie in 1..{n - 1} for this {n}-layer LLM "
+                "(1-based: prune after that layer); the default (7, 9, 12) needs >= 13 layers"
+            )
+        if len(self.keep_ratios) != len(pl):
+            raise ValueError(f"transprune: keep_ratios={self.keep_ratios} needs one ratio per prune layer {pl}")
+        if not all(0.0 < r <= 1.0 for r in self.keep_ratios):
+            raise ValueError(f"transprune: keep_ratios={self.keep_ratios} must lie in (0, 1] (relative to n_0)")
+        if any(a < 1 or a > n for a in self._accum()):
+            raise ValueError(f"transprune: accum_layers={self._accum()} must lie in 1..{n} (1-based)")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"transprune: alpha={self.alpha} must lie in [0, 1]")
+        for field_name, value, choices in (
+            ("score", self.score, ("ttv+iga", "ttv", "iga")),
+            ("ttv_direction", self.ttv_direction, ("signed", "abs")),
+            ("ttv_norm_scope", self.ttv_norm_scope, ("sequence", "image", "batch")),
+        ):
+            if value not in choices:
+                raise ValueError(f"transprune: {field_name}={value!r}; choose one of {choices}")
+        if self.positions == "renumber":
+            raise ValueError(
+                "transprune: positions='renumber' (the reference's contiguous renumbering with per-stage "
+                "decode offsets) is not implemented; use positions='original'"
+            )
+        if self.positions not in ("original", "auto"):
+            raise ValueError(f"transprune: positions={self.positions!r}; only 'original' is supported")
+
+    def _accum(self) -> tuple[int, ...]:
+        if self.accum_layers is not None:
+            return self.accum_layers
+        return tuple(range(self.prune_layers[0], self.prune_layers[-1] + 1))
+
+    def signal_layers(self, num_layers: int) -> dict[int, tuple[str, ...]]:
+        kinds: dict[int, list[str]] = {0: ["image_tokens_in"]}
+        if self.score != "iga":
+            for a in self._accum():
+                kinds.setdefault(a - 1, []).extend(["attn_io", "mlp_io"])
+        if self.score != "ttv":
+            for p in self.prune_layers:
+                kinds.setdefault(p, []).append("post_visual_rows")
+        return {l: tuple(k) for l, k in kinds.items()}
+
+    def reduce_io(self, layer: int, kind: str, x_in: Tensor, x_out: Tensor, key_mask: Tensor, visual: Tensor) -> Tensor:
+        """TTV of one module (attention or FFN) at prefill: (B, L) fp32."""
+        return ttv(x_in, x_out, valid_mask=key_mask, direction=self.ttv_direction,
+                   norm_scope=self.ttv_norm_scope, image_span=visual)
+
+    # ---------------------------------------------------------------- selection
+    def _stage(self, layer: int) -> int:
+        return list(self.prune_layers).index(layer)
+
+    def _images(self, view: DecoderView, layer: int) -> tuple[Tensor, list[tuple[Tensor, int]]]:
+        """Current visual positions and, per image, (positions into ``vis``, quota ``n_{s+1}``)."""
+        ratio = self.keep_ratios[self._stage(layer)]
+        vis = torch.nonzero(view.visual).flatten()
+        ids = view.image_id[vis]
+        n0 = view.signals["image_tokens_in@0"][vis]
+        out = []
+        for k in torch.unique(ids).tolist():
+            members = torch.nonzero(ids == k).flatten()
+            quota = stage_counts(int(n0[members[0]]), (ratio,))[1]
+            out.append((members, min(quota, members.numel())))
+        return vis, out
+
+    def budget_view(self, view: DecoderView, layer: int) -> int:
+        """Sum of the per-image quotas ``int(n_0^i * r_s)`` (capped at the tokens still present)."""
+        return sum(q for _, q in self._images(view, layer)[1])
+
+    def select(self, layer: int, view: DecoderView, ctx: Context) -> Tensor:
+        vis, images = self._images(view, layer)
+        zeros = torch.zeros(vis.numel(), dtype=torch.float32, device=vis.device)
+        t_acc, iga_img = zeros, zeros
+        if self.score != "iga":
+            for a in self._accum():
+                if a - 1 < layer:  # 1-based a <= p_s
+                    t_acc = t_acc + (view.signals[f"attn_io@{a - 1}"] + view.signals[f"mlp_io@{a - 1}"])[vis].float()
+        if self.score != "ttv":
+            iga_img = view.signals[f"post_visual_rows@{layer}"][vis].float()
+        alpha = {"ttv+iga": self.alpha, "ttv": 1.0, "iga": 0.0}[self.score]
+        score = transprune_scores(t_acc[None], iga_img[None], alpha)[0]
+        kept = []
+        for members, quota in images:
+            order = torch.argsort(score[members], descending=True, stable=True)[:quota]
+            kept.append(members[order])
+        return torch.sort(vis[torch.cat(kept)]).values

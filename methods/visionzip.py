@@ -17,8 +17,8 @@ Method (per view, LLaVA / CLIP ViT-L/14-336, feature layer 22 with its CLS token
 * The LLM receives ``[dominant (d)] ++ [ctx_1 .. ctx_c]`` after the projector. Text-agnostic, once
   per image at prefill; positions contiguous on LLaVA.
 
-This module holds only the pure tensor kernels; the dataclass policy and the wiring (CLS-row and key
-recompute, NeXT block layouts, positions, batching) are added later.
+The module holds the pure tensor kernels and, at the end, the registered policy :class:`VisionZip`
+(``"visionzip"``, a stage-P merge policy); its docstring lists the wiring choices and deviations.
 
 Reference code vs paper, and the defaults here (spec section 5):
 
@@ -52,10 +52,16 @@ that dtype and returned in the dtype of ``hidden``.
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor
+
+from vtprune.policy import Context, ImageTokens, MergePolicy, check_keep_value, resolve_budget
+from vtprune.registry import register
+
+from ._common import LLAVA_FAMILIES, check_choice, llava_feature_layer, resolve_layer, view_grids
 
 __all__ = [
     "dominant_select",
@@ -307,3 +313,227 @@ def visionzip_qwen(
     tokens = torch.cat([features[dom], ctx], dim=0)
     order = torch.argsort(reps)
     return tokens[order], reps[order]
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy
+# --------------------------------------------------------------------------------------------------
+#: default budgets: LLaVA tokens per view (54 + 10, the README example), Qwen fraction (about 64/576)
+VISIONZIP_DEFAULT_KEEP = {"llava": 64, "llava_next": 64, "qwen2_vl": 0.112, "qwen2_5_vl": 0.112}
+
+
+def llava_split(n_keep: int) -> tuple[int, int]:
+    """LLaVA dominant/contextual split of ``N'`` tokens per view: ``d = round(27/32 N')`` (CLS counted
+    in ``d``), ``c = N' - d``. Reproduces every published split: 64 -> 54+10, 128 -> 108+20,
+    192 -> 162+30, and the NeXT per-view reading 32 -> 27+5."""
+    d = int(round(n_keep * 27 / 32))
+    return d, int(n_keep) - d
+
+
+@register
+@dataclass
+class VisionZip(MergePolicy):
+    """VisionZip (Yang et al., CVPR 2025, arXiv 2412.04467), stage P: dominant + contextual tokens.
+
+    Budget **per view** (as the reference applies the same (d, c) to every view):
+        dominant, contextual: ``d`` (LLaVA: CLS counted in ``d``) and ``c``; give both, or neither.
+        keep: tokens per view ``N' = d + c`` when dominant/contextual are not given; an int count or a
+            float fraction of the view's tokens. Split: LLaVA ``d = round(27/32 N')`` (54+10, 108+20,
+            162+30 as published), Qwen ``d = round(0.84 N')``. ``None`` = LLaVA 64 per view (54+10),
+            Qwen 0.112.
+        contextual_mode: ``"reference"`` (``target + mean(group)``) | ``"mean"``.
+        layer: 0-based vision layer of the signals. ``None`` = LLaVA: the layer whose output LLaVA
+            uses (22 of 24); Qwen: the last full-attention block.
+        next_layout: ``"native"`` only (``"reference"``: ``ValueError``, needs adapter support).
+        positions: ``"auto"`` only on LLaVA (contiguous, the reference); Qwen: original M-RoPE
+            positions of each token's representative.
+
+    LLaVA wiring: the dominant tokens are chosen from the CLS row of layer ``l`` (signal
+    ``vit_cls@l``, head **mean** instead of the reference's sum: same ranking), the contextual groups
+    from its head-mean keys (``vit_keys@l``); both blocks are formed from the layer output **with the
+    CLS token** (``vit_hidden@l``) and projected with the model's own projector (signal
+    ``projector``, a function the adapter provides). So the CLS token reaches the LLM, as in the
+    reference, although HF LLaVA drops it: the merged tokens are a new sequence that is written into
+    the image's first ``d + c`` placeholder slots in the reference order ``[CLS, dominant patches
+    (raster), contextual (target order)]``, and positions are renumbered. Consequences: at most 576
+    tokens per view on HF LLaVA (one less than the reference's 577, since HF has one placeholder per
+    patch); ``positions="original"`` is refused on LLaVA (the tokens have no source positions).
+
+    LLaVA-NeXT (native layout; our extension): every view (base + crops) gets the same ``(d, c)``;
+    crop patches in the unpadding margin are neither dominant candidates nor contextual sources. Order:
+    base block (CLS, dominant, contextual), then the crops' CLS tokens (crop order) and the crops'
+    contextual tokens (crop order, target order) -- both in free base-view slots --, then the crop
+    grid with the crops' dominant patches in unpadded raster order and all row newlines. Deviation
+    from the spec's native order (crop CLS and contextual tokens after the crop grid): the base class
+    keeps newline tokens at their native slots and the crop grid ends with a newline, so nothing can
+    be placed after it. ``ValueError`` if the base view lacks the slots
+    (``d + c + crops * (c + 1) > 576``).
+
+    Qwen2-VL / Qwen2.5-VL (our extension, spec section 6): dominant = top ``d`` merged tokens by the
+    attention received in the scoring block (``vit_received@B``); contextual metric = normalised merger
+    outputs; tokens at their representatives (contextual: the target), original M-RoPE positions.
+
+    Deviations / bug fixes (spec section 5): per-model hooks and one recomputed CLS row (items 6-7);
+    ``d + c`` beyond the tokens raises ``ValueError`` (item 8); ties by the lowest index / first target.
+    """
+
+    name: ClassVar[str] = "visionzip"
+    description: ClassVar[str] = "VisionZip: CLS-attended dominant tokens + merged contextual tokens, stage P"
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+    keep: int | float | None = None
+    dominant: int | None = None
+    contextual: int | None = None
+    contextual_mode: str = "reference"
+    layer: int | None = None
+    next_layout: str = "native"
+    positions: str = "auto"
+
+    def __post_init__(self):
+        self._family: str | None = None
+        self._signal_names: dict[str, str] = {}
+
+    # ------------------------------------------------------------ validation and signals
+    def validate(self, family: str, adapter: Any) -> None:
+        if family not in self.families:
+            raise ValueError(
+                f"method {self.name!r} does not support model family {family!r}; "
+                f"supported families: {', '.join(self.families)}"
+            )
+        check_choice(self.name, "contextual_mode", self.contextual_mode, ("reference", "mean"))
+        check_choice(self.name, "next_layout", self.next_layout, ("native", "reference"))
+        check_choice(self.name, "positions", self.positions, ("auto", "original", "renumber"))
+        if self.next_layout == "reference":
+            raise ValueError(
+                "visionzip: next_layout='reference' (no unpadding, no newlines) needs adapter support that "
+                "vtprune does not have yet; use next_layout='native'"
+            )
+        if (self.dominant is None) != (self.contextual is None):
+            raise ValueError("visionzip: give both dominant= and contextual= (per view), or neither and keep=")
+        if self.dominant is not None:
+            for knob, v, lo in (("dominant", self.dominant, 1), ("contextual", self.contextual, 0)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                    raise ValueError(f"visionzip: {knob}={v!r} must be an int >= {lo}")
+            if self.keep is not None and self.keep != self.dominant + self.contextual:
+                raise ValueError(
+                    f"visionzip: keep={self.keep} disagrees with dominant + contextual = "
+                    f"{self.dominant + self.contextual}; give either keep or dominant/contextual"
+                )
+        else:
+            check_keep_value(self._keep_for(family))
+        if family in LLAVA_FAMILIES:
+            if not adapter.vit_has_cls() or adapter.feature_offset() != 1:
+                raise ValueError(
+                    "visionzip needs a vision tower with a CLS token and vision_feature_select_strategy="
+                    "'default' (CLIP); this model has neither a CLS token nor one dropped by the strategy"
+                )
+            if self.positions == "original":
+                raise ValueError(
+                    "visionzip: positions='original' is not defined on LLaVA (the CLS, dominant and contextual "
+                    "tokens form a new sequence); use positions='auto' (contiguous, the reference)"
+                )
+            n = adapter.nominal_visual_tokens()
+            if n is not None:
+                d, c = self._split_for(family, n)
+                if d + c > n:
+                    raise ValueError(
+                        f"visionzip: d + c = {d + c} tokens per view do not fit the {n} image placeholders of "
+                        f"this model (CLS included in d); use at most {n}"
+                    )
+            depth = len(adapter.vit_layers())
+            if self.layer is None:
+                layer = llava_feature_layer(adapter, self.name, "layer")
+            else:
+                layer = resolve_layer(self.layer, depth, method=self.name, knob="layer")
+            self._signal_names = {
+                "cls": f"vit_cls@{layer}", "keys": f"vit_keys@{layer}", "hidden": f"vit_hidden@{layer}",
+                "projector": "projector",
+            }
+        else:
+            depth = len(adapter.vit_blocks())
+            if self.layer is None:
+                layer = adapter.full_attention_blocks()[-1]
+            else:
+                layer = resolve_layer(self.layer, depth, method=self.name, knob="layer")
+            self._signal_names = {"score": f"vit_received@{layer}"}
+        self._family = family
+
+    def required_signals(self, adapter: Any) -> dict[str, Any]:
+        if not self._signal_names:
+            self.validate(adapter.family, adapter)
+        return {name: None for name in self._signal_names.values()}
+
+    def _keep_for(self, family: str) -> int | float:
+        return VISIONZIP_DEFAULT_KEEP[family] if self.keep is None else self.keep
+
+    def _split_for(self, family: str, n_view: int) -> tuple[int, int]:
+        """(d, c) of a view with ``n_view`` candidate patches / merged tokens."""
+        if self.dominant is not None:
+            return int(self.dominant), int(self.contextual)
+        n_keep = resolve_budget(self._keep_for(family), n_view)
+        return llava_split(n_keep) if family in LLAVA_FAMILIES else qwen_split(n_keep)
+
+    # ------------------------------------------------------------ budget and merge
+    def budget(self, image: ImageTokens) -> int:
+        return sum(sum(self._split_for(self._family, g.index.numel()))
+                   for g in view_grids(image, self._family, method=self.name))
+
+    def merge(self, image: ImageTokens, n_keep: int, ctx: Context) -> tuple[Tensor, Tensor]:
+        if self._family in LLAVA_FAMILIES:
+            return self._merge_llava(image)
+        return self._merge_qwen(image)
+
+    def _merge_qwen(self, image: ImageTokens) -> tuple[Tensor, Tensor]:
+        scores = image.signals[self._signal_names["score"]]
+        feats, reps = [], []
+        for g in view_grids(image, self._family, method=self.name):
+            d, c = self._split_for(self._family, g.index.numel())
+            tokens, rep = visionzip_qwen(
+                image.features[g.index.to(image.features.device)], scores[g.index.to(scores.device)].float(),
+                d, c, self.contextual_mode)
+            feats.append(tokens)
+            reps.append(g.index[rep.cpu()])
+        return torch.cat(feats), torch.cat(reps)
+
+    def _merge_llava(self, image: ImageTokens) -> tuple[Tensor, Tensor]:
+        names = self._signal_names
+        project = image.signals[names["projector"]]
+        hidden = image.signals[names["hidden"]]
+        keys = image.signals[names["keys"]]
+        if hidden.dim() == 2:  # LLaVA-1.5: one view
+            hidden, keys = hidden[None], keys[None]
+        cls_tok = image.signals[names["cls"]].float()
+        grids = view_grids(image, self._family, method=self.name)
+        if len(grids) != hidden.shape[0] or any(g.size + 1 != hidden.shape[1] for g in grids):
+            raise ValueError(
+                "visionzip needs every view's full patch grid plus its CLS token from the encoder; it cannot "
+                "follow a stage-V policy that changes the encoder tokens"
+            )
+        head, head_feats = [], []  # the block written into the base view's first slots, in order
+        crop_dom_rep, crop_dom_feat = [], []
+        crop_cls, crop_ctx = [], []
+        for g in grids:
+            d, c = self._split_for(self._family, g.index.numel())
+            valid = g.valid()
+            s = g.scatter(cls_tok[g.index.to(cls_tok.device)].cpu()).to(hidden.device)
+            tokens, dom = visionzip_tokens(
+                hidden[g.view], s, keys[g.view], d, c, self.contextual_mode,
+                patch_valid=None if bool(valid.all()) else valid.to(hidden.device))
+            if g.view == 0:
+                head_feats.append(tokens)
+            else:
+                crop_cls.append(tokens[:1])
+                crop_ctx.append(tokens[d:])
+                crop_dom_feat.append(tokens[1:d])
+                crop_dom_rep.append(g.tokens_of(dom[1:].cpu() - 1))
+        block = torch.cat(head_feats + crop_cls + crop_ctx)
+        base = grids[0]
+        if block.shape[0] > base.index.numel():
+            raise ValueError(
+                f"visionzip: the base view has {base.index.numel()} slots but the base block, the crop CLS "
+                f"tokens and the crop contextual tokens need {block.shape[0]}; lower dominant/contextual"
+            )
+        head_rep = base.index[: block.shape[0]]
+        reps = torch.cat([head_rep] + crop_dom_rep)
+        feats = project(torch.cat([block] + crop_dom_feat))
+        return feats, reps

@@ -17,6 +17,8 @@ from .policy import (
 from .registry import methods, parse_spec, register
 from .schedule import TokenSchedule
 
+from . import methods  # noqa: E402,F811  (the callable subpackage; vtprune.methods() lists methods)
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -24,6 +24,11 @@ from .policy import Context, DecoderPolicy, ImageTokens, MergePolicy, Policy, To
 from .schedule import TokenSchedule
 
 _ACTIVE_ATTR = "_vtprune_patch"
+_NO_PREENCODE_ATTR = "_supports_mm_encoder_outputs"
+
+
+def _no_pre_encoding() -> bool:
+    return False
 
 
 @dataclass
@@ -36,6 +41,8 @@ class PatchStats:
     visual_tokens_per_image: list[int] = field(default_factory=list)
     visual_tokens_in_per_image: list[int] = field(default_factory=list)
     vision_tokens_per_layer: list[list[int]] = field(default_factory=list)
+    kept_index_per_image: list[Tensor] = field(default_factory=list)
+    llm_kept_index: Tensor | None = None
 
     @property
     def llm_tokens_per_layer(self) -> list[list[int]]:
@@ -120,6 +127,11 @@ class Patch:
         self._decoder.state = self._state
         self._decoder.install()
         object.__setattr__(self.model, _ACTIVE_ATTR, self)
+        # transformers >= 5 pre-encodes images in generate() and hands the forward only the features;
+        # vtprune must see the pixels (it encodes them itself, with signals), so while patched the
+        # model reports that it does not take pre-encoded features. Removed by remove().
+        if hasattr(self.model, "_supports_mm_encoder_outputs"):
+            object.__setattr__(self.model, _NO_PREENCODE_ATTR, _no_pre_encoding)
 
     def remove(self) -> None:
         """Remove every hook and attribute; the model is then identical to a never-patched one."""
@@ -131,6 +143,8 @@ class Patch:
             self._decoder = None
         if getattr(self.model, _ACTIVE_ATTR, None) is self:
             object.__delattr__(self.model, _ACTIVE_ATTR)
+            if self.model.__dict__.get(_NO_PREENCODE_ATTR) is _no_pre_encoding:
+                object.__delattr__(self.model, _NO_PREENCODE_ATTR)
         self._state.reset()
 
     @property
@@ -149,7 +163,7 @@ class Patch:
 
     def _context(self) -> Context:
         g = torch.Generator().manual_seed(self.seed)
-        return Context(family=self.adapter.family, generator=g)
+        return Context(family=self.adapter.family, generator=g, seed=self.seed)
 
     # ---------------------------------------------------------------- the model-level hook
     def _model_pre_hook(self, module, args, kwargs):
@@ -164,6 +178,12 @@ class Patch:
         if past == 0:
             st.reset()
             if not self.adapter.has_images(kwargs):
+                mm = kwargs.get("mm_encoder_outputs") or {}
+                if mm.get("image") is not None:
+                    raise ValueError(
+                        "a vtprune-patched model needs the raw image inputs (pixel_values), not pre-encoded "
+                        "`mm_encoder_outputs`: pass the processor output to the model / generate()"
+                    )
                 return args, kwargs
             kwargs = self._prefill(kwargs)
             st.phase = "prefill"
@@ -197,6 +217,10 @@ class Patch:
             raise ValueError("vtprune needs a 2-D attention_mask (batch, sequence) at prefill")
         pos_full = ad.full_positions(kwargs, ids, mask_in)
         ctx = self._context()
+        n_nom = ad.nominal_visual_tokens()
+        if n_nom:  # image index within its sample, for per-view seeding of stage-V policies
+            counts = ((ids == ad.image_token_id) & mask.bool()).sum(1) // n_nom
+            ctx.extra["view_keys"] = [k for c in counts.tolist() for k in range(c)]
 
         t0 = time.perf_counter()
         images, vision_sched = ad.encode(kwargs, self._signals, self.vision_policies, ctx)
@@ -204,18 +228,26 @@ class Patch:
         spans = self._image_spans(ids, mask, images)
         kept_cols: list[list[Tensor]] = [[] for _ in range(b)]
         features: list[Tensor] = []
-        n_out, n_in = [], []
+        n_out, n_in, kept_idx = [], [], []
+        per_sample = [0] * b
         for img, (sample, cols) in zip(images, spans):
             img.sample_index = sample
+            img.extra["index_in_sample"] = per_sample[sample]
+            per_sample[sample] += 1
             order = torch.arange(img.num_tokens)
             cur = img
             for p in self.token_policies:
                 o, feats = p.apply(cur, ctx)
                 cur = _subset(cur, o, feats)
                 order = order[o]
-            kept_cols[sample].append(cols[order.to(cols.device)])
-            features.append(cur.features)
-            n_in.append(img.num_tokens)
+            slot = img.extra.get("placeholder_index")  # stage V: which placeholder each token fills
+            slot = order if slot is None else slot[order]
+            img_cols = cols[slot.to(cols.device)]
+            perm = torch.argsort(img_cols)
+            kept_cols[sample].append(img_cols[perm])
+            features.append(cur.features[perm.to(cur.features.device)])
+            kept_idx.append(order[perm.cpu()])
+            n_in.append(int(cols.numel()))
             n_out.append(cur.num_tokens)
         t2 = time.perf_counter()
 
@@ -291,6 +323,7 @@ class Patch:
             vision_ms=(t1 - t0) * 1e3,
             visual_tokens_per_image=n_out,
             visual_tokens_in_per_image=n_in,
+            kept_index_per_image=kept_idx,
         )
         self._vision_sched = vision_sched
         self._spans_samples = [s for s, _ in spans]
@@ -301,7 +334,7 @@ class Patch:
         if len(modes) > 1:
             raise ValueError(f"composed policies disagree on positions: {sorted(modes)}")
         mode = modes.pop() if modes else self.adapter.default_positions
-        if not self.token_policies:
+        if not self.token_policies and not self.vision_policies:
             mode = "original"  # nothing shortened before the LLM
         return mode
 
@@ -315,7 +348,7 @@ class Patch:
             while start < cols.numel():
                 if k >= len(images):
                     raise ValueError("more image placeholder tokens than image features; check the processor output")
-                n = images[k].num_tokens
+                n = images[k].extra.get("n_placeholders", images[k].num_tokens)
                 if start + n > cols.numel():
                     raise ValueError(
                         f"image {k} has {n} features but sample {i} has only {cols.numel() - start} "
@@ -351,6 +384,9 @@ class Patch:
                 )
             )
         self.stats.schedules = scheds
+        if st.cur_index is not None:
+            # (B, L_last) indices into the LLM input of the tokens in the last layers, -1 on padding
+            self.stats.llm_kept_index = st.cur_index.masked_fill(~st.cur_keymask, -1).cpu()
         self.stats.vision_tokens_per_layer = self._vision_sched
 
     # ---------------------------------------------------------------- decode

@@ -11,6 +11,26 @@ At decode, the layers whose cache was shortened get a mask over their own cache 
 prefill key mask + the new tokens); layers before the first pruning layer are untouched.
 The model's own positions for new tokens (from the layer-0 cache / generate's position ids) are the
 unpruned numbering, which is what "original positions" means.
+
+Signal kinds (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tuple of kinds):
+
+* ``"last_row"``: head-mean attention row of the last prompt token (pre-hook of the layer), indexed on
+  the current sequence.
+* The *aligned* kinds below are stored in LLM-input coordinates and gathered at each token's LLM-input
+  index when a policy selects, so they stay aligned across earlier prunes (the view always gets the
+  values of its own tokens):
+
+  - ``"post_visual_rows"``: head-mean attention probabilities of the layer (recomputed from its own
+    norm/q/k, fp32) of every prompt row after the sample's last visual token, averaged over those
+    rows (zeros when there is none);
+  - ``"image_tokens_in"``: for a visual token, the number of visual tokens its image has at the LLM
+    input (0 for text);
+  - ``"attn_io"`` / ``"mlp_io"``: a forward hook on the layer's ``self_attn`` / ``mlp`` (prefill only)
+    passes the module input and output to the requesting policy's ``reduce_io(layer, kind, x_in,
+    x_out, key_mask, visual) -> (B, L)``; only that reduction is kept, never the hidden tensors.
+
+A policy may define ``budget_view(view, layer) -> int`` to compute its budget from the whole view
+(e.g. per-image quotas); otherwise ``budget(n_visual, layer)`` is used.
 """
 from __future__ import annotations
 
@@ -21,6 +41,10 @@ from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
 from .policy import DecoderPolicy, DecoderView
+
+IO_KINDS = ("attn_io", "mlp_io")
+ALIGNED_KINDS = IO_KINDS + ("post_visual_rows", "image_tokens_in")
+_IO_MODULES = {"attn_io": "self_attn", "mlp_io": "mlp"}
 
 
 def build_mask(config, key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Any:
@@ -79,20 +103,38 @@ class DecoderController:
         n = adapter.num_llm_layers()
         self.prune_at: dict[int, list[DecoderPolicy]] = {}
         self.signal_at: dict[int, list[tuple[DecoderPolicy, str]]] = {}
+        self.io_at: dict[tuple[int, str], DecoderPolicy] = {}
         for p in policies:
             for l in p.prune_layers(n):
                 self.prune_at.setdefault(l, []).append(p)
-            for l, kind in p.signal_layers(n).items():
-                self.signal_at.setdefault(l, []).append((p, kind))
+            for l, kinds in p.signal_layers(n).items():
+                for kind in (kinds,) if isinstance(kinds, str) else kinds:
+                    if kind in IO_KINDS:
+                        other = self.io_at.setdefault((l, kind), p)
+                        if other is not p:
+                            raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
+                    else:
+                        self.signal_at.setdefault(l, []).append((p, kind))
         self.first_prune = min(self.prune_at) if self.prune_at else None
         self.handles = []
         self.state = None
 
     def install(self) -> None:
-        for i, layer in enumerate(self.adapter.llm_layers()):
+        layers = self.adapter.llm_layers()
+        for i, layer in enumerate(layers):
             self.handles.append(
                 layer.register_forward_pre_hook(lambda m, a, k, i=i: self._pre(i, a, k), with_kwargs=True)
             )
+        for (i, kind) in self.io_at:
+            module = getattr(layers[i], _IO_MODULES[kind])
+            self.handles.append(
+                module.register_forward_hook(
+                    lambda m, a, k, out, i=i, kind=kind: self._io(i, kind, a, k, out), with_kwargs=True
+                )
+            )
+        install_hooks = getattr(self.adapter, "install_hooks", None)  # adapters of plain ViTs (clip_vit)
+        if install_hooks is not None:
+            self.handles.extend(install_hooks())
 
     def remove(self) -> None:
         for h in self.handles:
@@ -164,7 +206,61 @@ class DecoderController:
     def _current_keymask(self, st) -> Tensor:
         return st.cur_keymask if st.cur_index is not None else st.mask.bool()
 
+    def _current_visual(self, st) -> Tensor:
+        if st.cur_index is None:
+            return st.visual & st.mask.bool()
+        return torch.gather(st.visual, 1, st.cur_index) & st.cur_keymask
+
+    def _to_input_coords(self, values: Tensor, st) -> Tensor:
+        """(B, L_cur) values on the current sequence -> (B, L_in) at the LLM-input positions (0 elsewhere)."""
+        if st.cur_index is None:
+            return values
+        b = values.shape[0]
+        out = values.new_zeros((b, st.full_len + 1))
+        idx = torch.where(st.cur_keymask, st.cur_index, st.full_len)  # padding -> a dummy column
+        out.scatter_(1, idx, values)
+        return out[:, :-1]
+
+    def _io(self, layer: int, kind: str, args: tuple, kwargs: dict, output):
+        """Forward hook of ``self_attn``/``mlp``: reduce (input, output) with the policy, at prefill."""
+        st = self.state
+        if st is None or st.phase != "prefill":
+            return None
+        x_in = args[0] if args else kwargs["hidden_states"]
+        x_out = output[0] if isinstance(output, tuple) else output
+        p = self.io_at[(layer, kind)]
+        val = p.reduce_io(layer, kind, x_in, x_out, self._current_keymask(st), self._current_visual(st))
+        st.signals[(layer, kind)] = self._to_input_coords(val, st)
+        return None
+
+    def _post_visual_rows(self, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
+        keymask = self._current_keymask(st)
+        visual = self._current_visual(st)
+        b, n = keymask.shape
+        ar = torch.arange(n, device=keymask.device)
+        last_vis = torch.where(visual, ar, -1).amax(-1)
+        rows_mask = keymask & (ar[None] > last_vis[:, None])
+        r = max(int(rows_mask.sum(-1).max()), 1)
+        rows = torch.argsort(torch.where(rows_mask, ar, n + ar), dim=-1)[:, :r]  # row positions first
+        row_ok = torch.gather(rows_mask, 1, rows).float()
+        probs = self.adapter.llm_attention_rows(layer, hidden, kwargs["position_embeddings"], rows, keymask)
+        head_mean = probs.mean(1)  # (B, R, n)
+        out = (head_mean * row_ok[..., None]).sum(1) / row_ok.sum(1).clamp(min=1.0)[:, None]
+        return self._to_input_coords(out, st)
+
+    def _image_tokens_in(self, st) -> Tensor:
+        vis, iid = st.visual & st.mask.bool(), st.image_id
+        out = torch.zeros(vis.shape, dtype=torch.float32, device=vis.device)
+        for k in range(int(iid.max()) + 1 if iid.numel() else 0):
+            member = vis & (iid == k)
+            out = torch.where(member, member.sum(-1, keepdim=True).float(), out)
+        return out
+
     def _signal(self, layer: int, kind: str, hidden: Tensor, kwargs: dict, st) -> Tensor:
+        if kind == "post_visual_rows":
+            return self._post_visual_rows(layer, hidden, kwargs, st)
+        if kind == "image_tokens_in":
+            return self._image_tokens_in(st)
         if kind != "last_row":
             raise ValueError(f"unknown decoder signal {kind!r}")
         keymask = self._current_keymask(st)
@@ -191,7 +287,10 @@ class DecoderController:
                 m = int(vis_alive.sum())
                 if m == 0:
                     continue
-                signals = {f"{kind}@{l}": st.signals[(l, kind)][i, valid[alive]] for (l, kind) in st.signals}
+                signals = {
+                    f"{kind}@{l}": t[i, orig[alive]] if kind in ALIGNED_KINDS else t[i, valid[alive]]
+                    for (l, kind), t in st.signals.items()
+                }
                 view = DecoderView(
                     hidden=hidden[i, valid[alive]],
                     visual=vis_alive,
@@ -199,7 +298,8 @@ class DecoderController:
                     signals=signals,
                     original_index=st.orig_index[i, orig[alive]],
                 )
-                n_keep = p.budget(m, layer)
+                budget_view = getattr(p, "budget_view", None)
+                n_keep = budget_view(view, layer) if budget_view is not None else p.budget(m, layer)
                 chosen = torch.as_tensor(p.select(layer, view, self.ctx), dtype=torch.long, device=hidden.device).flatten()
                 _check(p.name, chosen, vis_alive, n_keep)
                 drop = vis_alive.clone()

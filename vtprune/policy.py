@@ -71,11 +71,20 @@ class ImageTokens:
 
 @dataclass
 class Context:
-    """What a policy may know about the request besides its own image."""
+    """What a policy may know about the request besides its own image.
+
+    ``rng(key)`` gives a generator seeded from the patch seed and ``key`` (e.g. the image's index
+    within its sample), so that stochastic policies give the same draw for a sample whether it runs
+    alone or in a batch.
+    """
 
     family: str
     generator: torch.Generator | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def rng(self, key: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * int(key)) % (2**63 - 1))
 
 
 def resolve_budget(keep: int | float, n: int, *, what: str = "visual tokens") -> int:

@@ -104,6 +104,8 @@ class Adapter:
         q = attn.q_proj(h_rows).view(b, rows.shape[1], -1, hd).transpose(1, 2)
         k = attn.k_proj(h).view(b, n, -1, hd).transpose(1, 2)
         cos, sin = position_embeddings
+        cos = cos.expand(b, *cos.shape[1:])
+        sin = sin.expand(b, *sin.shape[1:])
         cos_r = torch.gather(cos, -2, rows[..., None].expand(-1, -1, cos.shape[-1]))
         sin_r = torch.gather(sin, -2, rows[..., None].expand(-1, -1, sin.shape[-1]))
         rot = self.rotary_fn(layer)

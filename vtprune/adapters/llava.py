@@ -25,6 +25,10 @@ from ..policy import ImageTokens
 from .base import Adapter, vit_layer_parts, vit_qk
 
 VIT_SIGNAL_KINDS = ("vit_received", "vit_received_sum", "vit_cls", "vit_cls_logits", "vit_keys", "vit_hidden")
+# Not a tensor: the signal ``"projector"`` is a callable mapping vision hidden states (..., C) to LLM
+# features (..., D) with the model's own ``multi_modal_projector`` (VisionZip projects merged and CLS
+# tokens itself). Methods get the function, never the module.
+PROJECTOR_SIGNAL = "projector"
 
 
 def parse_signal(name: str) -> tuple[str, int]:
@@ -60,6 +64,10 @@ class LlavaAdapter(Adapter):
         vc = self.config.vision_config
         side = vc.image_size // vc.patch_size
         return side * side + (1 if self.vit_has_cls() else 0) - self.feature_offset()
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """The model's ``multi_modal_projector`` applied to vision hidden states (..., C) -> (..., D)."""
+        return self.model.model.multi_modal_projector(hidden)
 
     def resolve_vit_layer(self, layer: int) -> int:
         n = len(self.vit_layers())
@@ -98,6 +106,8 @@ class LlavaAdapter(Adapter):
     def _signal_layers(self, signals) -> tuple[set[int], set[int]]:
         ins, outs = set(), set()
         for name in signals:
+            if name == PROJECTOR_SIGNAL:
+                continue
             kind, layer = parse_signal(name)
             if kind not in VIT_SIGNAL_KINDS:
                 raise ValueError(f"unknown vision signal {name!r}; kinds: {VIT_SIGNAL_KINDS}")
@@ -110,6 +120,9 @@ class LlavaAdapter(Adapter):
         vit = self.vit_layers()
         out = {}
         for name in signals:
+            if name == PROJECTOR_SIGNAL:
+                out[name] = self.project
+                continue
             kind, layer = parse_signal(name)
             layer = self.resolve_vit_layer(layer)
             if kind == "vit_hidden":
@@ -200,7 +213,14 @@ class LlavaAdapter(Adapter):
             grid[patch < 0] = -1
             sig = {}
             for name, t in view_sig.items():
+                if not torch.is_tensor(t):  # the projector function
+                    sig[name] = t
+                    continue
                 sig[name] = t[i] if t.dim() == 3 else t[i][src.to(t.device)]
+            extra = {"source": src.cpu()}
+            if vision_policies:  # the sequence shrank inside the encoder: tokens fill some placeholders
+                extra["placeholder_index"] = (src - self.feature_offset()).cpu()
+                extra["n_placeholders"] = self.nominal_visual_tokens()
             images.append(
                 ImageTokens(
                     features=f,
@@ -210,7 +230,7 @@ class LlavaAdapter(Adapter):
                     grid_shapes=[(side, side)],
                     signals=sig,
                     image_index=i,
-                    extra={"source": src.cpu()},
+                    extra=extra,
                 )
             )
         return images, sched
@@ -306,7 +326,9 @@ class LlavaNextAdapter(LlavaAdapter):
             enc_src = (view0 + view.clamp(min=0)) * n_enc + patch + off  # flat index into (views, n_enc)
             sig = {}
             for name, t in view_sig.items():
-                if t.dim() == 3:
+                if not torch.is_tensor(t):  # the projector function
+                    sig[name] = t
+                elif t.dim() == 3:
                     sig[name] = t[view0 : view0 + n_views]
                 else:
                     vals = t.reshape(-1)[enc_src.to(t.device)]

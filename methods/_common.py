@@ -1,0 +1,134 @@
+"""Small helpers shared by the stage-P policies (not a policy; registers nothing).
+
+They read only :class:`~vtprune.policy.ImageTokens` data and the adapter's config / layer counts, so
+that every method maps the per-image token layout and its layer defaults the same way.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from vtprune.policy import ImageTokens
+
+LLAVA_FAMILIES = ("llava", "llava_next")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+class ViewGrid(NamedTuple):
+    """The candidate tokens of one view on that view's own raster grid.
+
+    view: view number (0 = base / only view; LLaVA-NeXT 1.. = crops; Qwen = temporal slice).
+    index: (m,) token indices into the image (ascending, candidates only).
+    local: (m,) raster index of each token on the view's grid of ``rows * cols`` positions.
+    rows, cols: the grid shape (a LLaVA-NeXT crop: the base view's grid, e.g. 24 x 24).
+    """
+
+    view: int
+    index: Tensor
+    local: Tensor
+    rows: int
+    cols: int
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.cols
+
+    def valid(self) -> Tensor:
+        """(rows*cols,) bool: grid positions present among the candidates (native NeXT: unpadded)."""
+        v = torch.zeros(self.size, dtype=torch.bool)
+        v[self.local] = True
+        return v
+
+    def scatter(self, values: Tensor, fill: float = 0.0) -> Tensor:
+        """(m,) per-token values -> (rows*cols,) on the grid (``fill`` at absent positions)."""
+        out = torch.full((self.size,), fill, dtype=values.dtype, device=values.device)
+        out[self.local.to(values.device)] = values
+        return out
+
+    def tokens_of(self, local: Tensor) -> Tensor:
+        """Grid positions -> token indices into the image (positions must be present)."""
+        lut = torch.full((self.size,), -1, dtype=torch.long)
+        lut[self.local] = self.index
+        out = lut[local.long().cpu()]
+        if (out < 0).any():
+            raise RuntimeError("selected a grid position that has no candidate token")
+        return out
+
+
+def view_grids(image: ImageTokens, family: str, *, method: str) -> list[ViewGrid]:
+    """Split an image's candidate tokens into views with view-local raster indices.
+
+    LLaVA-1.5 / Qwen: ``grid`` is already view-local (Qwen: per temporal slice) and ``grid_shapes[v]``
+    is its shape. LLaVA-NeXT crops: ``grid`` is on the unpadded global crop grid; a crop's own
+    (row, col) is the global one modulo the base view's grid (every crop is a full ViT view).
+    Raises ``ValueError`` if a candidate has no grid position (e.g. a CLS feature kept by
+    ``vision_feature_select_strategy="full"``).
+    """
+    cand = image.candidate_index()
+    grid = image.grid.cpu()[cand]
+    if bool((grid < 0).any()):
+        raise ValueError(
+            f"{method} needs every visual token on a patch grid; this model feeds tokens without a grid "
+            "position (e.g. the CLS token with vision_feature_select_strategy='full'); use 'default'"
+        )
+    views = image.view.cpu()[cand]
+    out = []
+    for v in sorted(set(views.tolist())):
+        sel = views == v
+        idx = cand[sel]
+        g = grid[sel]
+        rows, cols = image.grid_shapes[0] if family == "llava_next" else image.grid_shapes[v]
+        local = (g[:, 0] % rows) * cols + (g[:, 1] % cols)
+        out.append(ViewGrid(int(v), idx, local, int(rows), int(cols)))
+    return out
+
+
+def scaled_default_layer(default_1based: int, ref_depth: int, depth: int) -> int:
+    """A paper's 1-based layer default mapped to a tower of ``depth`` layers (0-based result).
+
+    On the reference depth the default is used as is; on another depth it keeps its relative depth:
+    ``max(1, round(default * depth / ref_depth))`` (1-based, Python rounding), e.g. 9 of 24 -> 1 of 3,
+    16 of 32 -> 2 of 4.
+    """
+    if depth == ref_depth:
+        return default_1based - 1
+    return max(1, min(depth, round(default_1based * depth / ref_depth))) - 1
+
+
+def llava_feature_layer(adapter: Any, method: str, knob: str) -> int:
+    """0-based index of the vision layer whose **output** LLaVA feeds to the projector.
+
+    ``vision_feature_layer`` indexes ``hidden_states`` (entry 0 = embeddings, entry i = output of layer
+    i - 1): -2 -> layer n - 2 (22 of 24), a positive i -> layer i - 1. Lists (multi-layer features) and
+    0 have no single layer: ``ValueError`` asking for ``knob``.
+    """
+    fl = adapter.config.vision_feature_layer
+    n = len(adapter.vit_layers())
+    if isinstance(fl, bool) or not isinstance(fl, int) or fl == 0 or not -n <= fl <= n:
+        raise ValueError(
+            f"{method}: cannot derive a vision layer from vision_feature_layer={fl!r}; pass {knob}= explicitly"
+        )
+    return fl - 1 if fl > 0 else n + fl
+
+
+def resolve_layer(layer: int, depth: int, *, method: str, knob: str, one_based: bool = False) -> int:
+    """Validate a user layer index (0-based, negative allowed; or 1-based) -> 0-based index."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"{method}: {knob} must be an int, got {layer!r}")
+    if one_based:
+        if not 1 <= layer <= depth:
+            raise ValueError(f"{method}: {knob}={layer} (1-based) must be in 1..{depth} for this {depth}-layer tower")
+        return layer - 1
+    if not -depth <= layer < depth:
+        raise ValueError(
+            f"{method}: {knob}={layer} (0-based, negative from the end) must be in {-depth}..{depth - 1} "
+            f"for this {depth}-layer tower"
+        )
+    return layer % depth
+
+
+def check_choice(method: str, knob: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{method}: {knob}={value!r}; choose one of {', '.join(map(repr, choices))}")

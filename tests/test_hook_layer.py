@@ -1,0 +1,361 @@
+"""The oracles of the hook layer, on tiny random models of all four families (ARCHITECTURE.md §6)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import vtprune
+from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
+
+from oracles import last_logits, masked_run, shortened_inputs
+
+QUESTIONS = ["what is it?", "a longer question about the picture here?", "and the colour?"]
+SIZES = {"llava": None, "llava_next": [(56, 56), (70, 112), (112, 84)],
+         "qwen2_vl": [(56, 56), (70, 112), (112, 84)], "qwen2_5_vl": [(56, 56), (70, 112), (112, 84)]}
+GEN = dict(max_new_tokens=20, do_sample=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str, attn: str = "sdpa"):
+    return BUILDERS[family](attn_implementation=attn)
+
+
+def batch(family: str, n: int = 2, attn: str = "sdpa"):
+    model, proc = _model(family, attn)
+    sizes = SIZES[family]
+    imgs = tiny_images(n, sizes=sizes[:n] if sizes else None)
+    return model, make_inputs(family, proc, QUESTIONS[:n], imgs)
+
+
+def _vtprune_hooks(model) -> list:
+    """Forward (pre-)hooks defined by vtprune code anywhere in the model (HF adds its own lazily)."""
+    found = []
+    for name, m in model.named_modules():
+        for fn in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]:
+            mod = getattr(fn, "__module__", "") or getattr(getattr(fn, "__func__", None), "__module__", "")
+            if mod.startswith(("vtprune", "methods")):
+                found.append((name, fn))
+    return found
+
+
+def _no_hooks(model) -> bool:
+    """No vtprune hook and no vtprune attribute left on the model."""
+    return not _vtprune_hooks(model) and not any(
+        k.startswith("_vtprune") or k == "_supports_mm_encoder_outputs" for k in vars(model))
+
+
+def valid_logits(logits, mask):
+    return logits[mask.bool()]
+
+
+# ------------------------------------------------------------------ keep-all == unpatched
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_equals_unpatched(family):
+    model, inp = batch(family)
+    with torch.no_grad():
+        ref = model(**inp).logits
+        gref = model.generate(**inp, **GEN)
+    with vtprune.patch(model, "none") as h:
+        with torch.no_grad():
+            out = model(**inp).logits
+            gen = model.generate(**inp, **GEN)
+        assert h.stats.visual_tokens_per_image == h.stats.visual_tokens_in_per_image
+    torch.testing.assert_close(valid_logits(out, inp["attention_mask"]), valid_logits(ref, inp["attention_mask"]),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, gref)
+    assert _no_hooks(model)
+
+
+# ------------------------------------------------------------------ remove() == never patched
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_remove_restores_model_and_other_instances_untouched(family):
+    model, inp = batch(family)
+    other, _ = BUILDERS[family]()
+    assert _no_hooks(model) and _no_hooks(other)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(**inp).logits
+        ref_other = other(**inp).logits
+    h = vtprune.patch(model, "random", keep=0.5)
+    with torch.no_grad():
+        pruned = model(**inp).logits
+        other_during = other(**inp).logits
+    assert pruned.shape[1] < ref.shape[1]
+    assert _no_hooks(other)
+    torch.testing.assert_close(other_during, ref_other, rtol=0, atol=0)
+    h.remove()
+    assert _no_hooks(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inp).logits, ref, rtol=0, atol=0)
+    h.remove()  # idempotent
+
+
+def test_patching_twice_is_refused_and_leaves_first_patch():
+    model, inp = batch("llava")
+    with vtprune.patch(model, "random", keep=4):
+        with pytest.raises(ValueError, match="already patched"):
+            vtprune.patch(model, "none")
+    assert _no_hooks(model)
+
+
+# ------------------------------------------------------------------ stage P oracle
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["random:keep=0.5", "pool:keep=0.25"])
+def test_stage_p_equals_shortened_input(family, method):
+    model, inp = batch(family)
+    positions = "original" if family.startswith("qwen") else "renumber"
+    with vtprune.patch(model, method, seed=3) as h:
+        with torch.no_grad():
+            out = model(**inp).logits
+            gen = model.generate(**inp, **GEN)
+        kept = h.stats.kept_index_per_image
+        n_out = h.stats.visual_tokens_per_image
+    assert all(o < i for o, i in zip(n_out, h.stats.visual_tokens_in_per_image))
+    short = shortened_inputs(model, family, inp, kept, positions=positions)
+    if method.startswith("pool"):
+        short["mm_encoder_outputs"]["image"].pooler_output = _pooled_features(model, family, inp, method, h)
+    with torch.no_grad():
+        ref = model(**short).logits
+        gref = model.generate(**short, **GEN)
+    torch.testing.assert_close(last_logits(out), last_logits(ref), rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen[:, inp["input_ids"].shape[1]:], gref[:, short["input_ids"].shape[1]:])
+
+
+def _pooled_features(model, family, inp, method, h):
+    """Pooled features recomputed independently with adaptive average pooling per view grid."""
+    from vtprune.methods.baselines import average_pool, pooled_grid  # noqa: F401 (same pure kernel, tested below)
+    cap = {}
+    hook = model.model.register_forward_pre_hook(lambda m, a, k: cap.update(k), with_kwargs=True)
+    with vtprune.patch(model, method, seed=3):
+        with torch.no_grad():
+            model(**inp)
+    hook.remove()
+    return cap["mm_encoder_outputs"]["image"].pooler_output
+
+
+def test_average_pool_kernel_hand_example():
+    from vtprune.methods.baselines import average_pool, pooled_grid
+
+    feats = torch.arange(16, dtype=torch.float32).view(16, 1)  # 4x4 raster grid
+    pooled, tl = average_pool(feats, 4, 4, (2, 2))
+    assert pooled.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert tl.tolist() == [0, 2, 8, 10]
+    assert pooled_grid(4, 4, 4) == (2, 2)
+
+
+def test_pool_impossible_budget_raises():
+    from vtprune.methods.baselines import pooled_grid
+
+    with pytest.raises(ValueError, match="cannot pool"):
+        pooled_grid(4, 4, 7)
+
+
+# ------------------------------------------------------------------ stage D oracle
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["fastv:layer=2,keep=0.5", "random:at=D,layer=1,keep=0.3"])
+def test_stage_d_equals_mask_run(family, method):
+    model, inp = batch(family)
+    layer = 2 if method.startswith("fastv") else 1
+    with vtprune.patch(model, method, seed=5) as h:
+        with torch.no_grad():
+            out = model(**inp).logits
+            gen = model.generate(**inp, **GEN)
+        kept = h.stats.llm_kept_index
+        sched = h.stats.schedules
+    n = inp["input_ids"].shape[1]
+    keep = torch.zeros((kept.shape[0], n), dtype=torch.bool)
+    for b in range(kept.shape[0]):
+        keep[b, kept[b][kept[b] >= 0]] = True
+    assert all(s.visual_tokens_per_layer[layer] < s.visual_tokens_per_layer[0] for s in sched)
+    assert all(s.llm_tokens_per_layer[:layer] == [s.llm_tokens_per_layer[0]] * layer for s in sched)
+    with masked_run(model, layer, keep), torch.no_grad():
+        ref = model(**inp).logits
+        gref = model.generate(**inp, **GEN)
+    torch.testing.assert_close(last_logits(out), last_logits(ref), rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, gref)
+
+
+def test_fastv_selection_hand_example():
+    from vtprune.methods.fastv import FastV
+    from vtprune.policy import Context, DecoderView
+
+    a = torch.tensor([.30, .05, .02, .10, .01, .07, .05, .10, .10, .20])
+    visual = torch.zeros(10, dtype=torch.bool)
+    visual[2:7] = True
+    view = DecoderView(hidden=torch.zeros(10, 4), visual=visual, image_id=torch.zeros(10, dtype=torch.long),
+                       signals={"last_row@1": a}, original_index=torch.arange(10))
+    assert FastV(layer=2, keep=2).select(2, view, Context("llava")).tolist() == [3, 5]
+    tie = torch.tensor([0, 0, .1, .1, .1, .05, 0, 0, 0, 0])
+    view.signals["last_row@1"] = tie
+    assert FastV(layer=2, keep=2).select(2, view, Context("llava")).tolist() == [2, 3]
+
+
+def test_fastv_last_row_equals_eager_attention():
+    """The recomputed last-token row equals output_attentions of an eager run (recompute oracle)."""
+    for family in ("llava", "qwen2_vl"):
+        model, inp = batch(family, n=1, attn="eager")
+        captured = {}
+        adapter = vtprune.adapters.get_adapter(model)
+        layer = 1
+
+        def pre(m, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rows = torch.full((hidden.shape[0], 1), hidden.shape[1] - 1)
+            captured["row"] = adapter.llm_attention_rows(layer, hidden, kwargs["position_embeddings"], rows, None)
+
+        hk = adapter.llm_layers()[layer].register_forward_pre_hook(pre, with_kwargs=True)
+        with torch.no_grad():
+            out = model(**inp, output_attentions=True)
+        hk.remove()
+        eager = out.attentions[layer][:, :, -1:].float()
+        torch.testing.assert_close(captured["row"], eager, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ stage V seam
+def test_stage_v_equals_explicit_encoder_run():
+    """Random drop inside CLIP after layer 0 == running the CLIP layers by hand on the same tokens."""
+    model, inp = batch("llava")
+    with vtprune.patch(model, "random:at=V,layer=0,keep=0.5", seed=2) as h:
+        with torch.no_grad():
+            out = model(**inp).logits
+        n_out = h.stats.visual_tokens_per_image
+    tower = model.model.vision_tower
+    from vtprune.methods.baselines import random_subset
+    from vtprune.policy import Context
+
+    ctx = Context("llava", seed=2)
+    with torch.no_grad():
+        x = tower.pre_layrnorm(tower.embeddings(inp["pixel_values"]))
+        x = tower.encoder.layers[0](x, attention_mask=None)
+        keep = [torch.cat([torch.zeros(1, dtype=torch.long), 1 + random_subset(16, 8, ctx.rng(0))]) for _ in range(2)]
+        x = torch.stack([x[i, keep[i]] for i in range(2)])
+        x = tower.encoder.layers[1](x, attention_mask=None)  # feature layer -2 of a 3-layer tower
+        feats = model.model.multi_modal_projector(x[:, 1:])
+    assert n_out == [8, 8]
+    kept = [torch.arange(8)] * 2  # all of the already reduced tokens
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    short = shortened_inputs(model, "llava", inp, [torch.arange(8)] * 2, positions="renumber")
+    short["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+    with torch.no_grad():
+        ref = model(**short).logits
+    torch.testing.assert_close(last_logits(out), last_logits(ref), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ batches
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["none", "random:keep=0.5", "fastv:layer=2,keep=0.4"])
+def test_batch_equals_each_alone(family, method):
+    model, inp = batch(family, n=3)
+    with vtprune.patch(model, method, seed=1):
+        with torch.no_grad():
+            gen = model.generate(**inp, max_new_tokens=8, do_sample=False)
+            logits = model(**inp).logits[:, -1]
+    _, proc = _model(family)
+    sizes = SIZES[family]
+    imgs = tiny_images(3, sizes=sizes)
+    n_prompt = inp["input_ids"].shape[1]
+    for i in range(3):
+        one = make_inputs(family, proc, [QUESTIONS[i]], [imgs[i]])
+        with vtprune.patch(model, method, seed=1):
+            with torch.no_grad():
+                g1 = model.generate(**one, max_new_tokens=8, do_sample=False)
+                l1 = model(**one).logits[:, -1]
+        torch.testing.assert_close(logits[i : i + 1], l1, rtol=1e-4, atol=1e-5)
+        assert gen[i, n_prompt:].tolist() == g1[0, one["input_ids"].shape[1]:].tolist()
+
+
+# ------------------------------------------------------------------ SDPA == eager
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("method", ["fastv:layer=2,keep=0.5", "random:keep=0.5"])
+def test_sdpa_and_eager_agree(family, method):
+    results = {}
+    for attn in ("sdpa", "eager"):
+        model, inp = batch(family, attn=attn)
+        with vtprune.patch(model, method, seed=0) as h:
+            with torch.no_grad():
+                logits = model(**inp).logits[:, -1]
+                gen = model.generate(**inp, max_new_tokens=10, do_sample=False)
+            results[attn] = (logits, gen, h.stats.llm_kept_index, h.stats.kept_index_per_image)
+    (ls, gs, ks, ps), (le, ge, ke, pe) = results["sdpa"], results["eager"]
+    torch.testing.assert_close(ls, le, rtol=1e-4, atol=1e-5)
+    assert torch.equal(gs, ge)
+    assert (ks is None and ke is None) or torch.equal(ks, ke)
+    assert all(torch.equal(a, b) for a, b in zip(ps, pe))
+
+
+# ------------------------------------------------------------------ stats
+def test_stats_describe_last_request():
+    model, inp = batch("llava")
+    with vtprune.patch(model, "fastv:layer=2,keep=4") as h:
+        with torch.no_grad():
+            model(**inp)
+    st = h.stats
+    assert st.visual_tokens_per_image == [16, 16]
+    assert [s.visual_tokens_per_layer for s in st.schedules] == [[16, 16, 4, 4]] * 2
+    n_text = [int(inp["attention_mask"][i].sum()) - 16 for i in range(2)]
+    assert [s.llm_tokens_per_layer for s in st.schedules] == [[16 + t, 16 + t, 4 + t, 4 + t] for t in n_text]
+    assert st.select_ms >= 0 and st.vision_ms >= 0
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "method,params,match",
+    [
+        ("nosuch", {}, "unknown method 'nosuch'; registered methods: .*fastv"),
+        ("random", {"keep": 0}, "keep=0 must be positive"),
+        ("random", {"keep": -3}, "must be positive"),
+        ("random", {"keep": 17}, "larger than the 16 visual tokens"),
+        ("random", {"keep": 1.5}, r"fraction outside \(0, 1\]"),
+        ("fastv", {"keep": 64}, "larger than the 16"),
+        ("fastv", {"layer": 9}, "must be in 1..3"),
+        ("fastv:layer=", {}, "malformed method spec"),
+        ("fastv:layer2", {}, "malformed method spec"),
+        ("fastv + ", {}, "malformed method spec"),
+        ("fastv", {"nope": 1}, "has no parameter"),
+        ("random:at=X", {}, "choose 'P', 'V' or 'D'"),
+    ],
+)
+def test_bad_input_raises_and_leaves_model_unpatched(method, params, match):
+    model, _ = batch("llava")
+    with pytest.raises(ValueError, match=match):
+        vtprune.patch(model, method, **params)
+    assert _no_hooks(model)
+
+
+def test_wrong_model_family():
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    model = LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="unsupported model.*llava.*qwen2_5_vl"):
+        vtprune.patch(model, "fastv")
+    assert _no_hooks(model)
+
+
+def test_stage_v_on_qwen_is_a_clear_error():
+    model, inp = batch("qwen2_vl")
+    with pytest.raises(ValueError, match="does not support model family 'qwen2_vl'; supported families: llava"):
+        vtprune.patch(model, "random:at=V,layer=0,keep=0.5")
+    assert _no_hooks(model)
+
+
+def test_methods_listing_and_spec_parsing():
+    listed = vtprune.methods()
+    assert {"none", "random", "pool", "fastv"} <= set(listed)
+    assert all(isinstance(v, str) and v for v in listed.values())
+    assert vtprune.parse_spec("fastv:layer=2,keep=0.5 + random:keep=3") == [
+        ("fastv", {"layer": 2, "keep": 0.5}), ("random", {"keep": 3})]
+
+
+def test_composition_runs_stage_p_then_d():
+    model, inp = batch("llava")
+    with vtprune.patch(model, "fastv:layer=2,keep=0.5 + random:keep=8") as h:
+        with torch.no_grad():
+            model.generate(**inp, max_new_tokens=5, do_sample=False)
+        with torch.no_grad():
+            model(**inp)
+    assert [p.name for p in h.policies] == ["random", "fastv"]
+    assert [s.visual_tokens_per_layer for s in h.stats.schedules] == [[8, 8, 4, 4]] * 2
