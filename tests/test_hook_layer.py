@@ -359,3 +359,69 @@ def test_composition_runs_stage_p_then_d():
             model(**inp)
     assert [p.name for p in h.policies] == ["random", "fastv"]
     assert [s.visual_tokens_per_layer for s in h.stats.schedules] == [[8, 8, 4, 4]] * 2
+
+
+# ------------------------------------------------------------------ other LLaVA vision towers
+@pytest.mark.parametrize("vision", ["siglip", "dinov2"])
+def test_llava_with_siglip_and_dinov2_towers(vision):
+    from vtprune.testing import tiny_llava
+
+    model, proc = tiny_llava(vision=vision)
+    inp = make_inputs("llava", proc, QUESTIONS[:2], tiny_images(2))
+    with torch.no_grad():
+        ref = model(**inp).logits
+        gref = model.generate(**inp, max_new_tokens=10, do_sample=False)
+    with vtprune.patch(model, "none"):
+        with torch.no_grad():
+            out = model(**inp).logits
+            gen = model.generate(**inp, max_new_tokens=10, do_sample=False)
+    torch.testing.assert_close(out[:, -1], ref[:, -1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, gref)
+    with vtprune.patch(model, "random:keep=5") as h:
+        with torch.no_grad():
+            out = model(**inp).logits
+        kept = h.stats.kept_index_per_image
+    assert h.stats.visual_tokens_per_image == [5, 5]
+    short = shortened_inputs(model, "llava", inp, kept, positions="renumber")
+    with torch.no_grad():
+        ref = model(**short).logits
+    torch.testing.assert_close(out[:, -1], ref[:, -1], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ ViT signals without eager attention
+@pytest.mark.parametrize("vision", ["clip", "dinov2"])
+def test_vit_attention_recompute_equals_eager(vision):
+    from vtprune.adapters.base import vit_qk
+    from vtprune.attention import attention_probs
+    from vtprune.testing import tiny_llava
+
+    model, proc = tiny_llava(attn_implementation="eager", vision=vision)
+    inp = make_inputs("llava", proc, QUESTIONS[:2], tiny_images(2))
+    tower = model.model.vision_tower
+    layers = tower.encoder.layers if hasattr(tower.encoder, "layers") else tower.encoder.layer
+    captured = {}
+    hooks = [layers[l].register_forward_pre_hook(lambda m, a, l=l: captured.__setitem__(l, a[0])) for l in range(len(layers))]
+    with torch.no_grad():
+        out = tower(inp["pixel_values"], output_attentions=True)
+        for h in hooks:
+            h.remove()
+        for l in range(len(layers)):
+            q, k, scale = vit_qk(layers[l], captured[l])
+            probs = attention_probs(q, k, scale)
+            torch.testing.assert_close(probs, out.attentions[l].float(), rtol=1e-5, atol=1e-6)
+            q0, k0, _ = vit_qk(layers[l], captured[l], rows=slice(0, 1))  # the CLS row alone
+            torch.testing.assert_close(attention_probs(q0, k0, scale), out.attentions[l][:, :, :1].float(),
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_vision_signals_keep_sdpa():
+    """Requesting ViT signals never switches the model to eager attention."""
+    from vtprune.adapters import get_adapter
+
+    model, inp = batch("llava")
+    adapter = get_adapter(model)
+    images, _ = adapter.encode(dict(inp), {"vit_received@0": None, "vit_cls@1": None}, [], None)
+    assert model.model.vision_tower.config._attn_implementation == "sdpa"
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    assert images[0].signals["vit_received@0"].shape == (16,)
+    assert images[0].signals["vit_cls@1"].shape == (16,)
