@@ -50,15 +50,38 @@ Library extensions (spec section 6, policy level): LLaVA-1.5 thumbnail-only comp
 (:func:`region_sums`/:func:`crop_scales` accept any 2-D grid).
 
 Scores are computed in at least fp32 (float64 stays float64); ties go to the lowest index.
+
+Policy (:class:`GlobalCom2`, registered ``"globalcom2"``): stage P on LLaVA-NeXT (native layout: view 0 =
+thumbnail, views >= 1 = crops on the unpadded global crop grid, all newlines kept outside the budget),
+LLaVA-1.5 (thumbnail-only extension) and, with ``allow_experimental=True``, Qwen2/2.5-VL
+(region-adaptive variant, :func:`region_adaptive_select`). Signals: ``vit_cls_logits@-1`` (the
+head-mean pre-softmax CLS logits of the last CLIP layer, one row per view, recomputed from that
+layer's input so SDPA stays on); ``vit_cls@-1`` for ``crop_score="probs"``; Qwen: ``vit_received@b``
+of the last full-attention block. Policy-level deviations:
+
+* thumbnail order: only ``thumbnail_order="raster"``. The reference emits the thumbnail tokens in
+  descending-score order, but the hook layer re-sorts every image's kept tokens by column before the
+  LLM (``Patch._prefill``), so a declared order cannot reach the LLM yet (``"score"`` raises).
+* ``next_layout="reference"`` (bug-compatible P3/P4 layout with one newline per padded row) changes
+  the number of newline tokens, which the native placeholders cannot express: only
+  :func:`assemble_reference` (kernel level) reproduces it; the policy raises.
+* the valid (unpadded) region is read from the native token layout (HF's own unpadding), which is the
+  installed HF geometry the spec asks for in native mode.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vtprune.policy import Context, ImageTokens, TokenPolicy
+from vtprune.registry import register
+
+from ._common import QWEN_FAMILIES, ViewGrid, check_choice, view_grids
 
 __all__ = [
     "NEWLINE",
@@ -77,6 +100,9 @@ __all__ = [
     "globalcom2_select",
     "assemble_native",
     "assemble_reference",
+    "region_index",
+    "region_adaptive_select",
+    "GlobalCom2",
 ]
 
 #: Marker for an ``image_newline`` token in the assembled sequences.
@@ -408,3 +434,177 @@ def assemble_reference(
                 out.append(slots[(y, x)])
         out.append(NEWLINE)
     return out
+
+
+# ------------------------------------------------------------------ Qwen region-adaptive (experimental)
+def region_index(Hg: int, Wg: int, nph: int, npw: int) -> Tensor:
+    """(Hg*Wg,) row-major region (virtual crop) id of every grid position, as :func:`region_sums`."""
+    ph, pw = max(Hg // nph, 1), max(Wg // npw, 1)
+    ri = torch.clamp(torch.arange(Hg) // ph, max=nph - 1)
+    cj = torch.clamp(torch.arange(Wg) // pw, max=npw - 1)
+    return (ri[:, None] * npw + cj[None, :]).flatten()
+
+
+def region_adaptive_select(
+    g_grid: Tensor, r: float = 0.25, tau: float = 10.0, region_tokens: int = 12
+) -> tuple[Tensor, Tensor]:
+    """Experimental Qwen variant (spec section 6; not GlobalCom²): keep per virtual crop.
+
+    g_grid: (h', w') attention received per merged token. Virtual crops ``nph = max(1, round(h'/
+    region_tokens))`` (likewise npw), ratios :func:`crop_scales`, ``keep_c = int(N_c * s_c)``, top
+    ``keep_c`` by g inside each region (ties by the lowest index). Returns (raster indices ascending,
+    the float64 scales).
+    """
+    g = _as_grid(g_grid)
+    Hg, Wg = g.shape
+    nph, npw = max(1, round(Hg / region_tokens)), max(1, round(Wg / region_tokens))
+    scales = crop_scales(g, nph, npw, r, tau)
+    rid = region_index(Hg, Wg, nph, npw).to(g.device)
+    flat = g.flatten().to(_score_dtype(g))
+    counts = [int((rid == c).sum()) for c in range(nph * npw)]
+    kept = []
+    for c, k in enumerate(crop_budgets(counts, scales)):
+        members = torch.nonzero(rid == c).flatten()
+        kept.append(members[_topk_lowest_index(flat[members], k)])
+    return torch.sort(torch.cat(kept)).values, scales
+
+
+# ------------------------------------------------------------------------------------------ policy
+@register
+@dataclass
+class GlobalCom2(TokenPolicy):
+    """GlobalCom² (Liu et al., AAAI 2026, arXiv 2501.05179): stage P, thumbnail-guided compression of
+    LLaVA-NeXT AnyRes crops.
+
+    The thumbnail (view 0) keeps ``int(n*r)`` tokens with the largest CLS logits of the last CLIP
+    layer; each crop keeps ``int(N_c*s_c)`` of its valid tokens, ``s_c = r*(1 + sigma_c - mean sigma)``
+    from the softmax(/tau) of the thumbnail's CLS-logit sums over the crop regions, ranked by the
+    l2-normalised local logits plus the thumbnail map bilinearly upsampled onto the crop. Newlines are
+    always kept (native layout). A single-view LLaVA-NeXT image passes untouched.
+
+    Fields: ``keep`` = the retention ratio r (a float in (0, 1], default 0.25); ``tau`` (10);
+    ``thumbnail_order`` (``"raster"`` only, see deviations); ``crop_score`` (``"logits"`` reference /
+    ``"probs"``: softmax CLS probabilities, our reading); ``next_layout`` (``"native"`` only);
+    ``allow_experimental`` (Qwen region-adaptive variant); ``region_tokens`` (Qwen virtual crop side
+    in merged tokens, 12 ~ 336 px); ``positions`` (stage-P convention).
+
+    Extensions: LLaVA-1.5 thumbnail-only compression (not a published setting); Qwen2/2.5-VL
+    region-adaptive variant (experimental; ``ValueError`` unless ``allow_experimental=True``; results
+    must not be reported as GlobalCom²). Deviations: thumbnail in raster order (the reference's score
+    order cannot reach the LLM through the hook layer yet); no reference layout (P3/P4 bugs); per
+    image batching (P5 fixed); model dtype (no float16 cast).
+    """
+
+    name: ClassVar[str] = "globalcom2"
+    description: ClassVar[str] = "GlobalCom²: thumbnail-guided per-crop budgets for LLaVA-NeXT AnyRes (stage P)"
+    keep: int | float = 0.25
+    tau: float = 10.0
+    thumbnail_order: str = "raster"
+    crop_score: str = "logits"
+    next_layout: str = "native"
+    allow_experimental: bool = False
+    region_tokens: int = 12
+
+    def validate(self, family: str, adapter: Any) -> None:
+        if family in QWEN_FAMILIES and not self.allow_experimental:
+            raise ValueError(
+                f"globalcom2 is defined for LLaVA-NeXT AnyRes images (and LLaVA-1.5 thumbnail-only); on {family!r} "
+                "only the experimental region-adaptive variant exists: pass allow_experimental=True "
+                "(its results must not be reported as GlobalCom²)"
+            )
+        super().validate(family, adapter)
+        if isinstance(self.keep, int) or not 0.0 < float(self.keep) <= 1.0:
+            raise ValueError(f"globalcom2: keep={self.keep!r} is the retention ratio r, a float in (0, 1] (e.g. 0.25)")
+        if not self.tau > 0:
+            raise ValueError(f"globalcom2: tau={self.tau} must be > 0")
+        if self.thumbnail_order == "score":
+            raise ValueError(
+                "globalcom2: thumbnail_order='score' (the reference order) is not supported yet: the hook layer "
+                "re-sorts each image's kept tokens by position before the LLM; use thumbnail_order='raster'"
+            )
+        check_choice("globalcom2", "thumbnail_order", self.thumbnail_order, ("raster",))
+        check_choice("globalcom2", "crop_score", self.crop_score, ("logits", "probs"))
+        if self.next_layout == "reference":
+            raise ValueError(
+                "globalcom2: next_layout='reference' (one newline per padded row, bug P4) cannot be expressed "
+                "with the model's native placeholders; use next_layout='native' (the reference layout is "
+                "available as the kernel assemble_reference)"
+            )
+        check_choice("globalcom2", "next_layout", self.next_layout, ("native",))
+        if family in QWEN_FAMILIES and self.crop_score != "logits":
+            raise ValueError("globalcom2 (Qwen, experimental): crop_score does not apply (received attention is used)")
+        if int(self.region_tokens) < 1:
+            raise ValueError(f"globalcom2: region_tokens={self.region_tokens} must be >= 1")
+
+    def required_signals(self, adapter: Any) -> dict[str, Any]:
+        if adapter.family in QWEN_FAMILIES:
+            return {f"vit_received@{adapter.full_attention_blocks()[-1]}": None}
+        return {("vit_cls@-1" if self.crop_score == "probs" else "vit_cls_logits@-1"): None}
+
+    # ---------------------------------------------------------------- selection
+    def apply(self, image: ImageTokens, ctx: Context):
+        """Compute the selection once per image; the base class then enforces the invariants."""
+        self._current = (image, self._select_image(image, ctx.family))
+        try:
+            return super().apply(image, ctx)
+        finally:
+            self._current = None
+
+    def _selection(self, image: ImageTokens) -> Tensor:
+        cur = getattr(self, "_current", None)
+        if cur is None or cur[0] is not image:
+            raise RuntimeError("globalcom2: budget/select are only called through apply()")
+        return cur[1]
+
+    def budget(self, image: ImageTokens) -> int:
+        return int(self._selection(image).numel())
+
+    def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
+        return self._selection(image)
+
+    def _score(self, image: ImageTokens) -> Tensor:
+        name = next(k for k in image.signals if k.startswith(("vit_cls_logits@", "vit_cls@", "vit_received@")))
+        return image.signals[name].detach().float().cpu()
+
+    def _select_image(self, image: ImageTokens, family: str) -> Tensor:
+        """(n_keep,) kept token indices of one image, ascending."""
+        r = float(self.keep)
+        score = self._score(image)
+        grids = view_grids(image, family, method="globalcom2")
+        if family in QWEN_FAMILIES:
+            kept = []
+            for vg in grids:  # one temporal slice at a time
+                local, _ = region_adaptive_select(vg.scatter(score[vg.index]).view(vg.rows, vg.cols), r,
+                                                  self.tau, int(self.region_tokens))
+                kept.append(vg.tokens_of(local))
+            return torch.sort(torch.cat(kept)).values
+        thumb = grids[0]
+        if len(grids) == 1:
+            if family == "llava_next":  # single-view AnyRes image: untouched (reference)
+                return image.candidate_index()
+            g = thumb.scatter(score[thumb.index])
+            return torch.sort(thumb.tokens_of(select_thumbnail(g, r, "raster"))).values
+        return self._select_anyres(image, score, grids, r)
+
+    def _select_anyres(self, image: ImageTokens, score: Tensor, grids: list[ViewGrid], r: float) -> Tensor:
+        thumb = grids[0]
+        side = thumb.rows
+        H, W = image.grid_shapes[1]
+        nph, npw = H // side, W // side
+        crop_tok = image.candidate.cpu() & (image.view.cpu() >= 1)
+        gpos = image.grid.cpu()[crop_tok]
+        valid = ValidRegion(int(gpos[:, 0].min()), int(gpos[:, 0].max()) + 1,
+                            int(gpos[:, 1].min()), int(gpos[:, 1].max()) + 1, nph, npw, side)
+        if valid.H_u * valid.W_u != int(crop_tok.sum()):
+            raise RuntimeError("globalcom2: the crop tokens do not form the unpadded rectangle of the crop grid")
+        crop_logits = torch.zeros((nph * npw, side * side), dtype=torch.float32)
+        by_view = {vg.view: vg for vg in grids[1:]}
+        for v, vg in by_view.items():
+            crop_logits[v - 1] = vg.scatter(score[vg.index])
+        g = thumb.scatter(score[thumb.index])
+        sel = globalcom2_select(g, crop_logits, valid, r, self.tau, "raster")
+        kept = [thumb.tokens_of(sel.thumbnail)]
+        for c, keep_c in enumerate(sel.crops):
+            if keep_c.numel():
+                kept.append(by_view[c + 1].tokens_of(crop_valid_indices(valid, c)[keep_c.cpu()]))
+        return torch.sort(torch.cat(kept)).values

@@ -61,16 +61,41 @@ Library extensions and decisions (spec sections 4 and 6):
   r at the feasible maximum. The cap is only reached for rho < ~0.5, outside the reference sweep.
 * Scores (cosines, energies) are computed in at least fp32 (float64 stays float64); merging runs in
   the dtype of ``x``.
+
+Policies (registered): ``"pitome"`` (:class:`PiToMe`, stage V inside the CLIP tower of LLaVA-1.5 and
+inside an open_clip ``VisionTransformer``; ``stage="P"`` dispatches to the post-projector variant) and
+``"pitome-p"`` (:class:`PiToMePost`, stage P after the projector / Qwen merger; label results
+"PiToMe-post-merger"). Policy-level deviations from the reference:
+
+* **Token order (LLaVA):** the hook layer places every stage-V token at the placeholder of its
+  representative patch, so tokens reach the LLM sorted by representative. The policy makes the
+  representative of a merged token the smallest original patch index it contains, which gives the
+  spec's ``order="source"`` extension exactly. The reference order ([unmerged a, b] after BSM,
+  [protected by energy, B by energy] after PiToMe) is **not reproduced**: it needs the hook layer to
+  keep a stage-V policy's emitted order. The open_clip adapter sorts the same way.
+* **Tiny towers:** the reference schedule (BSM in layers 0..12 of 24, margin ``0.9 - 0.9*l/24``) is
+  scaled by depth: BSM in the first ``round(13*L/24)`` layers, margin ``0.9 - 0.9*l/L`` (identical for
+  L = 24). On open_clip the reference patch's defaults apply: PiToMe in every block, margin
+  ``0.95 - 0.95*l/L``.
+* Not implemented: ``merge_point="attn"`` (merge between attention and MLP), ``metric="keys"``.
+  ``prop_attn=True`` (``log(size)`` attention bias, with size tracking) is available.
+* LLaVA-NeXT (per-view merging without newlines) is not supported at stage V nor P (``ValueError``).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vtprune.policy import Context, ImageTokens, MergePolicy, VisionPolicy, resolve_budget
+from vtprune.registry import register
+
+from ._common import QWEN_FAMILIES, check_choice
 
 __all__ = [
     "MergeResult",
@@ -89,6 +114,10 @@ __all__ = [
     "schedule_counts",
     "post_merger_plan",
     "post_merger_merge",
+    "default_bsm_layers",
+    "default_margins",
+    "PiToMe",
+    "PiToMePost",
 ]
 
 
@@ -546,3 +575,192 @@ def post_merger_merge(y: Tensor, n_keep: int, mode: str = "mean") -> tuple[Tenso
     if squeeze:
         return z[0], rep[0]
     return z, rep
+
+
+# ---------------------------------------------------------------------------------------- policies
+_REF_DEPTH = 24  # CLIP-L/336 of LLaVA-1.5
+_REF_BSM = 13  # BSM in layers 0..12 of 24
+
+
+def default_bsm_layers(family: str, depth: int) -> tuple[int, ...]:
+    """Reference split scaled by depth: the first ``round(13*L/24)`` layers (0..12 of 24) use BSM;
+    none on open_clip (``family="clip_vit"``: the reference open_clip patch uses PiToMe throughout)."""
+    if family == "clip_vit":
+        return ()
+    return tuple(range(round(_REF_BSM * depth / _REF_DEPTH)))
+
+
+def default_margins(family: str, depth: int, scale: float | None = None) -> tuple[float, ...]:
+    """Per-layer margins ``m - m*l/L``: m = 0.9 (LLaVA reference), 0.95 (open_clip reference)."""
+    m = (0.95 if family == "clip_vit" else 0.9) if scale is None else float(scale)
+    return tuple(m - m * l / depth for l in range(depth))
+
+
+@register
+@dataclass
+class PiToMe(VisionPolicy):
+    """PiToMe (Tran et al., NeurIPS 2024, arXiv 2405.16148): stage V, energy-based token merging after
+    every encoder layer (CLIP tower of LLaVA-1.5; open_clip ``VisionTransformer``).
+
+    Fields:
+        ratio: per-layer keep ratio rho (``r = floor(T - T*rho)`` per layer; reference LLaVA sweep
+            0.85..0.975; >= 1 is a no-op). Ignored when ``keep`` is set.
+        keep: budget mode (library extension): exact visual-token count per image at the output
+            (int), or a fraction of the visual tokens in (float); uses :func:`budget_schedule`.
+        bsm_layers: layers using ToMe bipartite matching: an int k (the first k layers), a tuple of
+            layer indices, or None (reference split scaled by depth, see :func:`default_bsm_layers`).
+        margin: energy margin scale m (``m_l = m - m*l/L``) or a tuple of per-layer margins; None =
+            0.9 (LLaVA) / 0.95 (open_clip).
+        mode: ``"mean"`` (reference, unweighted) or ``"wavg"`` (size-weighted, sizes tracked).
+        prop_attn: add ``log(size)`` to the attention logits of the following layers (ToMe's
+            proportional attention; tracks sizes in either mode).
+        stage: ``"V"`` (this policy) or ``"P"``, which returns a :class:`PiToMePost` (``keep``,
+            ``mode`` only; ``keep`` defaults to 0.25).
+
+    Deviations (module docstring): tokens reach the LLM sorted by the smallest original patch index
+    they contain (the spec's ``order="source"``; the reference merge order is not reproduced); depth-
+    scaled schedule on towers that are not 24 deep; stable sorts (ties by the lowest index); merging
+    after the whole layer with hidden-state metric only (``merge_point="attn"``, ``metric="keys"`` not
+    implemented); no ``output_attentions`` (SDPA stays on).
+    """
+
+    name: ClassVar[str] = "pitome"
+    description: ClassVar[str] = "PiToMe: energy-based token merging inside the CLIP vision encoder (stage V)"
+    families: ClassVar[tuple[str, ...]] = ("llava", "clip_vit")
+    ratio: float = 0.9
+    keep: int | float | None = None
+    bsm_layers: int | tuple[int, ...] | None = None
+    margin: float | tuple[float, ...] | None = None
+    mode: str = "mean"
+    prop_attn: bool = False
+    stage: str = "V"
+
+    def __new__(cls, *args, **kwargs):
+        stage = kwargs.get("stage", "V")
+        if stage == "P":
+            extra = sorted(k for k in kwargs if k not in ("stage", "keep", "mode", "positions"))
+            if extra or args:
+                raise ValueError(f"pitome: stage='P' (post-merger) takes keep and mode only, not {', '.join(extra)}")
+            keep = kwargs.get("keep")
+            return PiToMePost(keep=0.25 if keep is None else keep, mode=kwargs.get("mode", "mean"),
+                              positions=kwargs.get("positions", "auto"))
+        if stage != "V":
+            raise ValueError(f"pitome: stage={stage!r}; choose 'V' (inside the vision encoder) or 'P' (post-merger)")
+        return super().__new__(cls)
+
+    def validate(self, family: str, adapter: Any) -> None:
+        if family in QWEN_FAMILIES or family == "llava_next":
+            raise ValueError(
+                f"pitome: stage-V merging is not supported on {family!r} "
+                + ("(packed, windowed ViT); use stage='P' (or 'pitome-p'), the post-merger variant"
+                   if family in QWEN_FAMILIES else
+                   "(per-view merging without newlines is not implemented); supported: llava, open_clip ViT")
+            )
+        super().validate(family, adapter)
+        if family == "llava" and adapter.config.vision_config.model_type != "clip_vision_model":
+            raise ValueError(
+                f"pitome: stage-V merging needs a CLIP vision tower; this model's tower is "
+                f"{adapter.config.vision_config.model_type!r}"
+            )
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 0:
+            raise ValueError(f"pitome: ratio={self.ratio!r} must be a float > 0 (per-layer keep ratio; >= 1: no-op)")
+        if self.keep is not None:
+            resolve_budget(self.keep, 10**9)  # type/range check
+        check_choice("pitome", "mode", self.mode, ("mean", "wavg"))
+        if isinstance(self.bsm_layers, bool) or (isinstance(self.bsm_layers, int) and self.bsm_layers < 0):
+            raise ValueError(f"pitome: bsm_layers={self.bsm_layers!r}; use an int k >= 0 (first k layers) or a tuple")
+
+    def layers(self, num_layers: int) -> list[int]:
+        return list(range(num_layers))
+
+    # ---------------------------------------------------------------- per request
+    def _plan(self, family: str, depth: int, last: int, n_tokens: int, drop_cls: bool) -> tuple[LayerMerge, ...]:
+        if self.bsm_layers is None:
+            bsm = default_bsm_layers(family, depth)
+        elif isinstance(self.bsm_layers, int):
+            bsm = tuple(range(self.bsm_layers))
+        else:
+            bsm = tuple(int(b) % depth for b in self.bsm_layers)
+        if self.margin is None or isinstance(self.margin, (int, float)):
+            margins = default_margins(family, depth, self.margin)
+        else:
+            margins = tuple(float(m) for m in self.margin)
+            if len(margins) < last + 1:
+                raise ValueError(f"pitome: margin has {len(margins)} entries; this tower merges in {last + 1} layers")
+        if self.keep is None:
+            return reference_schedule(self.ratio, n_tokens, depth, last, bsm_layers=bsm, margin=margins)
+        n_vis = n_tokens - 1 if drop_cls else n_tokens
+        k = resolve_budget(self.keep, n_vis)
+        n_keep = k if drop_cls else k - 1  # the schedule counts tokens without the CLS token
+        if n_keep < 1:
+            raise ValueError(f"pitome: keep={self.keep} leaves no patch token besides the CLS token")
+        return budget_schedule(n_keep, n_tokens, depth, last, bsm_layers=bsm, margin=margins)
+
+    def _state(self, x: Tensor, ctx: Context) -> dict:
+        key = ("pitome", id(self))
+        st = ctx.extra.get(key)
+        if st is None:
+            v, n, _ = x.shape
+            depth = int(ctx.extra["vit_layers"])
+            last = int(ctx.extra.get("vit_last_layer", depth - 1))
+            n_in = int(ctx.extra.get("vit_tokens", n))
+            st = {
+                "plan": self._plan(ctx.family, depth, last, n_in, bool(ctx.extra.get("vit_drop_cls", True))),
+                "minsrc": torch.arange(n, device=x.device).expand(v, n),
+                "sizes": x.new_ones((v, n)) if (self.mode == "wavg" or self.prop_attn) else None,
+            }
+            ctx.extra[key] = st
+        return st
+
+    def after_layer(self, layer: int, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor] | None:
+        st = self._state(x, ctx)
+        plan = st["plan"]
+        if layer >= len(plan) or plan[layer].r <= 0:
+            return None
+        step = plan[layer]
+        if step.algorithm == "bsm":
+            idx = _bsm_plan(x, step.r, class_token=True)
+        else:
+            idx = _pitome_plan(x, step.r, step.margin, class_token=True)
+        res = _merge_with_plan(x, idx, st["sizes"], self.mode, None)
+        minsrc = st["minsrc"]
+        new_min = _apply_plan(minsrc, *idx, "amin")
+        # representative = the input token holding the smallest original index of each output token
+        inv = torch.zeros((x.shape[0], int(minsrc.max()) + 1), dtype=torch.long, device=x.device)
+        inv.scatter_(1, minsrc, torch.arange(x.shape[1], device=x.device).expand_as(minsrc))
+        reps = inv.gather(1, new_min)
+        st["minsrc"], st["sizes"] = new_min, res.sizes
+        if self.prop_attn:
+            ctx.extra["vit_log_size"] = torch.log(res.sizes.float())
+        return res.x, reps
+
+
+@register
+@dataclass
+class PiToMePost(MergePolicy):
+    """PiToMe after the projector / Qwen merger (stage P; library extension, label results
+    "PiToMe-post-merger"; not validated): repeated PiToMe steps without a CLS token on the image's
+    projected tokens (:func:`post_merger_merge`) down to ``keep`` tokens; each output token takes the
+    slot (and, on Qwen, the original M-RoPE position) of its representative (its B destination, or
+    itself if protected). Families: LLaVA-1.5 (``pitome:stage=P``), Qwen2-VL, Qwen2.5-VL.
+
+    Fields: ``keep`` (tokens per image or a fraction, default 0.25), ``mode`` (``"mean"`` / ``"wavg"``),
+    ``positions`` (stage-P convention; ``"auto"``).
+    """
+
+    name: ClassVar[str] = "pitome-p"
+    description: ClassVar[str] = "PiToMe post-merger: energy-based merging of the projected tokens (stage P)"
+    families: ClassVar[tuple[str, ...]] = ("llava",) + QWEN_FAMILIES
+    keep: int | float = 0.25
+    mode: str = "mean"
+
+    def validate(self, family: str, adapter: Any) -> None:
+        if family == "llava_next":
+            raise ValueError("pitome-p: LLaVA-NeXT is not supported (per-view merging is not implemented)")
+        super().validate(family, adapter)
+        check_choice("pitome-p", "mode", self.mode, ("mean", "wavg"))
+
+    def merge(self, image: ImageTokens, n_keep: int, ctx: Context) -> tuple[Tensor, Tensor]:
+        cand = image.candidate_index()
+        tokens, rep = post_merger_merge(image.features[cand.to(image.features.device)], n_keep, self.mode)
+        return tokens, cand[rep.cpu()]

@@ -17,8 +17,8 @@ removed from the hidden states entering layer ℓ+1 and later (survivors keep th
 Causality caveat: with the text after the image, ``α_v→t ≡ 0``; the literal formula is implemented.
 
 The module holds the pure tensor kernels and, at the end, the registered policies :class:`ToDRE`
-(``"todre"``, stage 1, P) and :class:`ToDRERelevance` (``"todre-relevance"``, stage 2, D); their
-docstrings list the wiring choices, deviations and what stage 2 still needs from the hook layer.
+(``"todre"``, stage 1, P) and :class:`ToDRERelevance` (``"todre-relevance"``, stage 2, D); the full
+method is ``"todre + todre-relevance"``. Their docstrings list the wiring choices and deviations.
 
 Choices (spec section 5), default first:
 
@@ -44,6 +44,7 @@ Scores and greedy accumulators are fp32 (fp64 inputs stay fp64); ties go to the 
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Sequence
 
@@ -51,7 +52,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune import decoder as _decoder
 from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, TokenPolicy
 from vtprune.registry import register
 
@@ -387,7 +387,7 @@ class ToDRE(TokenPolicy):
     order: str = "sorted"
     nominal_tokens: int | None = None
     seed: int = 0
-    relevance: str = "off"
+    relevance: str = "on"
     tau: float = 0.10
     relevance_layer: int | None = None
     relevance_scan: str = "single"
@@ -416,11 +416,6 @@ class ToDRE(TokenPolicy):
             raise ValueError(
                 "todre: order='greedy' needs unsorted stage-P selections, which the hook layer does not "
                 "support yet (TokenPolicy.sorted_output); use order='sorted'"
-            )
-        if self.relevance == "on":
-            raise ValueError(
-                "todre: stage 2 is the separate policy 'todre-relevance'; write 'todre + todre-relevance' "
-                "(with relevance='off', the default, here)"
             )
         if self.nominal_tokens is not None and (
                 isinstance(self.nominal_tokens, bool) or not isinstance(self.nominal_tokens, int)
@@ -479,35 +474,35 @@ class ToDRE(TokenPolicy):
         return cand[chosen.cpu()]
 
 
-#: decoder signal kinds this vtprune version computes (``vtprune.decoder.SIGNAL_KINDS`` once it exists)
-def _decoder_signal_kinds() -> tuple[str, ...]:
-    return tuple(getattr(_decoder, "SIGNAL_KINDS", ("last_row",)))
-
-
 @register
 @dataclass
 class ToDRERelevance(DecoderPolicy):
-    """ToDRE stage 2 (arXiv 2505.18757 v2), stage D: drop **all** visual tokens after layer ``ℓ``
-    when the text no longer attends to them.
+    """ToDRE stage 2 (Li et al., arXiv 2505.18757 v2), stage D: drop **all** visual tokens after
+    decoder layer ``ℓ`` when the text no longer attends to them.
 
-    At prefill, with ``A`` the head-mean attention probabilities of decoder layer ``ℓ`` (default
-    ``round(7L/8) - 1``, 0-based; 27 of 32), per sample ``α_t→v`` (share of the rows after the last
-    visual token that falls on visual keys) and ``α_v→t`` (share of the visual rows on those text keys,
-    ``≡ 0`` under causal masking); if both are ``< tau`` (strict), every visual token is removed from
-    the hidden states entering layer ``ℓ + 1`` and later; survivors keep their original positions.
-    ``relevance_scan="from"`` re-checks every later layer until the rule holds.
+    At prefill, per sample, with ``A`` the head-mean attention probabilities of layer ``ℓ`` (recomputed
+    in the layer's pre-hook from its own norm/q/k with RoPE and GQA, fp32, causal + padding mask):
+    ``α_t→v = Σ_{i∈T} Σ_{j∈V} A_ij / |T|`` over the rows ``T`` after the sample's last visual token
+    (the question and the template tail) and the visual keys ``V`` (NeXT newlines included). If
+    ``α_t→v < tau`` and ``α_v→t < tau`` (strict), every visual token is removed from the hidden states
+    entering layer ``ℓ + 1`` and all later layers (their KV cache never holds them); survivors keep
+    their original positions (our reading). Otherwise nothing changes.
 
-    Fields: ``tau`` (0.10), ``relevance_layer`` (0-based ``ℓ``; ``None`` = ``round(7L/8) - 1``; it
-    must leave a layer to prune, ``ℓ <= L - 2``), ``relevance_scan`` (``"single"`` | ``"from"``).
+    Fields:
+        tau: threshold (paper 0.10).
+        relevance_layer: 0-based ``ℓ``; ``None`` = ``round(7L/8) - 1`` (Vicuna-7B 27, Qwen2.5-7B 23).
+            It must leave a layer to prune (``ℓ <= L - 2``), else ``ValueError``.
+        relevance_scan: ``"single"`` (only ``ℓ``) | ``"from"`` (re-check every later layer until the
+            rule holds; our reading of "starting from 7L/8").
+        layer, keep: inherited from :class:`DecoderPolicy`; derived (``layer = ℓ + 1``) / unused.
 
-    **Needs two hook-layer additions that do not exist yet**, so :meth:`validate` raises a
-    ``ValueError`` until the decoder advertises them (``vtprune.decoder.SIGNAL_KINDS`` containing
-    ``"mean_rows"``): (1) a decoder signal ``"mean_rows"`` = per sample the (L, L) head-mean attention
-    probabilities of the layer under the causal + padding mask, sliced on both axes to the current
-    tokens in :class:`~vtprune.policy.DecoderView` (the decoder supports ``"last_row"`` only); (2) a
-    data-dependent budget (``variable_budget = True``: the decoder takes the count of
-    :meth:`select`, 0 or all, instead of checking it against :meth:`budget`). The selection logic is
-    complete and unit-tested on hand-built views.
+    Wiring: the decoder signal ``"post_visual_rows"`` is the head-mean attention row averaged over
+    ``T``, so ``α_t→v`` is its sum over the visual keys; the budget is data dependent
+    (``budget_view``: all visual tokens or none). ``α_v→t`` is exactly 0 and is not recomputed: ``T``
+    lies after every visual token, so under causal masking no visual query sees a key of ``T`` (the
+    spec's causality caveat; its unit test is on the kernel :func:`relevance_ratios`). A sample with no
+    token after its last visual token is never pruned (``α`` undefined). Batches: decided per sample.
+    :attr:`last_ratios` holds ``{layer: (α_t→v, α_v→t) of the most recent 64 samples}``.
     """
 
     name: ClassVar[str] = "todre-relevance"
@@ -515,17 +510,16 @@ class ToDRERelevance(DecoderPolicy):
         "ToDRE stage 2: drop all visual tokens after layer round(7L/8) when the text ignores them, stage D"
     )
     families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-    signal_kind: ClassVar[str] = "mean_rows"
-    variable_budget: ClassVar[bool] = True
+    signal_kind: ClassVar[str] = "post_visual_rows"
 
     tau: float = 0.10
     relevance_layer: int | None = None
     relevance_scan: str = "single"
-    layer: int = 0  # set from relevance_layer (first pruned layer = relevance layer + 1)
-    keep: int | float = 1.0  # unused: the budget is all or nothing
+    layer: int = 0
+    keep: int | float = 1.0
 
     def __post_init__(self):
-        self.last_ratios: dict[int, tuple[float, float]] = {}
+        self.last_ratios: dict[int, deque] = {}
 
     def _relevance_layer(self, num_layers: int) -> int:
         if self.relevance_layer is None:
@@ -539,7 +533,7 @@ class ToDRERelevance(DecoderPolicy):
                 f"supported families: {', '.join(self.families)}"
             )
         check_choice(self.name, "relevance_scan", self.relevance_scan, ("single", "from"))
-        if not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"todre-relevance: tau={self.tau!r} must be a number in [0, 1] (paper: 0.10)")
         n = adapter.num_llm_layers()
         ell = self._relevance_layer(n)
@@ -549,12 +543,7 @@ class ToDRERelevance(DecoderPolicy):
                 f"{n}-layer LLM; pass relevance_layer in 0..{n - 2}"
             )
         self.layer = ell + 1
-        if self.signal_kind not in _decoder_signal_kinds():
-            raise ValueError(
-                "todre-relevance needs the decoder signal 'mean_rows' (head-mean attention rows of all "
-                "queries) and data-dependent budgets, which this vtprune version does not have yet; "
-                "use 'todre' (stage 1) alone"
-            )
+        self.last_ratios = {}
 
     def prune_layers(self, num_layers: int) -> list[int]:
         ell = self._relevance_layer(num_layers)
@@ -563,29 +552,23 @@ class ToDRERelevance(DecoderPolicy):
     def signal_layers(self, num_layers: int) -> dict[int, str]:
         return {l - 1: self.signal_kind for l in self.prune_layers(num_layers)}
 
-    def budget(self, n_visual: int, layer: int) -> int:
-        return n_visual  # upper bound; the decision is made in select (variable_budget)
-
-    def ratios(self, view: DecoderView, signal_layer: int) -> tuple[Tensor, Tensor]:
-        """``(α_t→v, α_v→t)`` of one sample from the view's ``mean_rows@signal_layer`` matrix."""
-        a = view.signals[f"{self.signal_kind}@{signal_layer}"]
+    def ratios(self, view: DecoderView, signal_layer: int) -> tuple[float, float]:
+        """``(α_t→v, α_v→t)`` of one sample; NaN when the sample has no visual or no later token."""
         vis = torch.nonzero(view.visual).flatten()
-        n = view.visual.numel()
-        if vis.numel() == 0:
-            nan = torch.tensor(float("nan"))
-            return nan, nan
-        first, last = int(vis.min()), int(vis.max())
-        ar = torch.arange(n, device=view.visual.device)
-        sys_idx = ar[:first]
-        txt_idx = ar[last + 1:]
-        other = ar[first:last + 1][~view.visual[first:last + 1]]  # non-visual tokens between images
-        sys_idx = torch.cat([sys_idx, other])
-        return relevance_ratios(a, sys_idx, vis, txt_idx)
+        if vis.numel() == 0 or int(vis.max()) == view.visual.numel() - 1:
+            return float("nan"), float("nan")
+        row = view.signals[f"{self.signal_kind}@{signal_layer}"].double()
+        return float(row[vis.to(row.device)].sum()), 0.0
+
+    def decide(self, view: DecoderView, layer: int) -> bool:
+        """True iff the sample's visual tokens are dropped at ``layer`` (rule of the signal layer)."""
+        t2v, v2t = self.ratios(view, layer - 1)
+        return should_drop_visual(t2v, v2t, self.tau)  # NaN compares False: never drop
+
+    def budget_view(self, view: DecoderView, layer: int) -> int:
+        self.last_ratios.setdefault(layer, deque(maxlen=64)).append(self.ratios(view, layer - 1))
+        return 0 if self.decide(view, layer) else int(view.visual.sum())
 
     def select(self, layer: int, view: DecoderView, ctx: Context) -> Tensor:
         vis = torch.nonzero(view.visual).flatten()
-        t2v, v2t = self.ratios(view, layer - 1)
-        self.last_ratios[layer] = (float(t2v), float(v2t))
-        if should_drop_visual(t2v, v2t, self.tau):
-            return vis[:0]
-        return vis
+        return vis[:0] if self.decide(view, layer) else vis

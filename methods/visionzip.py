@@ -373,8 +373,13 @@ class VisionZip(MergePolicy):
     attention received in the scoring block (``vit_received@B``); contextual metric = normalised merger
     outputs; tokens at their representatives (contextual: the target), original M-RoPE positions.
 
+    A view with fewer tokens than ``d + c`` (a NeXT crop mostly in the unpadding margin, a small Qwen
+    image) keeps all of them: ``d`` and then ``c`` are capped at its tokens (library decision, as
+    HiPrune's ``min(N', n_valid)``); an int ``keep`` above a view's tokens is capped the same way.
+
     Deviations / bug fixes (spec section 5): per-model hooks and one recomputed CLS row (items 6-7);
-    ``d + c`` beyond the tokens raises ``ValueError`` (item 8); ties by the lowest index / first target.
+    on LLaVA-1.5 a ``d + c`` beyond the placeholders raises ``ValueError`` at ``patch()`` (item 8; the
+    reference crashes), other views are capped as above; ties by the lowest index / first target.
     """
 
     name: ClassVar[str] = "visionzip"
@@ -433,13 +438,16 @@ class VisionZip(MergePolicy):
                     "tokens form a new sequence); use positions='auto' (contiguous, the reference)"
                 )
             n = adapter.nominal_visual_tokens()
-            if n is not None:
-                d, c = self._split_for(family, n)
-                if d + c > n:
-                    raise ValueError(
-                        f"visionzip: d + c = {d + c} tokens per view do not fit the {n} image placeholders of "
-                        f"this model (CLS included in d); use at most {n}"
-                    )
+            if self.dominant is not None:
+                want, what = self.dominant + self.contextual, "dominant + contextual"
+            else:
+                keep = self._keep_for(family)
+                want, what = (keep, "keep") if isinstance(keep, int) else (0, "")
+            if n is not None and want > n:
+                raise ValueError(
+                    f"visionzip: {what} = {want} tokens per view do not fit the {n} image placeholders of "
+                    f"this model (CLS included in the dominant tokens); use at most {n}"
+                )
             depth = len(adapter.vit_layers())
             if self.layer is None:
                 layer = llava_feature_layer(adapter, self.name, "layer")
@@ -467,11 +475,18 @@ class VisionZip(MergePolicy):
         return VISIONZIP_DEFAULT_KEEP[family] if self.keep is None else self.keep
 
     def _split_for(self, family: str, n_view: int) -> tuple[int, int]:
-        """(d, c) of a view with ``n_view`` candidate patches / merged tokens."""
+        """(d, c) of a view with ``n_view`` candidate patches (LLaVA, + its CLS token) / merged tokens
+        (Qwen), capped so that a view never emits more than its tokens."""
+        llava = family in LLAVA_FAMILIES
+        n_tok = n_view + 1 if llava else n_view
         if self.dominant is not None:
-            return int(self.dominant), int(self.contextual)
-        n_keep = resolve_budget(self._keep_for(family), n_view)
-        return llava_split(n_keep) if family in LLAVA_FAMILIES else qwen_split(n_keep)
+            d, c = int(self.dominant), int(self.contextual)
+        else:
+            keep = self._keep_for(family)
+            n_keep = min(int(keep), n_tok) if isinstance(keep, int) else resolve_budget(keep, n_view)
+            d, c = llava_split(n_keep) if llava else qwen_split(n_keep)
+        d = min(d, n_tok)
+        return d, min(c, n_tok - d)
 
     # ------------------------------------------------------------ budget and merge
     def budget(self, image: ImageTokens) -> int:
@@ -509,7 +524,7 @@ class VisionZip(MergePolicy):
                 "visionzip needs every view's full patch grid plus its CLS token from the encoder; it cannot "
                 "follow a stage-V policy that changes the encoder tokens"
             )
-        head, head_feats = [], []  # the block written into the base view's first slots, in order
+        head_feats = []  # the base block, written into the base view's first slots
         crop_dom_rep, crop_dom_feat = [], []
         crop_cls, crop_ctx = [], []
         for g in grids:

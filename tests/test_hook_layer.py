@@ -425,3 +425,42 @@ def test_vision_signals_keep_sdpa():
     assert model.model.language_model.config._attn_implementation == "sdpa"
     assert images[0].signals["vit_received@0"].shape == (16,)
     assert images[0].signals["vit_cls@1"].shape == (16,)
+
+
+# ------------------------------------------------------------------ manual decoding (no generate)
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("method", ["random:keep=0.5", "fastv:layer=2,keep=0.5"])
+def test_manual_cached_decoding_matches_generate(family, method):
+    """A hand-written greedy loop (cache, full mask, no position ids) continues the numbering right:
+    Qwen decodes through the rope_deltas the patch sets, LLaVA through the patch's own positions."""
+    model, inp = batch(family)
+    with vtprune.patch(model, method, seed=4):
+        with torch.no_grad():
+            gen = model.generate(**inp, max_new_tokens=6, do_sample=False)
+            out = model(**inp, use_cache=True)
+            cache, mask = out.cache, inp["attention_mask"]
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            toks = [nxt]
+            for _ in range(5):
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+                step = model(input_ids=nxt, attention_mask=mask, cache=cache, use_cache=True)
+                cache = step.cache
+                nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+                toks.append(nxt)
+    assert torch.cat(toks, 1).tolist() == gen[:, inp["input_ids"].shape[1]:].tolist()
+
+
+def test_bf16_keep_all_equals_unpatched():
+    from vtprune.testing import tiny_llava
+
+    model, proc = tiny_llava(dtype=torch.bfloat16)
+    inp = make_inputs("llava", proc, QUESTIONS[:2], tiny_images(2))
+    inp["pixel_values"] = inp["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(**inp).logits
+        gref = model.generate(**inp, max_new_tokens=10, do_sample=False)
+    with vtprune.patch(model, "none"), torch.no_grad():
+        out = model(**inp).logits
+        gen = model.generate(**inp, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out[:, -1], ref[:, -1])
+    assert torch.equal(gen, gref)

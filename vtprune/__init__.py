@@ -4,6 +4,7 @@
     handle.remove()
 """
 from .api import Patch, PatchStats, patch
+from .flops import count_flops
 from .policy import (
     Context,
     DecoderPolicy,
@@ -21,7 +22,19 @@ from . import methods  # noqa: E402,F811  (the callable subpackage; vtprune.meth
 
 __version__ = "0.1.0"
 
+
+def profile(model, inputs, methods, **kwargs):
+    """Interleaved latency / memory / FLOPs profile of patched ``generate()`` calls.
+
+    Lazy wrapper of :func:`vtprune.eval.profile.profile` (imported on call; see there for the phases).
+    """
+    from vtprune.eval.profile import profile as _profile
+
+    return _profile(model, inputs, methods, **kwargs)
+
+
 __all__ = [
     "Context", "DecoderPolicy", "DecoderView", "ImageTokens", "MergePolicy", "Patch", "PatchStats",
-    "Policy", "TokenPolicy", "TokenSchedule", "VisionPolicy", "methods", "parse_spec", "patch", "register",
+    "Policy", "TokenPolicy", "TokenSchedule", "VisionPolicy", "count_flops", "methods", "parse_spec", "patch",
+    "profile", "register",
 ]

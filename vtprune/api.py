@@ -412,9 +412,11 @@ class Patch:
         if pos is not None:
             if st.renumber:
                 kwargs["position_ids"] = pos - st.pos_offset.view(*([1] * (pos.dim() - 2)), -1, 1).to(pos.device)
-        elif not st.renumber and self.adapter.family in ("llava", "llava_next"):
+        elif not st.renumber:
+            # the unpruned numbering continues after the prefill (the model alone would count the
+            # shorter cache); Qwen gets its 3 M-RoPE rows, equal for text tokens
             step = torch.arange(q, device=st.next_pos.device) + st.decoded
-            kwargs["position_ids"] = st.next_pos[:, None] + step[None]
+            kwargs["position_ids"] = self.adapter.decode_positions(st.next_pos[:, None] + step[None])
         return kwargs
 
 
@@ -455,7 +457,7 @@ def _as_policies(method, params: dict) -> list[Policy]:
     if isinstance(method, Policy):
         if params:
             raise ValueError("pass parameters either in the policy object or as keyword arguments, not both")
-        return [method]
+        return method.parts()
     if isinstance(method, (list, tuple)):
         if params:
             raise ValueError("keyword parameters apply to a single method; put them in each spec of the list")
@@ -471,7 +473,7 @@ def _as_policies(method, params: dict) -> list[Policy]:
     out = []
     for name, p in parsed:
         merged = {**p, **params} if len(parsed) == 1 else p
-        out.append(registry.build(name, merged))
+        out.extend(registry.build(name, merged).parts())
     return out
 
 

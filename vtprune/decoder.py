@@ -31,6 +31,10 @@ Signal kinds (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tupl
 
 A policy may define ``budget_view(view, layer) -> int`` to compute its budget from the whole view
 (e.g. per-image quotas); otherwise ``budget(n_visual, layer)`` is used.
+
+``install()`` also calls the adapter's optional ``install_hooks() -> handles`` and removes those handles
+with its own: the install/remove seam of adapters without an LLM (``clip_vit``: open_clip ViTs), whose
+work is done by their own hooks rather than the VLM prefill path.
 """
 from __future__ import annotations
 
@@ -236,7 +240,7 @@ class DecoderController:
     def _post_visual_rows(self, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
         keymask = self._current_keymask(st)
         visual = self._current_visual(st)
-        b, n = keymask.shape
+        n = keymask.shape[1]
         ar = torch.arange(n, device=keymask.device)
         last_vis = torch.where(visual, ar, -1).amax(-1)
         rows_mask = keymask & (ar[None] > last_vis[:, None])

@@ -138,6 +138,10 @@ class Policy:
         """Signals this policy needs, ``{name: spec}``; the adapter computes only those."""
         return {}
 
+    def parts(self) -> list["Policy"]:
+        """The policies this one stands for (a multi-stage method expands into one per stage)."""
+        return [self]
+
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import Adapter
+from .clip_vit import OpenClipViTAdapter, is_open_clip_vit
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
@@ -12,13 +13,16 @@ ADAPTERS: dict[str, type[Adapter]] = {
 
 def get_adapter(model) -> Adapter:
     """The adapter for ``model`` (a ``*ForConditionalGeneration``); ``ValueError`` if unsupported."""
+    if is_open_clip_vit(model):  # open_clip ``VisionTransformer`` (e.g. ``clip_model.visual``): stage V only
+        return OpenClipViTAdapter(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
         raise ValueError(
             f"unsupported model {type(model).__name__} (model_type={model_type!r}); vtprune supports "
             "LlavaForConditionalGeneration (llava), LlavaNextForConditionalGeneration (llava_next), "
-            "Qwen2VLForConditionalGeneration (qwen2_vl) and Qwen2_5_VLForConditionalGeneration (qwen2_5_vl)"
+            "Qwen2VLForConditionalGeneration (qwen2_vl), Qwen2_5_VLForConditionalGeneration (qwen2_5_vl) "
+            "and open_clip VisionTransformer (pass open_clip_model.visual)"
         )
     if not hasattr(model, "model") or not hasattr(model.model, "language_model"):
         raise ValueError(
@@ -28,4 +32,4 @@ def get_adapter(model) -> Adapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["Adapter", "ADAPTERS", "get_adapter"]
+__all__ = ["Adapter", "ADAPTERS", "OpenClipViTAdapter", "get_adapter"]

@@ -68,6 +68,10 @@ class Adapter:
         """Return the kwargs for the model forward on the shortened sequence."""
         raise NotImplementedError
 
+    def decode_positions(self, pos: Tensor) -> Tensor:
+        """(B, q) positions of new tokens in the model's native position-id format."""
+        return pos
+
     def after_prefill(self, state) -> None:
         """Hook for family-specific bookkeeping after the prefill inputs were rebuilt."""
 

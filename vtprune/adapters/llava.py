@@ -178,12 +178,17 @@ class LlavaAdapter(Adapter):
         src = torch.arange(n, device=x.device)[None].expand(v, -1)
         got: dict[tuple[str, int], Tensor] = {}
         sched = [[] for _ in range(v)]
+        # what a stage-V policy may plan with: tower depth, last layer run, tokens in, CLS dropped after
+        ctx.extra.update(vit_layers=len(vit), vit_last_layer=feat_layer, vit_tokens=n,
+                         vit_drop_cls=vkw["vision_feature_select_strategy"] == "default")
         for l in range(feat_layer + 1):
             if l in ins:
                 got[("in", l)] = x
             for i in range(v):
                 sched[i].append(x.shape[1])
-            x = vit[l](x, attention_mask=None)
+            log_size = ctx.extra.get("vit_log_size")  # proportional attention of a merging policy
+            bias = None if log_size is None else log_size.to(x.dtype)[:, None, None, :]
+            x = vit[l](x, attention_mask=bias)
             x = x[0] if isinstance(x, tuple) else x
             for p in policies:
                 if l in p.layers(len(vit)):

@@ -181,6 +181,9 @@ class Qwen2VLAdapter(Adapter):
         out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=new["features"])}
         return out
 
+    def decode_positions(self, pos: Tensor) -> Tensor:
+        return pos[None].expand(3, -1, -1)
+
     def after_prefill(self, state) -> None:
         """``rope_deltas`` so that cache-length-based decode positions continue the unpruned numbering."""
         pos = state.positions  # (3|4, B, L') kept positions

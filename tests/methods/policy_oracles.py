@@ -1,0 +1,202 @@
+"""Shared helpers of the model-level policy tests (HiPrune, VisionZip, ToDRE) on tiny random models.
+
+The independent references here use *eager* encoders and ``output_attentions`` / captured eager
+attention weights and the pure kernels, never the adapter's recomputed signals; the sequence-level
+oracle (the unpatched model fed an explicitly shortened input) is ``tests/oracles.py``.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import vtprune
+from vtprune.testing import BUILDERS, make_inputs, tiny_images
+
+from oracles import last_logits, shortened_inputs
+
+QUESTIONS = ["what is it?", "a longer question about the picture here?", "and the colour?"]
+SIZES = {
+    "llava": None,
+    "llava_next": [(56, 56), (70, 112), (112, 84)],
+    "qwen2_vl": [(112, 112), (84, 112), (56, 84)],
+    "qwen2_5_vl": [(112, 112), (84, 112), (56, 84)],
+}
+GEN = dict(max_new_tokens=10, do_sample=False)
+ATOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(family: str, attn: str = "sdpa"):
+    return BUILDERS[family](attn_implementation=attn)
+
+
+def batch(family: str, n: int = 2, attn: str = "sdpa", first: int = 0):
+    """A left-padded batch of ``n`` prompts with images ``first .. first + n - 1``."""
+    model, proc = tiny(family, attn)
+    sizes = SIZES[family]
+    imgs = tiny_images(first + n, sizes=sizes[: first + n] if sizes else None)[first:]
+    return model, make_inputs(family, proc, QUESTIONS[first : first + n], imgs)
+
+
+def patched_run(model, inp, spec: str, *, generate: bool = True):
+    """(last-position logits, generated new tokens or None, stats, policies) of a patched run."""
+    with vtprune.patch(model, spec) as h:
+        with torch.no_grad():
+            logits = model(**inp).logits
+            stats = h.stats
+            gen = model.generate(**inp, **GEN) if generate else None
+        policies = h.policies
+    new = gen[:, inp["input_ids"].shape[1]:] if gen is not None else None
+    return last_logits(logits), new, stats, policies
+
+
+def captured_features(model, inp, spec: str) -> list[torch.Tensor]:
+    """The per-image features a patched prefill hands to the model (``mm_encoder_outputs``)."""
+    cap = {}
+    hook = model.model.register_forward_pre_hook(lambda m, a, k: cap.update(k), with_kwargs=True)
+    try:
+        with vtprune.patch(model, spec), torch.no_grad():
+            model(**inp)
+    finally:
+        hook.remove()
+    return list(cap["mm_encoder_outputs"]["image"].pooler_output)
+
+
+def assert_matches_shortened(model, family, inp, logits, new_tokens, kept, features=None):
+    """Patched logits / generated ids == the unpatched model on the explicitly shortened input."""
+    positions = "original" if family.startswith("qwen") else "renumber"
+    short = shortened_inputs(model, family, inp, kept, positions=positions)
+    if features is not None:
+        short["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(features))}
+    with torch.no_grad():
+        ref = last_logits(model(**short).logits)
+        gref = model.generate(**short, **GEN)[:, short["input_ids"].shape[1]:]
+    torch.testing.assert_close(logits, ref, **ATOL)
+    if new_tokens is not None:
+        assert torch.equal(new_tokens, gref)
+
+
+def assert_batch_equals_alone(family: str, spec: str, n: int = 2):
+    model, inp = batch(family, n)
+    logits, gen, stats, _ = patched_run(model, inp, spec)
+    for i in range(n):
+        _, one = batch(family, 1, first=i)
+        l1, g1, s1, _ = patched_run(model, one, spec)
+        torch.testing.assert_close(logits[i : i + 1], l1, rtol=1e-4, atol=1e-5)
+        assert gen[i].tolist() == g1[0].tolist()
+        assert stats.visual_tokens_per_image[i] == s1.visual_tokens_per_image[0]
+        assert torch.equal(stats.kept_index_per_image[i], s1.kept_index_per_image[0])
+
+
+def assert_sdpa_equals_eager(family: str, spec: str):
+    res = {}
+    for attn in ("sdpa", "eager"):
+        model, inp = batch(family, attn=attn)
+        res[attn] = patched_run(model, inp, spec)
+    (ls, gs, ss, _), (le, ge, se, _) = res["sdpa"], res["eager"]
+    assert all(torch.equal(a, b) for a, b in zip(ss.kept_index_per_image, se.kept_index_per_image))
+    torch.testing.assert_close(ls, le, rtol=1e-4, atol=1e-5)
+    assert torch.equal(gs, ge)
+
+
+def image_tokens(model, inp, signals=()):
+    """The adapter's per-image ``ImageTokens`` (layout only: view, candidate, grid)."""
+    from vtprune.adapters import get_adapter
+    from vtprune.policy import Context
+
+    ad = get_adapter(model)
+    with torch.no_grad():
+        images, _ = ad.encode(dict(inp), {s: None for s in signals}, [], Context(family=ad.family))
+    return images
+
+
+# ---------------------------------------------------------------------------- eager references
+def eager_clip(family: str, inp):
+    """Eager CLIP run of every view: ``(hidden_states, attentions, keys)`` per layer.
+
+    ``keys[l]``: (V, T, hd) head-mean ``k_proj`` outputs of layer ``l`` (captured with a hook).
+    """
+    model, _ = tiny(family, "eager")
+    tower = model.model.vision_tower
+    pv = inp["pixel_values"]
+    if family == "llava_next":  # (B, P, 3, H, W) padded views -> the real views, in order
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = model.config
+        n = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                       patch_size=cfg.vision_config.image_size) for s in inp["image_sizes"]]
+        pv = torch.cat([pv[i, : n[i]] for i in range(pv.shape[0])])
+    keys = {}
+    handles = []
+    for l, layer in enumerate(getattr(tower, "vision_model", tower).encoder.layers):
+        attn = layer.self_attn
+
+        def hook(m, a, out, l=l, attn=attn):
+            v, t, _ = out.shape
+            keys[l] = out.view(v, t, attn.num_heads, -1).float().mean(2)
+        handles.append(attn.k_proj.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = tower(pv, output_hidden_states=True, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return out.hidden_states, out.attentions, keys
+
+
+class qwen_eager_attention:
+    """Context manager: record the eager attention weights of every Qwen vision block.
+
+    ``weights[b]``: list of (H, T, T) probabilities per attention segment, in packed order.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.mod = sys.modules[type(model.model.visual.blocks[0].attn).__module__]
+        self.block_of = {blk.attn: i for i, blk in enumerate(model.model.visual.blocks)}
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def __enter__(self):
+        self.orig = self.mod.eager_attention_forward
+
+        def wrapped(module, *args, **kwargs):
+            out = self.orig(module, *args, **kwargs)
+            if module in self.block_of:
+                self.weights.setdefault(self.block_of[module], []).append(out[1][0].float())
+            return out
+        self.mod.eager_attention_forward = wrapped
+        return self
+
+    def __exit__(self, *exc):
+        self.mod.eager_attention_forward = self.orig
+
+
+def qwen_received(family: str, inp, block: int) -> list[torch.Tensor]:
+    """Per image, the attention each merged token receives in ``block`` (raster order), from eager
+    weights and the pure kernels (HiPrune's reduction)."""
+    from vtprune.methods.hiprune import attention_received, merge_unit_scores
+
+    model, _ = tiny(family, "eager")
+    with qwen_eager_attention(model) as rec, torch.no_grad():
+        model.model.get_image_features(inp["pixel_values"], inp["image_grid_thw"])
+    s_patch = torch.cat([attention_received(w, family="qwen") for w in rec.weights[block]])
+    widx = None
+    if family == "qwen2_5_vl":
+        from transformers.vision_utils import get_vision_window_index
+
+        vc = model.config.vision_config
+        widx, _ = get_vision_window_index(inp["image_grid_thw"], vc.spatial_merge_size, vc.window_size, vc.patch_size)
+    units = merge_unit_scores(s_patch, widx)
+    sizes = [int(t * h * w) // 4 for t, h, w in inp["image_grid_thw"].tolist()]
+    return list(units.split(sizes))
+
+
+def image_features(family: str, inp) -> list[torch.Tensor]:
+    from oracles import image_features as feats
+
+    model, _ = tiny(family)
+    with torch.no_grad():
+        return feats(model, family, inp)
