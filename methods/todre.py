@@ -545,12 +545,12 @@ class ToDRERelevance(DecoderPolicy):
         self.layer = ell + 1
         self.last_ratios = {}
 
-    def prune_layers(self, num_layers: int) -> list[int]:
+    def pruning_layers(self, num_layers: int) -> list[int]:
         ell = self._relevance_layer(num_layers)
         return list(range(ell + 1, num_layers)) if self.relevance_scan == "from" else [ell + 1]
 
     def signal_layers(self, num_layers: int) -> dict[int, str]:
-        return {l - 1: self.signal_kind for l in self.prune_layers(num_layers)}
+        return {l - 1: self.signal_kind for l in self.pruning_layers(num_layers)}
 
     def ratios(self, view: DecoderView, signal_layer: int) -> tuple[float, float]:
         """``(α_t→v, α_v→t)`` of one sample; NaN when the sample has no visual or no later token."""

@@ -269,18 +269,6 @@ def decode_offsets(
 
 
 # ------------------------------------------------------------------------------------------ policy
-class LayerTuple(tuple):
-    """1-based pruning layers that double as the ``DecoderPolicy.prune_layers(num_layers)`` hook.
-
-    The spec's field name ``prune_layers`` collides with the base-class method; the field value is
-    this tuple, and calling it returns the 0-based indices of the layers whose *input* is pruned,
-    which are the 1-based numbers themselves (prune after 1-based layer p = before 0-based layer p).
-    """
-
-    def __call__(self, num_layers: int) -> list[int]:
-        return list(self)
-
-
 def _int_tuple(value, what: str) -> tuple[int, ...]:
     return tuple(int(v) for v in _tuple(value, what))
 
@@ -314,7 +302,7 @@ class TransPrune(DecoderPolicy):
       included) to the image tokens, computed with layer ``p_s + 1``'s norm/q/k.
 
     Fields: ``prune_layers``, ``keep_ratios``, ``accum_layers`` (tuples; spec strings use ``7/9/12``),
-    ``alpha`` (0.5), ``score`` (``"ttv+iga"``; ``"ttv"`` = TTV-only mode, ``"iga"``), ``ttv_direction``
+    ``alpha`` (0.5), ``score`` (``"both"``; ``"ttv"`` = TTV-only mode, ``"iga"`` = IGA-only), ``ttv_direction``
     (``"signed"`` reference / ``"abs"`` paper), ``ttv_norm_scope`` (``"sequence"`` / ``"image"`` /
     ``"batch"``), ``positions`` (only ``"original"``). The inherited ``layer``/``keep`` are unused and
     must stay None. Tiny LLMs need explicit layers, e.g. ``prune_layers=(1, 2, 3)``.
@@ -332,17 +320,17 @@ class TransPrune(DecoderPolicy):
     )
     layer: int | None = None
     keep: int | float | None = None
-    prune_layers: tuple[int, ...] = LayerTuple((7, 9, 12))
+    prune_layers: tuple[int, ...] = (7, 9, 12)
     keep_ratios: tuple[float, ...] = HIGH_RATIOS
     accum_layers: tuple[int, ...] | None = None
     alpha: float = 0.5
-    score: str = "ttv+iga"
+    score: str = "both"
     ttv_direction: str = "signed"
     ttv_norm_scope: str = "sequence"
     positions: str = "original"
 
     def __post_init__(self):
-        self.prune_layers = LayerTuple(_int_tuple(self.prune_layers, "prune_layers"))
+        self.prune_layers = _int_tuple(self.prune_layers, "prune_layers")
         self.keep_ratios = tuple(float(r) for r in _tuple(self.keep_ratios, "keep_ratios"))
         if self.accum_layers is not None:
             self.accum_layers = _int_tuple(self.accum_layers, "accum_layers")
@@ -370,7 +358,7 @@ class TransPrune(DecoderPolicy):
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"transprune: alpha={self.alpha} must lie in [0, 1]")
         for field_name, value, choices in (
-            ("score", self.score, ("ttv+iga", "ttv", "iga")),
+            ("score", self.score, ("both", "ttv", "iga")),
             ("ttv_direction", self.ttv_direction, ("signed", "abs")),
             ("ttv_norm_scope", self.ttv_norm_scope, ("sequence", "image", "batch")),
         ):
@@ -383,6 +371,10 @@ class TransPrune(DecoderPolicy):
             )
         if self.positions not in ("original", "auto"):
             raise ValueError(f"transprune: positions={self.positions!r}; only 'original' is supported")
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        """0-based layers whose input is pruned: pruning after 1-based layer p = before 0-based layer p."""
+        return list(self.prune_layers)
 
     def _accum(self) -> tuple[int, ...]:
         if self.accum_layers is not None:
@@ -435,7 +427,7 @@ class TransPrune(DecoderPolicy):
                     t_acc = t_acc + (view.signals[f"attn_io@{a - 1}"] + view.signals[f"mlp_io@{a - 1}"])[vis].float()
         if self.score != "ttv":
             iga_img = view.signals[f"post_visual_rows@{layer}"][vis].float()
-        alpha = {"ttv+iga": self.alpha, "ttv": 1.0, "iga": 0.0}[self.score]
+        alpha = {"both": self.alpha, "ttv": 1.0, "iga": 0.0}[self.score]
         score = transprune_scores(t_acc[None], iga_img[None], alpha)[0]
         kept = []
         for members, quota in images:

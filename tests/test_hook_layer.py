@@ -348,6 +348,8 @@ def test_methods_listing_and_spec_parsing():
     assert all(isinstance(v, str) and v for v in listed.values())
     assert vtprune.parse_spec("fastv:layer=2,keep=0.5 + random:keep=3") == [
         ("fastv", {"layer": 2, "keep": 0.5}), ("random", {"keep": 3})]
+    assert vtprune.parse_spec("x:layers=7|9|12,r=0.5|0.25,on=true,s=abc") == [
+        ("x", {"layers": (7, 9, 12), "r": (0.5, 0.25), "on": True, "s": "abc"})]
 
 
 def test_composition_runs_stage_p_then_d():
@@ -464,3 +466,45 @@ def test_bf16_keep_all_equals_unpatched():
         gen = model.generate(**inp, max_new_tokens=10, do_sample=False)
     assert torch.equal(out[:, -1], ref[:, -1])
     assert torch.equal(gen, gref)
+
+
+def test_every_registered_spec_round_trips():
+    from vtprune.registry import build, registered
+
+    for name, cls in registered().items():
+        pol = cls()
+        (n, params), = vtprune.parse_spec(pol.spec())
+        assert n == pol.name
+        again = build(n, params)
+        assert {k: v for k, v in again.params().items() if v is not None} == \
+               {k: v for k, v in pol.params().items() if v is not None}, name
+
+
+def test_unsorted_policy_emits_its_own_order():
+    """A policy declaring sorted_output=False gets its tokens in its own order in the sorted slots."""
+    from dataclasses import dataclass
+
+    from vtprune.policy import TokenPolicy
+
+    @dataclass
+    class Reverse(TokenPolicy):
+        name = "reverse-test"
+        keep: int = 4
+
+        def select(self, image, n_keep, ctx):
+            return image.candidate_index()[:n_keep].flip(0)
+
+    Reverse.sorted_output = False
+    model, inp = batch("llava")
+    cap = {}
+    hk = model.model.register_forward_pre_hook(lambda m, a, k: cap.update(k), with_kwargs=True)
+    with vtprune.patch(model, Reverse(keep=4)) as h, torch.no_grad():
+        model(**inp)
+    hk.remove()
+    from oracles import image_features
+
+    feats = image_features(model, "llava", inp)
+    got = cap["mm_encoder_outputs"]["image"].pooler_output
+    for f, g in zip(feats, got):
+        torch.testing.assert_close(g, f[[3, 2, 1, 0]])
+    assert [k.tolist() for k in h.stats.kept_index_per_image] == [[3, 2, 1, 0]] * 2

@@ -229,6 +229,7 @@ class Patch:
         kept_cols: list[list[Tensor]] = [[] for _ in range(b)]
         features: list[Tensor] = []
         n_out, n_in, kept_idx = [], [], []
+        emit_in_order = not all(getattr(p, "sorted_output", True) for p in self.vision_policies + self.token_policies)
         per_sample = [0] * b
         for img, (sample, cols) in zip(images, spans):
             img.sample_index = sample
@@ -243,8 +244,12 @@ class Patch:
             slot = img.extra.get("placeholder_index")  # stage V: which placeholder each token fills
             slot = order if slot is None else slot[order]
             img_cols = cols[slot.to(cols.device)]
-            perm = torch.argsort(img_cols)
-            kept_cols[sample].append(img_cols[perm])
+            if emit_in_order:  # the policies' order is the sequence order; slots stay sorted
+                perm = torch.arange(img_cols.numel(), device=img_cols.device)
+                kept_cols[sample].append(torch.sort(img_cols).values)
+            else:
+                perm = torch.argsort(img_cols)
+                kept_cols[sample].append(img_cols[perm])
             features.append(cur.features[perm.to(cur.features.device)])
             kept_idx.append(order[perm.cpu()])
             n_in.append(int(cols.numel()))

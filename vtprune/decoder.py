@@ -109,7 +109,7 @@ class DecoderController:
         self.signal_at: dict[int, list[tuple[DecoderPolicy, str]]] = {}
         self.io_at: dict[tuple[int, str], DecoderPolicy] = {}
         for p in policies:
-            for l in p.prune_layers(n):
+            for l in p.pruning_layers(n):
                 self.prune_at.setdefault(l, []).append(p)
             for l, kinds in p.signal_layers(n).items():
                 for kind in (kinds,) if isinstance(kinds, str) else kinds:

@@ -146,7 +146,11 @@ class Policy:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def spec(self) -> str:
-        inner = ",".join(f"{k}={v}" for k, v in self.params().items())
+        """The spec string of this policy; ``registry.parse_spec`` reads it back (lists as ``a|b|c``)."""
+        def fmt(v):
+            return "|".join(str(x) for x in v) if isinstance(v, (tuple, list)) else str(v)
+
+        inner = ",".join(f"{k}={fmt(v)}" for k, v in self.params().items() if v is not None)
         return f"{self.name}:{inner}" if inner else self.name
 
 
@@ -161,6 +165,8 @@ class TokenPolicy(Policy):
     """
 
     stage: ClassVar[str] = "P"
+    #: False: the policy's returned order is the emission order (the kept tokens still occupy the
+    #: sorted placeholder slots; positions follow the slots). May be set per instance.
     sorted_output: ClassVar[bool] = True
     keep: int | float = 64
     positions: str = "auto"
@@ -195,10 +201,14 @@ class TokenPolicy(Policy):
         _check_selection(self.name, idx, image, n_keep)
         keep = image.candidate.clone().cpu().logical_not_()  # non-candidates always kept
         keep[idx] = True
+        slots = torch.nonzero(keep).flatten()
         if self.sorted_output:
-            return torch.nonzero(keep).flatten(), None
-        # declared order: the selection's own order, non-candidates at their native slots
-        raise NotImplementedError("unsorted selections are not supported yet")
+            return slots, None
+        # declared order: the chosen candidates fill the candidate slots in the policy's order,
+        # non-candidates (newlines) stay at their native slots
+        order = slots.clone()
+        order[image.candidate.cpu()[slots]] = idx
+        return order, None
 
 
 def _check_selection(name: str, idx: Tensor, image: ImageTokens, n_keep: int) -> None:
@@ -299,7 +309,7 @@ class DecoderPolicy(Policy):
         super().validate(family, adapter)
         check_keep_value(self.keep)
         n_layers = adapter.num_llm_layers()
-        for layer in self.prune_layers(n_layers):
+        for layer in self.pruning_layers(n_layers):
             if not (0 < layer < n_layers):
                 raise ValueError(
                     f"{self.name}: layer={layer} must be in 1..{n_layers - 1} for this {n_layers}-layer LLM"
@@ -315,7 +325,7 @@ class DecoderPolicy(Policy):
         """Visual tokens kept at ``layer`` out of the ``n_visual`` present."""
         return resolve_budget(self.keep, n_visual)
 
-    def prune_layers(self, num_layers: int) -> list[int]:
+    def pruning_layers(self, num_layers: int) -> list[int]:
         """0-based decoder layers at whose input this policy prunes."""
         return [self.layer]
 

@@ -4,7 +4,8 @@ Third-party methods register through the entry-point group ``vtprune.methods`` (
 resolves to a policy class with a ``name``), or by calling :func:`register` directly.
 
 Spec strings: ``"fastv:layer=2,keep=0.5"``; several policies compose with ``+``:
-``"hiprune:keep=192 + fastv:layer=2,keep=0.5"``.
+``"hiprune:keep=192 + fastv:layer=2,keep=0.5"``; list values separate items with ``|``:
+``"transprune:prune_layers=7|9|12"``.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def methods() -> dict[str, str]:
 
 def _coerce(text: str) -> Any:
     t = text.strip()
+    if "|" in t:  # a list value: "prune_layers=7|9|12"
+        return tuple(_coerce(x) for x in t.split("|") if x.strip())
     low = t.lower()
     if low in ("true", "false"):
         return low == "true"

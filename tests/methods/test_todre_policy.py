@@ -257,7 +257,7 @@ def test_stage2_scan_from_drops_at_the_first_layer_that_satisfies_the_rule():
     model, inp = batch("qwen2_5_vl")
     spec = "todre:relevance=off,keep=0.5 + todre-relevance:relevance_layer=0,relevance_scan=from,tau=1.0"
     _, _, stats, pols = patched_run(model, inp, spec, generate=False)
-    assert pols[1].prune_layers(4) == [1, 2, 3] and pols[1].signal_layers(4) == {0: "post_visual_rows",
+    assert pols[1].pruning_layers(4) == [1, 2, 3] and pols[1].signal_layers(4) == {0: "post_visual_rows",
                                                                                   1: "post_visual_rows",
                                                                                   2: "post_visual_rows"}
     for s, n in zip(stats.schedules, stats.visual_tokens_per_image):

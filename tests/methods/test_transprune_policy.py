@@ -27,7 +27,7 @@ TINY = dict(prune_layers=(1, 2, 3), keep_ratios=(0.75, 0.5, 0.25))
 
 
 def oracle_keeps(family: str, inp, *, prune=(1, 2, 3), ratios=(0.75, 0.5, 0.25), accum=(1, 2, 3),
-                 alpha=0.5, score="ttv+iga", details: list | None = None) -> list[torch.Tensor]:
+                 alpha=0.5, score="both", details: list | None = None) -> list[torch.Tensor]:
     """Per stage, the (L,) bool mask of the LLM-input tokens alive after that stage (batch size 1).
 
     ``details`` (optional list) receives per stage ``(image positions, accumulated TTV, IGA)``.
@@ -78,7 +78,7 @@ def oracle_keeps(family: str, inp, *, prune=(1, 2, 3), ratios=(0.75, 0.5, 0.25),
         iga = att[rows][:, img].mean(0) if rows.any() else torch.zeros(img.numel())
         if details is not None:
             details.append((img, t_acc[img], iga))
-        a = {"ttv+iga": alpha, "ttv": 1.0, "iga": 0.0}[score]
+        a = {"both": alpha, "ttv": 1.0, "iga": 0.0}[score]
         quota = TP.stage_counts(n0, (ratios[s],))[1]
         local = TP.transprune_select(t_acc[img] if score != "iga" else torch.zeros(img.numel()),
                                      iga if score != "ttv" else torch.zeros(img.numel()), quota, a)
@@ -169,7 +169,7 @@ def test_ttv_only_and_iga_only_modes(score):
 def test_high_schedule_counts_and_accumulation_default():
     pol = TP.TransPrune(prune_layers=(1, 2, 3))
     assert pol._accum() == (1, 2, 3) and TP.TransPrune()._accum() == (7, 8, 9, 10, 11, 12)
-    assert pol.prune_layers(4) == [1, 2, 3] and pol.prune_layers == (1, 2, 3)
+    assert pol.pruning_layers(4) == [1, 2, 3] and pol.prune_layers == (1, 2, 3)
     model, inp = batch("llava", n=2)
     with vtprune.patch(model, pol) as h, torch.no_grad():
         model(**inp)
@@ -220,7 +220,7 @@ def test_two_images_per_sample_get_per_image_quotas():
         ({"prune_layers": (2, 1), "keep_ratios": (0.5, 0.25)}, "strictly increasing"),
         ({"prune_layers": (1, 2, 3), "keep_ratios": (0.5, 0, 0.1)}, r"must lie in \(0, 1\]"),
         ({"prune_layers": (1, 2, 3), "accum_layers": (0, 1)}, "accum_layers"),
-        ({"prune_layers": (1, 2, 3), "score": "both"}, "score='both'"),
+        ({"prune_layers": (1, 2, 3), "score": "ttv-iga"}, "score='ttv-iga'"),
         ({"prune_layers": (1, 2, 3), "ttv_norm_scope": "global"}, "ttv_norm_scope='global'"),
         ({"prune_layers": (1, 2, 3), "alpha": 2.0}, "alpha=2.0"),
         ({"prune_layers": (1, 2, 3), "keep": 0.5}, "use prune_layers"),
