@@ -508,3 +508,22 @@ def test_unsorted_policy_emits_its_own_order():
     for f, g in zip(feats, got):
         torch.testing.assert_close(g, f[[3, 2, 1, 0]])
     assert [k.tolist() for k in h.stats.kept_index_per_image] == [[3, 2, 1, 0]] * 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_schedule_counts_vision_projector_and_new_tokens(family):
+    """The per-sample schedule feeds count_flops: vision views, projector tokens, generated tokens."""
+    from vtprune.flops import count_flops
+
+    model, inp = batch(family)
+    with vtprune.patch(model, "random:keep=0.5") as h, torch.no_grad():
+        gen = model.generate(**inp, max_new_tokens=5, do_sample=False)
+    n_new = gen.shape[1] - inp["input_ids"].shape[1]
+    for s, n_in in zip(h.stats.schedules, [h.stats.visual_tokens_in_per_image[0], h.stats.visual_tokens_in_per_image[1]]):
+        assert s.new_tokens == n_new
+        assert s.vision_tokens_per_layer and all(len(v) > 0 for v in s.vision_tokens_per_layer)
+        assert s.projector_tokens >= s.visual_tokens_per_image[0]
+        rep = count_flops(model, s)
+        assert rep.vision_flops > 0 and rep.projector_flops > 0 and rep.llm_prefill_flops > 0
+    if family == "llava_next":  # base view + crops of each image
+        assert [len(s.vision_tokens_per_layer) for s in h.stats.schedules] == [3, 5]

@@ -199,6 +199,8 @@ class Patch:
         elif st.phase == "decode":
             ids = kwargs.get("input_ids")
             st.decoded += ids.shape[1] if ids is not None else 1
+            for sched in self.stats.schedules:  # the prefill's token + one per decode step so far
+                sched.new_tokens = st.decoded + 1
         if st.active:
             st.phase = "between"
         return output
@@ -330,7 +332,18 @@ class Patch:
             visual_tokens_in_per_image=n_in,
             kept_index_per_image=kept_idx,
         )
+        # per sample: the vision encoder's token schedule of each of its views, and projector tokens
+        views_per_sample: list[list[list[int]]] = [[] for _ in range(b)]
+        proj_per_sample = [0] * b
+        v0 = 0
+        for img, (sample, _) in zip(images, spans):
+            nv = int(img.extra.get("n_views", 1))
+            views_per_sample[sample].extend(vision_sched[v0 : v0 + nv])
+            v0 += nv
+            proj_per_sample[sample] += int(img.extra.get("projector_tokens", img.num_tokens))
         self._vision_sched = vision_sched
+        self._views_per_sample = views_per_sample
+        self._proj_per_sample = proj_per_sample
         self._spans_samples = [s for s, _ in spans]
         return out
 
@@ -384,8 +397,9 @@ class Patch:
                     visual_tokens_per_layer=[int(c[1][i]) for c in counts],
                     visual_tokens_in=in_per_sample.get(i, 0),
                     visual_tokens_per_image=per_sample_imgs.get(i, []),
-                    vision_tokens_per_layer=[],
-                    projector_tokens=0,
+                    vision_tokens_per_layer=self._views_per_sample[i],
+                    projector_tokens=self._proj_per_sample[i],
+                    new_tokens=0,
                 )
             )
         self.stats.schedules = scheds

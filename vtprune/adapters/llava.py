@@ -348,7 +348,8 @@ class LlavaNextAdapter(LlavaAdapter):
                     grid_shapes=shapes,
                     signals=sig,
                     image_index=i,
-                    extra={"source": torch.where(is_nl, -1, flat), "n_views": n_views},
+                    extra={"source": torch.where(is_nl, -1, flat), "n_views": n_views,
+                           "projector_tokens": n_views * (n_enc - off)},
                 )
             )
             sched.extend([[n_enc] * n_layers for _ in range(n_views)])
