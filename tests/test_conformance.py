@@ -1,0 +1,177 @@
+"""Conformance matrix: every registered method x every model family x {SDPA, eager} x {batch 1, batch 2
+with padding} x {forward, generate with 10 new tokens} against the hook layer's oracles.
+
+* stage-P selections: the unpatched model fed the explicitly shortened input (kept features in the
+  emitted order, same positions convention);
+* stage-P merges and stage V: the unpatched model fed the shortened input with the features the patch
+  produced (checks ids, masks, positions and the cache; the merge maths is tested per method);
+* stage D with one pruning layer: the unpatched model with the dropped keys hidden by the mask from
+  that layer on (multi-stage TransPrune has its own stage-by-stage mask oracle in tests/methods).
+Every unsupported combination must raise a ValueError that names what is supported.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.policy import DecoderPolicy, MergePolicy, TokenPolicy, VisionPolicy
+from vtprune.registry import registered
+from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
+
+from oracles import last_logits, masked_run, shortened_inputs
+
+SPECS = {
+    "none": "none",
+    "random": "random:keep=0.5",
+    "pool": "pool:keep=0.25",
+    "fastv": "fastv:layer=2,keep=0.5",
+    "hiprune": "hiprune:keep=0.5",
+    "visionzip": "visionzip:keep=0.5",
+    "todre": "todre:keep=0.5,relevance_layer=1",
+    "todre-relevance": "todre-relevance:relevance_layer=1,tau=1.0",
+    "pitome": "pitome:keep=8",
+    "pitome-p": "pitome-p:keep=0.5",
+    "globalcom2": "globalcom2:keep=0.5",
+    "transprune": "transprune:prune_layers=1|2|3,keep_ratios=0.75|0.5|0.25",
+}
+UNSUPPORTED = {
+    ("pitome", "llava_next"): "supported: llava",
+    ("pitome", "qwen2_vl"): "use stage='P'",
+    ("pitome", "qwen2_5_vl"): "use stage='P'",
+    ("pitome-p", "llava_next"): "LLaVA-NeXT is not supported",
+    ("globalcom2", "qwen2_vl"): "defined for LLaVA-NeXT",
+    ("globalcom2", "qwen2_5_vl"): "defined for LLaVA-NeXT",
+}
+QUESTIONS = ["what is it?", "a longer question about the picture here?"]
+SIZES = {"llava": None, "llava_next": [(70, 112), (112, 84)], "qwen2_vl": [(70, 112), (112, 84)],
+         "qwen2_5_vl": [(70, 112), (112, 84)]}
+GEN = dict(max_new_tokens=10, do_sample=False)
+SUPPORTED = [(m, f) for m in SPECS for f in FAMILIES if (m, f) not in UNSUPPORTED]
+
+
+def test_matrix_covers_every_registered_method():
+    assert set(SPECS) == set(registered()), "add new methods to the conformance matrix"
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str, attn: str):
+    return BUILDERS[family](attn_implementation=attn)
+
+
+def _inputs(family: str, attn: str, n: int, first: int = 0):
+    model, proc = _model(family, attn)
+    sizes = SIZES[family]
+    imgs = tiny_images(2, sizes=sizes)[first : first + n]
+    return model, make_inputs(family, proc, QUESTIONS[first : first + n], imgs)
+
+
+def _run(model, inp, spec):
+    cap = {}
+    hook = model.model.register_forward_pre_hook(lambda m, a, k: cap.update(k), with_kwargs=True)
+    try:
+        with vtprune.patch(model, spec, seed=0) as h, torch.no_grad():
+            logits = model(**inp).logits[:, -1].float()
+            feats = cap.get("mm_encoder_outputs", {}).get("image")
+            feats = list(feats.pooler_output) if feats is not None else None
+            gen = model.generate(**inp, **GEN)[:, inp["input_ids"].shape[1]:]
+            policies = list(h.policies)
+    finally:
+        hook.remove()
+    return logits, gen, h.stats, feats, policies
+
+
+def _oracle(model, family, inp, stats, feats, policies):
+    """Logits and generated ids of the slow, obviously-correct computation for these policies."""
+    stage_d = [p for p in policies if isinstance(p, DecoderPolicy)]
+    before = [p for p in policies if not isinstance(p, DecoderPolicy)]
+    n = model.model.language_model.config.num_hidden_layers
+    if len({l for p in stage_d for l in p.pruning_layers(n)}) > 1:
+        return None  # multi-stage in-LLM pruning: stage-by-stage oracle in tests/methods
+    positions = "original" if family.startswith("qwen") else "renumber"
+    kept = stats.kept_index_per_image
+    short = shortened_inputs(model, family, inp, kept, positions=positions)
+    merged = any(isinstance(p, (MergePolicy, VisionPolicy)) for p in before)
+    if merged:  # the features the patch produced, placed through the slow path
+        short["mm_encoder_outputs"]["image"].pooler_output = feats
+    ctx = None
+    if stage_d:
+        layer = stage_d[0].pruning_layers(n)[0]
+        keep = torch.zeros_like(short["attention_mask"], dtype=torch.bool)
+        idx = stats.llm_kept_index
+        if idx is None:  # nothing was dropped in the LLM
+            keep = short["attention_mask"].bool()
+        else:
+            for b in range(idx.shape[0]):
+                keep[b, idx[b][idx[b] >= 0]] = True
+        ctx = masked_run(model, layer, keep)
+    with torch.no_grad():
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            logits = last_logits(model(**short).logits)
+            gen = model.generate(**short, **GEN)[:, short["input_ids"].shape[1]:]
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+    return logits, gen
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method,family", SUPPORTED)
+def test_method_family_satisfies_oracle(method, family, attn, n):
+    model, inp = _inputs(family, attn, n)
+    logits, gen, stats, feats, policies = _run(model, inp, SPECS[method])
+    assert len(stats.schedules) == n
+    for s in stats.schedules:  # text is never dropped, visual tokens never grow
+        text = s.llm_tokens_per_layer[0] - s.visual_tokens_per_layer[0]
+        assert all(t - v == text for t, v in zip(s.llm_tokens_per_layer, s.visual_tokens_per_layer))
+        assert all(b <= a for a, b in zip(s.visual_tokens_per_layer, s.visual_tokens_per_layer[1:]))
+    for k in stats.kept_index_per_image:
+        assert torch.unique(k).numel() == k.numel()
+    assert all(o <= i for o, i in zip(stats.visual_tokens_per_image, stats.visual_tokens_in_per_image))
+    ref = _oracle(model, family, inp, stats, feats, policies)
+    if ref is None:
+        pytest.skip("multi-stage in-LLM pruning: oracle in tests/methods/test_transprune_policy.py")
+    torch.testing.assert_close(logits, ref[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, ref[1])
+
+
+@pytest.mark.parametrize("method,family", SUPPORTED)
+def test_batch_with_padding_equals_each_alone(method, family):
+    model, inp = _inputs(family, "sdpa", 2)
+    assert (inp["attention_mask"] == 0).any()
+    logits, gen, stats, _, _ = _run(model, inp, SPECS[method])
+    for i in range(2):
+        _, one = _inputs(family, "sdpa", 1, first=i)
+        l1, g1, s1, _, _ = _run(model, one, SPECS[method])
+        torch.testing.assert_close(logits[i : i + 1], l1, rtol=1e-4, atol=1e-5)
+        assert gen[i].tolist() == g1[0].tolist()
+        assert s1.visual_tokens_per_image == [stats.visual_tokens_per_image[i]]
+        assert s1.schedules[0].visual_tokens_per_layer == stats.schedules[i].visual_tokens_per_layer
+
+
+@pytest.mark.parametrize("method,family", SUPPORTED)
+def test_sdpa_and_eager_select_the_same_tokens(method, family):
+    out = {}
+    for attn in ("sdpa", "eager"):
+        model, inp = _inputs(family, attn, 2)
+        out[attn] = _run(model, inp, SPECS[method])
+    (ls, gs, ss, _, _), (le, ge, se, _, _) = out["sdpa"], out["eager"]
+    assert [k.tolist() for k in ss.kept_index_per_image] == [k.tolist() for k in se.kept_index_per_image]
+    assert (ss.llm_kept_index is None) == (se.llm_kept_index is None)
+    if ss.llm_kept_index is not None:
+        assert torch.equal(ss.llm_kept_index, se.llm_kept_index)
+    torch.testing.assert_close(ls, le, rtol=1e-4, atol=1e-5)
+    assert torch.equal(gs, ge)
+
+
+@pytest.mark.parametrize("method,family", sorted(UNSUPPORTED))
+def test_unsupported_combination_raises_clearly(method, family):
+    model, _ = _inputs(family, "sdpa", 1)
+    with pytest.raises(ValueError, match=UNSUPPORTED[(method, family)]):
+        vtprune.patch(model, SPECS[method])
+    assert not hasattr(model, "_vtprune_patch")
