@@ -28,8 +28,8 @@ Reference vs paper vs library (spec section 5):
 * P1 score: reference uses pre-softmax logits (head mean of the CLS row); paper says "[CLS]
   attention". Library: logits (:func:`cls_logit_scores`); ``crop_score="probs"`` is a policy option
   (our reading; with probabilities the ratios collapse to r).
-* P2 thumbnail order: reference descending score; paper silent. Library: score order;
-  ``order="raster"`` option.
+* P2 thumbnail order: reference descending score; paper silent. Library: score order
+  (``thumbnail_order="score"``, emitted through the hook layer's declared order); ``"raster"`` option.
 * P3 crop placement (**bug**): the reference puts each kept crop token at its index inside the valid
   list, not its true position (wrong 2-D layout for column padding). Library: true positions;
   reproduced by :func:`assemble_reference` (``next_layout="reference"``).
@@ -59,9 +59,15 @@ head-mean pre-softmax CLS logits of the last CLIP layer, one row per view, recom
 layer's input so SDPA stays on); ``vit_cls@-1`` for ``crop_score="probs"``; Qwen: ``vit_received@b``
 of the last full-attention block. Policy-level deviations:
 
-* thumbnail order: only ``thumbnail_order="raster"``. The reference emits the thumbnail tokens in
-  descending-score order, but the hook layer re-sorts every image's kept tokens by column before the
-  LLM (``Patch._prefill``), so a declared order cannot reach the LLM yet (``"score"`` raises).
+* thumbnail order: ``thumbnail_order="score"`` (default, reference P2): the thumbnail's kept tokens
+  reach the LLM in descending-score order, followed by the crop tokens in raster order with every
+  newline at its native slot. The policy declares ``sorted_output = False`` for this order (a
+  property of the instance), so the hook layer emits its selection in the returned order: the kept
+  tokens fill the sorted placeholder slots of the image (the first ``int(576*r)`` slots are the
+  thumbnail's) and positions follow the slots (contiguous renumbering, reference). ``"raster"``
+  (option) keeps the ascending native order. The LLaVA-1.5 thumbnail-only extension follows the same
+  switch (score order by default); a single-view LLaVA-NeXT image is untouched (native order) and the
+  Qwen variant is always raster (spec section 6).
 * ``next_layout="reference"`` (bug-compatible P3/P4 layout with one newline per padded row) changes
   the number of newline tokens, which the native placeholders cannot express: only
   :func:`assemble_reference` (kernel level) reproduces it; the policy raises.
@@ -357,23 +363,33 @@ def globalcom2_select(
     r: float = 0.25,
     tau: float = 10.0,
     thumbnail_order: str = "score",
+    guidance: bool = True,
 ) -> Globalcom2Selection:
     """Whole GlobalCom² selection for one AnyRes image.
 
     g: (576,) thumbnail logits; crop_logits: (k, 576) logits of the crops (row-major); valid: the
-    image's :class:`ValidRegion`. Returns :class:`Globalcom2Selection`.
+    image's :class:`ValidRegion`. ``guidance=False`` is the ablation without global guidance: every
+    crop keeps ``int(N_c * r)`` tokens (no thumbnail-derived ratios) ranked by its own logits only
+    (no upsampled thumbnail map). Returns :class:`Globalcom2Selection`.
     """
     k = valid.nph * valid.npw
     if crop_logits.shape[0] != k:
         raise ValueError(f"expected {k} crops; got {crop_logits.shape[0]}")
     thumb = select_thumbnail(g, r, thumbnail_order)
-    scales = crop_scales(g, valid.nph, valid.npw, r, tau)
+    if guidance:
+        scales = crop_scales(g, valid.nph, valid.npw, r, tau)
+    else:
+        scales = torch.full((k,), float(r), dtype=torch.float64)
     budgets = crop_budgets(valid.n_valid(), scales)
     blocks = guidance_blocks(g, valid)
     crops = []
     for c in range(k):
         vi = crop_valid_indices(valid, c).to(crop_logits.device)
-        crops.append(select_crop(crop_logits[c].flatten()[vi], blocks[c], budgets[c]))
+        local = crop_logits[c].flatten()[vi]
+        if guidance:
+            crops.append(select_crop(local, blocks[c], budgets[c]))
+        else:
+            crops.append(_topk_lowest_index(local.to(_score_dtype(local)), budgets[c]).sort().values)
     return Globalcom2Selection(thumb, crops, scales, budgets, valid)
 
 
@@ -483,27 +499,28 @@ class GlobalCom2(TokenPolicy):
     always kept (native layout). A single-view LLaVA-NeXT image passes untouched.
 
     Fields: ``keep`` = the retention ratio r (a float in (0, 1], default 0.25); ``tau`` (10);
-    ``thumbnail_order`` (``"raster"`` only, see deviations); ``crop_score`` (``"logits"`` reference /
+    ``thumbnail_order`` (``"score"``: reference, the thumbnail tokens in descending-score order,
+    emitted through ``sorted_output = False``; ``"raster"``: ascending index); ``crop_score`` (``"logits"`` reference /
     ``"probs"``: softmax CLS probabilities, our reading); ``next_layout`` (``"native"`` only);
     ``allow_experimental`` (Qwen region-adaptive variant); ``region_tokens`` (Qwen virtual crop side
     in merged tokens, 12 ~ 336 px); ``positions`` (stage-P convention).
 
     Extensions: LLaVA-1.5 thumbnail-only compression (not a published setting); Qwen2/2.5-VL
     region-adaptive variant (experimental; ``ValueError`` unless ``allow_experimental=True``; results
-    must not be reported as GlobalCom²). Deviations: thumbnail in raster order (the reference's score
-    order cannot reach the LLM through the hook layer yet); no reference layout (P3/P4 bugs); per
-    image batching (P5 fixed); model dtype (no float16 cast).
+    must not be reported as GlobalCom²). Deviations: no reference layout (P3/P4 bugs); per image
+    batching (P5 fixed); model dtype (no float16 cast); ties by the lowest index.
     """
 
     name: ClassVar[str] = "globalcom2"
     description: ClassVar[str] = "GlobalCom²: thumbnail-guided per-crop budgets for LLaVA-NeXT AnyRes (stage P)"
     keep: int | float = 0.25
     tau: float = 10.0
-    thumbnail_order: str = "raster"
+    thumbnail_order: str = "score"
     crop_score: str = "logits"
     next_layout: str = "native"
     allow_experimental: bool = False
     region_tokens: int = 12
+    guidance: bool = True
 
     def validate(self, family: str, adapter: Any) -> None:
         if family in QWEN_FAMILIES and not self.allow_experimental:
@@ -517,12 +534,7 @@ class GlobalCom2(TokenPolicy):
             raise ValueError(f"globalcom2: keep={self.keep!r} is the retention ratio r, a float in (0, 1] (e.g. 0.25)")
         if not self.tau > 0:
             raise ValueError(f"globalcom2: tau={self.tau} must be > 0")
-        if self.thumbnail_order == "score":
-            raise ValueError(
-                "globalcom2: thumbnail_order='score' (the reference order) is not supported yet: the hook layer "
-                "re-sorts each image's kept tokens by position before the LLM; use thumbnail_order='raster'"
-            )
-        check_choice("globalcom2", "thumbnail_order", self.thumbnail_order, ("raster",))
+        check_choice("globalcom2", "thumbnail_order", self.thumbnail_order, ("score", "raster"))
         check_choice("globalcom2", "crop_score", self.crop_score, ("logits", "probs"))
         if self.next_layout == "reference":
             raise ValueError(
@@ -535,6 +547,11 @@ class GlobalCom2(TokenPolicy):
             raise ValueError("globalcom2 (Qwen, experimental): crop_score does not apply (received attention is used)")
         if int(self.region_tokens) < 1:
             raise ValueError(f"globalcom2: region_tokens={self.region_tokens} must be >= 1")
+
+    @property
+    def sorted_output(self) -> bool:  # type: ignore[override]
+        """False for the reference ``thumbnail_order="score"``: the selection's order is emitted."""
+        return self.thumbnail_order != "score"
 
     def required_signals(self, adapter: Any) -> dict[str, Any]:
         if adapter.family in QWEN_FAMILIES:
@@ -567,7 +584,8 @@ class GlobalCom2(TokenPolicy):
         return image.signals[name].detach().float().cpu()
 
     def _select_image(self, image: ImageTokens, family: str) -> Tensor:
-        """(n_keep,) kept token indices of one image, ascending."""
+        """(n_keep,) kept token indices of one image in emission order: ascending, except the
+        thumbnail's tokens in descending-score order (first) when ``thumbnail_order="score"``."""
         r = float(self.keep)
         score = self._score(image)
         grids = view_grids(image, family, method="globalcom2")
@@ -583,7 +601,7 @@ class GlobalCom2(TokenPolicy):
             if family == "llava_next":  # single-view AnyRes image: untouched (reference)
                 return image.candidate_index()
             g = thumb.scatter(score[thumb.index])
-            return torch.sort(thumb.tokens_of(select_thumbnail(g, r, "raster"))).values
+            return thumb.tokens_of(select_thumbnail(g, r, self.thumbnail_order))
         return self._select_anyres(image, score, grids, r)
 
     def _select_anyres(self, image: ImageTokens, score: Tensor, grids: list[ViewGrid], r: float) -> Tensor:
@@ -602,9 +620,11 @@ class GlobalCom2(TokenPolicy):
         for v, vg in by_view.items():
             crop_logits[v - 1] = vg.scatter(score[vg.index])
         g = thumb.scatter(score[thumb.index])
-        sel = globalcom2_select(g, crop_logits, valid, r, self.tau, "raster")
-        kept = [thumb.tokens_of(sel.thumbnail)]
-        for c, keep_c in enumerate(sel.crops):
-            if keep_c.numel():
-                kept.append(by_view[c + 1].tokens_of(crop_valid_indices(valid, c)[keep_c.cpu()]))
-        return torch.sort(torch.cat(kept)).values
+        sel = globalcom2_select(g, crop_logits, valid, r, self.tau, self.thumbnail_order, self.guidance)
+        thumb_tokens = thumb.tokens_of(sel.thumbnail)  # thumbnail order (score or raster)
+        crops = [by_view[c + 1].tokens_of(crop_valid_indices(valid, c)[keep_c.cpu()])
+                 for c, keep_c in enumerate(sel.crops) if keep_c.numel()]
+        crop_tokens = torch.sort(torch.cat(crops)).values if crops else thumb_tokens[:0]
+        # the native layout puts the thumbnail (view 0) before every crop token, so thumbnail first and
+        # then the crops in native (raster, newline-interleaved) order is the reference's sequence
+        return torch.cat([thumb_tokens, crop_tokens])

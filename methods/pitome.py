@@ -18,8 +18,9 @@ merges ``r = floor(T - T*rho)`` tokens:
   averaged into its most similar B token, the rest is protected.
 
 Output order (reference): after BSM ``[unmerged a (ascending), all b]``, after PiToMe
-``[CLS, protected by descending energy, B by energy]``; not raster order. ``order="source"`` (our
-extension) sorts by the smallest original index a token contains (:func:`source_order`).
+``[CLS, protected by descending energy, B by energy]``; not raster order. This is the policy's
+default ``order="reference"``; ``order="source"`` (our extension) sorts by the smallest original index
+a token contains (:func:`source_order`).
 
 Final visual counts for 576 patches + CLS (23 merges, then CLS dropped):
 rho 0.975/0.95/0.925/0.9/0.875/0.85 -> 330/183/101/54/30/17.
@@ -67,12 +68,20 @@ inside an open_clip ``VisionTransformer``; ``stage="P"`` dispatches to the post-
 ``"pitome-p"`` (:class:`PiToMePost`, stage P after the projector / Qwen merger; label results
 "PiToMe-post-merger"). Policy-level deviations from the reference:
 
-* **Token order (LLaVA):** the hook layer places every stage-V token at the placeholder of its
-  representative patch, so tokens reach the LLM sorted by representative. The policy makes the
-  representative of a merged token the smallest original patch index it contains, which gives the
-  spec's ``order="source"`` extension exactly. The reference order ([unmerged a, b] after BSM,
-  [protected by energy, B by energy] after PiToMe) is **not reproduced**: it needs the hook layer to
-  keep a stage-V policy's emitted order. The open_clip adapter sorts the same way.
+* **Token order (LLaVA):** ``order="reference"`` (default) hands the LLM the tokens in the order the
+  kernels produce them, layer after layer ([unmerged a, b] after BSM, [protected by energy, B by
+  energy] after PiToMe), with the CLS token dropped: the reference behaviour. The policy then
+  declares ``sorted_output = False`` (a property of the instance), so the hook layer emits the
+  encoder's order instead of re-sorting by placeholder. ``order="source"`` (our extension) sorts the
+  final tokens by the smallest original patch index they contain (the hook layer's sorted emission).
+  In both orders each output token fills a distinct placeholder slot: the one of its representative,
+  the smallest original patch index it contains (``placeholder_index`` = representative - CLS
+  offset in the LLaVA adapter); the slots are contiguous in the shortened sequence, so the LLM
+  positions are the same contiguous renumbering either way, only the features' order differs.
+* **Token order (open_clip):** the open_clip adapter always sorts the final tokens by representative
+  (``order="source"``) whatever the policy declares; the reference order is not reproduced there
+  (``vtprune/adapters/clip_vit.py`` was outside this change; pooling with the CLS token or the mean
+  does not depend on the order).
 * **Tiny towers:** the reference schedule (BSM in layers 0..12 of 24, margin ``0.9 - 0.9*l/24``) is
   scaled by depth: BSM in the first ``round(13*L/24)`` layers, margin ``0.9 - 0.9*l/L`` (identical for
   L = 24). On open_clip the reference patch's defaults apply: PiToMe in every block, margin
@@ -535,9 +544,9 @@ def budget_schedule(
 
 
 # ------------------------------------------------------------------------ post-merger (stage P)
-def post_merger_plan(n_tokens: int, n_keep: int) -> list[tuple[int, float]]:
+def post_merger_plan(n_tokens: int, n_keep: int, margin: float = 0.9) -> list[tuple[int, float]]:
     """Steps ``(r_j, m_j)`` taking ``n_tokens`` to ``n_keep``: ``r_j = min(floor(T_j/2), T_j - N')``,
-    ``m_j = 0.9 - 0.9*j/J`` with J = the number of planned steps (our choice)."""
+    ``m_j = margin - margin*j/J`` with J = the number of planned steps (our choice; margin 0.9)."""
     if n_keep < 1:
         raise ValueError("n_keep must be >= 1")
     rs = []
@@ -547,10 +556,10 @@ def post_merger_plan(n_tokens: int, n_keep: int) -> list[tuple[int, float]]:
         rs.append(r)
         T -= r
     J = len(rs)
-    return [(r, 0.9 - 0.9 * j / J) for j, r in enumerate(rs)]
+    return [(r, margin - margin * j / J) for j, r in enumerate(rs)]
 
 
-def post_merger_merge(y: Tensor, n_keep: int, mode: str = "mean") -> tuple[Tensor, Tensor]:
+def post_merger_merge(y: Tensor, n_keep: int, mode: str = "mean", margin: float = 0.9) -> tuple[Tensor, Tensor]:
     """PiToMe after the Qwen merger / LLaVA projector (stage P, library extension; no CLS).
 
     y: (n, D) merged tokens of one image in raster order, or (B, n, D). Applies PiToMe steps
@@ -564,7 +573,7 @@ def post_merger_merge(y: Tensor, n_keep: int, mode: str = "mean") -> tuple[Tenso
     _check3("y", z)
     B, n, _ = z.shape
     rep = torch.arange(n, device=z.device).expand(B, n)
-    for r, m in post_merger_plan(n, n_keep):
+    for r, m in post_merger_plan(n, n_keep, margin):
         plan = _pitome_plan(z, r, m, class_token=False)
         keep_idx, b_idx, _, _ = plan
         z = _merge_with_plan(z, plan, None, mode, None).x
@@ -614,12 +623,14 @@ class PiToMe(VisionPolicy):
         mode: ``"mean"`` (reference, unweighted) or ``"wavg"`` (size-weighted, sizes tracked).
         prop_attn: add ``log(size)`` to the attention logits of the following layers (ToMe's
             proportional attention; tracks sizes in either mode).
+        order: ``"reference"`` (default: the tokens reach the LLM in the order the merge kernels
+            produce, CLS dropped; declared to the hook layer with ``sorted_output = False``) or
+            ``"source"`` (our extension: sorted by the smallest original patch index they contain).
         stage: ``"V"`` (this policy) or ``"P"``, which returns a :class:`PiToMePost` (``keep``,
             ``mode`` only; ``keep`` defaults to 0.25).
 
-    Deviations (module docstring): tokens reach the LLM sorted by the smallest original patch index
-    they contain (the spec's ``order="source"``; the reference merge order is not reproduced); depth-
-    scaled schedule on towers that are not 24 deep; stable sorts (ties by the lowest index); merging
+    Deviations (module docstring): on open_clip the tokens are always in source order (adapter);
+    depth-scaled schedule on towers that are not 24 deep; stable sorts (ties by the lowest index); merging
     after the whole layer with hidden-state metric only (``merge_point="attn"``, ``metric="keys"`` not
     implemented); no ``output_attentions`` (SDPA stays on).
     """
@@ -633,6 +644,7 @@ class PiToMe(VisionPolicy):
     margin: float | tuple[float, ...] | None = None
     mode: str = "mean"
     prop_attn: bool = False
+    order: str = "reference"
     stage: str = "V"
 
     def __new__(cls, *args, **kwargs):
@@ -667,8 +679,14 @@ class PiToMe(VisionPolicy):
         if self.keep is not None:
             resolve_budget(self.keep, 10**9)  # type/range check
         check_choice("pitome", "mode", self.mode, ("mean", "wavg"))
+        check_choice("pitome", "order", self.order, ("reference", "source"))
         if isinstance(self.bsm_layers, bool) or (isinstance(self.bsm_layers, int) and self.bsm_layers < 0):
             raise ValueError(f"pitome: bsm_layers={self.bsm_layers!r}; use an int k >= 0 (first k layers) or a tuple")
+
+    @property
+    def sorted_output(self) -> bool:
+        """False for ``order="reference"``: the hook layer keeps the encoder's token order."""
+        return self.order != "reference"
 
     def layers(self, num_layers: int) -> list[int]:
         return list(range(num_layers))
@@ -725,7 +743,8 @@ class PiToMe(VisionPolicy):
         res = _merge_with_plan(x, idx, st["sizes"], self.mode, None)
         minsrc = st["minsrc"]
         new_min = _apply_plan(minsrc, *idx, "amin")
-        # representative = the input token holding the smallest original index of each output token
+        # representative = the input token holding the smallest original index of each output token;
+        # the output stays in the kernel's order (order="reference"; "source" is sorted by the hook layer)
         inv = torch.zeros((x.shape[0], int(minsrc.max()) + 1), dtype=torch.long, device=x.device)
         inv.scatter_(1, minsrc, torch.arange(x.shape[1], device=x.device).expand_as(minsrc))
         reps = inv.gather(1, new_min)
@@ -753,6 +772,7 @@ class PiToMePost(MergePolicy):
     families: ClassVar[tuple[str, ...]] = ("llava",) + QWEN_FAMILIES
     keep: int | float = 0.25
     mode: str = "mean"
+    margin: float = 0.9
 
     def validate(self, family: str, adapter: Any) -> None:
         if family == "llava_next":
@@ -762,5 +782,6 @@ class PiToMePost(MergePolicy):
 
     def merge(self, image: ImageTokens, n_keep: int, ctx: Context) -> tuple[Tensor, Tensor]:
         cand = image.candidate_index()
-        tokens, rep = post_merger_merge(image.features[cand.to(image.features.device)], n_keep, self.mode)
+        tokens, rep = post_merger_merge(image.features[cand.to(image.features.device)], n_keep, self.mode,
+                                        float(self.margin))
         return tokens, cand[rep.cpu()]

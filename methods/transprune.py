@@ -38,7 +38,8 @@ Reference vs paper vs library (spec section 5):
 6. Layer semantics: 1-based, prune after layer p, IGA with layer p+1's norm/q/k, TTV includes layer p
    (reference; ``prune_layers``/``accum_layers`` at policy level).
 7. Positions: reference renumbers contiguously with per-stage decode offsets (library default on
-   LLaVA); ``positions="original"`` is our extension (policy level).
+   LLaVA, ``positions="renumber"`` via ``"auto"``); ``positions="original"`` is our extension and the
+   default on Qwen (policy level).
 8. Instruction rows: everything after the image up to the end of the prompt, template tail included
    (reference).
 9. Batch size 1 only in the reference (**bug**): library per sample.
@@ -60,10 +61,19 @@ token, head mean, averaged over the rows, recomputed with the pruning layer's ow
 repeated) and ``image_tokens_in`` (n_0 per image). All stay aligned with the shrinking sequence.
 Deviations of the policy from the reference, besides the kernel-level ones above:
 
-* positions: only ``positions="original"`` (the surviving tokens keep their positions, FastV-style;
-  our extension) is implemented. The reference's contiguous renumbering with per-stage decode offsets
-  (:func:`decode_offsets`) needs per-layer rotary tables at decode in the hook layer; **not done**
-  (``positions="renumber"`` raises ``ValueError``).
+* positions: ``positions="auto"`` (default) resolves per family: ``"renumber"`` on LLaVA-1.5 and
+  LLaVA-NeXT (the reference, spec section 3 steps 6-7), ``"original"`` on Qwen2/2.5-VL (spec section
+  6). ``"renumber"``: after every prune the surviving tokens of each sample are numbered
+  contiguously over its real tokens (from its first real token's position, 0 under ``generate``), the
+  later layers get cos/sin recomputed for those positions with the language model's own rotary
+  module, and at decode a layer after ``p_s`` sees ``L_full + t - (n_0 - n_{s+1})`` (per sample; the
+  hook layer's ``position_handling``, ``vtprune/decoder.py``; :func:`decode_offsets` gives the
+  offsets of one image). ``"original"`` (our extension, FastV-style) keeps the surviving tokens'
+  positions. ``"renumber"`` on Qwen raises ``ValueError``: the spec allows a contiguous variant
+  there but calls it ill-defined for 3-D M-RoPE positions; not implemented.
+* renumbering with padding (library): a left-padded sample is numbered from the position of its
+  first real token, so a batch equals each sample alone; with several images per sample the offset
+  is the total count removed before the layer (all images).
 * several images per sample: TTV and IGA are normalised over the sample's image pool, the budget is
   the sum of the per-image quotas ``int(n_0^i * r_s)``, and the top-k is taken inside each image.
 * LLaVA-NeXT: n_0 counts every visual feature of the image, newline tokens included (reference).
@@ -304,12 +314,14 @@ class TransPrune(DecoderPolicy):
     Fields: ``prune_layers``, ``keep_ratios``, ``accum_layers`` (tuples; spec strings use ``7/9/12``),
     ``alpha`` (0.5), ``score`` (``"both"``; ``"ttv"`` = TTV-only mode, ``"iga"`` = IGA-only), ``ttv_direction``
     (``"signed"`` reference / ``"abs"`` paper), ``ttv_norm_scope`` (``"sequence"`` / ``"image"`` /
-    ``"batch"``), ``positions`` (only ``"original"``). The inherited ``layer``/``keep`` are unused and
+    ``"batch"``), ``positions`` (``"auto"``: ``"renumber"`` on LLaVA/LLaVA-NeXT, the reference's
+    contiguous renumbering with per-stage decode offsets; ``"original"`` on Qwen; ``"original"`` keeps
+    the surviving tokens' positions, our extension). The inherited ``layer``/``keep`` are unused and
     must stay None. Tiny LLMs need explicit layers, e.g. ``prune_layers=(1, 2, 3)``.
 
-    Deviations from the reference (details in the module docstring): original positions instead of
-    contiguous renumbering (renumbering + decode offsets not implemented); per-sample TTV
-    normalisation (= reference at batch size 1); GQA keys repeated in IGA; per-layer masks (eager
+    Deviations from the reference (details in the module docstring): per-sample TTV
+    normalisation (= reference at batch size 1); renumbering per sample from its first real token
+    (batching); no contiguous renumbering on Qwen; GQA keys repeated in IGA; per-layer masks (eager
     works); all images of a sample (per-image quotas); ties by the lowest index; TTV computed only at
     prefill and only in the accumulation layers.
     """
@@ -327,7 +339,7 @@ class TransPrune(DecoderPolicy):
     score: str = "both"
     ttv_direction: str = "signed"
     ttv_norm_scope: str = "sequence"
-    positions: str = "original"
+    positions: str = "auto"
 
     def __post_init__(self):
         self.prune_layers = _int_tuple(self.prune_layers, "prune_layers")
@@ -364,17 +376,28 @@ class TransPrune(DecoderPolicy):
         ):
             if value not in choices:
                 raise ValueError(f"transprune: {field_name}={value!r}; choose one of {choices}")
-        if self.positions == "renumber":
+        if self.positions not in ("auto", "original", "renumber"):
+            raise ValueError(f"transprune: positions={self.positions!r}; choose one of ('auto', 'original', 'renumber')")
+        if self.positions == "renumber" and family not in ("llava", "llava_next"):
             raise ValueError(
-                "transprune: positions='renumber' (the reference's contiguous renumbering with per-stage "
-                "decode offsets) is not implemented; use positions='original'"
+                f"transprune: positions='renumber' is defined for LLaVA/LLaVA-NeXT only; {family!r} uses 3-D "
+                "M-RoPE positions (contiguous renumbering is ill-defined there): use positions='original' or 'auto'"
             )
-        if self.positions not in ("original", "auto"):
-            raise ValueError(f"transprune: positions={self.positions!r}; only 'original' is supported")
+
+    def resolved_positions(self, family: str) -> str:
+        """``"renumber"`` (LLaVA/LLaVA-NeXT, reference) or ``"original"`` (Qwen) for ``"auto"``."""
+        if self.positions != "auto":
+            return self.positions
+        return "renumber" if family in ("llava", "llava_next") else "original"
 
     def pruning_layers(self, num_layers: int) -> list[int]:
         """0-based layers whose input is pruned: pruning after 1-based layer p = before 0-based layer p."""
         return list(self.prune_layers)
+
+    def position_handling(self, num_layers: int, family: str) -> dict[int, str]:
+        """Hook-layer position handling of each pruning layer (``vtprune/decoder.py``)."""
+        mode = self.resolved_positions(family)
+        return {l: mode for l in self.pruning_layers(num_layers)}
 
     def _accum(self) -> tuple[int, ...]:
         if self.accum_layers is not None:

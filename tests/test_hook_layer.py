@@ -327,6 +327,13 @@ def test_bad_input_raises_and_leaves_model_unpatched(method, params, match):
     assert _no_hooks(model)
 
 
+def test_qwen_rejects_renumbered_positions_at_patch_time():
+    model, _ = batch("qwen2_vl")
+    with pytest.raises(ValueError, match="positions='renumber' is not defined for qwen2_vl"):
+        vtprune.patch(model, "random:keep=0.5,positions=renumber")
+    assert _no_hooks(model)
+
+
 def test_wrong_model_family():
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
     model = LlamaForCausalLM(cfg)

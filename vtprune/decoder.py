@@ -12,6 +12,20 @@ prefill key mask + the new tokens); layers before the first pruning layer are un
 The model's own positions for new tokens (from the layer-0 cache / generate's position ids) are the
 unpruned numbering, which is what "original positions" means.
 
+Position handling per pruning layer (``position_handling``). A policy may define
+``position_handling(num_layers, family) -> {layer: "original" | "renumber"}`` for its pruning layers
+(a policy without it, e.g. FastV or ToDRE stage 2, keeps the original positions at every layer it
+prunes; policies pruning at the same layer must agree). At a ``"renumber"`` layer the surviving
+tokens of each sample are numbered contiguously over its real tokens, starting at the position of
+its first real token (0 for ``generate``'s numbering): that layer and every later one get the cos/sin
+recomputed for those positions with the language model's own rotary module (``Adapter.rotary``) and
+the same ``position_ids``. A later ``"original"`` prune keeps the (renumbered) positions of its
+survivors. At decode, each such layer gets the cos/sin (and position ids) of ``P - shift`` for the
+model's own position ``P`` of a new token, with ``shift`` (per sample) = the layer-0 next position
+minus the layer's own next position after its prefill, i.e. the number of tokens removed before that
+layer: ``L_full + t - (n_0 - n_{s+1})`` for TransPrune. Renumbering needs 1-D (B, L) positions; the
+M-RoPE positions of Qwen cannot be renumbered (``ValueError``).
+
 Signal kinds (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tuple of kinds):
 
 * ``"last_row"``: head-mean attention row of the last prompt token (pre-hook of the layer), indexed on
@@ -47,6 +61,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask
 from .policy import DecoderPolicy, DecoderView
 
 IO_KINDS = ("attn_io", "mlp_io")
+POSITION_HANDLING = ("original", "renumber")
 ALIGNED_KINDS = IO_KINDS + ("post_visual_rows", "image_tokens_in")
 _IO_MODULES = {"attn_io": "self_attn", "mlp_io": "mlp"}
 
@@ -120,8 +135,26 @@ class DecoderController:
                     else:
                         self.signal_at.setdefault(l, []).append((p, kind))
         self.first_prune = min(self.prune_at) if self.prune_at else None
+        self.renumber_at = self._position_handling(n)
         self.handles = []
         self.state = None
+
+    def _position_handling(self, n_layers: int) -> set[int]:
+        """The pruning layers after which positions are renumbered (see the module docstring)."""
+        family = getattr(self.adapter, "family", "")
+        modes: dict[int, set[str]] = {}
+        for p in self.policies:
+            handling = getattr(p, "position_handling", None)
+            declared = dict(handling(n_layers, family)) if handling is not None else {}
+            for l in p.pruning_layers(n_layers):
+                mode = declared.get(l, "original")
+                if mode not in POSITION_HANDLING:
+                    raise ValueError(f"{p.name}: position handling {mode!r} at layer {l}; choose one of {POSITION_HANDLING}")
+                modes.setdefault(l, set()).add(mode)
+        for l, m in modes.items():
+            if len(m) > 1:
+                raise ValueError(f"policies pruning at decoder layer {l} disagree on positions: {sorted(m)}")
+        return {l for l, m in modes.items() if m == {"renumber"}}
 
     def install(self) -> None:
         layers = self.adapter.llm_layers()
@@ -159,31 +192,82 @@ class DecoderController:
 
     def _substitute(self, kwargs: dict, st) -> None:
         """Replace the full-length tables of this layer by those of the surviving tokens."""
-        cos, sin = st.full_rope
         idx = st.cur_index
-        kwargs["position_embeddings"] = (gather_seq(cos, idx, cos.dim() - 2), gather_seq(sin, idx, sin.dim() - 2))
-        pid = kwargs.get("position_ids")
-        if pid is not None and pid.shape[-1] == st.full_len:
-            kwargs["position_ids"] = gather_seq(pid, idx, pid.dim() - 1)
+        if st.cur_rope is not None:  # renumbered positions (recomputed tables)
+            kwargs["position_embeddings"] = st.cur_rope
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = st.cur_pos
+        else:
+            cos, sin = st.full_rope
+            kwargs["position_embeddings"] = (gather_seq(cos, idx, cos.dim() - 2), gather_seq(sin, idx, sin.dim() - 2))
+            pid = kwargs.get("position_ids")
+            if pid is not None and pid.shape[-1] != st.full_len:  # already gathered (pruning layer after a prune)
+                pid = st.full_pid
+            if pid is not None and pid.shape[-1] == st.full_len:
+                kwargs["position_ids"] = gather_seq(pid, idx, pid.dim() - 1)
         kwargs["attention_mask"] = build_mask(self.config, st.cur_keymask, idx.shape[1], st.dtype)
+
+    def _full_positions(self, hidden: Tensor, kwargs: dict, st) -> Tensor:
+        """(B, L) positions of the layer-0 input (the model's own ``position_ids``, else arange)."""
+        b, n = hidden.shape[:2]
+        pid = kwargs.get("position_ids")
+        if pid is None:
+            pid = torch.arange(n, device=hidden.device)[None]
+        if pid.dim() != 2:
+            raise ValueError(
+                "renumbering positions inside the decoder needs 1-D (batch, sequence) position ids; "
+                f"this model uses {pid.dim()}-D positions (M-RoPE): use positions='original'"
+            )
+        return pid.to(hidden.device).long().expand(b, n)
+
+    def _renumber(self, layer: int, hidden: Tensor, prev_pos: Tensor, st) -> None:
+        """Positions (and rotary tables) of the sequence just pruned at ``layer``."""
+        km = st.cur_keymask
+        pos = torch.gather(prev_pos, 1, st.last_rows)
+        if layer in self.renumber_at:  # contiguous over the real tokens, from the first one's position
+            base = pos.masked_fill(~km, torch.iinfo(pos.dtype).max).amin(-1, keepdim=True)
+            pos = base + km.long().cumsum(-1) - 1
+        pos = pos.masked_fill(~km, 0)
+        st.cur_pos = pos
+        st.cur_rope = self.adapter.rotary(hidden, pos)
+        # decode shift: the model numbers new tokens after the layer-0 prefill; this layer after its own
+        st.pos_shift = st.full_next - (pos.masked_fill(~km, -1).amax(-1) + 1)
 
     def _prefill(self, layer: int, hidden: Tensor, args: tuple, kwargs: dict):
         st = self.state
         changed = False
         if layer == 0:
             st.full_rope = kwargs["position_embeddings"]
+            st.full_pid = kwargs.get("position_ids")
             st.full_len = hidden.shape[1]
             st.dtype = hidden.dtype
             st.cur_index = None
+            st.cur_pos, st.cur_rope, st.pos_shift = None, None, None
+            st.layer_pos_shift = {}
+            if self.renumber_at:
+                st.full_pos = self._full_positions(hidden, kwargs, st)
+                st.full_next = st.full_pos.masked_fill(~st.mask.bool(), -1).amax(-1) + 1
         if st.cur_index is not None:
             self._substitute(kwargs, st)
             changed = True
         for p, kind in self.signal_at.get(layer, []):
             st.signals[(layer, kind)] = self._signal(layer, kind, hidden, kwargs, st)
         if layer in self.prune_at:
+            prev_pos = None
+            if self.renumber_at:  # positions of the sequence entering this layer
+                if st.cur_pos is not None:
+                    prev_pos = st.cur_pos
+                elif st.cur_index is not None:
+                    prev_pos = torch.gather(st.full_pos, 1, st.cur_index)
+                else:
+                    prev_pos = st.full_pos
             hidden = self._prune(layer, hidden, st)
+            if prev_pos is not None and (layer in self.renumber_at or st.cur_pos is not None):
+                self._renumber(layer, hidden, prev_pos, st)
             self._substitute(kwargs, st)
             changed = True
+        if st.cur_pos is not None:
+            st.layer_pos_shift[layer] = st.pos_shift
         if st.cur_index is not None:
             st.layer_keymask[layer] = st.cur_keymask
         st.record_layer(layer)
@@ -204,6 +288,15 @@ class DecoderController:
         tail = st.decode_tail(q)
         full = torch.cat([keymask, tail.to(keymask.dtype)], dim=1)
         kwargs["attention_mask"] = build_mask(self.config, full, q, hidden.dtype)
+        shift = getattr(st, "layer_pos_shift", {}).get(layer)
+        if shift is not None:  # renumbered layer: the model's position minus the tokens removed before it
+            pid = kwargs.get("position_ids")
+            if pid is None:
+                pid = (st.full_next + st.decoded)[:, None] + torch.arange(q, device=hidden.device)[None]
+            pos = pid.to(shift.device).long() - shift[:, None]
+            kwargs["position_embeddings"] = self.adapter.rotary(hidden, pos)
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = pos
         return args, kwargs
 
     # -------------------------------------------------------------- signals and pruning
@@ -316,12 +409,15 @@ class DecoderController:
         new_hidden = hidden.new_zeros((b, width, hidden.shape[-1]))
         new_index = torch.zeros((b, width), dtype=torch.long, device=hidden.device)
         new_keymask = torch.zeros((b, width), dtype=torch.bool, device=hidden.device)
+        new_rows = torch.zeros((b, width), dtype=torch.long, device=hidden.device)
         for i, (r, o) in enumerate(zip(rows, idx_lists)):
             s = width - r.numel()  # left padding
             new_hidden[i, s:] = hidden[i, r]
             new_index[i, s:] = o
             new_keymask[i, s:] = True
+            new_rows[i, s:] = r
         st.cur_index, st.cur_keymask = new_index, new_keymask
+        st.last_rows = new_rows  # (B, L') rows of the previous sequence kept (0 on padding)
         return new_hidden
 
 

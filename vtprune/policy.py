@@ -176,6 +176,12 @@ class TokenPolicy(Policy):
         check_keep_value(self.keep)
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions={self.positions!r}; choose one of {POSITION_MODES}")
+        modes = getattr(adapter, "position_modes", POSITION_MODES)
+        if self.positions != "auto" and self.positions not in modes:
+            raise ValueError(
+                f"{self.name}: positions={self.positions!r} is not defined for {family}; "
+                f"use one of {('auto',) + tuple(modes)}"
+            )
         n = adapter.nominal_visual_tokens()
         if n is not None and isinstance(self.keep, int) and self.keep > n:
             raise ValueError(

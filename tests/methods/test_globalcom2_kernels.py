@@ -288,3 +288,19 @@ def test_select_crop_matches_holistic_definition():
     score = F.normalize(loc[vi], dim=0) + F.normalize(block.flatten(), dim=0)
     exp = torch.topk(score, 50).indices.sort().values
     assert torch.equal(G.select_crop(loc[vi], block, 50), exp)
+
+
+def test_without_global_guidance_keeps_r_per_crop_by_local_logits():
+    """Ablation switch: uniform ratio r per crop and ranking by the crop's own logits only."""
+    from vtprune.methods.globalcom2 import globalcom2_select, valid_region
+
+    valid = valid_region(672, 672, 2, 2)  # 2x2 crops, no padding: N_c = 576
+    g = torch.zeros(576)
+    g[:10] = 5.0  # guidance concentrated in crop 0 would raise its ratio
+    crop_logits = torch.arange(4 * 576, dtype=torch.float32).view(4, 576).flip(-1)  # descending per crop
+    sel = globalcom2_select(g, crop_logits, valid, r=0.25, tau=10.0, guidance=False)
+    assert sel.budgets == [144, 144, 144, 144]
+    for c in range(4):  # highest local logits = the first 144 valid indices
+        assert sel.crops[c].tolist() == list(range(144))
+    guided = globalcom2_select(g, crop_logits, valid, r=0.25, tau=10.0)
+    assert guided.budgets[0] > 144

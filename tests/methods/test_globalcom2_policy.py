@@ -6,7 +6,10 @@ computed independently of the adapter: CLS logits recomputed from the vision tow
 ``hidden_states[-2]`` with the last layer's own norm and q/k projections (:func:`cls_logit_scores`),
 the crop geometry from ``image_sizes`` with HF's grid shape and :func:`valid_region`, the selection by
 :func:`globalcom2_select`, and the native token index of every kept (view, patch) derived from the
-native layout (thumbnail raster, then each unpadded row followed by its newline).
+native layout (thumbnail raster, then each unpadded row followed by its newline). The oracle's kept
+list is in emission order: with ``thumbnail_order="score"`` (the reference default) the thumbnail's
+tokens come first in descending-score order, then the crop tokens and every newline in native order;
+``shortened_inputs`` places the features in that order into the sorted kept placeholder columns.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import vtprune
 from vtprune.methods import globalcom2 as GC
 
 from _policy_cases import GEN, assert_batch_equals_alone, batch, new_tokens
-from oracles import last_logits, shortened_inputs
+from oracles import image_features, last_logits, shortened_inputs
 
 ATTN = ["sdpa", "eager"]
 
@@ -39,8 +42,9 @@ def cls_scores(model, pixel_values, probs: bool = False) -> torch.Tensor:
     return GC.cls_logit_scores(q[:, :, 0], k[:, :, 1:], attn.scale)
 
 
-def next_oracle_kept(model, inp, r: float, probs: bool = False):
-    """Kept native token indices of the single image of ``inp`` (LLaVA-NeXT) and the expected count."""
+def next_oracle_kept(model, inp, r: float, probs: bool = False, order: str = "score"):
+    """Kept native token indices of the single image of ``inp`` (LLaVA-NeXT) in emission order
+    (thumbnail in ``order``, then crops and newlines ascending) and the expected count."""
     cfg = model.config
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     size = inp["image_sizes"][0]
@@ -49,10 +53,11 @@ def next_oracle_kept(model, inp, r: float, probs: bool = False):
     scores = cls_scores(model, inp["pixel_values"][0, :n_views], probs)
     nph, npw = mln.get_anyres_image_grid_shape(size.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
     valid = GC.valid_region(int(size[0]), int(size[1]), nph, npw, side, rounding="hf")
-    sel = GC.globalcom2_select(scores[0], scores[1:], valid, r=r, tau=10.0, thumbnail_order="raster")
+    sel = GC.globalcom2_select(scores[0], scores[1:], valid, r=r, tau=10.0, thumbnail_order=order)
     hw = side * side
     row_len = valid.W_u + 1  # kept tokens of a row, then its newline
-    kept = [int(p) for p in sel.thumbnail]
+    thumb = [int(p) for p in sel.thumbnail]
+    kept = []
     for c, keep_c in enumerate(sel.crops):
         ci, cj = divmod(c, npw)
         for patch in GC.crop_valid_indices(valid, c)[keep_c].tolist():
@@ -61,26 +66,57 @@ def next_oracle_kept(model, inp, r: float, probs: bool = False):
     kept += [hw + y * row_len + valid.W_u for y in range(valid.H_u)]  # every newline
     n_visual = len(sel.thumbnail) + sum(sel.budgets)
     assert n_visual == int(hw * r) + sum(int(n * float(s)) for n, s in zip(valid.n_valid(), sel.scales))
-    return torch.tensor(sorted(kept)), n_visual + valid.H_u
+    return torch.tensor(thumb + sorted(kept)), n_visual + valid.H_u
 
 
 @pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("order", ["score", "raster"])
 @pytest.mark.parametrize("image", [0, 1, 2], ids=["56x56-colpad", "70x112-rowpad", "112x84-colpad"])
-def test_llava_next_equals_shortened_input(image, attn):
+def test_llava_next_equals_shortened_input(image, order, attn):
     model, inp = batch("llava_next", n=1, attn=attn, start=image)
-    with vtprune.patch(model, "globalcom2", keep=0.5) as h:
+    params = {} if order == "score" else {"thumbnail_order": order}  # score order is the default
+    with vtprune.patch(model, "globalcom2", keep=0.5, **params) as h:
         with torch.no_grad():
             out = model(**inp).logits
             gen = model.generate(**inp, **GEN)
     with torch.no_grad():
-        kept, n_expected = next_oracle_kept(model, inp, 0.5)
+        kept, n_expected = next_oracle_kept(model, inp, 0.5, order=order)
         short = shortened_inputs(model, "llava_next", inp, [kept], positions="renumber")
         ref = model(**short).logits
         gref = model.generate(**short, **GEN)
     assert h.stats.visual_tokens_per_image == [n_expected] == [kept.numel()]
     assert h.stats.kept_index_per_image[0].tolist() == kept.tolist()
+    k_g = int(16 * 0.5)
+    thumb = kept[:k_g]
+    assert bool((thumb < 16).all()) and bool((kept[k_g:] >= 16).all())
+    if order == "raster":
+        assert torch.equal(kept, torch.sort(kept).values)
+    else:  # descending thumbnail score, the rest ascending
+        assert not torch.equal(thumb, torch.sort(thumb).values)
+        assert torch.equal(kept[k_g:], torch.sort(kept[k_g:]).values)
     torch.testing.assert_close(last_logits(out), last_logits(ref), rtol=1e-5, atol=1e-5)
     assert new_tokens(gen, inp["input_ids"].shape[1]) == new_tokens(gref, short["input_ids"].shape[1])
+
+
+def test_llava_next_score_order_reaches_the_llm():
+    """The features handed to the LLM are the thumbnail's kept tokens by descending score, then the
+    crop tokens and newlines in native order (the reference sequence), in the sorted placeholder slots."""
+    model, inp = batch("llava_next", n=1, start=1)
+    cap = {}
+    hk = model.model.register_forward_pre_hook(lambda m, a, k: cap.update(k), with_kwargs=True)
+    try:
+        with vtprune.patch(model, "globalcom2", keep=0.5), torch.no_grad():
+            model(**inp)
+    finally:
+        hk.remove()
+    with torch.no_grad():
+        kept, _ = next_oracle_kept(model, inp, 0.5)
+        feats = image_features(model, "llava_next", inp)[0]
+        g = cls_scores(model, inp["pixel_values"][0, :1])[0]
+    got = cap["mm_encoder_outputs"]["image"].pooler_output[0]
+    torch.testing.assert_close(got, feats[kept])
+    thumb_scores = g[kept[:8]]
+    assert bool((thumb_scores[:-1] >= thumb_scores[1:]).all())
 
 
 def test_llava_next_probability_scores():
@@ -95,19 +131,21 @@ def test_llava_next_probability_scores():
 
 
 @pytest.mark.parametrize("attn", ATTN)
-def test_llava_thumbnail_only_equals_shortened_input(attn):
+@pytest.mark.parametrize("order", ["score", "raster"])
+def test_llava_thumbnail_only_equals_shortened_input(order, attn):
     model, inp = batch("llava", n=1, attn=attn)
-    with vtprune.patch(model, "globalcom2", keep=0.3) as h:
+    with vtprune.patch(model, "globalcom2", keep=0.3, thumbnail_order=order) as h:
         with torch.no_grad():
             out = model(**inp).logits
             gen = model.generate(**inp, **GEN)
     with torch.no_grad():
         g = cls_scores(model, inp["pixel_values"])[0]
-        kept = GC.select_thumbnail(g, 0.3, order="raster")
+        kept = GC.select_thumbnail(g, 0.3, order=order)
         short = shortened_inputs(model, "llava", inp, [kept], positions="renumber")
         ref = model(**short).logits
         gref = model.generate(**short, **GEN)
     assert h.stats.visual_tokens_per_image == [int(16 * 0.3)] == [kept.numel()]
+    assert h.stats.kept_index_per_image[0].tolist() == kept.tolist()
     torch.testing.assert_close(last_logits(out), last_logits(ref), rtol=1e-5, atol=1e-5)
     assert new_tokens(gen, inp["input_ids"].shape[1]) == new_tokens(gref, short["input_ids"].shape[1])
 
@@ -120,7 +158,7 @@ def test_forced_keep_all_equals_unpatched(family, monkeypatch):
     with torch.no_grad():
         ref = model(**inp).logits
         gref = model.generate(**inp, **GEN)
-        with vtprune.patch(model, "globalcom2", keep=1.0) as h:
+        with vtprune.patch(model, "globalcom2", keep=1.0, thumbnail_order="raster") as h:
             out = model(**inp).logits
             gen = model.generate(**inp, **GEN)
     assert h.stats.visual_tokens_per_image == h.stats.visual_tokens_in_per_image
@@ -132,6 +170,13 @@ def test_forced_keep_all_equals_unpatched(family, monkeypatch):
 @pytest.mark.parametrize("family", ["llava_next", "llava"])
 def test_batch_equals_each_alone(family, attn):
     assert_batch_equals_alone(family, attn, "globalcom2", keep=0.25)
+
+
+def test_score_order_is_the_default_and_declares_unsorted_output():
+    pol = GC.GlobalCom2()
+    assert pol.thumbnail_order == "score" and pol.sorted_output is False
+    assert GC.GlobalCom2(thumbnail_order="raster").sorted_output is True
+    assert GC.GlobalCom2.sorted_output is not False  # per instance, not a class-wide switch
 
 
 # ------------------------------------------------------------------ Qwen (experimental)
@@ -177,7 +222,6 @@ def test_qwen_experimental_batch_equals_each_alone():
 @pytest.mark.parametrize(
     "params,match",
     [
-        ({"thumbnail_order": "score"}, "thumbnail_order='score'.*not supported"),
         ({"thumbnail_order": "zigzag"}, "thumbnail_order='zigzag'"),
         ({"next_layout": "reference"}, "next_layout='reference'"),
         ({"keep": 64}, "retention ratio r, a float"),

@@ -359,3 +359,10 @@ def test_post_merger_noop():
     y = hand_x()[0]
     z, rep = P.post_merger_merge(y, 6)
     assert torch.equal(z, y) and rep.tolist() == list(range(6))
+
+
+def test_post_merger_plan_margin_scales_the_schedule():
+    from vtprune.methods.pitome import post_merger_plan
+
+    assert post_merger_plan(16, 4) == [(8, 0.9), (4, 0.45)]
+    assert post_merger_plan(16, 4, margin=0.5) == [(8, 0.5), (4, 0.25)]

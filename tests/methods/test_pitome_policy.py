@@ -2,7 +2,10 @@
 ``VisionTransformer``, stage P (post-merger) on LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL.
 
 Oracles: stage V == running the encoder layers by hand with the pure kernels applied after each
-layer (then tokens sorted by the smallest original index they contain, :func:`source_order`);
+layer, the tokens then in the kernels' own order (``order="reference"``, the default) or sorted by the
+smallest original index they contain (``order="source"``, :func:`source_order`), fed to the unpatched
+LLM as an explicitly shortened input: the features in that order in the sorted kept placeholder
+columns, each token at the placeholder of the smallest original patch it contains;
 stage P == the unpatched model fed the explicitly shortened input with the kernel's merged tokens.
 """
 from __future__ import annotations
@@ -21,10 +24,12 @@ ATTN = ["sdpa", "eager"]
 
 
 # ------------------------------------------------------------------ stage V (LLaVA-1.5 CLIP)
-def explicit_stage_v(model, inp, *, ratio=None, keep=None, bsm_layers=(0,), mode="mean", prop_attn=False):
+def explicit_stage_v(model, inp, *, ratio=None, keep=None, bsm_layers=(0,), mode="mean", prop_attn=False,
+                     order="reference"):
     """Run the tiny CLIP (3 layers, feature layer 1) by hand with the kernels after each layer.
 
-    Returns (projected features per image, kept placeholder indices per image, per-layer counts).
+    Returns (projected features per image, kept placeholder indices per image (in the features'
+    order), per-layer counts).
     """
     tower = model.model.vision_tower
     layers = tower.encoder.layers
@@ -49,30 +54,41 @@ def explicit_stage_v(model, inp, *, ratio=None, keep=None, bsm_layers=(0,), mode
         else:
             res = P.pitome_merge(x, x, step.r, step.margin, sizes=sizes, mode=mode, sources=sources)
         x, sizes, sources = res.x, res.sizes, res.sources
-    perm = P.source_order(sources)
-    x, sources = P.apply_order(x, perm), P.apply_order(sources, perm)
+    if order == "source":
+        perm = P.source_order(sources)
+        x, sources = P.apply_order(x, perm), P.apply_order(sources, perm)
     first = (sources > 0).to(torch.uint8).argmax(-1)  # smallest original index of each token
+    assert bool((first[:, 0] == 0).all())  # the CLS token stays first
     feats = model.model.multi_modal_projector(x[:, 1:])
     return list(feats), [f[1:] - 1 for f in first], counts
 
 
 @pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("order", ["reference", "source"])
 @pytest.mark.parametrize(
     "params",
     [dict(ratio=0.8, bsm_layers=1), dict(ratio=0.7, bsm_layers=0), dict(keep=5, bsm_layers=1),
      dict(ratio=0.8, bsm_layers=1, mode="wavg", prop_attn=True)],
     ids=["bsm+pitome", "pitome-only", "budget", "wavg+prop_attn"],
 )
-def test_stage_v_equals_explicit_encoder_run(attn, params):
+def test_stage_v_equals_explicit_encoder_run(attn, order, params):
     model, inp = batch("llava", n=1, attn=attn)
-    with vtprune.patch(model, "pitome", **params) as h:
+    extra = {} if order == "reference" else {"order": order}  # reference order is the default
+    with vtprune.patch(model, "pitome", **params, **extra) as h:
         with torch.no_grad():
             out = model(**inp).logits
             gen = model.generate(**inp, **GEN)
     kw = dict(params)
     bsm = tuple(range(kw.pop("bsm_layers")))
     with torch.no_grad():
-        feats, kept, counts = explicit_stage_v(model, inp, bsm_layers=bsm, **kw)
+        feats, kept, counts = explicit_stage_v(model, inp, bsm_layers=bsm, order=order, **kw)
+    # every token has its own placeholder slot; the reference order is not the sorted one
+    assert kept[0].unique().numel() == kept[0].numel()
+    if order == "source":
+        assert torch.equal(kept[0], kept[0].sort().values)
+    else:
+        assert not torch.equal(kept[0], kept[0].sort().values)
+    with torch.no_grad():
         short = shortened_inputs(model, "llava", inp, kept, positions="renumber")
         short["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
         ref = model(**short).logits
@@ -127,8 +143,32 @@ def test_stage_v_ratio_one_equals_unpatched(attn):
 
 
 @pytest.mark.parametrize("attn", ATTN)
-def test_stage_v_batch_equals_each_alone(attn):
-    assert_batch_equals_alone("llava", attn, "pitome", ratio=0.8, bsm_layers=1)
+@pytest.mark.parametrize("order", ["reference", "source"])
+def test_stage_v_batch_equals_each_alone(attn, order):
+    assert_batch_equals_alone("llava", attn, "pitome", ratio=0.8, bsm_layers=1, order=order)
+
+
+def test_stage_v_features_reach_the_llm_in_kernel_order():
+    """order="reference": the LLM receives the encoder's merged tokens in the kernels' order (CLS
+    dropped), not re-sorted by placeholder; order="source" sorts them."""
+    model, inp = batch("llava", n=2)
+    got = {}
+    for order in ("reference", "source"):
+        cap = {}
+        hk = model.model.register_forward_pre_hook(lambda m, a, k: cap.update(k), with_kwargs=True)
+        try:
+            with vtprune.patch(model, "pitome", ratio=0.8, bsm_layers=1, order=order) as h, torch.no_grad():
+                model(**inp)
+        finally:
+            hk.remove()
+        got[order] = cap["mm_encoder_outputs"]["image"].pooler_output
+        assert h.policies[0].sorted_output is (order == "source")
+        with torch.no_grad():
+            feats, _, _ = explicit_stage_v(model, inp, ratio=0.8, bsm_layers=(0,), order=order)
+        for g, f in zip(got[order], feats):
+            torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got["reference"][0], got["source"][0])
+    assert P.PiToMe().order == "reference"
 
 
 # ------------------------------------------------------------------ stage P (post-merger)
@@ -186,6 +226,7 @@ def test_stage_p_batch_equals_each_alone(family):
         ("llava", "pitome", {"mode": "max"}, "mode='max'"),
         ("llava", "pitome", {"keep": 1.5}, "fraction outside"),
         ("llava", "pitome", {"bsm_layers": -1}, "bsm_layers=-1"),
+        ("llava", "pitome", {"order": "raster"}, "order='raster'"),
     ],
 )
 def test_unsupported_settings_raise(family, method, params, match):

@@ -6,7 +6,8 @@ Adapters are the only code that touches ``transformers`` classes. An adapter:
   layout, grid positions, requested vision signals), optionally running stage-V policies;
 * computes the positions the unpatched model would use, and turns a shortened sequence back into
   model inputs (``input_ids``, ``attention_mask``, positions, precomputed image features);
-* exposes the decoder layers, the rotary function and q/k projections for partial attention.
+* exposes the decoder layers, the rotary tables (:meth:`Adapter.rotary`) and function, and the q/k
+  projections for partial attention.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     default_positions: str = "renumber"
+    position_modes: tuple[str, ...] = ("original", "renumber")
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -76,6 +78,14 @@ class Adapter:
         """Hook for family-specific bookkeeping after the prefill inputs were rebuilt."""
 
     # ---------------------------------------------------------------- LLM attention rows
+    def rotary(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of the language model's own rotary module (``rotary_emb``) for ``position_ids``.
+
+        ``hidden`` only fixes the dtype/device; ``position_ids`` has the model's native format (LLaVA:
+        (B, L)). Returns the tables the model would hand its decoder layers for those positions.
+        """
+        return self.language_model.rotary_emb(hidden, position_ids)
+
     def rotary_fn(self, layer: nn.Module):
         """The modeling module's own ``apply_rotary_pos_emb`` for a decoder layer."""
         mod = sys.modules[type(layer.self_attn).__module__]

@@ -224,7 +224,10 @@ class LlavaAdapter(Adapter):
                 sig[name] = t[i] if t.dim() == 3 else t[i][src.to(t.device)]
             extra = {"source": src.cpu()}
             if vision_policies:  # the sequence shrank inside the encoder: tokens fill some placeholders
-                extra["placeholder_index"] = (src - self.feature_offset()).cpu()
+                slots = (src - self.feature_offset()).cpu()  # the representative's placeholder
+                if torch.unique(slots).numel() != slots.numel() or bool((slots < 0).any()):
+                    raise RuntimeError("a stage-V policy gave two output tokens the same representative source")
+                extra["placeholder_index"] = slots
                 extra["n_placeholders"] = self.nominal_visual_tokens()
             images.append(
                 ImageTokens(

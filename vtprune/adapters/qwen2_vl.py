@@ -30,6 +30,7 @@ class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
     default_positions = "original"
+    position_modes = ("original",)  # M-RoPE positions cannot be renumbered contiguously
 
     @property
     def visual(self) -> nn.Module:
