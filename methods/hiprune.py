@@ -423,7 +423,9 @@ class HiPrune(TokenPolicy):
         register_exclusion: ``"exclude"`` (default, bug fix) | ``"subtract_one"`` (reference; if it
             re-picks an anchor/buffer token the budget cannot be met and a ``ValueError`` is raised).
         score: ``"received"`` (reference) | ``"cls"`` (CLS row only, LLaVA with a CLS tower).
-        next_budget_split: LLaVA-NeXT per-view split, ``"floor"`` (reference) | ``"exact"``.
+        next_budget_split: LLaVA-NeXT budget, ``"floor"`` (reference: floor(keep/V) per view) |
+            ``"exact"`` (per view, remainder spread) | ``"global"`` (per-view anchors/buffers, registers
+            by one top-k over all views; our extension).
         next_layout: ``"native"`` only (``"reference"``, the forced 'spatial' merge, needs adapter
             support that does not exist yet: ``ValueError``).
         positions: ``"auto"`` = LLaVA renumbers, Qwen keeps the original M-RoPE positions (reference).
@@ -486,7 +488,7 @@ class HiPrune(TokenPolicy):
         check_choice(self.name, "buffer_shape", self.buffer_shape, ("cross", "square"))
         check_choice(self.name, "register_exclusion", self.register_exclusion, ("exclude", "subtract_one"))
         check_choice(self.name, "score", self.score, ("received", "cls"))
-        check_choice(self.name, "next_budget_split", self.next_budget_split, ("floor", "exact"))
+        check_choice(self.name, "next_budget_split", self.next_budget_split, ("floor", "exact", "global"))
         check_choice(self.name, "next_layout", self.next_layout, ("native", "reference"))
         if self.next_layout == "reference":
             raise ValueError(
@@ -544,6 +546,8 @@ class HiPrune(TokenPolicy):
             budgets = [resolve_budget(keep, image.num_candidates)]
         elif family == "llava_next":
             total = resolve_budget(keep, image.num_candidates)
+            if self.next_budget_split == "global":
+                return grids, [total]
             budgets = budget_per_view(total, len(grids), self.next_budget_split)
         else:  # Qwen: per image, per temporal slice for video
             budgets = [resolve_budget(keep, g.index.numel()) for g in grids]
@@ -554,11 +558,37 @@ class HiPrune(TokenPolicy):
         return sum(self._view_budgets(image)[1])
 
     # ------------------------------------------------------------ selection
+    def _select_global(self, image: ImageTokens, grids, total: int, s_o_tok: Tensor, s_d_tok: Tensor) -> Tensor:
+        """``next_budget_split="global"`` (our extension): anchors and buffers per view as the reference
+        (anchor count from the view's floor share), then the registers by one top-k of the deep-layer
+        scores over all views' remaining candidates, so the budget flows to the views that matter."""
+        shares = budget_per_view(total, len(grids), "floor")
+        ab = []
+        for g, nv in zip(grids, shares):
+            nv = min(nv, g.index.numel())
+            valid = g.valid()
+            groups = hiprune_groups(
+                g.scatter(s_o_tok[g.index]), g.scatter(s_d_tok[g.index]), nv, float(self.alpha), g.cols,
+                buffer_border=self.buffer_border, register_exclusion="exclude", buffer_shape=self.buffer_shape,
+                valid=None if bool(valid.all()) else valid,
+            )
+            ab.append(g.tokens_of(groups.ab))
+        ab = torch.cat(ab) if ab else torch.zeros(0, dtype=torch.long)
+        rest = image.candidate.cpu().clone()
+        rest[ab] = False
+        cand = torch.nonzero(rest).flatten()
+        n_reg = total - ab.numel()
+        order = sorted(range(cand.numel()), key=lambda i: (-float(s_d_tok[cand[i]]), int(cand[i])))
+        regs = cand[torch.tensor(order[:n_reg], dtype=torch.long)] if n_reg > 0 else cand[:0]
+        return torch.sort(torch.cat([ab, regs])).values
+
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
         name_o, name_d = self._signal_names
         s_o_tok = image.signals[name_o].float().cpu()
         s_d_tok = image.signals[name_d].float().cpu()
         grids, budgets = self._view_budgets(image)
+        if self._family == "llava_next" and self.next_budget_split == "global":
+            return self._select_global(image, grids, budgets[0], s_o_tok, s_d_tok)
         kept = []
         for g, nv in zip(grids, budgets):
             valid = g.valid()

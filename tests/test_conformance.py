@@ -124,7 +124,10 @@ def _oracle(model, family, inp, stats, feats, policies):
 @pytest.mark.parametrize("method,family", SUPPORTED)
 def test_method_family_satisfies_oracle(method, family, attn, n):
     model, inp = _inputs(family, attn, n)
+    impls = {name: m.config._attn_implementation for name, m in model.named_modules() if hasattr(m, "config")}
     logits, gen, stats, feats, policies = _run(model, inp, SPECS[method])
+    # no method switches any sub-model's attention implementation (signals are recomputed rows)
+    assert impls == {name: m.config._attn_implementation for name, m in model.named_modules() if hasattr(m, "config")}
     assert len(stats.schedules) == n
     for s in stats.schedules:  # text is never dropped, visual tokens never grow
         text = s.llm_tokens_per_layer[0] - s.visual_tokens_per_layer[0]

@@ -196,3 +196,21 @@ def test_next_budget_smaller_than_views_and_anchor_overflow():
         with pytest.raises(ValueError, match="anchors\\+buffers .* exceed the budget"):
             with torch.no_grad():
                 model(**inp)
+
+
+def test_next_global_budget_option_keeps_exact_total_and_follows_deep_scores():
+    """next_budget_split='global': the same total as the per-view split, registers ranked across views."""
+    import vtprune
+    from vtprune.testing import tiny_llava_next, make_inputs, tiny_images
+
+    model, proc = tiny_llava_next()
+    inp = make_inputs("llava_next", proc, ["q?"], tiny_images(1, sizes=[(112, 112)]))
+    with vtprune.patch(model, "hiprune:keep=20,next_budget_split=global") as h, torch.no_grad():
+        model(**inp)
+    (kept,) = h.stats.kept_index_per_image
+    assert kept.numel() - (h.stats.visual_tokens_per_image[0] - 20) >= 0
+    n_newlines = h.stats.visual_tokens_in_per_image[0] - 5 * 16  # 5 views of 16 patches
+    assert h.stats.visual_tokens_per_image == [20 + n_newlines]
+    with vtprune.patch(model, "hiprune:keep=20") as h2, torch.no_grad():
+        model(**inp)
+    assert h2.stats.visual_tokens_per_image == [20 + n_newlines]  # floor(20/5) = 4 per view

@@ -264,7 +264,7 @@ def open_clip_visual():
     return visual, torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
 
 
-def _open_clip_by_hand(visual, pixels, ratio, prop_attn=False, mode="mean"):
+def _open_clip_by_hand(visual, pixels, ratio, prop_attn=False, mode="mean", order="reference"):
     blocks = visual.transformer.resblocks
     depth = len(blocks)
     x = visual._embeds(pixels)
@@ -281,7 +281,8 @@ def _open_clip_by_hand(visual, pixels, ratio, prop_attn=False, mode="mean"):
         step = plan[l]
         res = P.pitome_merge(x, x, step.r, step.margin, sizes=sizes, mode=mode, sources=sources)
         x, sizes, sources = res.x, res.sizes, res.sources
-    x = P.apply_order(x, P.source_order(sources))
+    if order == "source":
+        x = P.apply_order(x, P.source_order(sources))
     pooled, tokens = visual._pool(x)
     return pooled @ visual.proj, tokens
 
@@ -296,8 +297,9 @@ def test_open_clip_ratio_one_equals_unpatched(open_clip_visual):
     assert h.stats.vision_tokens_per_layer == [[50] * 4] * 2
 
 
-@pytest.mark.parametrize("params", [dict(ratio=0.9), dict(ratio=0.85, mode="wavg", prop_attn=True)],
-                         ids=["mean", "wavg+prop_attn"])
+@pytest.mark.parametrize("params", [dict(ratio=0.9), dict(ratio=0.85, mode="wavg", prop_attn=True),
+                                    dict(ratio=0.9, order="source")],
+                         ids=["mean", "wavg+prop_attn", "source-order"])
 def test_open_clip_merging_equals_kernel_steps(open_clip_visual, params):
     visual, pixels = open_clip_visual
     visual.output_tokens = True

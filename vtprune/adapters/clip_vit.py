@@ -14,7 +14,8 @@ together with the patch (through the decoder controller's ``install_hooks`` seam
   blocks only);
 * a forward hook on every block hands its output ``(B, N, C)`` to the policies' ``after_layer`` and
   returns the shortened tokens, tracking each token's representative (original token index);
-* after the last block the tokens are sorted by their representative's original index, as the LLaVA
+* after the last block the tokens are sorted by their representative's original index (unless the
+  policy declares its own order, ``sorted_output = False``, e.g. PiToMe ``order="reference"``), as the LLaVA
   path does when it places stage-V tokens at their placeholders (the CLS token stays first);
 * a forward hook on the visual module records the per-block token counts in the patch's
   ``stats.vision_tokens_per_layer`` and ends the request.
@@ -130,7 +131,8 @@ class OpenClipViTAdapter(Adapter):
                     x, s = res
                     req["src"] = torch.gather(req["src"], 1, s.to(x.device))
                     changed = True
-        if layer == len(self.blocks()) - 1 and req["src"] is not None:
+        keep_order = not all(getattr(p, "sorted_output", True) for p in req["policies"])
+        if layer == len(self.blocks()) - 1 and req["src"] is not None and not keep_order:
             perm = torch.argsort(req["src"], dim=1, stable=True)  # CLS (source 0) stays first
             if not torch.equal(perm, torch.arange(perm.shape[1], device=perm.device).expand_as(perm)):
                 x = torch.gather(x, 1, perm[..., None].expand(-1, -1, x.shape[-1]))
