@@ -117,6 +117,16 @@ def check_keep_value(keep: int | float) -> None:
     resolve_budget(keep, 10**9)
 
 
+def check_keep_for_model(keep: int | float | None, adapter: Any) -> None:
+    """An int ``keep`` must not exceed the model's fixed visual tokens per image (when it has one)."""
+    n = adapter.nominal_visual_tokens()
+    if n is not None and isinstance(keep, int) and not isinstance(keep, bool) and keep > n:
+        raise ValueError(
+            f"keep={keep} is larger than the {n} visual tokens per image of this model; "
+            f"use an int in 1..{n} or a float fraction in (0, 1]"
+        )
+
+
 @dataclass
 class Policy:
     """Base of all policies. Subclasses are dataclasses with typed fields (the method's knobs)."""
@@ -182,12 +192,7 @@ class TokenPolicy(Policy):
                 f"{self.name}: positions={self.positions!r} is not defined for {family}; "
                 f"use one of {('auto',) + tuple(modes)}"
             )
-        n = adapter.nominal_visual_tokens()
-        if n is not None and isinstance(self.keep, int) and self.keep > n:
-            raise ValueError(
-                f"keep={self.keep} is larger than the {n} visual tokens per image of this model; "
-                f"use an int in 1..{n} or a float fraction in (0, 1]"
-            )
+        check_keep_for_model(self.keep, adapter)
 
     def budget(self, image: ImageTokens) -> int:
         return resolve_budget(self.keep, image.num_candidates)
@@ -320,12 +325,7 @@ class DecoderPolicy(Policy):
                 raise ValueError(
                     f"{self.name}: layer={layer} must be in 1..{n_layers - 1} for this {n_layers}-layer LLM"
                 )
-        n = adapter.nominal_visual_tokens()
-        if n is not None and isinstance(self.keep, int) and self.keep > n:
-            raise ValueError(
-                f"keep={self.keep} is larger than the {n} visual tokens per image of this model; "
-                f"use an int in 1..{n} or a float fraction in (0, 1]"
-            )
+        check_keep_for_model(self.keep, adapter)
 
     def budget(self, n_visual: int, layer: int) -> int:
         """Visual tokens kept at ``layer`` out of the ``n_visual`` present."""
