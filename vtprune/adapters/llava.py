@@ -84,6 +84,12 @@ class LlavaAdapter(Adapter):
         vit = self.vit_layers()
         for l in layers:
             handles.append(vit[l].register_forward_pre_hook(lambda m, a, l=l: got.__setitem__(("in", l), a[0])))
+            # the layer's own q/k projections, reused by the signals instead of recomputed
+            _, attn, _, _ = vit_layer_parts(vit[l])
+            for kind in ("q", "k"):
+                proj = getattr(attn, f"{kind}_proj")
+                handles.append(proj.register_forward_hook(
+                    lambda m, a, out, l=l, kind=kind: got.__setitem__((kind, l), out)))
         for l in outputs:
             def hook(m, a, out, l=l):
                 got[("out", l)] = out[0] if isinstance(out, tuple) else out
@@ -115,6 +121,17 @@ class LlavaAdapter(Adapter):
             (outs if kind == "vit_hidden" else ins).add(layer)
         return ins, outs
 
+    @staticmethod
+    def _layer_qk(layer: nn.Module, idx: int, got: dict) -> tuple[Tensor, Tensor, float]:
+        """q, k (V, H, N, hd) of vision layer ``idx``: the projections captured during the tower's own
+        forward when available (no extra matmuls), else recomputed from the captured layer input."""
+        if ("q", idx) in got and ("k", idx) in got:
+            _, _, heads, scale = vit_layer_parts(layer)
+            q, k = got[("q", idx)], got[("k", idx)]
+            v, n, _ = q.shape
+            return q.view(v, n, heads, -1).transpose(1, 2), k.view(v, n, heads, -1).transpose(1, 2), scale
+        return vit_qk(layer, got[("in", idx)])
+
     def _view_signals(self, signals, got) -> dict[str, Tensor]:
         """Per-view signal tensors, indexed on encoder tokens: (V, N) or (V, N, C)."""
         vit = self.vit_layers()
@@ -128,19 +145,15 @@ class LlavaAdapter(Adapter):
             if kind == "vit_hidden":
                 out[name] = got[("out", layer)]
                 continue
-            x = got[("in", layer)]
+            q, k, scale = self._layer_qk(vit[layer], layer, got)
             if kind in ("vit_received", "vit_received_sum"):
-                q, k, scale = vit_qk(vit[layer], x)
                 probs = attention_probs(q, k, scale, chunk_heads=4)
                 out[name] = received_attention(probs, "mean" if kind == "vit_received" else "sum")
             elif kind == "vit_cls":
-                q, k, scale = vit_qk(vit[layer], x, rows=slice(0, 1))
-                out[name] = attention_probs(q, k, scale).mean(1)[:, 0]
+                out[name] = attention_probs(q[:, :, :1], k, scale).mean(1)[:, 0]
             elif kind == "vit_cls_logits":
-                q, k, scale = vit_qk(vit[layer], x, rows=slice(0, 1))
-                out[name] = (torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale).mean(1)[:, 0]
+                out[name] = (torch.matmul(q[:, :, :1].float(), k.float().transpose(-1, -2)) * scale).mean(1)[:, 0]
             elif kind == "vit_keys":
-                _, k, _ = vit_qk(vit[layer], x, rows=slice(0, 1))
                 out[name] = k.float().mean(1)
         return out
 
