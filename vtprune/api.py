@@ -334,6 +334,7 @@ class Patch:
         )
         # per sample: the vision encoder's token schedule of each of its views, and projector tokens
         views_per_sample: list[list[list[int]]] = [[] for _ in range(b)]
+        windows_per_sample: list[list[list[int]]] = [[] for _ in range(b)]
         proj_per_sample = [0] * b
         v0 = 0
         for img, (sample, _) in zip(images, spans):
@@ -341,9 +342,16 @@ class Patch:
             views_per_sample[sample].extend(vision_sched[v0 : v0 + nv])
             v0 += nv
             proj_per_sample[sample] += int(img.extra.get("projector_tokens", img.num_tokens))
+            win = img.extra.get("vision_windows")  # per vision block, segment lengths (Qwen)
+            if win is not None:
+                acc = windows_per_sample[sample]
+                acc.extend([[] for _ in range(len(win) - len(acc))])
+                for blk, segs in enumerate(win):
+                    acc[blk].extend(segs)
         self._vision_sched = vision_sched
         self._views_per_sample = views_per_sample
         self._proj_per_sample = proj_per_sample
+        self._windows_per_sample = windows_per_sample
         self._spans_samples = [s for s, _ in spans]
         return out
 
@@ -399,6 +407,7 @@ class Patch:
                     visual_tokens_per_image=per_sample_imgs.get(i, []),
                     vision_tokens_per_layer=self._views_per_sample[i],
                     projector_tokens=self._proj_per_sample[i],
+                    vision_windows=self._windows_per_sample[i],
                     new_tokens=0,
                 )
             )

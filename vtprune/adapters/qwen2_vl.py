@@ -55,12 +55,15 @@ class Qwen2VLAdapter(Adapter):
     # ------------------------------------------------------------ encoding
     @contextmanager
     def _capture(self, blocks: set[int]):
-        got: dict[int, tuple[Tensor, dict]] = {}
+        """Capture the inputs of ``blocks`` and, for every block, the attention segments it used."""
+        got: dict = {}
         handles = []
-        for b in blocks:
+        for b in range(len(self.vit_blocks())):
             def hook(m, args, kwargs, b=b):
-                x = args[0] if args else kwargs["hidden_states"]
-                got[b] = (x, kwargs)
+                got[("cu", b)] = kwargs["cu_seqlens"]
+                if b in blocks:
+                    x = args[0] if args else kwargs["hidden_states"]
+                    got[b] = (x, kwargs)
             handles.append(self.vit_blocks()[b].register_forward_pre_hook(hook, with_kwargs=True))
         try:
             yield got
@@ -116,6 +119,8 @@ class Qwen2VLAdapter(Adapter):
         images, start = [], 0
         n_blocks = len(self.vit_blocks())
         sched = []
+        cu = [got[("cu", b)].tolist() for b in range(n_blocks)]
+        patch0 = 0
         for i, f in enumerate(feats):
             t, hh, ww = (int(v) for v in grid_thw[i])
             gh, gw = hh // merge, ww // merge
@@ -136,6 +141,11 @@ class Qwen2VLAdapter(Adapter):
                 )
             )
             sched.append([t * hh * ww] * n_blocks)
+            # attention segments (whole frames or windows) each block used for this image's patches
+            patch1 = patch0 + t * hh * ww
+            images[-1].extra["vision_windows"] = [
+                [e - s for s, e in zip(c[:-1], c[1:]) if patch0 <= s < patch1 and e > s] for c in cu]
+            patch0 = patch1
             start += n
         return images, sched
 

@@ -1,0 +1,35 @@
+"""The FLOPs a patched request reports are the FLOPs that ran: count_flops(model, Patch.stats
+schedule) == torch's FlopCounterMode around the patched forward (within 1 %), on every family,
+unpruned, pruned before the LLM and pruned inside it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils import flop_counter
+
+import vtprune
+from vtprune.flops import count_flops
+from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
+
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_counter.flop_registry:  # otherwise attention FLOPs are silently missing
+
+    @flop_counter.register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@pytest.mark.parametrize("spec", ["none", "random:keep=0.5", "random:at=D,layer=1,keep=0.3"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reported_flops_equal_counted_flops(family, spec):
+    model, proc = BUILDERS[family]()
+    sizes = None if family == "llava" else [(112, 84)]
+    inp = make_inputs(family, proc, ["what is in the picture here?"], tiny_images(1, sizes=sizes))
+    with vtprune.patch(model, spec) as h:
+        with torch.no_grad(), flop_counter.FlopCounterMode(display=False) as fc:
+            model(**inp, logits_to_keep=1)
+    (sched,) = h.stats.schedules
+    rep = count_flops(model, sched)
+    expected = rep.vision_flops + rep.projector_flops + rep.llm_prefill_flops + rep.lm_head_flops_per_token
+    counted = fc.get_total_flops()
+    assert abs(counted - expected) <= 0.01 * expected, (counted, expected, rep.as_dict())
