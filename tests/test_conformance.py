@@ -178,3 +178,16 @@ def test_unsupported_combination_raises_clearly(method, family):
     with pytest.raises(ValueError, match=UNSUPPORTED[(method, family)]):
         vtprune.patch(model, SPECS[method])
     assert not hasattr(model, "_vtprune_patch")
+
+
+@pytest.mark.parametrize("method,family", SUPPORTED)
+def test_deterministic_for_a_fixed_seed(method, family):
+    model, inp = _inputs(family, "sdpa", 2)
+    runs = []
+    for _ in range(2):
+        with vtprune.patch(model, SPECS[method], seed=7) as h, torch.no_grad():
+            logits = model(**inp).logits[:, -1]
+        runs.append((logits, [k.tolist() for k in h.stats.kept_index_per_image], h.stats.llm_kept_index))
+    (l1, k1, d1), (l2, k2, d2) = runs
+    assert k1 == k2 and torch.equal(l1, l2)
+    assert (d1 is None and d2 is None) or torch.equal(d1, d2)
