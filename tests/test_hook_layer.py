@@ -534,3 +534,27 @@ def test_schedule_counts_vision_projector_and_new_tokens(family):
         assert rep.vision_flops > 0 and rep.projector_flops > 0 and rep.llm_prefill_flops > 0
     if family == "llava_next":  # base view + crops of each image
         assert [len(s.vision_tokens_per_layer) for s in h.stats.schedules] == [3, 5]
+
+
+def test_dinov2_tower_at_another_resolution_uses_the_actual_grid():
+    """DINOv2 interpolates its position table: the grid comes from the tokens, not config.image_size."""
+    from vtprune.adapters import get_adapter
+    from vtprune.testing import tiny_llava
+
+    model, proc = tiny_llava(vision="dinov2")  # config image_size 56 (4x4 patches)
+    proc.image_processor.size = {"shortest_edge": 84}
+    proc.image_processor.crop_size = {"height": 84, "width": 84}  # 6x6 patches
+    inp = make_inputs("llava", proc, QUESTIONS[:2], tiny_images(2, sizes=[(84, 84), (84, 84)]))
+    assert int((inp["input_ids"][0] == model.config.image_token_id).sum()) == 36
+    images, _ = get_adapter(model).encode(dict(inp), {}, [], None)
+    assert images[0].grid_shapes == [(6, 6)] and images[0].grid[:, 1].max() == 5
+    with torch.no_grad():
+        ref = model(**inp).logits[:, -1]
+    with vtprune.patch(model, "none"), torch.no_grad():
+        torch.testing.assert_close(model(**inp).logits[:, -1], ref, rtol=1e-5, atol=1e-5)
+    with vtprune.patch(model, "hiprune:keep=9") as h, torch.no_grad():
+        model(**inp)
+    assert h.stats.visual_tokens_per_image == [9, 9]
+    with pytest.raises(ValueError, match="larger than the 36"):
+        with vtprune.patch(model, "random:keep=40"), torch.no_grad():
+            model(**inp)

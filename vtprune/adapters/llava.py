@@ -61,7 +61,11 @@ class LlavaAdapter(Adapter):
         return 1 if (strategy == "default" and self.vit_has_cls()) else 0
 
     def nominal_visual_tokens(self) -> int | None:
+        """Visual tokens per image, fixed by the config for CLIP/SigLIP towers. DINOv2 interpolates its
+        position table to any resolution (the processor decides), so its count is known per request."""
         vc = self.config.vision_config
+        if vc.model_type == "dinov2":
+            return None
         side = vc.image_size // vc.patch_size
         return side * side + (1 if self.vit_has_cls() else 0) - self.feature_offset()
 
@@ -225,7 +229,7 @@ class LlavaAdapter(Adapter):
         for i, (f, src) in enumerate(zip(feats, sources)):
             cls = 1 if self.vit_has_cls() else 0
             n_tok = f.shape[0]
-            side = self._grid_side(src, cls)
+            side = self._grid_side(sched[i][0] - cls)
             patch = src - cls
             grid = torch.stack([patch // side, patch % side], -1)
             grid[patch < 0] = -1
@@ -256,11 +260,13 @@ class LlavaAdapter(Adapter):
             )
         return images, sched
 
-    def _grid_side(self, src, cls) -> int:
-        vc = self.config.vision_config
-        side = vc.image_size // vc.patch_size
-        if (int(src.max()) - cls + 1) > side * side:  # dynamic resolution (e.g. DINOv2 at another size)
-            side = math.isqrt(int(src.max()) - cls + 1)
+    @staticmethod
+    def _grid_side(n_patches: int) -> int:
+        """Side of the square patch grid of a view that entered the encoder with ``n_patches`` patches
+        (the actual resolution: DINOv2 runs at whatever size the processor chose)."""
+        side = math.isqrt(n_patches)
+        if side * side != n_patches:
+            raise ValueError(f"the vision tower produced {n_patches} patch tokens, not a square grid")
         return side
 
     # ------------------------------------------------------------ positions and inputs
