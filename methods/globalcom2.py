@@ -519,10 +519,17 @@ class GlobalCom2(TokenPolicy):
     crop_score: str = "logits"
     next_layout: str = "native"
     allow_experimental: bool = False
+    allow_single_view: bool = False
     region_tokens: int = 12
     guidance: bool = True
 
     def validate(self, family: str, adapter: Any) -> None:
+        if family == "llava" and not self.allow_single_view:
+            raise ValueError(
+                "globalcom2 compresses LLaVA-NeXT AnyRes crops under the guidance of the thumbnail; this "
+                "LLaVA-1.5 model has a single view (no thumbnail + crops layout). Use a LLaVA-NeXT model, or "
+                "pass allow_single_view=True for the thumbnail-only extension (not a published GlobalCom² setting)"
+            )
         if family in QWEN_FAMILIES and not self.allow_experimental:
             raise ValueError(
                 f"globalcom2 is defined for LLaVA-NeXT AnyRes images (and LLaVA-1.5 thumbnail-only); on {family!r} "

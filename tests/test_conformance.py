@@ -42,6 +42,7 @@ UNSUPPORTED = {
     ("pitome", "qwen2_vl"): "use stage='P'",
     ("pitome", "qwen2_5_vl"): "use stage='P'",
     ("pitome-p", "llava_next"): "LLaVA-NeXT is not supported",
+    ("globalcom2", "llava"): "single view",
     ("globalcom2", "qwen2_vl"): "defined for LLaVA-NeXT",
     ("globalcom2", "qwen2_5_vl"): "defined for LLaVA-NeXT",
 }

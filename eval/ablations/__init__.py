@@ -15,7 +15,7 @@ the ablation table.
 | hiprune | object layer x alpha (anchor share) |
 | todre | diversity rule: max-sum (v2) vs k-center (v1) vs random seeding (pivot) |
 | transprune | TTV-only vs IGA-only vs both |
-| globalcom2 | with vs without the thumbnail's global guidance (thumbnail-only scores) |
+| globalcom2 | with vs without the thumbnail's global guidance (needs a LLaVA-NeXT model: on a single-view model such as the embedded default its cells are recorded as unsupported, with the error) |
 | pitome | energy margin (pitome-p, the post-merger variant that runs on every tower) |
 | fastv | layer K x keep ratio R |
 """

@@ -134,7 +134,7 @@ def test_llava_next_probability_scores():
 @pytest.mark.parametrize("order", ["score", "raster"])
 def test_llava_thumbnail_only_equals_shortened_input(order, attn):
     model, inp = batch("llava", n=1, attn=attn)
-    with vtprune.patch(model, "globalcom2", keep=0.3, thumbnail_order=order) as h:
+    with vtprune.patch(model, "globalcom2", keep=0.3, thumbnail_order=order, allow_single_view=True) as h:
         with torch.no_grad():
             out = model(**inp).logits
             gen = model.generate(**inp, **GEN)
@@ -158,7 +158,8 @@ def test_forced_keep_all_equals_unpatched(family, monkeypatch):
     with torch.no_grad():
         ref = model(**inp).logits
         gref = model.generate(**inp, **GEN)
-        with vtprune.patch(model, "globalcom2", keep=1.0, thumbnail_order="raster") as h:
+        extra = {"allow_single_view": True} if family == "llava" else {}
+        with vtprune.patch(model, "globalcom2", keep=1.0, thumbnail_order="raster", **extra) as h:
             out = model(**inp).logits
             gen = model.generate(**inp, **GEN)
     assert h.stats.visual_tokens_per_image == h.stats.visual_tokens_in_per_image
@@ -169,7 +170,15 @@ def test_forced_keep_all_equals_unpatched(family, monkeypatch):
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", ["llava_next", "llava"])
 def test_batch_equals_each_alone(family, attn):
-    assert_batch_equals_alone(family, attn, "globalcom2", keep=0.25)
+    extra = {"allow_single_view": True} if family == "llava" else {}
+    assert_batch_equals_alone(family, attn, "globalcom2", keep=0.25, **extra)
+
+
+def test_single_view_model_is_a_clear_error_unless_opted_in():
+    model, _ = batch("llava", n=1)
+    with pytest.raises(ValueError, match="single view .*allow_single_view=True"):
+        vtprune.patch(model, "globalcom2")
+    assert not hasattr(model, "_vtprune_patch")
 
 
 def test_score_order_is_the_default_and_declares_unsorted_output():
