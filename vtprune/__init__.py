@@ -15,10 +15,10 @@ from .policy import (
     TokenPolicy,
     VisionPolicy,
 )
-from .registry import methods, parse_spec, register
+from .registry import parse_spec, register
 from .schedule import TokenSchedule
 
-from . import methods  # noqa: E402,F811  (the callable subpackage; vtprune.methods() lists methods)
+from . import methods  # noqa: E402  (the callable subpackage: vtprune.methods() lists the methods)
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import registry
 from .adapters import get_adapter
 from .decoder import DecoderController
-from .policy import Context, DecoderPolicy, ImageTokens, MergePolicy, Policy, TokenPolicy, VisionPolicy
+from .policy import Context, DecoderPolicy, ImageTokens, Policy, TokenPolicy, VisionPolicy
 from .schedule import TokenSchedule
 
 _ACTIVE_ATTR = "_vtprune_patch"

@@ -319,7 +319,6 @@ class LlavaNextAdapter(LlavaAdapter):
 
         feats, view_sig, n_enc, image_sizes, vkw = self.run_vision(kwargs, signals, vision_policies, ctx)
         cfg = self.config
-        cls = 1 if self.vit_has_cls() else 0
         off = 1 if vkw["vision_feature_select_strategy"] == "default" else 0
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         hw = side * side

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import Tensor, nn
