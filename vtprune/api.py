@@ -162,8 +162,7 @@ class Patch:
         return f"Patch({type(self.model).__name__}, {spec!r}, active={self.active})"
 
     def _context(self) -> Context:
-        g = torch.Generator().manual_seed(self.seed)
-        return Context(family=self.adapter.family, generator=g, seed=self.seed)
+        return Context(family=self.adapter.family, seed=self.seed)
 
     # ---------------------------------------------------------------- the model-level hook
     def _model_pre_hook(self, module, args, kwargs):
@@ -513,7 +512,7 @@ def patch(model: nn.Module, method="none", *, seed: int = 0, **params) -> Patch:
             ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
         method: a registered name (``"fastv"``), a spec string (``"fastv:layer=2,keep=0.5"``,
             policies composed with ``+``), a policy object, or a list of these.
-        seed: seed of the generator handed to stochastic policies (``random``).
+        seed: seed of the per-image generators (``Context.rng``) of stochastic policies (``random``).
         **params: parameters of a single method (override the spec string's).
 
     Raises:

@@ -79,7 +79,6 @@ class Context:
     """
 
     family: str
-    generator: torch.Generator | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 

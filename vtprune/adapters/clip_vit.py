@@ -91,7 +91,7 @@ class OpenClipViTAdapter(Adapter):
             return None
         n_blocks = len(self.blocks())
         gh, gw = self.model.grid_size
-        ctx = Context(family=self.family, generator=torch.Generator().manual_seed(patch.seed), seed=patch.seed)
+        ctx = Context(family=self.family, seed=patch.seed)
         ctx.extra.update(vit_layers=n_blocks, vit_last_layer=n_blocks - 1, vit_tokens=gh * gw + 1, vit_drop_cls=True)
         self._req = {"ctx": ctx, "policies": policies, "src": None, "sched": []}
         return None
