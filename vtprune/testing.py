@@ -184,3 +184,23 @@ def make_inputs(family: str, proc, questions: list[str], images: list[Image.Imag
     proc.tokenizer.padding_side = padding_side
     texts = [prompt_for(family, q) for q in questions]
     return proc(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def tiny_open_clip(seed: int = 0):
+    """A tiny open_clip CLIP (ViT 56 px, patch 8 -> 49 patches + CLS, width 32, 4 blocks) and its
+    tokenizer, random weights, no download."""
+    import logging
+
+    import open_clip
+
+    logging.disable(logging.WARNING)  # "no pretrained weights loaded" is the point here
+    try:
+        torch.manual_seed(seed)
+        model = open_clip.create_model(
+            "ViT-B-32", pretrained=None, embed_dim=32,
+            vision_cfg=dict(image_size=56, patch_size=8, width=32, layers=4, head_width=8, mlp_ratio=2.0),
+            text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=1),
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    return model.eval(), open_clip.get_tokenizer("ViT-B-32", context_length=16)

@@ -3,7 +3,6 @@ and image-text retrieval on tiny local benchmarks with a tiny random open_clip m
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 from torch.utils import flop_counter
 
 import vtprune
+from vtprune.testing import tiny_open_clip
 from vtprune.eval.benchmarks import load_benchmark
 from vtprune.eval.clip_eval import default_preprocess, retrieval, sweep_clip, vision_flops, zero_shot
 
@@ -65,17 +65,7 @@ def encoder_part(counts) -> int:
 
 @pytest.fixture(scope="module")
 def clip():
-    logging.disable(logging.WARNING)  # "no pretrained weights loaded" is the point here
-    try:
-        torch.manual_seed(0)
-        model = open_clip.create_model(
-            "ViT-B-32", pretrained=None, embed_dim=32,
-            vision_cfg=dict(image_size=56, patch_size=8, width=32, layers=4, head_width=8, mlp_ratio=2.0),
-            text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=1),
-        )
-    finally:
-        logging.disable(logging.NOTSET)
-    return model.eval(), open_clip.get_tokenizer("ViT-B-32", context_length=16)
+    return tiny_open_clip()
 
 
 def _png(path, seed):

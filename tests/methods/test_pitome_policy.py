@@ -247,19 +247,10 @@ def test_non_clip_tower_raises():
 # ------------------------------------------------------------------ open_clip VisionTransformer
 @pytest.fixture(scope="module")
 def open_clip_visual():
-    open_clip = pytest.importorskip("open_clip")
-    import logging
+    pytest.importorskip("open_clip")
+    from vtprune.testing import tiny_open_clip
 
-    logging.disable(logging.WARNING)  # "no pretrained weights loaded" is the point here
-    try:
-        torch.manual_seed(0)
-        model = open_clip.create_model(
-            "ViT-B-32", pretrained=None, embed_dim=32,
-            vision_cfg=dict(image_size=56, patch_size=8, width=32, layers=4, head_width=8, mlp_ratio=2.0),
-            text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=4, layers=1),
-        )
-    finally:
-        logging.disable(logging.NOTSET)
+    model, _ = tiny_open_clip()
     visual = model.visual.eval()
     return visual, torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
 
