@@ -48,7 +48,7 @@ UNSUPPORTED = {
 }
 QUESTIONS = ["what is it?", "a longer question about the picture here?"]
 SIZES = {"llava": None, "llava_next": [(70, 112), (112, 84)], "qwen2_vl": [(70, 112), (112, 84)],
-         "qwen2_5_vl": [(70, 112), (112, 84)]}
+         "qwen2_5_vl": [(70, 112), (112, 84)], "llava_onevision": [(70, 112), (150, 160)]}
 GEN = dict(max_new_tokens=10, do_sample=False)
 SUPPORTED = [(m, f) for m in SPECS for f in FAMILIES if (m, f) not in UNSUPPORTED]
 

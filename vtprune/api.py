@@ -239,7 +239,7 @@ class Patch:
             order = torch.arange(img.num_tokens)
             cur = img
             for p in self.token_policies:
-                o, feats = p.apply(cur, ctx)
+                o, feats = p.run(cur, ctx)
                 cur = _subset(cur, o, feats)
                 order = order[o]
             slot = img.extra.get("placeholder_index")  # stage V: which placeholder each token fills
@@ -257,7 +257,8 @@ class Patch:
             n_out.append(cur.num_tokens)
         t2 = time.perf_counter()
 
-        is_img = ids == ad.image_token_id
+        visual_ids = torch.tensor(list(ad.placeholder_ids().values()), device=ids.device)
+        is_img = torch.isin(ids, visual_ids)
         seqs = []
         for i in range(b):
             base = torch.nonzero(mask[i].bool() & ~is_img[i]).flatten()
@@ -293,6 +294,7 @@ class Patch:
             "attention_mask": new_mask if need_mask else None,
             "position_ids": new_pos,
             "features": features,
+            "modalities": [img.extra.get("modality", "image") for img in images],
             "gather": gather,
         }
         out = ad.build_inputs(kwargs, new)
@@ -302,7 +304,7 @@ class Patch:
         st.full_len_in = n
         st.mask = new_mask
         st.mask_given = need_mask
-        st.visual = (new_ids == ad.image_token_id) & valid
+        st.visual = torch.isin(new_ids, visual_ids) & valid
         img_id = torch.full((b, width), -1, dtype=torch.long, device=ids.device)
         for i in range(b):
             k = 0
@@ -364,26 +366,35 @@ class Patch:
         return mode
 
     def _image_spans(self, ids: Tensor, mask: Tensor, images: list[ImageTokens]) -> list[tuple[int, Tensor]]:
-        """Assign each image its placeholder columns: (sample index, (n_i,) columns)."""
-        is_img = (ids == self.adapter.image_token_id) & mask.bool()
-        spans, k = [], 0
-        for i in range(ids.shape[0]):
-            cols = torch.nonzero(is_img[i]).flatten()
-            start = 0
-            while start < cols.numel():
-                if k >= len(images):
-                    raise ValueError("more image placeholder tokens than image features; check the processor output")
-                n = images[k].extra.get("n_placeholders", images[k].num_tokens)
-                if start + n > cols.numel():
-                    raise ValueError(
-                        f"image {k} has {n} features but sample {i} has only {cols.numel() - start} "
-                        "placeholders left; check the processor output"
-                    )
-                spans.append((i, cols[start : start + n]))
-                start += n
-                k += 1
-        if k != len(images):
-            raise ValueError(f"{len(images)} images but placeholders for {k}; check the processor output")
+        """Assign each image (or video) its placeholder columns: (sample index, (n_i,) columns).
+
+        Each modality fills its own placeholder token in order (as the model scatters its features):
+        the k-th image of the request takes the k-th run of image placeholders, videos likewise.
+        """
+        spans: list = [None] * len(images)
+        for modality, token_id in self.adapter.placeholder_ids().items():
+            queue = [k for k, img in enumerate(images) if img.extra.get("modality", "image") == modality]
+            is_tok = (ids == token_id) & mask.bool()
+            for i in range(ids.shape[0]):
+                cols = torch.nonzero(is_tok[i]).flatten()
+                start = 0
+                while start < cols.numel():
+                    if not queue:
+                        raise ValueError(f"more {modality} placeholder tokens than {modality} features; "
+                                         "check the processor output")
+                    k = queue.pop(0)
+                    n = images[k].extra.get("n_placeholders", images[k].num_tokens)
+                    if start + n > cols.numel():
+                        raise ValueError(
+                            f"{modality} {k} has {n} features but sample {i} has only {cols.numel() - start} "
+                            "placeholders left; check the processor output"
+                        )
+                    spans[k] = (i, cols[start : start + n])
+                    start += n
+            if queue:
+                n_mod = sum(img.extra.get("modality", "image") == modality for img in images)
+                raise ValueError(f"{n_mod} {modality}s but placeholders for {n_mod - len(queue)}; "
+                                 "check the processor output")
         return spans
 
     def _finish_stats(self) -> None:

@@ -58,7 +58,7 @@ CONVENTION = (
     "decode per token at actual cache lengths, LM head separate (§5)"
 )
 
-_LLAVA_TYPES = ("llava", "llava_next")
+_LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
 _QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 

@@ -23,6 +23,8 @@ from torch import Tensor
 
 STAGES = ("V", "P", "D")
 POSITION_MODES = ("auto", "original", "renumber")
+#: how a stage-P budget applies to a video: per frame (each frame keeps its share) or per video
+QUOTAS = ("frame", "video")
 
 
 @dataclass
@@ -133,7 +135,7 @@ class Policy:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     stage: ClassVar[str] = "P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
 
     def validate(self, family: str, adapter: Any) -> None:
         """Check the policy's parameters for a model family; raise ``ValueError`` naming the fix."""
@@ -171,6 +173,10 @@ class TokenPolicy(Policy):
         keep: tokens kept per image (int) or fraction of the image's candidate tokens (float).
         positions: ``"auto"`` (the family's reference convention: LLaVA renumbers, Qwen keeps the
             original M-RoPE positions), ``"original"`` or ``"renumber"``.
+        quota: videos only. ``"frame"`` (default, None): every frame is a unit of its own, with its
+            own budget (``keep`` per frame) and its own selection, so each frame keeps its share;
+            ``"video"``: the whole video is one unit, ``keep`` is the budget of the video and the
+            policy ranks the tokens of all frames jointly. Images are always one unit each.
     """
 
     stage: ClassVar[str] = "P"
@@ -179,6 +185,7 @@ class TokenPolicy(Policy):
     sorted_output: ClassVar[bool] = True
     keep: int | float = 64
     positions: str = "auto"
+    quota: str | None = None
 
     def validate(self, family: str, adapter: Any) -> None:
         super().validate(family, adapter)
@@ -192,9 +199,33 @@ class TokenPolicy(Policy):
                 f"use one of {('auto',) + tuple(modes)}"
             )
         check_keep_for_model(self.keep, adapter)
+        if self.quota is not None and self.quota not in QUOTAS:
+            raise ValueError(f"{self.name}: quota={self.quota!r}; choose one of {QUOTAS} (how a video's budget applies)")
 
     def budget(self, image: ImageTokens) -> int:
         return resolve_budget(self.keep, image.num_candidates)
+
+    def run(self, image: ImageTokens, ctx: Context) -> tuple[Tensor, Tensor | None]:
+        """:meth:`apply` on each quota unit of ``image`` (one per video frame with ``quota="frame"``,
+        else the whole image), combined into one ``(order, features)`` over the image's tokens."""
+        if (self.quota or "frame") != "frame" or image.extra.get("modality") != "video":
+            return self.apply(image, ctx)
+        orders, feats, merged = [], [], False
+        frames = sorted(set(image.view[image.view >= 0].tolist()))
+        for f in frames:
+            idx = torch.nonzero(image.view.cpu() == f).flatten()
+            unit = frame_unit(image, idx, f)
+            o, ft = self.apply(unit, ctx)
+            orders.append(idx[o])
+            feats.append(unit.features[o.to(unit.features.device)] if ft is None else ft)
+            merged |= ft is not None
+        rest = torch.nonzero(image.view.cpu() < 0).flatten()  # newline tokens of no frame: always kept
+        if bool(image.candidate.cpu()[rest].any()):
+            raise RuntimeError("a video token outside every frame is a candidate")
+        order = torch.cat(orders + [rest])
+        if not merged:
+            return order, None
+        return order, torch.cat(feats + [image.features[rest.to(image.features.device)]])
 
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:  # pragma: no cover
         """Return (n_keep,) long indices into ``image`` tokens; each must be a candidate."""
@@ -219,6 +250,38 @@ class TokenPolicy(Policy):
         order = slots.clone()
         order[image.candidate.cpu()[slots]] = idx
         return order, None
+
+
+def frame_unit(image: ImageTokens, index: Tensor, frame: int) -> ImageTokens:
+    """The tokens ``index`` (all of frame ``frame``) of a video as a single-view image (view 0).
+
+    Per-token tensors are gathered; per-view tensors (first dim = frames, e.g. ``vit_hidden`` (F, N,
+    C)) are cut to the frame. ``extra["index_in_sample"]`` becomes a per-frame key for seeded draws.
+    """
+    n = image.num_tokens
+    frames = len(image.grid_shapes)
+
+    def take(v):
+        if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n:
+            return v[index.to(v.device)]
+        if torch.is_tensor(v) and v.dim() == 3 and v.shape[0] == frames:
+            return v[frame : frame + 1]
+        return v
+
+    extra = {k: take(v) for k, v in image.extra.items()}
+    extra["modality"] = "frame"
+    extra["index_in_sample"] = int(image.extra.get("index_in_sample", 0)) * 100_003 + frame + 1
+    return ImageTokens(
+        features=image.features[index.to(image.features.device)],
+        candidate=image.candidate[index],
+        view=torch.zeros(index.numel(), dtype=torch.long),
+        grid=image.grid[index],
+        grid_shapes=[image.grid_shapes[frame]],
+        signals={k: take(v) for k, v in image.signals.items()},
+        image_index=image.image_index,
+        sample_index=image.sample_index,
+        extra=extra,
+    )
 
 
 def _check_selection(name: str, idx: Tensor, image: ImageTokens, n_keep: int) -> None:

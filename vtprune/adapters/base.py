@@ -47,6 +47,10 @@ class Adapter:
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
 
+    def placeholder_ids(self) -> dict[str, int]:
+        """``{modality: placeholder token id}`` of the visual inputs this family takes (image, video)."""
+        return {"image": self.image_token_id}
+
     def nominal_visual_tokens(self) -> int | None:
         """Visual tokens per image when fixed by the config (LLaVA-1.5), else None."""
         return None
