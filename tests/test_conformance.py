@@ -45,6 +45,8 @@ UNSUPPORTED = {
     ("globalcom2", "llava"): "single view",
     ("globalcom2", "qwen2_vl"): "defined for LLaVA-NeXT",
     ("globalcom2", "qwen2_5_vl"): "defined for LLaVA-NeXT",
+    ("pitome", "llava_onevision"): "use stage='P'",
+    ("globalcom2", "llava_onevision"): "no CLS token.*allow_experimental=True",
 }
 QUESTIONS = ["what is it?", "a longer question about the picture here?"]
 SIZES = {"llava": None, "llava_next": [(70, 112), (112, 84)], "qwen2_vl": [(70, 112), (112, 84)],

@@ -257,8 +257,7 @@ class Patch:
             n_out.append(cur.num_tokens)
         t2 = time.perf_counter()
 
-        visual_ids = torch.tensor(list(ad.placeholder_ids().values()), device=ids.device)
-        is_img = torch.isin(ids, visual_ids)
+        is_img = _visual_mask(ids, ad)
         seqs = []
         for i in range(b):
             base = torch.nonzero(mask[i].bool() & ~is_img[i]).flatten()
@@ -294,7 +293,7 @@ class Patch:
             "attention_mask": new_mask if need_mask else None,
             "position_ids": new_pos,
             "features": features,
-            "modalities": [img.extra.get("modality", "image") for img in images],
+            "items": images,  # the encoded items (aligned with features)
             "gather": gather,
         }
         out = ad.build_inputs(kwargs, new)
@@ -304,7 +303,7 @@ class Patch:
         st.full_len_in = n
         st.mask = new_mask
         st.mask_given = need_mask
-        st.visual = torch.isin(new_ids, visual_ids) & valid
+        st.visual = _visual_mask(new_ids, ad) & valid
         img_id = torch.full((b, width), -1, dtype=torch.long, device=ids.device)
         for i in range(b):
             k = 0
@@ -372,7 +371,7 @@ class Patch:
         the k-th image of the request takes the k-th run of image placeholders, videos likewise.
         """
         spans: list = [None] * len(images)
-        for modality, token_id in self.adapter.placeholder_ids().items():
+        for modality, token_id in self.adapter.visual_token_ids().items():
             queue = [k for k, img in enumerate(images) if img.extra.get("modality", "image") == modality]
             is_tok = (ids == token_id) & mask.bool()
             for i in range(ids.shape[0]):
@@ -456,6 +455,12 @@ class Patch:
             step = torch.arange(q, device=st.next_pos.device) + st.decoded
             kwargs["position_ids"] = self.adapter.decode_positions(st.next_pos[:, None] + step[None])
         return kwargs
+
+
+def _visual_mask(ids: Tensor, adapter) -> Tensor:
+    """(B, L) bool: placeholder tokens of any visual modality."""
+    vis = torch.tensor(list(adapter.visual_token_ids().values()), dtype=ids.dtype, device=ids.device)
+    return torch.isin(ids, vis)
 
 
 def _config_pad_id(config) -> int:

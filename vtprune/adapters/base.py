@@ -47,7 +47,7 @@ class Adapter:
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
 
-    def placeholder_ids(self) -> dict[str, int]:
+    def visual_token_ids(self) -> dict[str, int]:
         """``{modality: placeholder token id}`` of the visual inputs this family takes (image, video)."""
         return {"image": self.image_token_id}
 

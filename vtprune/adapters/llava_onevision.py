@@ -53,7 +53,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     def video_token_id(self) -> int:
         return int(self.config.video_token_id)
 
-    def placeholder_ids(self) -> dict[str, int]:
+    def visual_token_ids(self) -> dict[str, int]:
         return {"image": self.image_token_id, "video": self.video_token_id}
 
     def has_images(self, kwargs: dict[str, Any]) -> bool:
@@ -245,7 +245,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         out["input_ids"] = new["input_ids"]
         out["attention_mask"] = new["attention_mask"]
         out["position_ids"] = new["position_ids"]
-        feats, kinds = new["features"], new["modalities"]
+        feats = new["features"]
+        kinds = [item.extra.get("modality", "image") for item in new["items"]]
         mm = {}
         img = [f for f, k in zip(feats, kinds) if k == "image"]
         vid = [f for f, k in zip(feats, kinds) if k == "video"]
