@@ -10,13 +10,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from vtprune.policy import ImageTokens
+from vtprune.policy import ImageTokens, split_proportional  # noqa: F401  (re-exported for the methods)
 
 LLAVA_FAMILIES = ("llava", "llava_next")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 #: families whose vision tower is a plain ViT reached through ``adapter.vit_layers()`` (CLIP, SigLIP,
-#: DINOv2; ``vision_feature_layer`` names the feature layer) and whose LLM takes 1-D positions
+#: DINOv2; ``vision_feature_layer`` names the feature layer)
 PLAIN_VIT_FAMILIES = LLAVA_FAMILIES + ("llava_onevision",)
+#: families whose vision tower is a packed native-resolution ViT reached through ``adapter.vit_blocks()``
+#: (no CLS token offered; 2x2 merged tokens)
+PACKED_VIT_FAMILIES = QWEN_FAMILIES + ("llava_onevision1_5",)
+#: families whose LLM takes 1-D positions (renumbered by default, as LLaVA), not M-RoPE
+ONE_D_POSITION_FAMILIES = PLAIN_VIT_FAMILIES + ("llava_onevision1_5",)
 
 
 class ViewGrid(NamedTuple):
@@ -86,26 +91,6 @@ def view_grids(image: ImageTokens, family: str, *, method: str) -> list[ViewGrid
         local = (g[:, 0] % rows) * cols + (g[:, 1] % cols)
         out.append(ViewGrid(int(v), idx, local, int(rows), int(cols)))
     return out
-
-
-def split_proportional(total: int, counts: list[int]) -> list[int]:
-    """Split ``total`` proportionally to ``counts`` (largest remainder, ties to the first), at least 1
-    each (so ``total`` must be >= ``len(counts)``)."""
-    n = sum(counts)
-    raw = [total * c / n for c in counts]
-    base = [max(1, int(x)) for x in raw]
-    rest = total - sum(base)
-    order = sorted(range(len(counts)), key=lambda i: (-(raw[i] - int(raw[i])), i))
-    for i in order:
-        if rest <= 0:
-            break
-        base[i] += 1
-        rest -= 1
-    while rest < 0:
-        i = max(range(len(base)), key=lambda j: base[j])
-        base[i] -= 1
-        rest += 1
-    return base
 
 
 def scaled_default_layer(default_1based: int, ref_depth: int, depth: int) -> int:

@@ -87,10 +87,10 @@ from torch import Tensor
 from vtprune.policy import Context, ImageTokens, TokenPolicy
 from vtprune.registry import register
 
-from ._common import QWEN_FAMILIES, ViewGrid, check_choice, llava_feature_layer, view_grids
+from ._common import PACKED_VIT_FAMILIES, ViewGrid, check_choice, llava_feature_layer, view_grids
 
 #: families without a CLS token: only the experimental region-adaptive variant (received attention)
-_NO_CLS_FAMILIES = QWEN_FAMILIES + ("llava_onevision",)
+_NO_CLS_FAMILIES = PACKED_VIT_FAMILIES + ("llava_onevision",)
 
 __all__ = [
     "NEWLINE",
@@ -544,7 +544,7 @@ class GlobalCom2(TokenPolicy):
                 "scores), or pass allow_experimental=True for the region-adaptive variant on received attention "
                 "(its results must not be reported as GlobalCom²)"
             )
-        if family in QWEN_FAMILIES and not self.allow_experimental:
+        if family in PACKED_VIT_FAMILIES and not self.allow_experimental:
             raise ValueError(
                 f"globalcom2 is defined for LLaVA-NeXT AnyRes images (and LLaVA-1.5 thumbnail-only); on {family!r} "
                 "only the experimental region-adaptive variant exists: pass allow_experimental=True "
@@ -576,7 +576,7 @@ class GlobalCom2(TokenPolicy):
         return self.thumbnail_order != "score"
 
     def required_signals(self, adapter: Any) -> dict[str, Any]:
-        if adapter.family in QWEN_FAMILIES:
+        if adapter.family in PACKED_VIT_FAMILIES:
             return {f"vit_received@{adapter.full_attention_blocks()[-1]}": None}
         if adapter.family == "llava_onevision":  # the feature layer's received attention (no CLS)
             return {f"vit_received@{llava_feature_layer(adapter, self.name, 'layer')}": None}

@@ -396,7 +396,7 @@ def hiprune_select(
 # --------------------------------------------------------------------------------------------------
 #: paper budgets, the first of each family's evaluated list (spec section 4)
 HIPRUNE_DEFAULT_KEEP = {"llava": 192, "llava_next": 640, "qwen2_vl": 0.334, "qwen2_5_vl": 0.334,
-                        "llava_onevision": 0.334}  # OneVision: not a paper setting (1/3, as Qwen)
+                        "llava_onevision": 0.334, "llava_onevision1_5": 0.334}  # OneVision: not a paper setting
 
 
 @register
@@ -449,7 +449,8 @@ class HiPrune(TokenPolicy):
     description: ClassVar[str] = (
         "HiPrune: anchors (object-layer attention) + buffers + registers (deep-layer attention), stage P"
     )
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
+                                           "llava_onevision1_5")
 
     keep: int | float | None = None
     alpha: float = 0.1
@@ -518,7 +519,8 @@ class HiPrune(TokenPolicy):
             kind = "vit_received" if self.score == "received" else "vit_cls"
             return f"{kind}@{lo}", f"{kind}@{ld}"
         if self.score != "received":
-            raise ValueError("hiprune: score='cls' needs a CLS token; Qwen vision towers have none (use 'received')")
+            raise ValueError("hiprune: score='cls' needs a CLS token; Qwen vision towers have none, nor does the "
+                             "packed tower of LLaVA-OneVision-1.5 offer one (use 'received')")
         depth = len(adapter.vit_blocks())
         if self.object_layer is None:
             lo = scaled_default_layer(16, 32, depth)

@@ -104,7 +104,7 @@ from torch import Tensor
 from vtprune.policy import Context, ImageTokens, MergePolicy, VisionPolicy, resolve_budget
 from vtprune.registry import register
 
-from ._common import QWEN_FAMILIES, check_choice
+from ._common import PACKED_VIT_FAMILIES, QWEN_FAMILIES, check_choice
 
 __all__ = [
     "MergeResult",
@@ -661,11 +661,11 @@ class PiToMe(VisionPolicy):
         return super().__new__(cls)
 
     def validate(self, family: str, adapter: Any) -> None:
-        if family in QWEN_FAMILIES or family in ("llava_next", "llava_onevision"):
+        if family in PACKED_VIT_FAMILIES or family in ("llava_next", "llava_onevision"):
             raise ValueError(
                 f"pitome: stage-V merging is not supported on {family!r} "
                 + ("(packed, windowed ViT); use stage='P' (or 'pitome-p'), the post-merger variant"
-                   if family in QWEN_FAMILIES else
+                   if family in PACKED_VIT_FAMILIES else
                    "(SigLIP tower; stage V needs a CLIP tower); use stage='P' (or 'pitome-p'), the post-merger "
                    "variant" if family == "llava_onevision" else
                    "(per-view merging without newlines is not implemented); supported: llava, open_clip ViT")
@@ -773,7 +773,7 @@ class PiToMePost(MergePolicy):
 
     name: ClassVar[str] = "pitome-p"
     description: ClassVar[str] = "PiToMe post-merger: energy-based merging of the projected tokens (stage P)"
-    families: ClassVar[tuple[str, ...]] = ("llava",) + QWEN_FAMILIES + ("llava_onevision",)
+    families: ClassVar[tuple[str, ...]] = ("llava",) + QWEN_FAMILIES + ("llava_onevision", "llava_onevision1_5")
     keep: int | float = 0.25
     mode: str = "mean"
     margin: float = 0.9

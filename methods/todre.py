@@ -378,7 +378,8 @@ class ToDRE(TokenPolicy):
 
     name: ClassVar[str] = "todre"
     description: ClassVar[str] = "ToDRE stage 1: greedy max-sum diversity of the projected tokens from a CLS pivot, stage P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
+                                           "llava_onevision1_5")
 
     keep: int | float = 0.25
     diversity: str = "maxsum"
@@ -436,7 +437,8 @@ class ToDRE(TokenPolicy):
         else:
             if pivot == "cls":
                 raise ValueError(
-                    "todre: pivot='cls' needs a CLS token; Qwen vision towers have none "
+                    "todre: pivot='cls' needs a CLS token; Qwen vision towers have none, nor does LLaVA-OneVision-1.5 "
+                    "offer one "
                     "(use 'farthest' (default), 'center', 'random' or 'attention')"
                 )
             if pivot == "attention":
@@ -510,7 +512,8 @@ class ToDRERelevance(DecoderPolicy):
     description: ClassVar[str] = (
         "ToDRE stage 2: drop all visual tokens after layer round(7L/8) when the text ignores them, stage D"
     )
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
+                                           "llava_onevision1_5")
     signal_kind: ClassVar[str] = "post_visual_rows"
 
     tau: float = 0.10

@@ -320,7 +320,7 @@ def visionzip_qwen(
 # --------------------------------------------------------------------------------------------------
 #: default budgets: LLaVA tokens per view (54 + 10, the README example), Qwen fraction (about 64/576)
 VISIONZIP_DEFAULT_KEEP = {"llava": 64, "llava_next": 64, "qwen2_vl": 0.112, "qwen2_5_vl": 0.112,
-                          "llava_onevision": 0.112}
+                          "llava_onevision": 0.112, "llava_onevision1_5": 0.112}
 
 
 def llava_split(n_keep: int) -> tuple[int, int]:
@@ -385,7 +385,8 @@ class VisionZip(MergePolicy):
 
     name: ClassVar[str] = "visionzip"
     description: ClassVar[str] = "VisionZip: CLS-attended dominant tokens + merged contextual tokens, stage P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
+                                           "llava_onevision1_5")
 
     keep: int | float | None = None
     dominant: int | None = None

@@ -33,9 +33,10 @@ def video_features(model, family: str, inputs) -> list[torch.Tensor]:
     """Per video, the features the model scatters into its video placeholders (LLaVA-OneVision)."""
     if inputs.get("pixel_values_videos") is None:
         return []
-    if family != "llava_onevision":
-        raise NotImplementedError(family)
-    return list(model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output)
+    if family == "llava_onevision":
+        return list(model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output)
+    out = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
+    return list(out.pooler_output)
 
 
 def visual_items(model, family: str, inputs) -> list[tuple[str, int, torch.Tensor]]:
@@ -101,7 +102,8 @@ def shortened_inputs(model, family: str, inputs, kept: list[torch.Tensor], *, po
     if feats_out["image"]:
         mm["image"] = BaseModelOutputWithPooling(pooler_output=feats_out["image"])
     if feats_out["video"]:
-        mm["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(feats_out["video"])[None])
+        vid = feats_out["video"]  # LLaVA-OneVision scatters ``pooler_output.flatten(0, 1)``, the others a list
+        mm["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(vid)[None] if family == "llava_onevision" else vid)
     out = {"input_ids": new_ids, "attention_mask": new_mask, "mm_encoder_outputs": mm}
     if positions == "original":
         out["position_ids"] = new_pos

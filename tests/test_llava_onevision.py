@@ -110,8 +110,8 @@ def test_keep_all_equals_unpatched_with_videos_and_several_images():
     assert stats.visual_tokens_per_image[-2:] == [4 * 4 + 1] * 2  # 4 frames x 2x2 pooled + 1 newline
 
 
-@pytest.mark.parametrize("spec", ["random:keep=0.5", "random:keep=2,quota=video", "pool:keep=0.25", "hiprune:keep=0.5",
-                                  "visionzip:keep=0.5", "todre:keep=0.5,relevance=off"])
+@pytest.mark.parametrize("spec", ["random:keep=0.5", "random:keep=4,quota=frame", "pool:keep=0.25", "hiprune:keep=0.5",
+                                  "hiprune:keep=8,quota=frame", "visionzip:keep=0.5", "todre:keep=0.5,relevance=off"])
 def test_stage_p_with_videos_equals_shortened_input(spec):
     model, inp = mixed_batch()
     cap = {}
@@ -137,21 +137,21 @@ def test_stage_p_with_videos_equals_shortened_input(spec):
 
 
 def test_video_quota_frame_keeps_each_frames_share_and_video_ranks_jointly():
-    model, inp = mixed_batch((1,))
+    model, inp = mixed_batch((1,))  # one video: 4 frames of 2x2 tokens + a newline
     frames = lambda stats: torch.div(stats.kept_index_per_image[0][:-1], 4, rounding_mode="floor")  # noqa: E731
-    _, _, per_frame = run(model, inp, "random:keep=0.5")  # default quota="frame": 2 of 4 in every frame
-    assert per_frame.visual_tokens_per_image == [4 * 2 + 1]
-    assert torch.bincount(frames(per_frame), minlength=4).tolist() == [2, 2, 2, 2]
-    _, _, int_frame = run(model, inp, "random:keep=1")  # an int keep is per frame
-    assert int_frame.visual_tokens_per_image == [4 + 1]
+    for spec in ("random:keep=0.5,quota=frame", "random:keep=4,quota=frame"):  # keep is the video's budget
+        _, _, per_frame = run(model, inp, spec)
+        assert torch.bincount(frames(per_frame), minlength=4).tolist() == ([2] * 4 if "0.5" in spec else [1] * 4)
     counts = set()
-    for seed in range(6):  # quota="video": 8 of 16 drawn jointly, frames get different shares
-        _, _, joint = run(model, inp, "random:keep=0.5,quota=video", seed=seed)
+    for seed in range(6):  # quota="video" (default): 8 of 16 drawn jointly, frames get different shares
+        _, _, joint = run(model, inp, "random:keep=0.5", seed=seed)
         assert joint.visual_tokens_per_image == [8 + 1]
         counts.add(tuple(torch.bincount(frames(joint), minlength=4).tolist()))
     assert any(c != (2, 2, 2, 2) for c in counts)
     with pytest.raises(ValueError, match="quota='clip'; choose one of"):
         vtprune.patch(model, "random:quota=clip")
+    with pytest.raises(ValueError, match="keep=3 cannot give each of the 4 frames a token"):
+        run(model, inp, "random:keep=3,quota=frame")
 
 
 @pytest.mark.parametrize("spec,layer", [("fastv:layer=2,keep=0.5", 2), ("random:at=D,layer=1,keep=0.3", 1)])
@@ -170,7 +170,7 @@ def test_stage_d_with_videos_equals_mask_run(spec, layer):
     assert torch.equal(gen, gref)
 
 
-@pytest.mark.parametrize("spec", ["hiprune:keep=0.5", "fastv:layer=2,keep=0.5", "pitome-p:keep=0.5,quota=video"])
+@pytest.mark.parametrize("spec", ["hiprune:keep=0.5", "fastv:layer=2,keep=0.5", "pitome-p:keep=0.5,quota=frame"])
 def test_mixed_batch_equals_each_sample_alone(spec):
     model, inp = mixed_batch()
     logits, gen, stats = run(model, inp, spec, seed=1)

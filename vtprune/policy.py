@@ -13,6 +13,7 @@ tokens of LLaVA-NeXT are always kept outside the budget. Methods never touch a m
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from torch import Tensor
 STAGES = ("V", "P", "D")
 POSITION_MODES = ("auto", "original", "renumber")
 #: how a stage-P budget applies to a video: per frame (each frame keeps its share) or per video
-QUOTAS = ("frame", "video")
+QUOTAS = ("video", "frame")
 
 
 @dataclass
@@ -135,7 +136,8 @@ class Policy:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     stage: ClassVar[str] = "P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
+                                           "llava_onevision1_5")
 
     def validate(self, family: str, adapter: Any) -> None:
         """Check the policy's parameters for a model family; raise ``ValueError`` naming the fix."""
@@ -173,10 +175,13 @@ class TokenPolicy(Policy):
         keep: tokens kept per image (int) or fraction of the image's candidate tokens (float).
         positions: ``"auto"`` (the family's reference convention: LLaVA renumbers, Qwen keeps the
             original M-RoPE positions), ``"original"`` or ``"renumber"``.
-        quota: videos only. ``"frame"`` (default, None): every frame is a unit of its own, with its
-            own budget (``keep`` per frame) and its own selection, so each frame keeps its share;
-            ``"video"``: the whole video is one unit, ``keep`` is the budget of the video and the
-            policy ranks the tokens of all frames jointly. Images are always one unit each.
+        quota: videos only; ``keep`` is the budget of the whole video either way. ``"video"`` (None,
+            the default): the policy gets the whole video (its views are the frames) and ranks the tokens of
+            all frames jointly; a method defined on a view's grid keeps its own per-view rule.
+            ``"frame"``: every frame is handed to the policy as an image of its own that keeps its
+            share: a float ``keep`` is applied to each frame (the policy's own budget rule per frame),
+            an int ``keep`` is split over the frames in proportion to their candidate tokens (largest
+            remainder, at least one each). Images are one unit each, whatever the quota.
     """
 
     stage: ClassVar[str] = "P"
@@ -205,17 +210,31 @@ class TokenPolicy(Policy):
     def budget(self, image: ImageTokens) -> int:
         return resolve_budget(self.keep, image.num_candidates)
 
+    def _with_keep(self, keep: int) -> "TokenPolicy":
+        """A shallow copy whose budget is ``keep`` (the state resolved by :meth:`validate` is shared)."""
+        out = copy.copy(self)
+        out.keep = keep
+        return out
+
     def run(self, image: ImageTokens, ctx: Context) -> tuple[Tensor, Tensor | None]:
         """:meth:`apply` on each quota unit of ``image`` (one per video frame with ``quota="frame"``,
         else the whole image), combined into one ``(order, features)`` over the image's tokens."""
-        if (self.quota or "frame") != "frame" or image.extra.get("modality") != "video":
+        if self.quota != "frame" or image.extra.get("modality") != "video":
             return self.apply(image, ctx)
+        view = image.view.cpu()
+        frames = sorted(set(view[view >= 0].tolist()))
+        index = [torch.nonzero(view == f).flatten() for f in frames]
+        policies = [self] * len(frames)
+        if isinstance(self.keep, int) and not isinstance(self.keep, bool):  # the video's count, shared out
+            counts = [int(image.candidate.cpu()[i].sum()) for i in index]
+            if self.keep < len(frames):
+                raise ValueError(f"{self.name}: keep={self.keep} cannot give each of the {len(frames)} frames a "
+                                 "token; use quota='video' or a larger keep")
+            policies = [self._with_keep(k) for k in split_proportional(min(self.keep, sum(counts)), counts)]
         orders, feats, merged = [], [], False
-        frames = sorted(set(image.view[image.view >= 0].tolist()))
-        for f in frames:
-            idx = torch.nonzero(image.view.cpu() == f).flatten()
+        for f, idx, pol in zip(frames, index, policies):
             unit = frame_unit(image, idx, f)
-            o, ft = self.apply(unit, ctx)
+            o, ft = pol.apply(unit, ctx)
             orders.append(idx[o])
             feats.append(unit.features[o.to(unit.features.device)] if ft is None else ft)
             merged |= ft is not None
@@ -250,6 +269,26 @@ class TokenPolicy(Policy):
         order = slots.clone()
         order[image.candidate.cpu()[slots]] = idx
         return order, None
+
+
+def split_proportional(total: int, counts: list[int]) -> list[int]:
+    """Split ``total`` proportionally to ``counts`` (largest remainder, ties to the first), at least 1
+    each (so ``total`` must be >= ``len(counts)``)."""
+    n = sum(counts)
+    raw = [total * c / n for c in counts]
+    base = [max(1, int(x)) for x in raw]
+    rest = total - sum(base)
+    order = sorted(range(len(counts)), key=lambda i: (-(raw[i] - int(raw[i])), i))
+    for i in order:
+        if rest <= 0:
+            break
+        base[i] += 1
+        rest -= 1
+    while rest < 0:
+        i = max(range(len(base)), key=lambda j: base[j])
+        base[i] -= 1
+        rest += 1
+    return base
 
 
 def frame_unit(image: ImageTokens, index: Tensor, frame: int) -> ImageTokens:

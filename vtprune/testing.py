@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_onevision1_5")
 
 
 def byte_tokenizer(specials: list[str]):
@@ -169,6 +169,34 @@ def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0, dtype
     return model, proc
 
 
+def tiny_llava_onevision1_5(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    """LLaVA-OneVision-1.5-shaped model: a tiny RICE-ViT (3 blocks, a CLS token per frame, 2x2 merger)
+    + tiny Qwen3 (4 layers, 1-D positions), with the checkpoint's processor classes (Qwen2-VL image
+    and video processors without temporal patches, the Exaone-4.5 processor)."""
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import Qwen2VLVideoProcessor
+    from transformers.models.exaone4_5.processing_exaone4_5 import Exaone4_5_Processor
+
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = byte_tokenizer(specials)
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    text = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=len(tok), max_position_embeddings=2048, pad_token_id=0,
+                rms_norm_eps=1e-6)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, in_channels=3)
+    cfg = LlavaOnevision15Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                                 video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                                 vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = LlavaOnevision15ForConditionalGeneration(cfg).to(dtype).eval()
+    model.set_attn_implementation(attn_implementation)
+    pix = dict(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=1)
+    proc = Exaone4_5_Processor(image_processor=Qwen2VLImageProcessor(**pix), tokenizer=tok,
+                               video_processor=Qwen2VLVideoProcessor(**pix, cap_pixels_per_frame=True))
+    return model, proc
+
+
 def _qwen(kind: str, attn_implementation: str, seed: int, dtype):
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
 
@@ -217,12 +245,12 @@ def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torc
 
 
 BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl,
-            "llava_onevision": tiny_llava_onevision}
+            "llava_onevision": tiny_llava_onevision, "llava_onevision1_5": tiny_llava_onevision1_5}
 
 
 def prompt_for(family: str, question: str, n_images: int = 1, n_videos: int = 0) -> str:
     """A prompt with ``n_images`` image and ``n_videos`` video placeholders in the family's syntax."""
-    if family.startswith("qwen"):
+    if family.startswith("qwen") or family == "llava_onevision1_5":
         img = "<|vision_start|><|image_pad|><|vision_end|>"
         vid = "<|vision_start|><|video_pad|><|vision_end|>"
     else:

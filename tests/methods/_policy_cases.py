@@ -11,7 +11,7 @@ from vtprune.testing import BUILDERS, make_inputs, tiny_images
 QUESTIONS = ["what is it?", "a longer question about the picture here?", "and the colour?"]
 SIZES = {"llava": None, "llava_next": [(56, 56), (70, 112), (112, 84)],
          "qwen2_vl": [(56, 56), (70, 112), (112, 84)], "qwen2_5_vl": [(56, 56), (70, 112), (112, 84)],
-         "llava_onevision": [(56, 56), (70, 112), (150, 160)]}
+         "llava_onevision": [(56, 56), (70, 112), (150, 160)], "llava_onevision1_5": [(56, 56), (70, 112), (112, 84)]}
 GEN = dict(max_new_tokens=10, do_sample=False)
 
 

@@ -116,11 +116,9 @@ class Adapter:
         layer = self.llm_layers()[layer_idx]
         attn = layer.self_attn
         h = layer.input_layernorm(hidden)
-        b, n, _ = h.shape
-        hd = attn.head_dim
+        b = h.shape[0]
         h_rows = torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1]))
-        q = attn.q_proj(h_rows).view(b, rows.shape[1], -1, hd).transpose(1, 2)
-        k = attn.k_proj(h).view(b, n, -1, hd).transpose(1, 2)
+        q, k = self.llm_qk(attn, h_rows, h)
         cos, sin = position_embeddings
         cos = cos.expand(b, *cos.shape[1:])
         sin = sin.expand(b, *sin.shape[1:])
@@ -130,6 +128,15 @@ class Adapter:
         q, _ = rot(q, q, cos_r, sin_r)
         k, _ = rot(k, k, cos, sin)
         return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows)
+
+
+    def llm_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, H, R, hd) queries of the rows ``h_rows`` (B, R, D) and (B, Hkv, L, hd) keys of ``h`` (B, L, D),
+        before rotary, from a decoder layer's attention module (Llama / Qwen2: plain projections)."""
+        hd = attn.head_dim
+        q = attn.q_proj(h_rows).view(*h_rows.shape[:2], -1, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(*h.shape[:2], -1, hd).transpose(1, 2)
+        return q, k
 
 
 def vit_layer_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module, int, float]:
