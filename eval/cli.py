@@ -130,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("methods", help="list registered methods")
     p.set_defaults(fn=_cmd_methods)
     p = sub.add_parser("demo", help="patched generate() on a tiny random model (no downloads)")
-    p.add_argument("--family", default="llava", choices=["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+    p.add_argument("--family", default="llava", choices=["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
+                                                                "llava_onevision1_5"])
     p.add_argument("--new-tokens", type=int, default=10)
-    p.add_argument("--methods", nargs="+", default=["none", "random:keep=8", "pool:keep=4", "fastv:layer=2,keep=0.5",
-                                                    "random:keep=8 + fastv:layer=2,keep=0.5"])
+    # fractions, so that every family's tiny images (4 to 46 visual tokens) can meet the budgets
+    p.add_argument("--methods", nargs="+", default=["none", "random:keep=0.5", "pool:keep=0.25", "fastv:layer=2,keep=0.5",
+                                                    "random:keep=0.5 + fastv:layer=2,keep=0.5"])
     p.set_defaults(fn=_cmd_demo)
     p = sub.add_parser("bench", help="interleaved latency/memory/FLOPs profile on a random-weights model")
-    p.add_argument("--family", default="llava", choices=["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+    p.add_argument("--family", default="llava", choices=["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
+                                                                "llava_onevision1_5"])
     p.add_argument("--shape", default="tiny", choices=["tiny", "llava-1.5-1b", "llava-1.5-7b"],
                    help="model shape (llava only): tiny (256 visual tokens), or LLaVA-1.5 shapes with random weights")
     p.add_argument("--methods", nargs="+", default=None,

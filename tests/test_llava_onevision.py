@@ -254,3 +254,13 @@ def test_several_images_per_prompt(family, spec):
         l1, g1, _ = run(model, one, spec, seed=2)
         torch.testing.assert_close(logits[i : i + 1], l1, rtol=1e-4, atol=1e-5)
         assert gen[i].tolist() == g1[0].tolist()
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_onevision1_5"])
+def test_demo_runs_on_the_family(family, capsys):
+    from vtprune.eval.cli import main
+
+    assert main(["demo", "--family", family, "--new-tokens", "3", "--methods", "none", "random:keep=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert f"tiny random {family}" in out and "random:keep=0.5" in out
+    assert out.splitlines()[2].split()[-2] == "True"  # "none" generates the vanilla ids
