@@ -61,7 +61,7 @@ class _RandomV(VisionPolicy):
     def after_layer(self, layer: int, x: Tensor, ctx: Context):
         v, n, _ = x.shape
         k = resolve_budget(self.keep, n - 1)
-        keys = ctx.extra.get("view_keys") or list(range(v))
+        keys = ctx.view_keys or list(range(v))
         idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + random_subset(n - 1, k, ctx.rng(keys[i]))])
                            for i in range(v)]).to(x.device)
         return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1])), idx
@@ -104,7 +104,7 @@ class Random(TokenPolicy):
 
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
         cand = image.candidate_index()
-        rng = ctx.rng(image.extra.get("index_in_sample", image.image_index))
+        rng = ctx.rng(image.index_in_sample)
         return cand[random_subset(cand.numel(), n_keep, rng)]
 
 

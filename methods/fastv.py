@@ -24,16 +24,12 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView
 from vtprune.registry import register
 
+from ._common import stable_topk
+
 
 def topk_lowest_index(scores: Tensor, k: int) -> Tensor:
     """Indices of the k largest scores, ties broken by the lowest index, returned ascending."""
-    n = scores.numel()
-    order = sorted(range(n), key=lambda i: (-float(scores[i]), i)) if n <= 64 else None
-    if order is not None:
-        return torch.tensor(sorted(order[:k]), dtype=torch.long)
-    # stable sort on negated scores keeps index order among equal values
-    idx = torch.sort(-scores.double(), stable=True).indices[:k]
-    return torch.sort(idx).values
+    return torch.sort(stable_topk(scores, k)).values
 
 
 @register

@@ -55,7 +55,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, TokenPolicy
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, check_choice, llava_feature_layer, resolve_layer
+from ._common import LLAVA_FAMILIES, check_choice, llava_feature_layer, resolve_layer, score_dtype
 
 __all__ = [
     "cls_attention",
@@ -75,12 +75,6 @@ __all__ = [
 Order = Literal["sorted", "greedy"]
 
 
-def _score_dtype(t: Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
-    """fp32 by default; a wider input dtype (fp64) is kept; ``dtype`` overrides."""
-    if dtype is not None:
-        return dtype
-    return torch.promote_types(t.dtype, torch.float32)
-
 
 def _first_argmax(s: Tensor) -> int:
     """Index of the maximum of a 1-D tensor, the lowest index on ties."""
@@ -98,7 +92,7 @@ def _first_argmin(s: Tensor) -> int:
 def _unit_rows(features: Tensor, dtype: torch.dtype | None) -> Tensor:
     if features.dim() != 2:
         raise ValueError(f"features must be (n, D), got {tuple(features.shape)}")
-    return F.normalize(features.to(_score_dtype(features, dtype)), dim=-1)
+    return F.normalize(features.to(score_dtype(features, dtype)), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,7 +103,7 @@ def cls_attention(probs_cls_row: Tensor, *, dtype: torch.dtype | None = None) ->
     included) -> (..., T-1): mean over heads, CLS column dropped (our reading)."""
     if probs_cls_row.dim() < 2:
         raise ValueError("probs_cls_row must be (..., H, T)")
-    return probs_cls_row.to(_score_dtype(probs_cls_row, dtype)).mean(dim=-2)[..., 1:]
+    return probs_cls_row.to(score_dtype(probs_cls_row, dtype)).mean(dim=-2)[..., 1:]
 
 
 def cls_pivot(cls_attn: Tensor, *, n_base: int | None = None) -> int:
@@ -301,9 +295,9 @@ def relevance_ratios(
     """
     a = attn_probs
     if a.dim() == 3:
-        a = a.to(_score_dtype(a)).mean(dim=0)
+        a = a.to(score_dtype(a)).mean(dim=0)
     elif a.dim() == 2:
-        a = a.to(_score_dtype(a))
+        a = a.to(score_dtype(a))
     else:
         raise ValueError("attn_probs must be (Lq, L) or (H, Lq, L)")
     dev = a.device
@@ -463,7 +457,7 @@ class ToDRE(TokenPolicy):
             return farthest_pivot(x)
         if self._pivot == "center":
             return center_pivot(x)
-        key = image.extra.get("index_in_sample", 0)
+        key = image.index_in_sample
         return random_pivot(cand.numel(), seed=(int(self.seed) * 1_000_003 + int(key)) % (2**63 - 1))
 
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:

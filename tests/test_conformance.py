@@ -39,8 +39,8 @@ SPECS = {
 }
 UNSUPPORTED = {
     ("pitome", "llava_next"): "supported: llava",
-    ("pitome", "qwen2_vl"): "use stage='P'",
-    ("pitome", "qwen2_5_vl"): "use stage='P'",
+    ("pitome", "qwen2_vl"): "use at='P'",
+    ("pitome", "qwen2_5_vl"): "use at='P'",
     ("pitome-p", "llava_next"): "LLaVA-NeXT is not supported",
     ("globalcom2", "llava"): "single view",
     ("globalcom2", "qwen2_vl"): "defined for LLaVA-NeXT",

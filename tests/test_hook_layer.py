@@ -554,7 +554,9 @@ def test_dinov2_tower_at_another_resolution_uses_the_actual_grid():
         torch.testing.assert_close(model(**inp).logits[:, -1], ref, rtol=1e-5, atol=1e-5)
     with vtprune.patch(model, "hiprune:keep=9") as h, torch.no_grad():
         model(**inp)
-    assert h.stats.visual_tokens_per_image == [9, 9]
-    with pytest.raises(ValueError, match="larger than the 36"):
-        with vtprune.patch(model, "random:keep=40"), torch.no_grad():
-            model(**inp)
+    assert h.stats.visual_tokens_per_image == [9, 9] and h.stats.budget_clamped == [False, False]
+    # an int budget above a dynamic-resolution image's tokens keeps all of them (recorded), == keep-all
+    with vtprune.patch(model, "random:keep=40") as h, torch.no_grad():
+        clamped = model(**inp).logits[:, -1]
+    assert h.stats.visual_tokens_per_image == [36, 36] and h.stats.budget_clamped == [True, True]
+    torch.testing.assert_close(clamped, ref, rtol=1e-5, atol=1e-5)

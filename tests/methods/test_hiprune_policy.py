@@ -134,7 +134,7 @@ def test_sdpa_equals_eager(family):
 def _stub(family, depth, **cfg):
     config = types.SimpleNamespace(vision_feature_layer=-2, **cfg)
     ad = types.SimpleNamespace(family=family, config=config, vit_has_cls=lambda: True,
-                               nominal_visual_tokens=lambda: None)
+                               nominal_visual_tokens=lambda: None, position_modes=("original", "renumber"))
     if family.startswith("qwen"):
         ad.vit_blocks = lambda: [None] * depth
         ad.full_attention_blocks = lambda: [7, 15, 23, 31] if depth == 32 else list(range(depth))

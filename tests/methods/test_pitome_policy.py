@@ -197,11 +197,13 @@ def test_stage_p_equals_shortened_input(family, attn):
 
 
 def test_stage_p_dispatch_from_pitome():
-    pol = vtprune.registry.build("pitome", {"stage": "P", "keep": 4})
+    pol = vtprune.registry.build("pitome", {"at": "P", "keep": 4})
     assert isinstance(pol, P.PiToMePost) and pol.keep == 4 and pol.stage == "P"
+    with pytest.raises(ValueError, match="stage= is now called at="):  # the old spelling, refused clearly
+        vtprune.registry.build("pitome", {"stage": "P", "keep": 4})
     assert isinstance(vtprune.registry.build("pitome", {}), P.PiToMe)
     model, inp = batch("llava", n=1)
-    with vtprune.patch(model, "pitome:stage=P,keep=4") as h:
+    with vtprune.patch(model, "pitome:at=P,keep=4") as h:
         with torch.no_grad():
             model(**inp)
     assert h.stats.visual_tokens_per_image == [4]
@@ -216,12 +218,12 @@ def test_stage_p_batch_equals_each_alone(family):
 @pytest.mark.parametrize(
     "family,method,params,match",
     [
-        ("qwen2_vl", "pitome", {}, "not supported on 'qwen2_vl'.*stage='P'"),
-        ("qwen2_5_vl", "pitome", {}, "not supported on 'qwen2_5_vl'.*stage='P'"),
+        ("qwen2_vl", "pitome", {}, "not supported on 'qwen2_vl'.*at='P'"),
+        ("qwen2_5_vl", "pitome", {}, "not supported on 'qwen2_5_vl'.*at='P'"),
         ("llava_next", "pitome", {}, "not supported on 'llava_next'"),
         ("llava_next", "pitome-p", {}, "LLaVA-NeXT is not supported"),
-        ("llava", "pitome", {"stage": "X"}, "choose 'V'"),
-        ("llava", "pitome", {"stage": "P", "ratio": 0.9}, "keep and mode only"),
+        ("llava", "pitome", {"at": "X"}, "choose 'V'"),
+        ("llava", "pitome", {"at": "P", "ratio": 0.9}, "keep and mode only"),
         ("llava", "pitome", {"ratio": 0}, "ratio=0 must be a float > 0"),
         ("llava", "pitome", {"mode": "max"}, "mode='max'"),
         ("llava", "pitome", {"keep": 1.5}, "fraction outside"),
