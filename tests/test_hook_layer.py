@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import vtprune
 from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
 
+from helpers import assert_inputs_batch_equals_alone
 from oracles import last_logits, masked_run, shortened_inputs
 
 QUESTIONS = ["what is it?", "a longer question about the picture here?", "and the colour?"]
@@ -251,22 +252,10 @@ def test_stage_v_equals_explicit_encoder_run():
 @pytest.mark.parametrize("method", ["none", "random:keep=0.5", "fastv:layer=2,keep=0.4"])
 def test_batch_equals_each_alone(family, method):
     model, inp = batch(family, n=3)
-    with vtprune.patch(model, method, seed=1):
-        with torch.no_grad():
-            gen = model.generate(**inp, max_new_tokens=8, do_sample=False)
-            logits = model(**inp).logits[:, -1]
     _, proc = _model(family)
-    sizes = SIZES[family]
-    imgs = tiny_images(3, sizes=sizes)
-    n_prompt = inp["input_ids"].shape[1]
-    for i in range(3):
-        one = make_inputs(family, proc, [QUESTIONS[i]], [imgs[i]])
-        with vtprune.patch(model, method, seed=1):
-            with torch.no_grad():
-                g1 = model.generate(**one, max_new_tokens=8, do_sample=False)
-                l1 = model(**one).logits[:, -1]
-        torch.testing.assert_close(logits[i : i + 1], l1, rtol=1e-4, atol=1e-5)
-        assert gen[i, n_prompt:].tolist() == g1[0, one["input_ids"].shape[1]:].tolist()
+    imgs = tiny_images(3, sizes=SIZES[family])
+    singles = [make_inputs(family, proc, [QUESTIONS[i]], [imgs[i]]) for i in range(3)]
+    assert_inputs_batch_equals_alone(model, inp, singles, method, seed=1, gen=dict(max_new_tokens=8, do_sample=False))
 
 
 # ------------------------------------------------------------------ SDPA == eager

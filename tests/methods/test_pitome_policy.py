@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import vtprune
 from vtprune.methods import pitome as P
 
-from _policy_cases import GEN, assert_batch_equals_alone, batch, new_tokens
+from helpers import GEN, assert_batch_equals_alone, batch, new_tokens
 from oracles import image_features, last_logits, shortened_inputs
 
 ATTN = ["sdpa", "eager"]
@@ -145,7 +145,7 @@ def test_stage_v_ratio_one_equals_unpatched(attn):
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("order", ["reference", "source"])
 def test_stage_v_batch_equals_each_alone(attn, order):
-    assert_batch_equals_alone("llava", attn, "pitome", ratio=0.8, bsm_layers=1, order=order)
+    assert_batch_equals_alone("llava", "pitome", attn=attn, first=1, ratio=0.8, bsm_layers=1, order=order)
 
 
 def test_stage_v_features_reach_the_llm_in_kernel_order():
@@ -175,7 +175,7 @@ def test_stage_v_features_reach_the_llm_in_kernel_order():
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
 def test_stage_p_equals_shortened_input(family, attn):
-    model, inp = batch(family, n=1, attn=attn, start=1)
+    model, inp = batch(family, n=1, attn=attn, first=1)
     keep = 5 if family == "llava" else 3
     with vtprune.patch(model, "pitome-p", keep=keep) as h:
         with torch.no_grad():
@@ -211,7 +211,7 @@ def test_stage_p_dispatch_from_pitome():
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_stage_p_batch_equals_each_alone(family):
-    assert_batch_equals_alone(family, "sdpa", "pitome-p", keep=0.5)
+    assert_batch_equals_alone(family, "pitome-p", attn="sdpa", first=1, keep=0.5)
 
 
 # ------------------------------------------------------------------ errors
