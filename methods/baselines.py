@@ -1,7 +1,7 @@
 """Baselines every paper compares against: ``none`` (keep all), ``random`` (seeded) and ``pool``
 (spatial average pooling to the budget).
 
-``random`` can act at any stage (``stage="P"`` after the projector, ``"V"`` inside a CLIP encoder
+``random`` can act at any stage (``at="P"`` after the projector, ``"V"`` inside a CLIP encoder
 after layer ``layer``, ``"D"`` inside the LLM at layer ``layer``), which makes it the probe of every
 seam of the hook layer.
 """
@@ -23,6 +23,8 @@ from vtprune.policy import (
     MergePolicy,
     TokenPolicy,
     VisionPolicy,
+    check_keep_for_model,
+    check_keep_value,
     resolve_budget,
 )
 from vtprune.registry import register
@@ -49,11 +51,17 @@ def random_subset(n: int, k: int, generator: torch.Generator | None) -> Tensor:
 
 @dataclass
 class _RandomV(VisionPolicy):
-    """Stage-V random drop inside a CLIP encoder (class token always kept)."""
+    """Stage-V random drop inside a CLIP encoder (class token always kept); ``random:at=V``."""
 
     name: ClassVar[str] = "random"
     keep: int | float = 0.5
     layer: int = 0
+    at: str = "V"  # so that spec() reads back as this policy
+
+    def validate(self, family: str, adapter) -> None:
+        super().validate(family, adapter)
+        check_keep_value(self.keep)
+        check_keep_for_model(self.keep, adapter)
 
     def layers(self, num_layers: int) -> list[int]:
         return [self.layer % num_layers]
@@ -69,7 +77,10 @@ class _RandomV(VisionPolicy):
 
 @dataclass
 class _RandomD(DecoderPolicy):
+    """Stage-D random drop inside the LLM from ``layer`` on; ``random:at=D``."""
+
     name: ClassVar[str] = "random"
+    at: str = "D"  # so that spec() reads back as this policy
 
     def select(self, layer: int, view: DecoderView, ctx: Context) -> Tensor:
         vis = torch.nonzero(view.visual).flatten()

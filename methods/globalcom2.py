@@ -3,7 +3,7 @@
 Paper: Liu et al., "Global Compression Commander" (earlier "Compression with Global Guidance"),
 arXiv 2501.05179, AAAI 2026. Reference implementation: github.com/xuyang-liu16/GlobalCom2 at commit
 ``96b2d00`` (``llava/model/llava_arch.py`` last changed in ``4e544e5``), an original-LLaVA fork,
-Apache-2.0. Spec: ``design/methods/globalcom2.md``.
+Apache-2.0. Spec: ``docs/methods/globalcom2.md``.
 
 Stage: **P** (after the projector, before the LLM), prefill only, text-agnostic. Acts on multi-view
 AnyRes images; a single-view image passes through untouched (policy level).

@@ -2,7 +2,7 @@
 
 Paper: Liu et al., "HiPrune", arXiv 2508.00553 (HiPrune++, the text-guided variant of the latest
 version, is out of scope). Reference implementation: github.com/Danielement321/HiPrune at commit
-``6e83a12``. Spec: ``design/methods/hiprune.md``.
+``6e83a12``. Spec: ``docs/methods/hiprune.md``.
 
 Method. Two vision-encoder layers rank the visual tokens by the attention they *receive* (head mean,
 mean or sum over all query rows):
@@ -418,7 +418,8 @@ class HiPrune(TokenPolicy):
     Budgets: LLaVA-1.5 ``N' = keep``. LLaVA-NeXT: ``K`` = the image's budget (int, or fraction of
     its candidates), every view (base + crops) gets ``floor(K / V)`` (``"exact"``: the first
     ``K mod V`` views one more) and a crop keeps ``min(N'_v, n_valid)`` (unused budget is not passed
-    on); newline tokens are kept and not counted. Qwen: per image (per temporal slice for video)
+    on); newline tokens are kept and not counted; an int ``K`` above the image's candidates keeps every
+    token (recorded in ``PatchStats.budget_clamped``). Qwen: per image (per temporal slice for video)
     ``N' = round(n * keep)``, at least 1 (deviation: the reference's ``round`` may give 0).
 
     Deviations from the reference (spec section 5): bugs 4, 6, 7, 11-14 fixed by default (grid
@@ -516,8 +517,10 @@ class HiPrune(TokenPolicy):
         # an int above an image's tokens keeps them all (dynamic resolution; fixed ones are validated)
         if family == "llava":
             budgets = [resolve_budget(keep, image.num_candidates, clamp=True)]
+        elif self.budget_clamped(image, family):  # NeXT: an int above the image's tokens keeps them all
+            budgets = [g.index.numel() for g in grids]
         elif family == "llava_next":
-            total = resolve_budget(keep, image.num_candidates, clamp=True)
+            total = resolve_budget(keep, image.num_candidates)
             if self.next_budget_split == "global":
                 return grids, [total]
             budgets = budget_per_view(total, len(grids), self.next_budget_split)

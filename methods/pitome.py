@@ -3,7 +3,7 @@
 Paper: Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024,
 arXiv 2405.16148. Reference implementation: github.com/hchautran/PiToMe at commit ``550b5de`` (built on
 ToMe). Both are CC BY-NC 4.0: this module is a re-implementation from the design spec
-(``design/methods/pitome.md``); no reference code is copied.
+(``docs/methods/pitome.md``); no reference code is copied.
 
 Stage: **V** (inside the vision encoder, after every layer, at prefill). Text-agnostic; the only method
 here that also saves ViT compute. The Qwen variant (:func:`post_merger_merge`) runs at stage **P**.
@@ -48,7 +48,7 @@ chooses:
 9. Sort stability: the reference ``argsort`` is unstable; here every sort is stable, ties go to the
    lowest index and ``argmax`` returns the first maximum. Differs only on exact ties.
 10. LLaVA code status: present but flagged "under refactoring" upstream; we implement the present path.
-11. FLOPs reporting: see FLOPS.md (not a kernel concern).
+11. FLOPs reporting: see ``vtprune/flops.py`` (not a kernel concern).
 
 Library extensions and decisions (spec sections 4 and 6):
 

@@ -3,7 +3,7 @@
 Paper: Li, Duan, et al., "TransPrune: Token Transition Pruning for Efficient Large Vision-Language
 Model", arXiv 2507.20630 (CVPR 2026). Reference implementation: github.com/liaolea/TransPrune at
 commit ``c9e8284`` (a LLaVA fork; ``llava/model/modeling_llama_transprune.py``). Spec:
-``design/methods/transprune.md``.
+``docs/methods/transprune.md``.
 
 Stage: **D** (inside the decoder), progressive over 3 stages at the 1-based layers 7, 9, 12 (prune
 after that layer), prefill only; at decode only per-stage position offsets apply.

@@ -3,7 +3,7 @@
 Paper: Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
 CVPR 2025, arXiv 2412.04467. Reference implementation: github.com/dvlab-research/VisionZip (now
 JIA-Lab-research/VisionZip) at commit ``3151f6d``, Apache-2.0; also PyPI ``visionzip==0.1.3``.
-Spec: ``design/methods/visionzip.md``.
+Spec: ``docs/methods/visionzip.md``.
 
 Method (per view, LLaVA / CLIP ViT-L/14-336, feature layer 22 with its CLS token):
 

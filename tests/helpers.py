@@ -46,6 +46,23 @@ def tiny(family: str, attn: str = "sdpa"):
     return BUILDERS[family](attn_implementation=attn)
 
 
+def vtprune_hooks(model) -> list:
+    """Forward (pre-)hooks defined by vtprune code anywhere in the model (HF adds its own lazily)."""
+    found = []
+    for name, m in model.named_modules():
+        for fn in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]:
+            mod = getattr(fn, "__module__", "") or getattr(getattr(fn, "__func__", None), "__module__", "")
+            if mod.startswith(("vtprune", "methods")):
+                found.append((name, fn))
+    return found
+
+
+def no_vtprune_hooks(model) -> bool:
+    """No vtprune hook and no vtprune attribute left on the model."""
+    return not vtprune_hooks(model) and not any(
+        k.startswith("_vtprune") or k == "_supports_mm_encoder_outputs" for k in vars(model))
+
+
 def batch(family: str, n: int = 2, attn: str = "sdpa", first: int = 0, sizes: dict | None = None):
     """(model, processor outputs) of ``n`` prompts with images ``first .. first + n - 1`` (left padded)."""
     model, proc = tiny(family, attn)

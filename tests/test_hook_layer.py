@@ -1,4 +1,4 @@
-"""The oracles of the hook layer, on tiny random models of all four families (ARCHITECTURE.md §6)."""
+"""The oracles of the hook layer, on tiny random models of all four families (docs/architecture.md §10)."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import vtprune
 from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
 
-from helpers import assert_inputs_batch_equals_alone
+from helpers import assert_inputs_batch_equals_alone, no_vtprune_hooks as _no_hooks, vtprune_hooks as _vtprune_hooks
 from oracles import last_logits, masked_run, shortened_inputs
 
 QUESTIONS = ["what is it?", "a longer question about the picture here?", "and the colour?"]
@@ -29,23 +29,6 @@ def batch(family: str, n: int = 2, attn: str = "sdpa"):
     sizes = SIZES[family]
     imgs = tiny_images(n, sizes=sizes[:n] if sizes else None)
     return model, make_inputs(family, proc, QUESTIONS[:n], imgs)
-
-
-def _vtprune_hooks(model) -> list:
-    """Forward (pre-)hooks defined by vtprune code anywhere in the model (HF adds its own lazily)."""
-    found = []
-    for name, m in model.named_modules():
-        for fn in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]:
-            mod = getattr(fn, "__module__", "") or getattr(getattr(fn, "__func__", None), "__module__", "")
-            if mod.startswith(("vtprune", "methods")):
-                found.append((name, fn))
-    return found
-
-
-def _no_hooks(model) -> bool:
-    """No vtprune hook and no vtprune attribute left on the model."""
-    return not _vtprune_hooks(model) and not any(
-        k.startswith("_vtprune") or k == "_supports_mm_encoder_outputs" for k in vars(model))
 
 
 def valid_logits(logits, mask):

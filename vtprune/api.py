@@ -109,7 +109,8 @@ class Patch:
         self.stats = PatchStats()
         self._state = RequestState()
         self._handles: list = []
-        self._decoder: DecoderController | None = None
+        # built here, installed by _install: a policy's bad decoder signal fails before any hook exists
+        self._decoder: DecoderController | None = DecoderController(adapter, self.decoder_policies, self._state)
         self._signals: dict[str, Any] = {}
         for p in self.vision_policies + self.token_policies:
             self._signals.update(p.required_signals(adapter))
@@ -121,7 +122,6 @@ class Patch:
             raise ValueError("this model is already patched by vtprune; call .remove() on the existing patch first")
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._model_post_hook, with_kwargs=True))
-        self._decoder = DecoderController(self.adapter, self.decoder_policies, self._state)
         self._decoder.install()
         object.__setattr__(self.model, _ACTIVE_ATTR, self)
         # transformers >= 5 pre-encodes images in generate() and hands the forward only the features;
@@ -515,6 +515,12 @@ def patch(model: nn.Module, method="none", *, seed: int = 0, **params) -> Patch:
             policies composed with ``+``), a policy object, or a list of these.
         seed: seed of the per-image generators (``Context.rng``) of stochastic policies (``random``).
         **params: parameters of a single method (override the spec string's).
+
+    Selection happens at prefill. ``generate()`` with the KV cache (the default) selects once and
+    decodes on the shortened per-layer cache; ``generate(use_cache=False)`` re-runs the whole sequence
+    at every step, so every step is a prefill and the policies select again (for FastV, from that
+    step's last token, as in its reference without cache). An int ``keep`` above a dynamic-resolution
+    image's tokens keeps them all (``PatchStats.budget_clamped``); see ``docs/architecture.md``.
 
     Raises:
         ValueError: unknown method or parameter, impossible budget, unsupported model family or

@@ -1,6 +1,6 @@
 """Policy base classes: a method only says *which* tokens; the base classes own the invariants.
 
-Three stages (ARCHITECTURE.md §2):
+Three stages (``docs/architecture.md`` §2-3):
 
 * :class:`VisionPolicy` (stage V) runs after chosen layers of a plain ViT and may shrink the sequence.
 * :class:`TokenPolicy` (stage P) selects ``n_keep`` tokens of each image after the projector;

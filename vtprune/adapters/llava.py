@@ -34,7 +34,8 @@ class VisionRun(NamedTuple):
 
     features: per image, (n, D) projected features. signals: per-view signal tensors on encoder
     tokens ((V, N) or (V, N, C)) and the projector function. sources: per image, (n,) encoder-token
-    index of each feature (None: ``encode`` recovers the layout, LLaVA-NeXT). schedule: per view, the tokens entering each encoder layer.
+    index of each feature (None: ``encode`` recovers the layout, LLaVA-NeXT). schedule: per view,
+    the tokens entering each encoder layer.
     """
 
     features: list[Tensor]
