@@ -36,7 +36,7 @@ class KeepAll(TokenPolicy):
     """Keep every visual token (the identity; exercises the full stage-P machinery)."""
 
     name: ClassVar[str] = "none"
-    description: ClassVar[str] = "keep all visual tokens (vanilla model, through the patch machinery)"
+    description: ClassVar[str] = "keep all visual tokens (vanilla model, through the patch machinery; stage P)"
     keep: int | float = 1.0
 
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
@@ -163,7 +163,7 @@ class Pool(MergePolicy):
     """
 
     name: ClassVar[str] = "pool"
-    description: ClassVar[str] = "spatial average pooling of each view's token grid to the budget"
+    description: ClassVar[str] = "spatial average pooling of each view's token grid to the budget (stage P)"
     keep: int | float = 0.25
 
     def merge(self, image: ImageTokens, n_keep: int, ctx: Context) -> tuple[Tensor, Tensor]:

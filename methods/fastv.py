@@ -49,7 +49,7 @@ class FastV(DecoderPolicy):
     """
 
     name: ClassVar[str] = "fastv"
-    description: ClassVar[str] = "FastV: drop image tokens least attended by the last token after layer K"
+    description: ClassVar[str] = "FastV: drop image tokens least attended by the last token after layer K (stage D)"
     layer: int = 2
     keep: int | float = 0.5
     r: float | None = None

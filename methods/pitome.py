@@ -646,7 +646,7 @@ class PiToMe(VisionPolicy):
     """
 
     name: ClassVar[str] = "pitome"
-    description: ClassVar[str] = "PiToMe: energy-based token merging inside the CLIP vision encoder (stage V)"
+    description: ClassVar[str] = "PiToMe: energy-based token merging inside the CLIP vision encoder (stage V; at=P: pitome-p)"
     families: ClassVar[tuple[str, ...]] = ("llava", "clip_vit")
     ratio: float = 0.9
     keep: int | float | None = None

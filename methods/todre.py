@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, TokenPolicy
+from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, Policy, TokenPolicy
 from vtprune.registry import register
 
 from ._common import LLAVA_FAMILIES, check_choice, llava_feature_layer, resolve_layer, score_dtype
@@ -375,8 +375,8 @@ class ToDRE(TokenPolicy):
 
     name: ClassVar[str] = "todre"
     description: ClassVar[str] = (
-        "ToDRE: greedy k-center diversity of the projected tokens from a CLS pivot (stage P), then all visual "
-        "tokens dropped after layer round(7L/8) when the text ignores them (stage D); relevance=off: stage P only"
+        "ToDRE: greedy k-center diversity from a CLS pivot (stage P), then all visual tokens dropped after "
+        "layer round(7L/8) if the text ignores them (stage D; relevance=off: P only)"
     )
     families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
@@ -527,11 +527,7 @@ class ToDRERelevance(DecoderPolicy):
         return resolve_layer(self.relevance_layer, num_layers, method=self.name, knob="relevance_layer")
 
     def validate(self, family: str, adapter: Any) -> None:
-        if family not in self.families:
-            raise ValueError(
-                f"method {self.name!r} does not support model family {family!r}; "
-                f"supported families: {', '.join(self.families)}"
-            )
+        Policy.validate(self, family, adapter)  # the family; keep/layer are derived here, not given
         check_choice(self.name, "relevance_scan", self.relevance_scan, ("single", "from"))
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"todre-relevance: tau={self.tau!r} must be a number in [0, 1] (paper: 0.10)")

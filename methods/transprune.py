@@ -326,7 +326,7 @@ class TransPrune(DecoderPolicy):
 
     name: ClassVar[str] = "transprune"
     description: ClassVar[str] = (
-        "TransPrune: progressive in-LLM pruning by token transition variation + instruction attention"
+        "TransPrune: progressive in-LLM pruning by token transition variation + instruction attention (stage D)"
     )
     layer: int | None = None
     keep: int | float | None = None

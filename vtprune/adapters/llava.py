@@ -307,8 +307,7 @@ class LlavaNextAdapter(LlavaAdapter):
         off = 1 if vkw["vision_feature_select_strategy"] == "default" else 0
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         hw = side * side
-        n_layers = len(self.vit_layers())
-        images, sched, view0 = [], [], 0
+        images, view0 = [], 0
         for i, f in enumerate(feats):
             n_views = mln.image_size_to_num_patches(
                 image_size=image_sizes[i], grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size
@@ -359,6 +358,7 @@ class LlavaNextAdapter(LlavaAdapter):
                     projector_tokens=n_views * (n_enc - off),
                 )
             )
-            sched.extend([[n_enc] * n_layers for _ in range(n_views)])
             view0 += n_views
-        return Encoded(images, sched)
+        if view0 != len(enc_sched):
+            raise RuntimeError("LLaVA-NeXT layout recovery failed: view count mismatch")
+        return Encoded(images, enc_sched)
