@@ -587,7 +587,12 @@ class GlobalCom2(TokenPolicy):
         return self._selection(image)
 
     def _score(self, image: ImageTokens) -> Tensor:
-        return image.signals[self._signal].detach().float().cpu()
+        name = self._signal
+        if name is None:  # not validated against an adapter (kernel-level use): the image's one signal
+            if len(image.signals) != 1:
+                raise RuntimeError("globalcom2: call validate() first, or give the image exactly one signal")
+            (name,) = image.signals
+        return image.signals[name].detach().float().cpu()
 
     def _select_image(self, image: ImageTokens, family: str) -> Tensor:
         """(n_keep,) kept token indices of one image in emission order: ascending, except the

@@ -322,8 +322,10 @@ class TokenPolicy(Policy):
         """``positions`` is one of ``POSITION_MODES`` and defined for the adapter's family."""
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions={self.positions!r}; choose one of {POSITION_MODES}")
+        if self.positions == "auto":  # the family's own convention: always defined
+            return
         modes = adapter.position_modes
-        if self.positions != "auto" and self.positions not in modes:
+        if self.positions not in modes:
             raise ValueError(
                 f"{self.name}: positions={self.positions!r} is not defined for {family}; "
                 f"use one of {('auto',) + tuple(modes)}"
