@@ -55,21 +55,21 @@ def test_layout_matches_an_independent_encoder_run():
     images, sched = ad.encode(dict(inp), {"vit_received@1": None}, [], None)
     tower = model.model.vision_tower
     with torch.no_grad():
-        pv = torch.cat([inp["pixel_values"][i, : img.extra["n_views"]] for i, img in enumerate(images)])
+        pv = torch.cat([inp["pixel_values"][i, : img.n_views] for i, img in enumerate(images)])
         proj = model.model.multi_modal_projector(tower(pv, output_hidden_states=True).hidden_states[-1])  # (views, 16, D)
-    assert len(sched) == sum(img.extra["n_views"] for img in images)
+    assert len(sched) == sum(img.n_views for img in images)
     view0, resized = 0, 0
     for img in images:
-        src = img.extra["source"]
+        src = img.source
         exact = src >= 0
-        flat = proj[view0 : view0 + img.extra["n_views"]].reshape(-1, proj.shape[-1])
+        flat = proj[view0 : view0 + img.n_views].reshape(-1, proj.shape[-1])
         torch.testing.assert_close(img.features[exact], flat[src[exact]], rtol=1e-5, atol=1e-6)
         assert bool((img.view[img.candidate] >= 0).all()) and bool((img.view[~img.candidate] == -1).all())
         assert img.grid_shapes[0] == (4, 4) and int((img.view == 0).sum()) == 16  # the base view, no newline
         rows, cols = img.grid_shapes[1]
         assert int((img.view == 1).sum()) == rows * cols and int((~img.candidate).sum()) == rows  # a newline per row
         resized += int((img.candidate & ~exact).sum() > 0)
-        view0 += img.extra["n_views"]
+        view0 += img.n_views
     assert resized == 2  # the 70x112 and 150x160 canvases are resized (anyres_max_2), the 56x56 one is not
 
 
@@ -87,8 +87,8 @@ def test_signals_are_per_patch_and_cls_signals_are_refused():
     q, k, scale = vit_qk(layer, captured["x"])
     ref = received_attention(attention_probs(q, k, scale)).reshape(-1)  # (views * 16,)
     img = images[0]
-    exact = img.extra["source"] >= 0
-    torch.testing.assert_close(img.signals["vit_received@1"][exact], ref[img.extra["source"][exact]])
+    exact = img.source >= 0
+    torch.testing.assert_close(img.signals["vit_received@1"][exact], ref[img.source[exact]])
     assert bool((img.signals["vit_received@1"][~img.candidate] == 0).all())
     with pytest.raises(ValueError, match="needs a CLS token.*vit_received"):
         ad.encode(dict(inp), {"vit_cls@1": None}, [], None)

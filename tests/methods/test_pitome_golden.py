@@ -28,7 +28,7 @@ from vtprune.methods.pitome import (
     pitome_merge,
     reference_schedule,
 )
-from vtprune.policy import Context
+from vtprune.policy import Context, ViTInfo
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "pitome" / "cases.pt"
 DATA = torch.load(FIXTURE, weights_only=True)
@@ -101,8 +101,7 @@ def test_policy_after_layer_matches_reference(case):
     after each of layers 0..22 of a 24-layer CLIP; ``order="reference"`` keeps the kernel order)."""
     pol = PiToMe(ratio=case["ratio"])
     assert pol.layers(24) == list(range(24)) and pol.sorted_output is False
-    ctx = Context("llava")
-    ctx.extra.update(vit_layers=24, vit_last_layer=22, vit_tokens=577, vit_drop_cls=True)
+    ctx = Context("llava", vit=ViTInfo(layers=24, last_layer=22, tokens=577, drop_cls=True))
     x = case["x"].to(F64)
     rep = torch.arange(577)[None]
     for l in range(23):

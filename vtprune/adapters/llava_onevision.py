@@ -20,11 +20,11 @@ Layout handed to policies (one :class:`~vtprune.policy.ImageTokens` per image or
 * image: ``view`` 0 = base view (``grid`` on ``s x s``), 1 = the AnyRes canvas (``grid`` on the
   canvas after unpadding/resizing, ``grid_shapes[1]``), -1 = newlines (never candidates);
 * video: ``view`` = frame index, ``grid`` on the pooled frame grid, the trailing newline -1;
-  ``extra["modality"] = "video"``.
+  ``modality = "video"``.
 
 Positions: 1-D, as LLaVA (renumbered by default, ``positions="original"`` gathers the unpruned ones).
 SigLIP has no CLS token: signals are per patch (``vit_received``, ``vit_keys``, ``vit_hidden``);
-``vit_cls`` / ``vit_cls_logits`` raise ``ValueError``.
+the CLS kinds of the registry (``vit_cls``, ``vit_cls_logits``) raise ``ValueError``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..policy import ImageTokens
-from .llava import PROJECTOR_SIGNAL, LlavaAdapter, parse_signal
+from .base import Encoded
+from .llava import LlavaAdapter
 
 #: a canvas never resized: ``pack_image_features`` with this ``vision_aspect_ratio`` gives the unpadded canvas
 _NO_RESIZE = "anyres_max_1000000"
@@ -45,6 +46,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision",)
     default_positions = "renumber"
+    image_input_keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos", "image_sizes_videos")
 
     def nominal_visual_tokens(self) -> int | None:
         return None
@@ -64,16 +66,6 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return vc.image_size // vc.patch_size
 
     # ------------------------------------------------------------ signals
-    def _signal_layers(self, signals):
-        for name in signals:
-            if name != PROJECTOR_SIGNAL and parse_signal(name)[0] in ("vit_cls", "vit_cls_logits") \
-                    and not self.vit_has_cls():
-                raise ValueError(
-                    f"signal {name!r} needs a CLS token; the {self.config.vision_config.model_type!r} tower of "
-                    "this LLaVA-OneVision model has none (use the per-patch 'vit_received')"
-                )
-        return super()._signal_layers(signals)
-
     def _probe(self, view_sig: dict, views: slice, n_enc: int, off: int) -> tuple[Tensor, list[str]]:
         """(V, s*s, 2 + k) float64 probe of the encoder views ``views``: marker, flat index, k signals."""
         side = self._side()
@@ -105,7 +97,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return sig
 
     # ------------------------------------------------------------ encoding
-    def encode(self, kwargs, signals, vision_policies, ctx):
+    def encode(self, kwargs, signals, vision_policies, ctx) -> Encoded:
         if vision_policies:
             raise ValueError("stage-V (in-encoder) policies are supported on LLaVA-1.5 with CLIP only, "
                              "not LLaVA-OneVision; use a stage-P method")
@@ -120,7 +112,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             vids, s = self._encode_videos(kwargs, signals, vkw, ins, outs, len(images))
             images += vids
             sched += s
-        return images, sched
+        return Encoded(images, sched)
 
     def _encode_images(self, kwargs, signals, vkw, ins, outs):
         from transformers.models.llava_onevision import modeling_llava_onevision as mlo
@@ -185,8 +177,9 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                     grid_shapes=shapes,
                     signals=self._token_signals(view_sig, names, packed, views, is_tok, f.device),
                     image_index=i,
-                    extra={"source": source, "n_views": n_views, "projector_tokens": n_views * (n_enc - off),
-                           "modality": "image"},
+                    source=source,
+                    n_views=n_views,
+                    projector_tokens=n_views * (n_enc - off),
                 )
             )
             sched.extend([[n_enc] * n_layers for _ in range(n_views)])
@@ -230,29 +223,19 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                     grid_shapes=[(ph, pw)] * frames,
                     signals=self._token_signals(view_sig, names, packed, views, is_tok, f.device),
                     image_index=first_index + b,
-                    extra={"source": torch.full((n,), -1, dtype=torch.long), "n_views": frames,
-                           "projector_tokens": frames * (n_enc - off), "modality": "video", "frames": frames},
+                    source=torch.full((n,), -1, dtype=torch.long),
+                    n_views=frames,
+                    projector_tokens=frames * (n_enc - off),
+                    modality="video",
                 )
             )
             sched.extend([[n_enc] * n_layers for _ in range(frames)])
         return images, sched
 
     # ------------------------------------------------------------ inputs
-    def build_inputs(self, kwargs, new):
-        out = dict(kwargs)
-        for key in ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos", "image_sizes_videos"):
-            out.pop(key, None)
-        out["input_ids"] = new["input_ids"]
-        out["attention_mask"] = new["attention_mask"]
-        out["position_ids"] = new["position_ids"]
-        feats = new["features"]
-        kinds = [item.extra.get("modality", "image") for item in new["items"]]
-        mm = {}
-        img = [f for f, k in zip(feats, kinds) if k == "image"]
-        vid = [f for f, k in zip(feats, kinds) if k == "video"]
-        if img:
-            mm["image"] = BaseModelOutputWithPooling(pooler_output=img)
-        if vid:  # the model scatters ``pooler_output.flatten(0, 1)`` into the video placeholders
-            mm["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(vid)[None])
-        out["mm_encoder_outputs"] = mm
-        return out
+    def encoder_output(self, modality, features):
+        """Videos: the model scatters ``pooler_output.flatten(0, 1)``, so the kept tokens of all videos
+        go in as one (1, n, D) tensor; images as the base class (a list)."""
+        if modality == "video":
+            return BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])
+        return super().encoder_output(modality, features)

@@ -18,15 +18,15 @@ GlobalCom2 use received attention, as on Qwen).
 """
 from __future__ import annotations
 
-import sys
+import dataclasses
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..attention import attention_probs
 from ..policy import ImageTokens
+from ..signals import PACKED_VIT_SIGNALS, PackedViTBlock, parse_signal
+from .base import Encoded
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
@@ -36,6 +36,7 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
     model_types = ("llava_onevision1_5",)
     default_positions = "renumber"
     position_modes = ("original", "renumber")
+    image_input_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
 
     def visual_token_ids(self) -> dict[str, int]:
         return {"image": self.image_token_id, "video": int(self.config.video_token_id)}
@@ -46,51 +47,36 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
     # ------------------------------------------------------------ vision signals
     @contextmanager
     def _capture(self, blocks: set[int]):
-        """The inputs (hidden, cu_seqlens, rotary tables) of ``blocks``."""
+        """The inputs of ``blocks`` as ``(hidden, kwargs)`` (the blocks take ``cu_seqlens`` positionally)."""
         got: dict = {}
         handles = []
         for b in blocks:
             def hook(m, args, kwargs, b=b):
-                cu = args[1] if len(args) > 1 else kwargs["cu_seqlens"]
-                got[b] = (args[0] if args else kwargs["hidden_states"], cu, kwargs["position_embeddings"])
-            handles.append(self.vit_blocks()[b].register_forward_pre_hook(hook, with_kwargs=True))
+                kw = dict(kwargs, cu_seqlens=args[1] if len(args) > 1 else kwargs["cu_seqlens"])
+                got[b] = (args[0] if args else kwargs["hidden_states"], kw)
+            handles.append(self.vit_layers()[b].register_forward_pre_hook(hook, with_kwargs=True))
         try:
             yield got
         finally:
             for h in handles:
                 h.remove()
 
-    def _received_cls(self, block: int, x: Tensor, cu: Tensor, rope) -> Tensor:
-        """(merged tokens,) attention received per merge unit, frames concatenated (CLS keys dropped)."""
-        blk = self.vit_blocks()[block]
-        attn = blk.attn
-        h = blk.norm1(x)
-        n = h.shape[0]
-        q, k, _ = attn.qkv(h).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
-        mod = sys.modules[type(attn).__module__]
-        q, k = mod.apply_rotary_pos_emb_vision(q, k, *rope)
-        cu = cu.tolist()
-        out = []
-        for s, e in zip(cu[:-1], cu[1:]):
-            if e - s <= 1:
-                continue
-            probs = attention_probs(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], attn.scaling,
-                                    chunk_heads=4)
-            out.append(probs[0].mean(0).sum(0)[1:])  # received by each patch; the frame's CLS key dropped
-        m = self.config.vision_config.spatial_merge_size ** 2
-        return torch.cat(out).view(-1, m).mean(-1)
+    def _block(self, block: int, x: Tensor, kw: dict, grid_thw: Tensor) -> PackedViTBlock:
+        """The Qwen block view, with the frame's CLS token at the start of every segment."""
+        return dataclasses.replace(super()._block(block, x, kw, grid_thw), prefix=1)
 
     # ------------------------------------------------------------ encoding
-    def encode(self, kwargs, signals, vision_policies, ctx):
+    def encode(self, kwargs, signals, vision_policies, ctx) -> Encoded:
         if vision_policies:
             raise ValueError("stage-V (in-encoder) policies are not supported on LLaVA-OneVision-1.5 (packed ViT); "
                              "use the stage-P variant of the method")
-        blocks = {}
+        blocks: dict[str, tuple[str, int]] = {}
         for name in signals:
-            kind, _, layer = name.partition("@")
-            if kind != "vit_received":
-                raise ValueError(f"unknown LLaVA-OneVision-1.5 vision signal {name!r}; supported: vit_received@BLOCK")
-            blocks[name] = self.resolve_vit_layer(int(layer))
+            kind, layer = parse_signal(name)
+            if kind not in PACKED_VIT_SIGNALS:
+                raise ValueError(f"unknown LLaVA-OneVision-1.5 vision signal {name!r}; supported: "
+                                 + ", ".join(f"{k}@BLOCK" for k in PACKED_VIT_SIGNALS))
+            blocks[name] = (kind, self.resolve_vit_layer(layer))
         items, sched = [], []
         for modality, pix, grid in (("image", "pixel_values", "image_grid_thw"),
                                     ("video", "pixel_values_videos", "video_grid_thw")):
@@ -98,16 +84,17 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
                 got_items, got_sched = self._encode(modality, kwargs[pix], kwargs[grid], blocks, len(items))
                 items += got_items
                 sched += got_sched
-        return items, sched
+        return Encoded(items, sched)
 
     def _encode(self, modality: str, pixels: Tensor, grid_thw: Tensor, blocks: dict, first: int):
         inner = self.model.model
         get = inner.get_image_features if modality == "image" else inner.get_video_features
-        with self._capture(set(blocks.values())) as got:
+        with self._capture({b for _, b in blocks.values()}) as got:
             out = get(pixels, grid_thw, return_dict=True)
-        sig_all = {name: self._received_cls(b, *got[b]) for name, b in blocks.items()}
+        sig_all = {name: PACKED_VIT_SIGNALS[kind](self._block(b, *got[b], grid_thw))
+                   for name, (kind, b) in blocks.items()}
         merge = self.config.vision_config.spatial_merge_size
-        n_blocks = len(self.vit_blocks())
+        n_blocks = len(self.vit_layers())
         items, sched, start = [], [], 0
         for i, f in enumerate(out.pooler_output):
             t, hh, ww = (int(v) for v in grid_thw[i])
@@ -123,7 +110,9 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
                     grid_shapes=[(gh, gw)] * t,
                     signals={name: s[start : start + n] for name, s in sig_all.items()},
                     image_index=first + i,
-                    extra={"source": j, "n_views": t, "projector_tokens": n, "modality": modality},
+                    source=j,
+                    n_views=t,
+                    modality=modality,
                 )
             )
             sched.extend([[hh * ww + 1] * n_blocks for _ in range(t)])  # full attention per frame, CLS included
@@ -146,20 +135,3 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
 
     def after_prefill(self, state) -> None:
         """Nothing to set: 1-D positions, no ``rope_deltas``."""
-
-    def build_inputs(self, kwargs, new):
-        out = dict(kwargs)
-        for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
-            out.pop(key, None)
-        out["input_ids"] = new["input_ids"]
-        out["attention_mask"] = new["attention_mask"]
-        out["position_ids"] = new["position_ids"]
-        if kwargs.get("mm_token_type_ids") is not None:
-            out["mm_token_type_ids"] = new["gather"](kwargs["mm_token_type_ids"], 0)
-        mm = {}
-        for modality in ("image", "video"):
-            feats = [f for f, item in zip(new["features"], new["items"]) if item.extra.get("modality") == modality]
-            if feats:
-                mm[modality] = BaseModelOutputWithPooling(pooler_output=feats)
-        out["mm_encoder_outputs"] = mm
-        return out
