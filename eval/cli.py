@@ -93,19 +93,30 @@ def _cmd_sweep(args) -> int:
 
     import torch
 
-    from vtprune.eval.sweep import MissingAssetError, load_config, run_sweep
+    from vtprune.eval.sweep import CellsFailedError, MissingAssetError, load_config, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    store = args.store
     try:
         cfg = load_config(args.config)
-        store = args.store or cfg.store or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0],
-                                                        "results.jsonl")
+        store = store or cfg.store or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0],
+                                                   "results.jsonl")
         records = run_sweep(args.config, store, limit=args.limit, shard_by=args.shard_by, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, MissingAssetError) as exc:
         print(f"vtprune sweep: error: {exc}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    except CellsFailedError as exc:
+        if main_rank:
+            print(f"vtprune sweep: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if main_rank:
+            print(f"\nvtprune sweep: interrupted; the finished cells and the predictions made so far are kept in "
+                  f"{store}; run the same command to resume.", file=sys.stderr)
+        return 130
+    if main_rank:
         ok = sum(1 for r in records if r and r.get("status") == "ok")
         print(f"vtprune sweep: {len(records)} cells ({ok} scored) in {store}; "
               f"next: vtprune report {store} --out {os.path.join(os.path.dirname(store) or '.', 'report')}")
