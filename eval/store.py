@@ -126,6 +126,18 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
+_POLL_S = 0.002  # filelock polls a contended lock; flock itself would wake at once
+
+
+@contextmanager
+def _hold(lock: FileLock) -> Iterator[None]:
+    lock.acquire(poll_interval=_POLL_S)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _pread(fd: int, n: int, offset: int) -> bytes:
     """``n`` bytes at ``offset`` (``os.pread`` where it exists; seek + read elsewhere, under the lock)."""
     if hasattr(os, "pread"):
@@ -206,7 +218,7 @@ class _Log:
             reset = self._offset > 0
             self._offset, self._lineno = 0, 0
             return [], reset
-        with self._lock:
+        with _hold(self._lock):
             try:
                 f = open(self.path, "rb")
             except FileNotFoundError:
@@ -246,7 +258,7 @@ class _Log:
     def locked(self) -> Iterator[Callable[[Iterable[Any]], None]]:
         """Hold the exclusive lock (torn tail repaired); yields ``append(objs)``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
+        with _hold(self._lock):
             existed = self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
             try:
@@ -378,7 +390,7 @@ class ResultsStore:
         path = self.claims_dir / (self.predictions_path(key).stem + ".lock")
         lock = FileLock(path)
         try:
-            lock.acquire(timeout=timeout)
+            lock.acquire(timeout=timeout, poll_interval=0.05)
         except Timeout:
             raise CellClaimedError(key) from None
         try:
