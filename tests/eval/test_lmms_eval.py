@@ -257,9 +257,9 @@ def _run_lmms_eval(tmp_path: Path, tasks: Path, model_args: str) -> tuple[dict, 
 def test_lmms_eval_scores_equal_the_library_predictions(tmp_path, method, params, visual):
     """`python -m lmms_eval --model vtprune` on a local multiple_choice and a generate_until task: the
     scores lmms-eval computes equal those of the library's own predictions, computed here sample by
-    sample. The answer keys are built from those predictions so that a right and a wrong scoring
-    convention give different numbers: the right one gives 0.75 (mc) and 0.5 (generation); choosing
-    the largest instead of the smallest negative log-likelihood would give 0.0."""
+    sample. The answer keys are built from those predictions so that the scoring convention shows:
+    0.75 (mc) and 0.5 (generation) when right; picking the largest of the same values gives 0.0, and
+    the wrapper's former log-likelihood sums (larger is better) gave 0.5 on this task."""
     nll = _own_choice_nll(method, params)
     best = [min(range(len(CHOICES)), key=row.__getitem__) for row in nll]
     worst = [max(range(len(CHOICES)), key=row.__getitem__) for row in nll]
