@@ -9,13 +9,16 @@ from . import ABLATIONS, ablation_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vtprune.eval.ablations", description=__doc__)
-    ap.add_argument("name", nargs="?", choices=sorted(ABLATIONS))
+    ap = argparse.ArgumentParser(
+        prog="python -m vtprune.eval.ablations",
+        description="Runs one ablation (a sweep over one method's knobs) and writes its report. "
+                    "--list shows the ablations.")
+    ap.add_argument("name", nargs="?", choices=sorted(ABLATIONS), help="the ablation to run")
     ap.add_argument("--list", action="store_true", help="list the ablations")
     ap.add_argument("--model", default="embedded", help="embedded (default), tiny-llava, ... or a local HF checkpoint")
     ap.add_argument("--benchmark", default=None, help="LOADER=PATH (default: the embedded benchmark)")
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=None, metavar="N", help="first N samples of the benchmark")
+    ap.add_argument("--batch-size", type=int, default=8, metavar="N", help="samples per generate() (default: 8)")
     ap.add_argument("--out", default=None, help="output folder (default runs/ablation-NAME)")
     args = ap.parse_args(argv)
     if args.list or not args.name:
