@@ -394,6 +394,10 @@ def test_a_failing_cell_does_not_stop_the_sweep(full_run, bench, tmp_path, monke
     assert exc.value.records[1] is None and exc.value.records[2] == store.get(cells[2].key)
     assert list(store.failures()) == [cells[1].key] and "RuntimeError" in store.failures()[cells[1].key]["traceback"]
     assert len(store.predictions(cells[1].key).done_ids()) == 2  # the batch before the failure is kept
+    rep = tmp_path / "rep"
+    assert cli.main(["report", str(store_path), "--out", str(rep)]) == 0
+    md = (rep / "results.md").read_text()
+    assert "## Failed cells" in md and "| model 'tiny-llava', method 'random', budget 0.5, benchmark 'embedded' |" in md
 
     monkeypatch.setattr(loop, "predict_batch", real)
     again = run_sweep(cfg, store_path, progress=False)
