@@ -442,30 +442,31 @@ SLOW_CHILD = textwrap.dedent("""
 """)
 
 
-def _start_child(cfg_file, store_path, target, pause):
-    return subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(target), str(pause), "sweep", str(cfg_file),
+def _paused_child(bench, tmp_path, pause: float):
+    """A `vtprune sweep` subprocess of the standard config, paused ``pause`` s after the first batch
+    of its 2nd cell (holding that cell's claim); returns (config file, store path, cells, process)."""
+    cfg = config_for(bench)
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    store_path = tmp_path / "run" / "results.jsonl"
+    cells = plan_cells(load_config(cfg))
+    target = ResultsStore(store_path).predictions_path(cells[1].key)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(target), str(pause), "sweep", str(cfg_file),
                              "--store", str(store_path), "--no-progress", "--threads", "1"],
                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_paused(proc, deadline_s=90):
     line = proc.stdout.readline()  # blocks until the child prints PAUSED (or exits)
-    assert line.strip() == "PAUSED", proc.stderr.read()[-3000:]
+    if line.strip() != "PAUSED":
+        proc.kill()
+        pytest.fail("the child sweep never paused: " + proc.stderr.read()[-3000:])
+    return cfg_file, store_path, cells, proc
 
 
 def test_two_sweeps_on_one_store_share_the_work(full_run, bench, tmp_path, capsys):
     """A second sweep on a store whose cell another sweep is running skips that cell, runs the
     others, then waits for it: both end with rc 0, every cell stored once, no CellExistsError."""
     _, full_records, _ = full_run
-    cfg = config_for(bench)
-    cfg_file = tmp_path / "sweep.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    store_path = tmp_path / "run" / "results.jsonl"
-    cells = plan_cells(load_config(cfg))
-    second = ResultsStore(store_path).predictions_path(cells[1].key)
-    proc = _start_child(cfg_file, store_path, second, 8)
+    cfg_file, store_path, cells, proc = _paused_child(bench, tmp_path, 8)
     try:
-        _wait_paused(proc)
         mine = run_sweep(cfg_file, store_path, progress=False)  # skips cell 2 (claimed), waits for it at the end
         out, err = proc.communicate(timeout=120)
     finally:
@@ -483,14 +484,8 @@ def test_two_sweeps_on_one_store_share_the_work(full_run, bench, tmp_path, capsy
 
 def test_ctrl_c_prints_one_line_and_the_same_command_resumes(full_run, bench, tmp_path):
     _, full_records, _ = full_run
-    cfg = config_for(bench)
-    cfg_file = tmp_path / "sweep.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    store_path = tmp_path / "run" / "results.jsonl"
-    cells = plan_cells(load_config(cfg))
-    proc = _start_child(cfg_file, store_path, ResultsStore(store_path).predictions_path(cells[1].key), 120)
+    cfg_file, store_path, _, proc = _paused_child(bench, tmp_path, 120)
     try:
-        _wait_paused(proc)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
