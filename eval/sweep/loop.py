@@ -184,18 +184,26 @@ def _run_claimed(cells: Sequence[Cell], run: Callable[[Cell], None], store: Resu
         if store.has(cell.key):
             continue
         try:
-            with store.claim(cell.key, timeout=-1 if cell.is_reference else 0):
+            with store.claim(cell.key, timeout=0):
                 if not store.has(cell.key):
                     run(cell)
         except CellClaimedError:
-            deferred.append(cell)
+            if cell.is_reference:
+                _wait_and_run(cell, run, store, say)
+            else:
+                deferred.append(cell)
     for cell in deferred:
-        if store.has(cell.key):
-            continue
-        say(f"vtprune sweep: waiting for another process that runs {describe_cell(cell)}")
-        with store.claim(cell.key):
-            if not store.has(cell.key):
-                run(cell)
+        _wait_and_run(cell, run, store, say)
+
+
+def _wait_and_run(cell: Cell, run: Callable[[Cell], None], store: ResultsStore, say: Callable[[str], None]) -> None:
+    """Wait for another process's claim of ``cell``; run it unless that process stored it."""
+    if store.has(cell.key):
+        return
+    say(f"vtprune sweep: waiting for another process that runs {describe_cell(cell)}")
+    with store.claim(cell.key):
+        if not store.has(cell.key):
+            run(cell)
 
 
 def _run_sharded(cell: Cell, run: Callable[[Cell], None], store: ResultsStore, dist: DataParallel,
