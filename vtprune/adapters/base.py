@@ -26,7 +26,7 @@ name signal layers). Adapters without an LLM (open_clip ViTs) install their own 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -59,6 +59,8 @@ class ShortInputs:
         features: per image, (n_out, D) features in sequence order.
         gather: ``(t (…, B, L), pad) -> (…, B, L')``: any per-column tensor of the caller's input at the
             kept columns (e.g. Qwen's ``mm_token_type_ids``).
+        modalities: per image, its :attr:`~vtprune.policy.ImageTokens.modality` (``"image"`` /
+            ``"video"``); empty: all images.
     """
 
     input_ids: Tensor
@@ -66,6 +68,7 @@ class ShortInputs:
     position_ids: Any
     features: list[Tensor]
     gather: Callable[[Tensor, Any], Tensor]
+    modalities: list[str] = field(default_factory=list)
 
 
 class Adapter:
@@ -101,6 +104,10 @@ class Adapter:
     @property
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
+
+    def visual_token_ids(self) -> dict[str, int]:
+        """``{modality: placeholder token id}`` of the visual inputs this family takes (image, video)."""
+        return {"image": self.image_token_id}
 
     def nominal_visual_tokens(self) -> int | None:
         """Visual tokens per image when fixed by the config (LLaVA-1.5), else None."""
@@ -147,16 +154,26 @@ class Adapter:
     def build_inputs(self, kwargs: dict[str, Any], new: ShortInputs) -> dict[str, Any]:
         """The kwargs for the model forward on the shortened sequence: the caller's kwargs without the
         image inputs, with the new ids, mask and positions and the features as ``mm_encoder_outputs``."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         out = dict(kwargs)
         for key in self.image_input_keys:
             out.pop(key, None)
         out["input_ids"] = new.input_ids
         out["attention_mask"] = new.attention_mask
         out["position_ids"] = new.position_ids
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=new.features)}
+        kinds = new.modalities or ["image"] * len(new.features)
+        mm = {}
+        for modality in dict.fromkeys(kinds):  # each modality's features, in request order
+            feats = [f for f, k in zip(new.features, kinds) if k == modality]
+            mm[modality] = self.encoder_output(modality, feats)
+        out["mm_encoder_outputs"] = mm
         return out
+
+    def encoder_output(self, modality: str, features: list[Tensor]):
+        """The precomputed ``mm_encoder_outputs[modality]`` the model takes for these per-item features
+        (default: ``pooler_output`` = the list, as LLaVA and Qwen take images)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=features)
 
     def decode_positions(self, pos: Tensor) -> Tensor:
         """(B, q) positions of new tokens in the model's native position-id format."""
@@ -220,11 +237,9 @@ class Adapter:
         layer = self.llm_layers()[layer_idx]
         attn = layer.self_attn
         h = layer.input_layernorm(hidden)
-        b, n, _ = h.shape
-        hd = attn.head_dim
+        b = h.shape[0]
         h_rows = torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1]))
-        q = attn.q_proj(h_rows).view(b, rows.shape[1], -1, hd).transpose(1, 2)
-        k = attn.k_proj(h).view(b, n, -1, hd).transpose(1, 2)
+        q, k = self.llm_qk(attn, h_rows, h)
         cos, sin = position_embeddings
         cos = cos.expand(b, *cos.shape[1:])
         sin = sin.expand(b, *sin.shape[1:])
@@ -234,6 +249,15 @@ class Adapter:
         q, _ = rot(q, q, cos_r, sin_r)
         k, _ = rot(k, k, cos, sin)
         return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows)
+
+
+    def llm_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, H, R, hd) queries of the rows ``h_rows`` (B, R, D) and (B, Hkv, L, hd) keys of ``h`` (B, L, D),
+        before rotary, from a decoder layer's attention module (Llama / Qwen2: plain projections)."""
+        hd = attn.head_dim
+        q = attn.q_proj(h_rows).view(*h_rows.shape[:2], -1, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(*h.shape[:2], -1, hd).transpose(1, 2)
+        return q, k
 
 
 def vit_layer_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module, int, float]:
