@@ -81,6 +81,17 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         ],
         "budgets": [0.75, 0.5, 0.25, 0.125],
     },
+    "divprune": {
+        "about": "DivPrune's max-min objective and isolated seed vs a CLS-pivot seed and vs max-sum (same features)",
+        "methods": [
+            {"name": "divprune", "label": "max-min, isolated seed (divprune)"},
+            {"name": "todre", "params": {"diversity": "kcenter", "relevance": "off"},
+             "label": "max-min, pivot seed (todre k-center)"},
+            {"name": "todre", "params": {"diversity": "maxsum", "relevance": "off"},
+             "label": "max-sum, pivot seed (todre)"},
+        ],
+        "budgets": [0.25, 0.125],
+    },
 }
 
 
