@@ -38,6 +38,7 @@ SPECS = {
     "globalcom2": "globalcom2:keep=0.5",
     "transprune": "transprune:prune_layers=1|2|3,keep_ratios=0.75|0.5|0.25",
     "divprune": "divprune:keep=0.5",
+    "vispruner": "vispruner:keep=0.5",
 }
 UNSUPPORTED = {
     ("pitome", "llava_next"): "supported: llava",

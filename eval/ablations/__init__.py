@@ -92,6 +92,14 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         ],
         "budgets": [0.25, 0.125],
     },
+    "vispruner": {
+        "about": "VisPruner important ratio: attention-only (1.0) to diversity-only (0.0)",
+        "methods": [
+            {"name": "vispruner", "params": {"important_ratio": r}, "label": f"vispruner r{r}"}
+            for r in (0.0, 0.25, 0.5, 0.75, 1.0)
+        ],
+        "budgets": [0.25, 0.125],
+    },
 }
 
 
