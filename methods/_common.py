@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from vtprune.policy import ImageTokens
+from vtprune.policy import ImageTokens, resolve_budget
 
 LLAVA_FAMILIES = ("llava", "llava_next")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -108,6 +108,15 @@ def view_grids(image: ImageTokens, family: str, *, method: str) -> list[ViewGrid
         local = (g[:, 0] % rows) * cols + (g[:, 1] % cols)
         out.append(ViewGrid(int(v), idx, local, int(rows), int(cols)))
     return out
+
+
+def per_view_budget(keep: int | float, n_view: int) -> int:
+    """Tokens kept in a view of ``n_view`` candidates when the budget is per view (VisPruner, CDPruner):
+    an int ``keep`` is a count capped at ``n_view``, a float a fraction of ``n_view`` (Python rounding,
+    at least 1)."""
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        return min(int(keep), n_view)
+    return resolve_budget(keep, n_view)
 
 
 def scaled_default_layer(default_1based: int, ref_depth: int, depth: int) -> int:

@@ -67,10 +67,17 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from vtprune.policy import Context, ImageTokens, TokenPolicy, check_keep_value, resolve_budget
+from vtprune.policy import Context, ImageTokens, TokenPolicy, check_keep_value
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, check_choice, llava_feature_layer, resolve_layer, view_grids
+from ._common import (
+    LLAVA_FAMILIES,
+    check_choice,
+    llava_feature_layer,
+    per_view_budget,
+    resolve_layer,
+    view_grids,
+)
 
 __all__ = ["important_count", "importance_order", "remove_duplicates", "VisPrunerGroups", "vispruner_select"]
 
@@ -180,7 +187,8 @@ class VisPruner(TokenPolicy):
     """
 
     name: ClassVar[str] = "vispruner"
-    description: ClassVar[str] = "VisPruner: CLS-attention important tokens + similarity-deduplicated diverse tokens, stage P"
+    description: ClassVar[str] = (
+        "VisPruner: CLS-attention important tokens + similarity-deduplicated diverse tokens, stage P")
     families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
     keep: int | float = 64
@@ -244,14 +252,9 @@ class VisPruner(TokenPolicy):
         return {name: None for name in names}
 
     # ------------------------------------------------------------ budget and selection
-    def view_budget(self, n_view: int) -> int:
-        """Tokens kept in a view with ``n_view`` candidates (int ``keep`` capped at ``n_view``)."""
-        if isinstance(self.keep, int) and not isinstance(self.keep, bool):
-            return min(int(self.keep), n_view)
-        return resolve_budget(self.keep, n_view)
-
     def budget(self, image: ImageTokens) -> int:
-        return sum(self.view_budget(g.index.numel()) for g in view_grids(image, self._family, method=self.name))
+        return sum(per_view_budget(self.keep, g.index.numel())
+                   for g in view_grids(image, self._family, method=self.name))
 
     def _view_features(self, image: ImageTokens, g) -> Tensor:
         """(m, C) similarity features of the view's candidate tokens."""
@@ -271,7 +274,8 @@ class VisPruner(TokenPolicy):
         kept = []
         for g in view_grids(image, self._family, method=self.name):
             s = scores[g.index.to(scores.device)].float()
-            groups = vispruner_select(s, self._view_features(image, g), self.view_budget(g.index.numel()),
-                                      float(self.important_ratio), step=self.step)
+            n_keep = per_view_budget(self.keep, g.index.numel())
+            groups = vispruner_select(s, self._view_features(image, g), n_keep, float(self.important_ratio),
+                                      step=self.step)
             kept.append(g.index[groups.kept.cpu()])
         return torch.sort(torch.cat(kept)).values

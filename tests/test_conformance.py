@@ -39,6 +39,7 @@ SPECS = {
     "transprune": "transprune:prune_layers=1|2|3,keep_ratios=0.75|0.5|0.25",
     "divprune": "divprune:keep=0.5",
     "vispruner": "vispruner:keep=0.5",
+    "cdpruner": "cdpruner:keep=0.5",
 }
 UNSUPPORTED = {
     ("pitome", "llava_next"): "supported: llava",

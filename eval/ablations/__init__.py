@@ -100,6 +100,16 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         ],
         "budgets": [0.25, 0.125],
     },
+    "cdpruner": {
+        "about": "CDPruner conditioning: negated relevance (reference) vs plain cosine vs unconditional DPP, and theta",
+        "methods": [
+            {"name": "cdpruner", "label": "cdpruner negated (reference)"},
+            {"name": "cdpruner", "params": {"relevance": "cosine"}, "label": "cdpruner cosine"},
+            {"name": "cdpruner", "params": {"relevance": "off"}, "label": "cdpruner unconditional DPP"},
+            {"name": "cdpruner", "params": {"theta": 0.5}, "label": "cdpruner theta 0.5"},
+        ],
+        "budgets": [0.25, 0.125],
+    },
 }
 
 
