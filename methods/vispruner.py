@@ -225,6 +225,11 @@ class VisPruner(TokenPolicy):
                 raise ValueError(
                     "vispruner needs vision_feature_select_strategy='default' on a tower with a CLS token "
                     "(the CLS feature itself has no place on the patch grid)")
+            fl = adapter.config.vision_feature_layer
+            if isinstance(fl, bool) or not isinstance(fl, int):
+                raise ValueError(
+                    f"vispruner needs a single integer vision_feature_layer (its similarity features are that "
+                    f"layer's outputs); this model has {fl!r}")
             depth = len(adapter.vit_layers())
             feat_layer = llava_feature_layer(adapter, self.name, "layer")
             if self.layer is not None:

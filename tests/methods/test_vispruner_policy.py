@@ -157,6 +157,18 @@ def test_bad_parameters_raise(family, params, match):
     assert getattr(model, "_vtprune_patch", None) is None
 
 
+def test_multi_layer_features_are_a_clear_error():
+    model, _ = tiny("llava")
+    saved = model.config.vision_feature_layer
+    model.config.vision_feature_layer = [-2, -1]
+    try:
+        with pytest.raises(ValueError, match="needs a single integer vision_feature_layer"):
+            vtprune.patch(model, "vispruner", keep=8, layer=1)
+    finally:
+        model.config.vision_feature_layer = saved
+    assert getattr(model, "_vtprune_patch", None) is None
+
+
 def test_unsupported_family_is_a_clear_error():
     with pytest.raises(ValueError, match="does not support model family 'clip_vit'"):
         VisPruner().validate("clip_vit", None)
