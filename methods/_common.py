@@ -41,6 +41,16 @@ def stable_topk(scores: Tensor, k: int, candidates: Tensor | None = None) -> Ten
     return candidates[order[:k]]
 
 
+def first_argmax(scores: Tensor) -> int:
+    """Index of the largest entry of a 1-D tensor, the lowest index on ties (``-inf`` entries never win
+    over a finite one); ``ValueError`` on an empty tensor or NaN."""
+    if scores.numel() == 0:
+        raise ValueError("empty scores")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    return int((scores == scores.max()).nonzero()[0, 0])
+
+
 class ViewGrid(NamedTuple):
     """The candidate tokens of one view on that view's own raster grid.
 
@@ -117,6 +127,27 @@ def per_view_budget(keep: int | float, n_view: int) -> int:
     if isinstance(keep, int) and not isinstance(keep, bool):
         return min(int(keep), n_view)
     return resolve_budget(keep, n_view)
+
+
+class PerViewBudget:
+    """Mixin for a :class:`~vtprune.policy.TokenPolicy` whose ``keep`` is **per view** (the reference's
+    ``visual_token_num``; LLaVA-1.5 and Qwen images have one view, LLaVA-NeXT base + crops): the image's
+    budget is the sum of :func:`per_view_budget` over its views. The policy sets ``self._family`` in
+    ``validate``."""
+
+    def view_budgets(self, image: ImageTokens) -> list[tuple[ViewGrid, int]]:
+        """Each view of ``image`` with the tokens it keeps."""
+        grids = view_grids(image, self._family, method=self.name)
+        return [(g, per_view_budget(self.keep, g.index.numel())) for g in grids]
+
+    def budget(self, image: ImageTokens) -> int:
+        return sum(n for _, n in self.view_budgets(image))
+
+    def budget_clamped(self, image: ImageTokens, family: str) -> bool:
+        """True when an int ``keep`` exceeds some view's candidate tokens (that view keeps them all)."""
+        keep = self.keep
+        return (isinstance(keep, int) and not isinstance(keep, bool)
+                and any(keep > g.index.numel() for g, _ in self.view_budgets(image)))
 
 
 def scaled_default_layer(default_1based: int, ref_depth: int, depth: int) -> int:

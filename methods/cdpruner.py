@@ -77,20 +77,16 @@ from torch import Tensor
 from vtprune.policy import Context, ImageTokens, TokenPolicy
 from vtprune.registry import register
 
-from ._common import check_choice, per_view_budget, view_grids
+from ._common import PerViewBudget, check_choice, first_argmax, score_dtype, stable_topk
 
 __all__ = ["cosine_similarity_matrix", "relevance_scores", "minmax_relevance", "conditional_kernel",
            "dpp_greedy_map", "cdpruner_select"]
 
 
-def _work_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None else torch.promote_types(t.dtype, torch.float32)
-
-
 def _unit_rows(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     if x.dim() != 2:
         raise ValueError(f"expected a (n, D) tensor, got {tuple(x.shape)}")
-    x = x.to(_work_dtype(x, dtype))
+    x = x.to(score_dtype(x, dtype))
     norms = x.norm(dim=-1, keepdim=True)
     if bool((norms == 0).any()):
         raise ValueError("a zero feature vector has no direction (cosine undefined)")
@@ -138,10 +134,6 @@ def conditional_kernel(similarity: Tensor, relevance: Tensor, theta: float | Non
     return q[:, None] * similarity * q[None, :]
 
 
-def _first_argmax(values: Tensor) -> int:
-    return int((values == values.max()).nonzero()[0, 0])
-
-
 def dpp_greedy_map(kernel: Tensor, k: int, *, tol: float | None = None) -> Tensor:
     """Greedy MAP of a DPP with (n, n) PSD ``kernel``: the (k,) selection order, distinct indices.
 
@@ -167,11 +159,9 @@ def dpp_greedy_map(kernel: Tensor, k: int, *, tol: float | None = None) -> Tenso
     order: list[int] = []
     for i in range(k):
         avail = gains.masked_fill(chosen, float("-inf"))
-        j = _first_argmax(avail)
+        j = first_argmax(avail)
         if not float(avail[j]) > tol:  # exhausted: the rest by quality
-            rest = torch.nonzero(~chosen).flatten()
-            by_quality = rest[torch.argsort(quality[rest], descending=True, stable=True)]
-            order.extend(by_quality[: k - i].tolist())
+            order.extend(stable_topk(quality, k - i, torch.nonzero(~chosen).flatten()).tolist())
             break
         e = (kernel[j] - rows[:i, j] @ rows[:i]) / torch.sqrt(gains[j])
         rows[i] = e
@@ -196,7 +186,7 @@ def cdpruner_select(features: Tensor, relevance: Tensor | None, k: int, *, theta
 # --------------------------------------------------------------------------------------------------
 @register
 @dataclass
-class CDPruner(TokenPolicy):
+class CDPruner(PerViewBudget, TokenPolicy):
     """CDPruner (Zhang et al., NeurIPS 2025, arXiv 2506.10967), stage P: conditional-DPP selection.
 
     Fields:
@@ -243,10 +233,6 @@ class CDPruner(TokenPolicy):
     def required_signals(self, adapter: Any) -> dict[str, Any]:
         return {} if self.relevance == "off" else {self._text_signal: None}
 
-    def budget(self, image: ImageTokens) -> int:
-        return sum(per_view_budget(self.keep, g.index.numel())
-                   for g in view_grids(image, self._family, method=self.name))
-
     def image_relevance(self, image: ImageTokens) -> Tensor | None:
         """(n_candidates,) normalised relevance of the image's candidates (None: unconditional)."""
         if self.relevance == "off":
@@ -263,9 +249,9 @@ class CDPruner(TokenPolicy):
         position = torch.full((image.num_tokens,), -1, dtype=torch.long)  # token -> candidate number
         position[image.candidate_index()] = torch.arange(image.num_candidates)
         kept = []
-        for g in view_grids(image, self._family, method=self.name):
+        for g, n_view in self.view_budgets(image):
             x = image.features[g.index.to(image.features.device)]
             r = None if rel is None else rel[position[g.index].to(rel.device)]
-            chosen = cdpruner_select(x, r, per_view_budget(self.keep, g.index.numel()), theta=self.theta)
+            chosen = cdpruner_select(x, r, n_view, theta=self.theta)
             kept.append(g.index[chosen.cpu()])
         return torch.sort(torch.cat(kept)).values

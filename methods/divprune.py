@@ -62,20 +62,9 @@ from torch import Tensor
 from vtprune.policy import Context, ImageTokens, TokenPolicy
 from vtprune.registry import register
 
+from ._common import first_argmax, score_dtype
+
 __all__ = ["cosine_distances", "maxmin_order", "divprune_select"]
-
-
-def _work_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    """fp32 by default; fp64 inputs stay fp64; ``dtype`` overrides."""
-    return dtype if dtype is not None else torch.promote_types(t.dtype, torch.float32)
-
-
-def _first_argmax(scores: Tensor) -> int:
-    """Index of the largest entry of a 1-D tensor, the lowest index on ties (``-inf`` never wins
-    over a finite entry)."""
-    if torch.isnan(scores).any():
-        raise ValueError("DivPrune distances contain NaN")
-    return int((scores == scores.max()).nonzero()[0, 0])
 
 
 def cosine_distances(features: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
@@ -86,7 +75,7 @@ def cosine_distances(features: Tensor, *, dtype: torch.dtype | None = None) -> T
     """
     if features.dim() != 2:
         raise ValueError(f"features must be (n, D), got {tuple(features.shape)}")
-    x = features.to(_work_dtype(features, dtype))
+    x = features.to(score_dtype(features, dtype))
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
         raise ValueError("a zero feature vector has no cosine distance to the others")
@@ -115,14 +104,14 @@ def maxmin_order(distances: Tensor, k: int, *, exclude_selected: bool = True) ->
         order[0] = 0
         return order
     isolation = torch.topk(distances, 2, dim=0, largest=False).values[1]
-    j = _first_argmax(isolation)
+    j = first_argmax(isolation)
     order[0] = j
     nearest = distances[j].clone()  # distance of every token to its nearest chosen token
     chosen = torch.zeros(n, dtype=torch.bool, device=distances.device)
     chosen[j] = True
     for i in range(1, int(k)):
         scores = nearest.masked_fill(chosen, float("-inf")) if exclude_selected else nearest
-        j = _first_argmax(scores)
+        j = first_argmax(scores)
         order[i] = j
         chosen[j] = True
         nearest = torch.minimum(nearest, distances[j])

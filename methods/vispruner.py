@@ -72,18 +72,15 @@ from vtprune.registry import register
 
 from ._common import (
     LLAVA_FAMILIES,
+    PerViewBudget,
     check_choice,
     llava_feature_layer,
-    per_view_budget,
     resolve_layer,
-    view_grids,
+    score_dtype,
+    stable_topk,
 )
 
 __all__ = ["important_count", "importance_order", "remove_duplicates", "VisPrunerGroups", "vispruner_select"]
-
-
-def _work_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None else torch.promote_types(t.dtype, torch.float32)
 
 
 def important_count(n_keep: int, important_ratio: float) -> int:
@@ -99,7 +96,7 @@ def importance_order(scores: Tensor) -> Tensor:
         raise ValueError(f"scores must be 1-D, got {tuple(scores.shape)}")
     if torch.isnan(scores).any():
         raise ValueError("importance scores contain NaN")
-    return torch.argsort(scores, descending=True, stable=True)
+    return stable_topk(scores, scores.numel())
 
 
 def remove_duplicates(features: Tensor, residual: Tensor, n_keep: int, *, step: int = 8,
@@ -119,7 +116,7 @@ def remove_duplicates(features: Tensor, residual: Tensor, n_keep: int, *, step: 
     res = residual.to(features.device).long()
     if not 0 <= n_keep <= res.numel():
         raise ValueError(f"n_keep must be in [0, {res.numel()}], got {n_keep}")
-    x = features.to(_work_dtype(features, dtype))
+    x = features.to(score_dtype(features, dtype))
     xn = x / x.norm(dim=-1, keepdim=True)
     while n_keep > 0:
         m = min(step, res.numel() - n_keep)
@@ -129,8 +126,7 @@ def remove_duplicates(features: Tensor, residual: Tensor, n_keep: int, *, step: 
         sim = (xn[a] @ xn[b].T).max(dim=-1).values  # (|A|,)
         if torch.isnan(sim).any():
             raise ValueError("VisPruner similarities contain NaN (a zero feature vector?)")
-        by_sim = torch.argsort(sim, descending=True, stable=True)
-        res = torch.cat([a[by_sim[m:]], b])
+        res = torch.cat([a[stable_topk(sim, sim.numel())[m:]], b])
     return res if n_keep > 0 else res[:0]
 
 
@@ -152,7 +148,7 @@ def vispruner_select(scores: Tensor, features: Tensor, n_keep: int, important_ra
     if isinstance(n_keep, bool) or int(n_keep) != n_keep or not 0 <= n_keep <= n:
         raise ValueError(f"n_keep must be an int in [0, {n}], got {n_keep!r}")
     n_imp = important_count(int(n_keep), important_ratio)
-    order = importance_order(scores.to(_work_dtype(scores, dtype)))
+    order = importance_order(scores.to(score_dtype(scores, dtype)))
     important, residual = order[:n_imp], order[n_imp:]
     diverse = remove_duplicates(features, residual, int(n_keep) - n_imp, step=step, dtype=dtype)
     kept = torch.sort(torch.cat([important.to(diverse.device), diverse])).values
@@ -164,7 +160,7 @@ def vispruner_select(scores: Tensor, features: Tensor, n_keep: int, important_ra
 # --------------------------------------------------------------------------------------------------
 @register
 @dataclass
-class VisPruner(TokenPolicy):
+class VisPruner(PerViewBudget, TokenPolicy):
     """VisPruner (Zhang et al., ICCV 2025, arXiv 2412.01818), stage P: important + diverse tokens.
 
     Fields:
@@ -257,10 +253,6 @@ class VisPruner(TokenPolicy):
         return {name: None for name in names}
 
     # ------------------------------------------------------------ budget and selection
-    def budget(self, image: ImageTokens) -> int:
-        return sum(per_view_budget(self.keep, g.index.numel())
-                   for g in view_grids(image, self._family, method=self.name))
-
     def _view_features(self, image: ImageTokens, g) -> Tensor:
         """(m, C) similarity features of the view's candidate tokens."""
         if self._feature_signal is None:
@@ -277,9 +269,8 @@ class VisPruner(TokenPolicy):
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
         scores = image.signals[self._score_signal]
         kept = []
-        for g in view_grids(image, self._family, method=self.name):
+        for g, n_keep in self.view_budgets(image):
             s = scores[g.index.to(scores.device)].float()
-            n_keep = per_view_budget(self.keep, g.index.numel())
             groups = vispruner_select(s, self._view_features(image, g), n_keep, float(self.important_ratio),
                                       step=self.step)
             kept.append(g.index[groups.kept.cpu()])

@@ -27,7 +27,7 @@ from vtprune.methods.cdpruner import (
     relevance_scores,
 )
 from vtprune.policy import Context, ImageTokens
-from vtprune.text_signals import TextTokens
+from vtprune.signals import TextTokens
 
 DATA = torch.load(Path(__file__).resolve().parents[1] / "fixtures" / "cdpruner" / "cases.pt", weights_only=True)
 CASES = DATA["cases"]

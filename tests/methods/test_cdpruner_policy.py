@@ -17,8 +17,8 @@ from vtprune.methods._common import view_grids
 from vtprune.methods.cdpruner import CDPruner, cdpruner_select, minmax_relevance, relevance_scores
 from vtprune.testing import make_inputs, tiny_images
 
-from policy_oracles import (
-    SIZES,
+from helpers import (
+    SCORE_SIZES,
     assert_batch_equals_alone,
     assert_matches_shortened,
     assert_sdpa_equals_eager,
@@ -26,6 +26,7 @@ from policy_oracles import (
     image_features,
     image_tokens,
     patched_run,
+    score_batch,
     tiny,
 )
 
@@ -65,7 +66,7 @@ def reference_selection(model, family, inp, keep):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_selection_equals_kernels_and_stage_p_oracle(family, attn):
-    model, inp = batch(family, attn=attn)
+    model, inp = score_batch(family, attn=attn)
     logits, gen, stats, _ = patched_run(model, inp, SPEC)
     ref = reference_selection(model, family, inp, 0.5)
     assert [k.tolist() for k in stats.kept_index_per_image] == [r.tolist() for r in ref]
@@ -74,7 +75,7 @@ def test_selection_equals_kernels_and_stage_p_oracle(family, attn):
 
 def _same_image_two_questions(family):
     model, proc = tiny(family)
-    sizes = SIZES[family]
+    sizes = SCORE_SIZES[family]
     img = tiny_images(1, sizes=sizes[:1] if sizes else None)
     a = make_inputs(family, proc, ["what colour is the large object?"], img)
     b = make_inputs(family, proc, ["how many people are standing on the left side?"], img)
@@ -123,6 +124,7 @@ def test_int_keep_is_per_view_and_capped():
     model, inp = batch("qwen2_vl", 1)
     _, _, stats, _ = patched_run(model, inp, "cdpruner:keep=1000", generate=False)
     assert stats.visual_tokens_per_image == stats.visual_tokens_in_per_image
+    assert stats.budget_clamped == [True]  # recorded: the view kept all its tokens
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import torch
 import vtprune
 from vtprune.methods.divprune import DivPrune, divprune_select
 
-from policy_oracles import (
+from helpers import (
     assert_batch_equals_alone,
     assert_matches_shortened,
     assert_sdpa_equals_eager,
@@ -21,6 +21,7 @@ from policy_oracles import (
     image_features,
     image_tokens,
     patched_run,
+    score_batch,
     tiny,
 )
 
@@ -31,7 +32,7 @@ SPEC = "divprune:keep=0.4"
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_counts_selection_and_stage_p_oracle(family, attn):
-    model, inp = batch(family, attn=attn)
+    model, inp = score_batch(family, attn=attn)
     logits, gen, stats, _ = patched_run(model, inp, SPEC)
     imgs = image_tokens(model, inp)
     assert stats.visual_tokens_per_image == [

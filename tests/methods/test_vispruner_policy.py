@@ -15,7 +15,7 @@ import vtprune
 from vtprune.methods._common import view_grids
 from vtprune.methods.vispruner import VisPruner, vispruner_select
 
-from policy_oracles import (
+from helpers import (
     assert_batch_equals_alone,
     assert_matches_shortened,
     assert_sdpa_equals_eager,
@@ -24,6 +24,7 @@ from policy_oracles import (
     image_features,
     image_tokens,
     patched_run,
+    score_batch,
     qwen_received,
     tiny,
 )
@@ -80,7 +81,7 @@ def test_llava_next_per_view_selection_equals_kernel_on_eager_clip():
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_selection_equals_kernel_on_eager_received(family):
-    model, inp = batch(family)
+    model, inp = score_batch(family)
     _, _, stats, pols = patched_run(model, inp, "vispruner:keep=0.5,important_ratio=0.5", generate=False)
     block = int(next(iter(pols[0].required_signals(None))).split("@")[1])
     assert block == len(model.model.visual.blocks) - 1
@@ -127,6 +128,7 @@ def test_int_keep_is_per_view_and_capped():
     model, inp = batch("qwen2_vl", 1)
     _, _, stats, _ = patched_run(model, inp, "vispruner:keep=1000", generate=False)
     assert stats.visual_tokens_per_image == stats.visual_tokens_in_per_image  # capped: all kept
+    assert stats.budget_clamped == [True]  # recorded: the view kept all its tokens
 
 
 def test_importance_received_option_on_a_cls_tower():
