@@ -144,6 +144,28 @@ def test_bad_parameters_raise(family, params, match):
     assert getattr(model, "_vtprune_patch", None) is None
 
 
+def test_empty_instruction_is_the_unconditional_dpp():
+    import types
+
+    from vtprune.policy import Context, ImageTokens
+    from vtprune.signals import TextTokens
+
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    img = ImageTokens(features=torch.randn(n, 24, generator=g), candidate=torch.ones(n, dtype=torch.bool),
+                      view=torch.zeros(n, dtype=torch.long),
+                      grid=torch.stack([torch.arange(n) // 4, torch.arange(n) % 4], 1), grid_shapes=[(4, 4)],
+                      signals={"instruction_embeds": TextTokens(ids=torch.zeros(0, dtype=torch.long),
+                                                                embeds=torch.zeros(0, 24))})
+    ad = types.SimpleNamespace(nominal_visual_tokens=lambda: None)
+    kept = {}
+    for rel in ("negated", "off"):
+        pol = CDPruner(keep=5, relevance=rel)
+        pol.validate("llava", ad)
+        kept[rel] = pol.apply(img, Context("llava"))[0].tolist()
+    assert len(kept["negated"]) == 5 and kept["negated"] == kept["off"]
+
+
 def test_unsupported_family_is_a_clear_error():
     with pytest.raises(ValueError, match="does not support model family 'clip_vit'"):
         CDPruner().validate("clip_vit", None)
