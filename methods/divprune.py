@@ -26,10 +26,12 @@ Algorithm (one image; ``X`` (n, D) its candidate features in LLM order):
 
 Reference code vs paper, and what vtprune does (default = the code unless marked "bug fix"):
 
-1. Step 4's argmax: the paper restricts it to the unchosen tokens; the code takes it over **all**
-   tokens, where a chosen token scores its rounding-level self-distance. The two agree whenever the
-   code returns ``k`` distinct tokens; on images with more duplicates than ``n - k`` (flat regions, a
-   pasted logo) the code re-picks chosen tokens and the LLM gets fewer tokens, some twice.
+1. Step 4's argmax: the paper's greedy adds a token not yet in the subset (its MMDP selects a set of
+   distinct tokens; the full paper text was not available offline, so this is read from that
+   formulation, not from its pseudo-code); the code takes the argmax over **all** tokens, where a
+   chosen token scores its rounding-level self-distance. The two agree whenever the code returns
+   ``k`` distinct tokens; on images with more duplicates than ``n - k`` (flat regions, a pasted
+   logo) the code re-picks chosen tokens and the LLM gets fewer tokens, some twice.
    **Bug fix**: vtprune excludes chosen tokens (the paper's reading, exactly ``k`` distinct tokens).
    The kernel's ``exclude_selected=False`` reproduces the code for the golden test of that case;
    the policy cannot return duplicates, so it has no such option.
