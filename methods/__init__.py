@@ -7,7 +7,19 @@ the ``vtprune`` package, so the module itself is made callable and behaves as th
 import sys
 import types
 
-from . import baselines, fastv, globalcom2, hiprune, pitome, todre, transprune, visionzip  # noqa: F401
+from . import (  # noqa: F401
+    baselines,
+    cdpruner,
+    divprune,
+    fastv,
+    globalcom2,
+    hiprune,
+    pitome,
+    todre,
+    transprune,
+    visionzip,
+    vispruner,
+)
 
 
 class _CallableModule(types.ModuleType):

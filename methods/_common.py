@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from vtprune.policy import ImageTokens, split_proportional  # noqa: F401  (re-exported for the methods)
+from vtprune.policy import ImageTokens, resolve_budget, split_proportional  # noqa: F401  (re-exported)
 
 LLAVA_FAMILIES = ("llava", "llava_next")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -47,6 +47,16 @@ def stable_topk(scores: Tensor, k: int, candidates: Tensor | None = None) -> Ten
         return candidates[:0]
     order = torch.argsort(scores[candidates], descending=True, stable=True)
     return candidates[order[:k]]
+
+
+def first_argmax(scores: Tensor) -> int:
+    """Index of the largest entry of a 1-D tensor, the lowest index on ties (``-inf`` entries never win
+    over a finite one); ``ValueError`` on an empty tensor or NaN."""
+    if scores.numel() == 0:
+        raise ValueError("empty scores")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    return int((scores == scores.max()).nonzero()[0, 0])
 
 
 class ViewGrid(NamedTuple):
@@ -116,6 +126,36 @@ def view_grids(image: ImageTokens, family: str, *, method: str) -> list[ViewGrid
         local = (g[:, 0] % rows) * cols + (g[:, 1] % cols)
         out.append(ViewGrid(int(v), idx, local, int(rows), int(cols)))
     return out
+
+
+def per_view_budget(keep: int | float, n_view: int) -> int:
+    """Tokens kept in a view of ``n_view`` candidates when the budget is per view (VisPruner, CDPruner):
+    an int ``keep`` is a count capped at ``n_view``, a float a fraction of ``n_view`` (Python rounding,
+    at least 1)."""
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        return min(int(keep), n_view)
+    return resolve_budget(keep, n_view)
+
+
+class PerViewBudget:
+    """Mixin for a :class:`~vtprune.policy.TokenPolicy` whose ``keep`` is **per view** (the reference's
+    ``visual_token_num``; LLaVA-1.5 and Qwen images have one view, LLaVA-NeXT base + crops): the image's
+    budget is the sum of :func:`per_view_budget` over its views. The policy sets ``self._family`` in
+    ``validate``."""
+
+    def view_budgets(self, image: ImageTokens) -> list[tuple[ViewGrid, int]]:
+        """Each view of ``image`` with the tokens it keeps."""
+        grids = view_grids(image, self._family, method=self.name)
+        return [(g, per_view_budget(self.keep, g.index.numel())) for g in grids]
+
+    def budget(self, image: ImageTokens) -> int:
+        return sum(n for _, n in self.view_budgets(image))
+
+    def budget_clamped(self, image: ImageTokens, family: str) -> bool:
+        """True when an int ``keep`` exceeds some view's candidate tokens (that view keeps them all)."""
+        keep = self.keep
+        return (isinstance(keep, int) and not isinstance(keep, bool)
+                and any(keep > g.index.numel() for g, _ in self.view_budgets(image)))
 
 
 def scaled_default_layer(default_1based: int, ref_depth: int, depth: int) -> int:

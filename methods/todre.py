@@ -58,7 +58,8 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, Policy, TokenPolicy
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, PLAIN_VIT_FAMILIES, check_choice, llava_feature_layer, resolve_layer, score_dtype
+from ._common import (LLAVA_FAMILIES, PLAIN_VIT_FAMILIES, check_choice, first_argmax, llava_feature_layer,
+                      resolve_layer, score_dtype)
 
 __all__ = [
     "cls_attention",
@@ -79,17 +80,8 @@ Order = Literal["sorted", "greedy"]
 
 
 
-def _first_argmax(s: Tensor) -> int:
-    """Index of the maximum of a 1-D tensor, the lowest index on ties."""
-    if s.numel() == 0:
-        raise ValueError("empty scores")
-    if torch.isnan(s).any():
-        raise ValueError("scores contain NaN")
-    return int((s == s.max()).nonzero()[0, 0])
-
-
 def _first_argmin(s: Tensor) -> int:
-    return _first_argmax(-s)
+    return first_argmax(-s)
 
 
 def _unit_rows(features: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -120,7 +112,7 @@ def cls_pivot(cls_attn: Tensor, *, n_base: int | None = None) -> int:
     if cls_attn.dim() != 1:
         raise ValueError("cls_attn must be 1-D (n,)")
     s = cls_attn if n_base is None else cls_attn[:n_base]
-    return _first_argmax(s)
+    return first_argmax(s)
 
 
 def farthest_pivot(features: Tensor, *, dtype: torch.dtype | None = None) -> int:
@@ -133,7 +125,7 @@ def farthest_pivot(features: Tensor, *, dtype: torch.dtype | None = None) -> int
 def center_pivot(features: Tensor, *, dtype: torch.dtype | None = None) -> int:
     """``pivot="center"``: (n, D) -> the index with the highest cosine to the mean normalised row."""
     x = _unit_rows(features, dtype)
-    return _first_argmax(x @ x.mean(dim=0))
+    return first_argmax(x @ x.mean(dim=0))
 
 
 def random_pivot(n: int, *, seed: int = 0) -> int:
@@ -235,7 +227,7 @@ def kcenter_select(
     dmin = 1 - x @ x[pivot]
     dmin[pivot] = float("-inf")
     for _ in range(k - 1):
-        c = _first_argmax(dmin)
+        c = first_argmax(dmin)
         chosen.append(c)
         dmin = torch.minimum(dmin, 1 - x @ x[c])
         dmin[c] = float("-inf")

@@ -37,6 +37,9 @@ SPECS = {
     "pitome-p": "pitome-p:keep=0.5",
     "globalcom2": "globalcom2:keep=0.5",
     "transprune": "transprune:prune_layers=1|2|3,keep_ratios=0.75|0.5|0.25",
+    "divprune": "divprune:keep=0.5",
+    "vispruner": "vispruner:keep=0.5",
+    "cdpruner": "cdpruner:keep=0.5",
 }
 UNSUPPORTED = {
     ("pitome", "llava_next"): "supported: llava",

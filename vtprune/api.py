@@ -23,6 +23,7 @@ from .adapters.base import ShortInputs
 from .decoder import DecoderController
 from .policy import Context, DecoderPolicy, ImageTokens, Policy, TokenPolicy, VisionPolicy
 from .schedule import TokenSchedule
+from .signals import TEXT_SIGNALS, SampleText
 from .state import PrefillState, RequestState, SampleAccounting
 
 _ACTIVE_ATTR = "_vtprune_patch"
@@ -210,9 +211,11 @@ class Patch:
         pos_full = ad.full_positions(kwargs, ids, mask_in)
         ctx = self._request_context(ids, mask)
         t0 = time.perf_counter()
-        images, vision_sched = ad.encode(kwargs, self._signals, self.vision_policies, ctx)
+        vision_signals = {k: v for k, v in self._signals.items() if k not in TEXT_SIGNALS}
+        images, vision_sched = ad.encode(kwargs, vision_signals, self.vision_policies, ctx)
         t1 = time.perf_counter()
         spans = self._image_spans(ids, mask, images)
+        self._attach_text_signals(images, spans, ids, mask)
         sel = self._select(images, spans, ids.shape[0], ctx)
         t2 = time.perf_counter()
         packed = self._pack(ids, mask, sel.kept_cols)
@@ -265,6 +268,20 @@ class Patch:
             ctx.view_keys = [k for c in counts.tolist() for k in range(c)]
         self._state.context = ctx
         return ctx
+
+    def _attach_text_signals(self, images: list[ImageTokens], spans: list[tuple[int, Tensor]], ids: Tensor,
+                             mask: Tensor) -> None:
+        """Hand every image the text signals the policies requested, computed once per sample."""
+        kinds = [k for k in self._signals if k in TEXT_SIGNALS]
+        if not kinds:
+            return
+        per_sample: dict[int, dict[str, Any]] = {}
+        for img, (sample, _) in zip(images, spans):
+            if sample not in per_sample:
+                text = SampleText(ids[sample], mask[sample].bool(), self.adapter.image_token_id,
+                                  self.adapter.text_embeddings)
+                per_sample[sample] = {k: TEXT_SIGNALS[k](text) for k in kinds}
+            img.signals.update(per_sample[sample])
 
     def _select(self, images: list[ImageTokens], spans: list[tuple[int, Tensor]], b: int, ctx: Context) -> _Selection:
         """Run the stage-P policies on every image and place the kept tokens at placeholder columns."""

@@ -17,6 +17,10 @@ transformers' ``AttentionInterface``): a new kind is one decorated function, not
   prunes); the others index the sequence entering the layer. Kinds with a ``module`` are produced by
   a forward hook on that sub-module of the layer and reduced by the policy's
   :meth:`~vtprune.policy.DecoderPolicy.reduce_io`.
+* :data:`TEXT_SIGNALS` -- the sample's prompt, for stage-P policies conditioned on the instruction
+  (CDPruner). Named without a layer (``"instruction_embeds"``) in ``required_signals``; the hook layer
+  calls ``fn(text: SampleText)`` once per sample and puts the :class:`TextTokens` into
+  ``ImageTokens.signals`` of every image of that sample. Adapters never see these names.
 
 Every attention value is recomputed from the layer's own norm and q/k projections in fp32, so the
 model keeps SDPA (``vtprune/attention.py``).
@@ -32,9 +36,10 @@ from torch import Tensor
 from .attention import attention_probs, received_attention
 
 __all__ = [
-    "DECODER_SIGNALS", "PACKED_VIT_SIGNALS", "VIT_SIGNALS", "DecoderSignal", "DecoderSignalInput",
-    "PackedViTBlock", "ViTLayer", "ViTSignal", "parse_signal", "register_decoder_signal",
-    "register_packed_vit_signal", "register_vit_signal",
+    "DECODER_SIGNALS", "PACKED_VIT_SIGNALS", "TEXT_SIGNALS", "VIT_SIGNALS", "DecoderSignal",
+    "DecoderSignalInput", "PackedViTBlock", "SampleText", "TextTokens", "ViTLayer", "ViTSignal",
+    "parse_signal", "register_decoder_signal", "register_packed_vit_signal", "register_text_signal",
+    "register_vit_signal",
 ]
 
 
@@ -276,3 +281,67 @@ def _image_tokens_in(inp: DecoderSignalInput) -> Tensor:
         member = vis & (iid == k)
         out = torch.where(member, member.sum(-1, keepdim=True).float(), out)
     return out
+
+
+# ------------------------------------------------------------------------------------ the prompt
+@dataclass
+class SampleText:
+    """What a text signal reads of one sample of a request.
+
+    Attributes:
+        ids: (L,) the prefill's ``input_ids`` of the sample (padding included).
+        valid: (L,) bool, False on padding.
+        image_token_id: the image placeholder token.
+        embed: (M,) token ids -> (M, D), the LLM's own input embeddings (``Adapter.text_embeddings``).
+    """
+
+    ids: Tensor
+    valid: Tensor
+    image_token_id: int
+    embed: Callable[[Tensor], Tensor]
+
+    def tokens(self, cols: Tensor) -> "TextTokens":
+        sel = self.ids[cols]
+        return TextTokens(ids=sel, embeds=self.embed(sel))
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """Text tokens of one sample: ``ids`` (M,) and their LLM input embeddings ``embeds`` (M, D); M may
+    be 0. Not a tensor, so selecting an image's tokens (``ImageTokens.subset``) never touches it."""
+
+    ids: Tensor
+    embeds: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids.numel())
+
+
+TEXT_SIGNALS: dict[str, Callable[[SampleText], TextTokens]] = {}
+
+
+def register_text_signal(kind: str):
+    """Decorator: register ``fn(text: SampleText) -> TextTokens`` as the text signal ``kind``."""
+    def deco(fn):
+        TEXT_SIGNALS[kind] = fn
+        return fn
+    return deco
+
+
+@register_text_signal("instruction_embeds")
+def _instruction_embeds(text: SampleText) -> TextTokens:
+    """The tokens after the sample's last image placeholder (the question and the chat template's
+    tail); all its text when it has no image."""
+    image = text.ids == text.image_token_id
+    cols = torch.nonzero(text.valid & ~image).flatten()
+    img_cols = torch.nonzero(text.valid & image).flatten()
+    if img_cols.numel():
+        cols = cols[cols > img_cols.max()]
+    return text.tokens(cols)
+
+
+@register_text_signal("text_embeds")
+def _text_embeds(text: SampleText) -> TextTokens:
+    """Every valid non-image token of the sample (system prompt and template included)."""
+    return text.tokens(torch.nonzero(text.valid & (text.ids != text.image_token_id)).flatten())

@@ -81,6 +81,35 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         ],
         "budgets": [0.75, 0.5, 0.25, 0.125],
     },
+    "divprune": {
+        "about": "DivPrune's max-min objective and isolated seed vs a CLS-pivot seed and vs max-sum (same features)",
+        "methods": [
+            {"name": "divprune", "label": "max-min, isolated seed (divprune)"},
+            {"name": "todre", "params": {"diversity": "kcenter", "relevance": "off"},
+             "label": "max-min, pivot seed (todre k-center)"},
+            {"name": "todre", "params": {"diversity": "maxsum", "relevance": "off"},
+             "label": "max-sum, pivot seed (todre)"},
+        ],
+        "budgets": [0.25, 0.125],
+    },
+    "vispruner": {
+        "about": "VisPruner important ratio: attention-only (1.0) to diversity-only (0.0)",
+        "methods": [
+            {"name": "vispruner", "params": {"important_ratio": r}, "label": f"vispruner r{r}"}
+            for r in (0.0, 0.25, 0.5, 0.75, 1.0)
+        ],
+        "budgets": [0.25, 0.125],
+    },
+    "cdpruner": {
+        "about": "CDPruner conditioning: negated relevance (reference) vs plain cosine vs unconditional DPP, and theta",
+        "methods": [
+            {"name": "cdpruner", "label": "cdpruner negated (reference)"},
+            {"name": "cdpruner", "params": {"relevance": "cosine"}, "label": "cdpruner cosine"},
+            {"name": "cdpruner", "params": {"relevance": "off"}, "label": "cdpruner unconditional DPP"},
+            {"name": "cdpruner", "params": {"theta": 0.5}, "label": "cdpruner theta 0.5"},
+        ],
+        "budgets": [0.25, 0.125],
+    },
 }
 
 

@@ -116,6 +116,10 @@ class Adapter:
     def attn_implementation(self) -> str:
         return self.language_model.config._attn_implementation
 
+    def text_embeddings(self, ids: Tensor) -> Tensor:
+        """(M,) token ids -> (M, D) the LLM's own input embeddings (text signals, ``signals.TEXT_SIGNALS``)."""
+        return self.model.get_input_embeddings()(ids)
+
     def vit_layers(self) -> nn.ModuleList:
         """The vision tower's layers / blocks, in order (what signal layer indices refer to)."""
         raise NotImplementedError(f"{type(self).__name__} exposes no vision layers")
