@@ -28,6 +28,7 @@ SPECS = {
     "random": "random:keep=0.5",
     "pool": "pool:keep=0.25",
     "fastv": "fastv:layer=2,keep=0.5",
+    "dart": "dart:layer=2,keep=0.5,pivot_image=2,pivot_text=2",
     "hiprune": "hiprune:keep=0.5",
     "visionzip": "visionzip:keep=0.5",
     "todre": "todre:keep=0.5,relevance_layer=1",

@@ -43,6 +43,11 @@ Signal kinds (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tupl
     passes the module input and output to the requesting policy's ``reduce_io(layer, kind, x_in,
     x_out, key_mask, visual) -> (B, L)``; only that reduction is kept, never the hidden tensors.
 
+* Kinds in the :data:`SIGNAL_KINDS` registry (one function each, same signature; new kinds are added
+  there, not here): ``"key_l1"`` (aligned: L1 norm of each token's rotary key in the layer, all KV
+  heads, as the layer's cache stores it) and ``"final_norm"`` ((B, L, D): the layer input through the
+  LLM's final norm, current sequence).
+
 A policy may define ``budget_view(view, layer) -> int`` to compute its budget from the whole view
 (e.g. per-image quotas); otherwise ``budget(n_visual, layer)`` is used.
 
@@ -354,6 +359,8 @@ class DecoderController:
         return out
 
     def _signal(self, layer: int, kind: str, hidden: Tensor, kwargs: dict, st) -> Tensor:
+        if kind in SIGNAL_KINDS:
+            return SIGNAL_KINDS[kind](self, layer, hidden, kwargs, st)
         if kind == "post_visual_rows":
             return self._post_visual_rows(layer, hidden, kwargs, st)
         if kind == "image_tokens_in":
@@ -430,3 +437,43 @@ def _check(name: str, chosen: Tensor, visual: Tensor, n_keep: int) -> None:
         raise RuntimeError(f"policy {name!r} selected a non-visual (text) position")
 
 
+
+
+# ------------------------------------------------------------------ signal-kind registry
+#: Signal kinds defined as functions ``fn(controller, layer, hidden, kwargs, state) -> Tensor``, computed
+#: in the pre-hook of ``layer`` from its input ``hidden`` (B, L, D) on the current sequence. A kind
+#: registered with ``aligned=True`` returns (B, L) values stored in LLM-input coordinates (see the
+#: module docstring); otherwise the first two dims are (B, L) of the current sequence.
+SIGNAL_KINDS: dict = {}
+
+
+def register_signal(kind: str, *, aligned: bool):
+    """Decorator: add a signal kind (one function, fixed signature) to :data:`SIGNAL_KINDS`."""
+    def deco(fn):
+        global ALIGNED_KINDS
+        SIGNAL_KINDS[kind] = fn
+        if aligned and kind not in ALIGNED_KINDS:
+            ALIGNED_KINDS = ALIGNED_KINDS + (kind,)
+        return fn
+    return deco
+
+
+@register_signal("key_l1", aligned=True)
+def _key_l1(ctrl: DecoderController, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
+    """(B, L) L1 norm, in fp32, of each token's key in this layer (rotary applied, all KV heads; the
+    values the layer's KV cache holds), 0 on padding.
+
+    The L1 norm is not rotation invariant, so the keys are rotated at the positions each sample has
+    when run alone (``Adapter.sample_rotary``; a plain left-padded forward numbers the padding too).
+    """
+    keymask = ctrl._current_keymask(st)
+    rope = ctrl.adapter.sample_rotary(hidden, kwargs["position_embeddings"], kwargs.get("position_ids"), keymask)
+    keys = ctrl.adapter.llm_keys(layer, hidden, rope)  # (B, Hkv, L, hd)
+    norm = keys.float().abs().sum(dim=(1, 3))
+    return ctrl._to_input_coords(norm.masked_fill(~ctrl._current_keymask(st), 0.0), st)
+
+
+@register_signal("final_norm", aligned=False)
+def _final_norm(ctrl: DecoderController, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
+    """(B, L, D) the layer's input passed through the LLM's final norm (model dtype), current sequence."""
+    return ctrl.adapter.llm_final_norm(hidden)

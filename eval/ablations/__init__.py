@@ -18,6 +18,7 @@ the ablation table.
 | globalcom2 | with vs without the thumbnail's global guidance (needs a LLaVA-NeXT model: on a single-view model such as the embedded default its cells are recorded as unsupported, with the error) |
 | pitome | energy margin (pitome-p, the post-merger variant that runs on every tower) |
 | fastv | layer K x keep ratio R |
+| dart | pivot split (image + text of 8) and pivot visiting order |
 """
 from __future__ import annotations
 
@@ -71,6 +72,14 @@ ABLATIONS: dict[str, dict[str, Any]] = {
             {"name": "pitome-p", "params": {"margin": m}, "label": f"pitome-p margin {m}"}
             for m in (0.3, 0.5, 0.7, 0.9)
         ],
+        "budgets": [0.25, 0.125],
+    },
+    "dart": {
+        "about": "DART pivots: image/text split of the 8 pivots, and the reference's set order vs score order",
+        "methods": [
+            {"name": "dart", "params": {"pivot_image": pi, "pivot_text": pt}, "label": f"dart pivots {pi}+{pt}"}
+            for pi, pt in ((4, 4), (8, 0), (0, 8), (2, 2))
+        ] + [{"name": "dart", "params": {"pivot_order": "score"}, "label": "dart pivots 4+4, score order"}],
         "budgets": [0.25, 0.125],
     },
     "fastv": {

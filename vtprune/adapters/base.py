@@ -127,6 +127,40 @@ class Adapter:
         k, _ = rot(k, k, cos, sin)
         return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows)
 
+    def llm_keys(self, layer_idx: int, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        """(B, Hkv, L, hd) keys of decoder layer ``layer_idx`` as its KV cache stores them.
+
+        Input norm, ``k_proj`` and the layer's own rotary tables, in the model's dtype; grouped-query
+        heads are not repeated (``hidden``: (B, L, D) input of the layer).
+        """
+        layer = self.llm_layers()[layer_idx]
+        attn = layer.self_attn
+        b, n, _ = hidden.shape
+        k = attn.k_proj(layer.input_layernorm(hidden)).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        _, k = self.rotary_fn(layer)(k, k, cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:]))
+        return k
+
+    def sample_rotary(self, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], position_ids: Tensor | None,
+                      key_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The rotary tables of a decoder layer at the positions each sample has when run alone.
+
+        A plain forward of a left-padded batch numbers the padding too (positions ``arange(L)``), which
+        attention does not notice (RoPE is relative) but absolute functions of the rotated keys do.
+        1-D position ids are shifted so that each sample's first real token (``key_mask`` (B, L))
+        keeps its unpadded number; without padding or position ids the layer's tables are returned.
+        """
+        if position_ids is None or position_ids.shape[-1] != hidden.shape[1] or bool(key_mask.all()):
+            return position_embeddings
+        b = hidden.shape[0]
+        pid = position_ids.long().expand(b, position_ids.shape[-1])
+        first = key_mask.long().argmax(-1, keepdim=True)  # first real token (left padding)
+        return self.rotary(hidden, (pid - torch.gather(pid, 1, first)).masked_fill(~key_mask, 0))
+
+    def llm_final_norm(self, hidden: Tensor) -> Tensor:
+        """The language model's final norm (the one before ``lm_head``) applied to ``hidden`` (B, L, D)."""
+        return self.language_model.norm(hidden)
+
 
 def vit_layer_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module, int, float]:
     """(norm, attention module, num_heads, scale) of a plain ViT layer (CLIP, SigLIP, DINOv2)."""

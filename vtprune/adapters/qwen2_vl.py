@@ -191,6 +191,10 @@ class Qwen2VLAdapter(Adapter):
         out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=new["features"])}
         return out
 
+    def sample_rotary(self, hidden, position_embeddings, position_ids, key_mask):
+        """The layer's own M-RoPE tables: computed from the padding mask, already per sample."""
+        return position_embeddings
+
     def decode_positions(self, pos: Tensor) -> Tensor:
         return pos[None].expand(3, -1, -1)
 

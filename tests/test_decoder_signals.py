@@ -1,0 +1,80 @@
+"""Decoder signal kinds of the ``SIGNAL_KINDS`` registry against the unpatched model's own tensors.
+
+A recording stage-D policy requests the kinds and keeps every token (it selects all visual
+positions), so the patched run equals the unpatched one and the signals can be compared with what
+the unpatched model computes: its KV cache (``key_l1``: L1 norm of the cached keys of the layer) and
+its hidden states (``final_norm``: the layer's input through the final norm), per sample alone, for
+a left-padded batch, at ``forward`` and at ``generate``'s prefill.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.decoder import ALIGNED_KINDS, SIGNAL_KINDS
+from vtprune.policy import DecoderPolicy
+from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
+
+QUESTIONS = ["what is it?", "a longer question about the picture here?"]
+SIZES = {"llava": None, "llava_next": [(70, 112), (112, 84)], "qwen2_vl": [(70, 112), (112, 84)],
+         "qwen2_5_vl": [(70, 112), (112, 84)]}
+
+
+@dataclass
+class Recorder(DecoderPolicy):
+    """Keeps every visual token at ``layer``; records the requested signals of each sample's view."""
+
+    name: ClassVar[str] = "recorder"
+    layer: int = 2
+    keep: float = 1.0
+    kinds: dict = field(default_factory=dict)
+    seen: list = field(default_factory=list)
+
+    def signal_layers(self, num_layers):
+        return self.kinds
+
+    def select(self, layer, view, ctx):
+        self.seen.append({k: v.clone() for k, v in view.signals.items()})
+        return torch.nonzero(view.visual).flatten()
+
+
+def _inputs(family, n, first=0):
+    model, proc = BUILDERS[family](attn_implementation="sdpa")
+    imgs = tiny_images(2, sizes=SIZES[family])[first:first + n]
+    return model, make_inputs(family, proc, QUESTIONS[first:first + n], imgs)
+
+
+def _unpatched(model, inp, layer):
+    with torch.no_grad():
+        out = model(**inp, use_cache=True, output_hidden_states=True)
+    keys = out.past_key_values.layers[layer - 1].keys[0].float()  # (Hkv, L, hd)
+    key_l1 = keys.permute(1, 0, 2).reshape(keys.shape[1], -1).abs().sum(-1)
+    final = model.model.language_model.norm(out.hidden_states[layer])[0]
+    return key_l1, final
+
+
+def test_registry_declares_the_kinds():
+    assert {"key_l1", "final_norm"} <= set(SIGNAL_KINDS)
+    assert "key_l1" in ALIGNED_KINDS and "final_norm" not in ALIGNED_KINDS
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_key_l1_and_final_norm_equal_the_unpatched_cache_and_states(family):
+    model, inp = _inputs(family, 2)
+    assert (inp["attention_mask"] == 0).any()
+    rec = Recorder(kinds={1: "key_l1", 2: "final_norm"})
+    with vtprune.patch(model, rec), torch.no_grad():
+        model(**inp)
+        model.generate(**inp, max_new_tokens=2, do_sample=False)
+    assert len(rec.seen) == 4  # 2 samples x (forward, generate's prefill)
+    for call in range(2):
+        for i in range(2):
+            _, one = _inputs(family, 1, first=i)
+            key_l1, final = _unpatched(model, one, 2)
+            got = rec.seen[2 * call + i]
+            torch.testing.assert_close(got["key_l1@1"], key_l1, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got["final_norm@2"], final, rtol=1e-5, atol=1e-5)
