@@ -29,6 +29,7 @@ SPECS = {
     "pool": "pool:keep=0.25",
     "fastv": "fastv:layer=2,keep=0.5",
     "dart": "dart:layer=2,keep=0.5,pivot_image=2,pivot_text=2",
+    "pyramiddrop": "pyramiddrop:layer_list=1|2|3,ratios=0.5|0.25|0.125",
     "hiprune": "hiprune:keep=0.5",
     "visionzip": "visionzip:keep=0.5",
     "todre": "todre:keep=0.5,relevance_layer=1",

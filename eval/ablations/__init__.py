@@ -19,6 +19,7 @@ the ablation table.
 | pitome | energy margin (pitome-p, the post-merger variant that runs on every tower) |
 | fastv | layer K x keep ratio R |
 | dart | pivot split (image + text of 8) and pivot visiting order |
+| pyramiddrop | lambda (image tokens kept after stage s = lambda^s), as the budget |
 """
 from __future__ import annotations
 
@@ -81,6 +82,17 @@ ABLATIONS: dict[str, dict[str, Any]] = {
             for pi, pt in ((4, 4), (8, 0), (0, 8), (2, 2))
         ] + [{"name": "dart", "params": {"pivot_order": "score"}, "label": "dart pivots 4+4, score order"}],
         "budgets": [0.25, 0.125],
+    },
+    "pyramiddrop": {
+        "about": "PyramidDrop lambda (the budget knob: image tokens kept after stage s = lambda^s), stages at "
+                 "1/4, 1/2, 3/4 of the LLM depth",
+        "methods": lambda d: [
+            {"name": "pyramiddrop", "budget_param": "lam",
+             "params": {"layer_list": tuple(sorted({max(1, min(d["llm"] - 1, round(d["llm"] * f)))
+                                                     for f in (0.25, 0.5, 0.75)}))},
+             "label": "pyramiddrop"}
+        ],
+        "budgets": [0.75, 0.5, 0.35],
     },
     "fastv": {
         "about": "FastV layer K x keep ratio R",
