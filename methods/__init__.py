@@ -7,7 +7,7 @@ the ``vtprune`` package, so the module itself is made callable and behaves as th
 import sys
 import types
 
-from . import baselines, dart, fastv, globalcom2, hiprune, pitome, pyramiddrop, todre, transprune, visionzip  # noqa: F401
+from . import baselines, dart, fastv, globalcom2, hiprune, pitome, pyramiddrop, sparsevlm, todre, transprune, visionzip  # noqa: F401
 
 
 class _CallableModule(types.ModuleType):

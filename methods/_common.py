@@ -1,16 +1,17 @@
-"""Small helpers shared by the stage-P policies (not a policy; registers nothing).
+"""Small helpers shared by the policies (not a policy; registers nothing).
 
 They read only :class:`~vtprune.policy.ImageTokens` data and the adapter's config / layer counts, so
 that every method maps the per-image token layout and its layer defaults the same way.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import re
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from vtprune.policy import ImageTokens
+from vtprune.policy import DecoderView, ImageTokens
 
 LLAVA_FAMILIES = ("llava", "llava_next")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -132,3 +133,30 @@ def resolve_layer(layer: int, depth: int, *, method: str, knob: str, one_based: 
 def check_choice(method: str, knob: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{method}: {knob}={value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def parse_tuple(value: Any, *, method: str, knob: str, cast: Callable = int) -> tuple:
+    """A tuple knob from a tuple/list, a single number, or a spec string ``"8/16/24"`` (also ``;``, ``|``)."""
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[/;|\s]+", value.strip()) if p]
+        try:
+            return tuple(cast(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"{method}: {knob}={value!r}; use numbers separated by '/' (e.g. 2/6/15)") from None
+    if isinstance(value, (int, float)):
+        return (cast(value),)
+    return tuple(cast(v) for v in value)
+
+
+def view_images(view: DecoderView) -> tuple[Tensor, list[tuple[Tensor, int]]]:
+    """A stage-D view's visual positions ``vis`` (ascending) and, per image, ``(members, n0)``: the
+    positions into ``vis`` of its tokens and its token count at the LLM input (needs the
+    ``image_tokens_in`` signal of layer 0)."""
+    vis = torch.nonzero(view.visual).flatten()
+    ids = view.image_id[vis]
+    n0 = view.signals["image_tokens_in@0"][vis]
+    out = []
+    for k in torch.unique(ids).tolist():
+        members = torch.nonzero(ids == k).flatten()
+        out.append((members, int(n0[members[0]])))
+    return vis, out

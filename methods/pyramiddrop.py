@@ -55,7 +55,6 @@ Policy: :class:`PyramidDrop` (``"pyramiddrop"``), stage D on all four families.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -65,7 +64,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, Policy
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, check_choice
+from ._common import LLAVA_FAMILIES, check_choice, parse_tuple, view_images
 
 DEFAULT_LAYERS = (8, 16, 24)
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)
@@ -96,18 +95,6 @@ def decode_shifts(n0: int, ratios: Sequence[float], layer_list: Sequence[int], n
     return tuple(counts[0] - counts[sum(1 for l in layer_list if i >= l)] for i in range(num_layers))
 
 
-def _tuple(value, what: str, cast) -> tuple:
-    if isinstance(value, str):
-        parts = [p for p in re.split(r"[/;|\s]+", value.strip()) if p]
-        try:
-            return tuple(cast(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"pyramiddrop: {what}={value!r}; use numbers separated by '/' (e.g. 8/16/24)") from None
-    if isinstance(value, (int, float)):
-        return (cast(value),)
-    return tuple(cast(v) for v in value)
-
-
 # ------------------------------------------------------------------------------------ policy
 @register
 @dataclass
@@ -134,8 +121,8 @@ class PyramidDrop(DecoderPolicy):
     positions: str = "auto"
 
     def __post_init__(self):
-        self.layer_list = _tuple(self.layer_list, "layer_list", int)
-        self.ratios = _tuple(self.ratios, "ratios", float)
+        self.layer_list = parse_tuple(self.layer_list, method="pyramiddrop", knob="layer_list")
+        self.ratios = parse_tuple(self.ratios, method="pyramiddrop", knob="ratios", cast=float)
         if self.lam is not None:
             if not 0.0 < float(self.lam) <= 1.0:
                 raise ValueError(f"pyramiddrop: lam={self.lam} must lie in (0, 1]")
@@ -185,16 +172,10 @@ class PyramidDrop(DecoderPolicy):
         return out
 
     def _images(self, view: DecoderView, layer: int) -> tuple[Tensor, list[tuple[Tensor, int]]]:
+        """Visual positions and, per image, (positions into them, quota ``int(N_i * ratio)``)."""
         ratio = self.ratios[list(self.layer_list).index(layer)]
-        vis = torch.nonzero(view.visual).flatten()
-        ids = view.image_id[vis]
-        n0 = view.signals["image_tokens_in@0"][vis]
-        out = []
-        for k in torch.unique(ids).tolist():
-            members = torch.nonzero(ids == k).flatten()
-            quota = stage_counts(int(n0[members[0]]), (ratio,))[1]
-            out.append((members, min(quota, members.numel())))
-        return vis, out
+        vis, images = view_images(view)
+        return vis, [(m, min(stage_counts(n0, (ratio,))[1], m.numel())) for m, n0 in images]
 
     def budget_view(self, view: DecoderView, layer: int) -> int:
         return sum(q for _, q in self._images(view, layer)[1])

@@ -30,6 +30,7 @@ SPECS = {
     "fastv": "fastv:layer=2,keep=0.5",
     "dart": "dart:layer=2,keep=0.5,pivot_image=2,pivot_text=2",
     "pyramiddrop": "pyramiddrop:layer_list=1|2|3,ratios=0.5|0.25|0.125",
+    "sparsevlm": "sparsevlm:layers=0|1|2",
     "hiprune": "hiprune:keep=0.5",
     "visionzip": "visionzip:keep=0.5",
     "todre": "todre:keep=0.5,relevance_layer=1",

@@ -121,9 +121,10 @@ class Patch:
     def _install(self) -> None:
         if getattr(self.model, _ACTIVE_ATTR, None) is not None:
             raise ValueError("this model is already patched by vtprune; call .remove() on the existing patch first")
+        decoder = DecoderController(self.adapter, self.decoder_policies, self._context())  # may raise: nothing installed yet
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._model_post_hook, with_kwargs=True))
-        self._decoder = DecoderController(self.adapter, self.decoder_policies, self._context())
+        self._decoder = decoder
         self._decoder.state = self._state
         self._decoder.install()
         object.__setattr__(self.model, _ACTIVE_ATTR, self)

@@ -46,7 +46,19 @@ Signal kinds (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tupl
 * Kinds in the :data:`SIGNAL_KINDS` registry (one function each, same signature; new kinds are added
   there, not here): ``"key_l1"`` (aligned: L1 norm of each token's rotary key in the layer, all KV
   heads, as the layer's cache stores it) and ``"final_norm"`` ((B, L, D): the layer input through the
-  LLM's final norm, current sequence).
+  LLM's final norm, current sequence); the policy-defined kinds (aligned, one requesting policy per
+  layer) ``"hidden_reduce"`` (``policy.reduce_hidden`` of the layer input) and ``"policy_rows"``
+  (``policy.reduce_rows`` of the head-wise attention of the rows ``policy.query_rows`` picks, with a
+  lazily computed RoPE-only score for all-ones queries and keys). Signals are computed before the
+  layer's own pruning (the pruning policies select with them), except ``"policy_rows"``: the attention
+  the layer itself computes, on the sequence it runs on (after that pruning).
+
+Recycled tokens. ``select`` may return a :class:`~vtprune.policy.DecoderSelection`: besides the kept
+positions, new hidden states, each taking the identity of one of the policy's dropped visual tokens
+(its slot: LLM-input index, image, position unless renumbered). A recycled token sits at its slot, or
+right after an anchor position the policy names (sequence order, then renumbering gives its position);
+it is a visual token of the later layers like any other and its row of the shortened cache holds its
+own keys and values.
 
 A policy may define ``budget_view(view, layer) -> int`` to compute its budget from the whole view
 (e.g. per-image quotas); otherwise ``budget(n_visual, layer)`` is used.
@@ -63,7 +75,7 @@ import torch
 from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
-from .policy import DecoderPolicy, DecoderView
+from .policy import DecoderPolicy, DecoderSelection, DecoderView, RowAttention
 
 IO_KINDS = ("attn_io", "mlp_io")
 POSITION_HANDLING = ("original", "renumber")
@@ -138,6 +150,8 @@ class DecoderController:
                         if other is not p:
                             raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
                     else:
+                        if kind in POLICY_KINDS and any(k == kind and q is not p for q, k in self.signal_at.get(l, [])):
+                            raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
                         self.signal_at.setdefault(l, []).append((p, kind))
         self.first_prune = min(self.prune_at) if self.prune_at else None
         self.renumber_at = self._position_handling(n)
@@ -256,7 +270,8 @@ class DecoderController:
             self._substitute(kwargs, st)
             changed = True
         for p, kind in self.signal_at.get(layer, []):
-            st.signals[(layer, kind)] = self._signal(layer, kind, hidden, kwargs, st)
+            if kind not in AFTER_PRUNE_KINDS:
+                st.signals[(layer, kind)] = self._signal(layer, kind, hidden, kwargs, st, p)
         if layer in self.prune_at:
             prev_pos = None
             if self.renumber_at:  # positions of the sequence entering this layer
@@ -271,6 +286,9 @@ class DecoderController:
                 self._renumber(layer, hidden, prev_pos, st)
             self._substitute(kwargs, st)
             changed = True
+        for p, kind in self.signal_at.get(layer, []):  # kinds read on the sequence the layer runs on
+            if kind in AFTER_PRUNE_KINDS:
+                st.signals[(layer, kind)] = self._signal(layer, kind, hidden, kwargs, st, p)
         if st.cur_pos is not None:
             st.layer_pos_shift[layer] = st.pos_shift
         if st.cur_index is not None:
@@ -358,9 +376,9 @@ class DecoderController:
             out = torch.where(member, member.sum(-1, keepdim=True).float(), out)
         return out
 
-    def _signal(self, layer: int, kind: str, hidden: Tensor, kwargs: dict, st) -> Tensor:
+    def _signal(self, layer: int, kind: str, hidden: Tensor, kwargs: dict, st, policy=None) -> Tensor:
         if kind in SIGNAL_KINDS:
-            return SIGNAL_KINDS[kind](self, layer, hidden, kwargs, st)
+            return SIGNAL_KINDS[kind](self, policy, layer, hidden, kwargs, st)
         if kind == "post_visual_rows":
             return self._post_visual_rows(layer, hidden, kwargs, st)
         if kind == "image_tokens_in":
@@ -379,12 +397,13 @@ class DecoderController:
         b = hidden.shape[0]
         keymask = self._current_keymask(st)
         cur = st.cur_index if st.cur_index is not None else torch.arange(hidden.shape[1], device=hidden.device)[None].expand(b, -1)
-        rows, idx_lists = [], []
+        rows, idx_lists, recycled = [], [], []
         for i in range(b):
             valid = torch.nonzero(keymask[i]).flatten()
             orig = cur[i, valid]
             visual = st.visual[i, orig]
             keep = torch.ones(valid.numel(), dtype=torch.bool, device=hidden.device)
+            extra = []  # recycled tokens: (feature (D,), slot row, order key)
             for p in self.prune_at[layer]:
                 alive = torch.nonzero(keep).flatten()
                 vis_alive = visual[alive]
@@ -404,12 +423,25 @@ class DecoderController:
                 )
                 budget_view = getattr(p, "budget_view", None)
                 n_keep = budget_view(view, layer) if budget_view is not None else p.budget(m, layer)
-                chosen = torch.as_tensor(p.select(layer, view, self.ctx), dtype=torch.long, device=hidden.device).flatten()
+                sel = p.select(layer, view, self.ctx)
+                chosen = torch.as_tensor(sel.keep if isinstance(sel, DecoderSelection) else sel, dtype=torch.long,
+                                         device=hidden.device).flatten()
                 _check(p.name, chosen, vis_alive, n_keep)
                 drop = vis_alive.clone()
                 drop[chosen] = False
                 keep[alive[drop]] = False
+                if isinstance(sel, DecoderSelection) and sel.recycled is not None:
+                    extra.extend(_recycled(p.name, sel, drop, valid[alive]))
             kept_local = valid[keep]
+            if extra:  # recycled tokens join at their slot, or right after their anchor (sequence order)
+                keys = torch.cat([2 * kept_local, torch.tensor([k for _, _, k in extra], device=hidden.device)])
+                order = torch.sort(keys, stable=True).indices
+                slots = torch.tensor([r for _, r, _ in extra], dtype=torch.long, device=hidden.device)
+                kept_local = torch.cat([kept_local, slots])[order]
+                is_new = torch.cat([torch.zeros(keys.numel() - len(extra), dtype=torch.bool, device=hidden.device),
+                                    torch.ones(len(extra), dtype=torch.bool, device=hidden.device)])[order]
+                feats = torch.stack([f for f, _, _ in extra]).to(hidden.dtype)
+                recycled.append((i, torch.nonzero(is_new).flatten(), feats[order[is_new] - (keys.numel() - len(extra))]))
             rows.append(kept_local)
             idx_lists.append(cur[i, kept_local])
         width = max(r.numel() for r in rows)
@@ -423,9 +455,28 @@ class DecoderController:
             new_index[i, s:] = o
             new_keymask[i, s:] = True
             new_rows[i, s:] = r
+        for i, where, feats in recycled:  # recycled tokens: their own hidden states in their slots' rows
+            new_hidden[i, width - rows[i].numel() + where] = feats
         st.cur_index, st.cur_keymask = new_index, new_keymask
         st.last_rows = new_rows  # (B, L') rows of the previous sequence kept (0 on padding)
         return new_hidden
+
+
+def _recycled(name: str, sel: DecoderSelection, dropped: Tensor, rows: Tensor) -> list:
+    """(feature, slot row, order key) of each recycled token of ``sel``; ``dropped`` (n,) bool over the
+    view, ``rows`` (n,) the view's rows in the current sequence."""
+    slots = torch.as_tensor(sel.slots, dtype=torch.long, device=rows.device).flatten()
+    feats = sel.recycled
+    if feats.dim() != 2 or feats.shape[0] != slots.numel():
+        raise RuntimeError(f"policy {name!r} returned {feats.shape[0]} recycled tokens for {slots.numel()} slots")
+    if torch.unique(slots).numel() != slots.numel() or (slots.numel() and not bool(dropped[slots].all())):
+        raise RuntimeError(f"policy {name!r}: recycled tokens need distinct slots among its dropped visual tokens")
+    if sel.after is None:
+        keys = 2 * rows[slots]
+    else:
+        after = torch.as_tensor(sel.after, dtype=torch.long, device=rows.device).flatten()
+        keys = 2 * torch.where(after >= 0, rows[after.clamp(min=0)], torch.full_like(after, -1)) + 1
+    return [(feats[j], int(rows[slots[j]]), int(keys[j])) for j in range(slots.numel())]
 
 
 def _check(name: str, chosen: Tensor, visual: Tensor, n_keep: int) -> None:
@@ -440,18 +491,26 @@ def _check(name: str, chosen: Tensor, visual: Tensor, n_keep: int) -> None:
 
 
 # ------------------------------------------------------------------ signal-kind registry
-#: Signal kinds defined as functions ``fn(controller, layer, hidden, kwargs, state) -> Tensor``, computed
-#: in the pre-hook of ``layer`` from its input ``hidden`` (B, L, D) on the current sequence. A kind
-#: registered with ``aligned=True`` returns (B, L) values stored in LLM-input coordinates (see the
-#: module docstring); otherwise the first two dims are (B, L) of the current sequence.
+#: Signal kinds defined as functions ``fn(controller, policy, layer, hidden, kwargs, state) -> Tensor``,
+#: computed in the pre-hook of ``layer`` from its input ``hidden`` (B, L, D) on the current sequence
+#: (``policy``: the policy that requested it). A kind registered with ``aligned=True`` returns (B, L)
+#: values stored in LLM-input coordinates (see the module docstring); otherwise the first two dims are
+#: (B, L) of the current sequence. Kinds in ``POLICY_KINDS`` call hooks of the requesting policy and
+#: have one owner per layer.
 SIGNAL_KINDS: dict = {}
+POLICY_KINDS = ("hidden_reduce", "policy_rows")
+#: Kinds computed after the layer's own pruning (on the sequence the layer runs on); the others are
+#: computed before it (a policy pruning at that layer selects with them).
+AFTER_PRUNE_KINDS: set = set()
 
 
-def register_signal(kind: str, *, aligned: bool):
+def register_signal(kind: str, *, aligned: bool, after_prune: bool = False):
     """Decorator: add a signal kind (one function, fixed signature) to :data:`SIGNAL_KINDS`."""
     def deco(fn):
         global ALIGNED_KINDS
         SIGNAL_KINDS[kind] = fn
+        if after_prune:
+            AFTER_PRUNE_KINDS.add(kind)
         if aligned and kind not in ALIGNED_KINDS:
             ALIGNED_KINDS = ALIGNED_KINDS + (kind,)
         return fn
@@ -459,7 +518,7 @@ def register_signal(kind: str, *, aligned: bool):
 
 
 @register_signal("key_l1", aligned=True)
-def _key_l1(ctrl: DecoderController, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
+def _key_l1(ctrl: DecoderController, policy, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
     """(B, L) L1 norm, in fp32, of each token's key in this layer (rotary applied, all KV heads; the
     values the layer's KV cache holds), 0 on padding.
 
@@ -474,6 +533,37 @@ def _key_l1(ctrl: DecoderController, layer: int, hidden: Tensor, kwargs: dict, s
 
 
 @register_signal("final_norm", aligned=False)
-def _final_norm(ctrl: DecoderController, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
+def _final_norm(ctrl: DecoderController, policy, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
     """(B, L, D) the layer's input passed through the LLM's final norm (model dtype), current sequence."""
     return ctrl.adapter.llm_final_norm(hidden)
+
+
+@register_signal("hidden_reduce", aligned=True)
+def _hidden_reduce(ctrl: DecoderController, policy, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
+    """(B, L) ``policy.reduce_hidden(layer, hidden, key_mask, visual)`` of the layer input (current
+    sequence), stored aligned."""
+    val = policy.reduce_hidden(layer, hidden, ctrl._current_keymask(st), ctrl._current_visual(st))
+    return ctrl._to_input_coords(val, st)
+
+
+@register_signal("policy_rows", aligned=True, after_prune=True)
+def _policy_rows(ctrl: DecoderController, policy, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
+    """(B, L) ``policy.reduce_rows(layer, RowAttention)`` of the head-wise attention of the query rows
+    ``policy.query_rows(layer, aligned signals so far, key_mask, visual)`` picks (the layer's own norm
+    and q/k, fp32), stored aligned. Computed after any pruning at this layer: it is the attention the
+    layer itself computes."""
+    keymask, visual = ctrl._current_keymask(st), ctrl._current_visual(st)
+    n = keymask.shape[1]
+    idx = st.cur_index if st.cur_index is not None else torch.arange(n, device=keymask.device)[None].expand_as(keymask)
+    aligned = {f"{k}@{l}": torch.gather(v, 1, idx) for (l, k), v in st.signals.items() if k in ALIGNED_KINDS}
+    want = policy.query_rows(layer, aligned, keymask, visual).bool() & keymask
+    ar = torch.arange(n, device=keymask.device)
+    r = max(int(want.sum(-1).max()), 1)
+    rows = torch.argsort(torch.where(want, ar, n + ar), dim=-1)[:, :r]  # chosen rows first, in order
+    row_ok = torch.gather(want, 1, rows)
+    rows = rows.masked_fill(~row_ok, 0)
+    rope = kwargs["position_embeddings"]
+    probs = ctrl.adapter.llm_attention_rows(layer, hidden, rope, rows, keymask)
+    att = RowAttention(probs=probs, rows=rows, row_ok=row_ok, key_mask=keymask, visual=visual,
+                       rope_scores=lambda: ctrl.adapter.llm_rope_scores(layer, hidden, rope, rows))
+    return ctrl._to_input_coords(policy.reduce_rows(layer, att), st)

@@ -59,6 +59,35 @@ class Decision:
     vectors: dict = field(default_factory=dict)
 
 
+class replaced_rows:
+    """Context manager: a pre-hook on decoder layer ``p`` that, at prefill, sets ``hidden[b, row] = value``
+    for every ``(b, row, value)`` of ``fill(hidden)`` (computed from that layer's input): the slots of
+    recycled tokens in the unpatched model."""
+
+    def __init__(self, model, p, fill):
+        self.layer = model.model.language_model.layers[p]
+        self.fill = fill
+
+    def _hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] == 1:
+            return None
+        new = hidden.clone()
+        for b, row, value in self.fill(hidden):
+            new[b, row] = value.to(new.dtype)
+        if args:
+            return (new,) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = new
+        return args, kwargs
+
+    def __enter__(self):
+        self.handle = self.layer.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 def attention_weights(layer, h, rope, mask) -> torch.Tensor:
     """(H, L, L) eager attention probabilities of ``layer`` on input ``h`` (1, L, D)."""
     _, w = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask)
@@ -67,9 +96,9 @@ def attention_weights(layer, h, rope, mask) -> torch.Tensor:
 
 def explicit_run(model, inp, decide, prune_layers, *, positions: str = "renumber", replay=None, n_prompt=None):
     """Run ``model``'s LLM layer by layer (``model`` must use eager attention so ``decide`` can read
-    attention weights). ``decide(layer, h (1, L', D), index (L',) LLM-input indices, tables) ->
+    attention weights). ``decide(layer, h (1, L', D), index (L',) LLM-input indices, tables, inputs) ->
     Decision`` where ``tables(h, index) -> (pos, rope, mask)`` gives the current positions / cos-sin /
-    mask. ``replay`` (list of Decisions over the prompt) replays a prefill on prompt + generated tokens.
+    mask and ``inputs[j] = (h_j, index_j)`` is the input of every earlier layer j. ``replay`` (list of Decisions over the prompt) replays a prefill on prompt + generated tokens.
 
     Returns ``(last logits (1, V) fp32, decisions)``.
     """
@@ -79,6 +108,7 @@ def explicit_run(model, inp, decide, prune_layers, *, positions: str = "renumber
     n_prompt = L if n_prompt is None else n_prompt
     index = torch.arange(L)
     decisions = []
+    inputs = {}
 
     def tables(x, idx):
         pos = torch.arange(x.shape[1])[None] if positions == "renumber" else idx[None]
@@ -88,7 +118,7 @@ def explicit_run(model, inp, decide, prune_layers, *, positions: str = "renumber
         for l, layer in enumerate(lm.layers):
             if l in prune_layers:
                 if replay is None:
-                    d = decide(l, h, index, tables)
+                    d = decide(l, h, index, tables, inputs)
                 else:  # prompt rows as at prefill, then every generated token
                     d0 = replay[list(prune_layers).index(l)]
                     n_cur_prompt = int((index < n_prompt).sum())
@@ -99,6 +129,7 @@ def explicit_run(model, inp, decide, prune_layers, *, positions: str = "renumber
                 for r, v in d.vectors.items():
                     new_h[0, r] = v.to(new_h.dtype)
                 h, index = new_h, torch.tensor(d.index)
+            inputs[l] = (h, index)
             pos, rope, mask = tables(h, index)
             out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope)
             h = out[0] if isinstance(out, tuple) else out

@@ -35,7 +35,7 @@ def pdrop_decide(model, ratios=TINY["ratios"], layers=TINY["layer_list"]):
     """``decide`` for the explicit run: rank the image rows by the last row of the layer's eager attention."""
     ids_visual = {}
 
-    def decide(l, h, index, tables):
+    def decide(l, h, index, tables, inputs):
         visual = ids_visual["v"][index]
         pos, rope, mask = tables(h, index)
         w = attention_weights(model.model.language_model.layers[l], h, rope, mask).float().mean(0)  # (L', L')

@@ -11,6 +11,7 @@ Adapters are the only code that touches ``transformers`` classes. An adapter:
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -140,6 +141,21 @@ class Adapter:
         cos, sin = position_embeddings
         _, k = self.rotary_fn(layer)(k, k, cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:]))
         return k
+
+    def llm_rope_scores(self, layer_idx: int, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                        rows: Tensor) -> Tensor:
+        """(B, R, L) ``q.k / sqrt(hd)`` (fp32; float64 for float64 models) of all-ones queries (rows ``rows`` (B, R)) and keys after the
+        layer's rotary tables: the score the positions alone contribute (``hidden`` fixes B, L, dtype)."""
+        layer = self.llm_layers()[layer_idx]
+        hd = layer.self_attn.head_dim
+        b, n, _ = hidden.shape
+        cos, sin = position_embeddings
+        dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        cos, sin = cos.expand(b, *cos.shape[1:]).to(dt), sin.expand(b, *sin.shape[1:]).to(dt)
+        ones = torch.ones((b, 1, n, hd), dtype=dt, device=hidden.device)
+        _, k = self.rotary_fn(layer)(ones, ones, cos, sin)
+        q = torch.gather(k[:, 0], 1, rows[..., None].expand(-1, -1, hd))
+        return torch.matmul(q, k[:, 0].transpose(-1, -2)) / math.sqrt(hd)
 
     def sample_rotary(self, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], position_ids: Tensor | None,
                       key_mask: Tensor) -> tuple[Tensor, Tensor]:
