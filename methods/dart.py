@@ -1,7 +1,7 @@
-"""DART: duplication-aware reduction of visual tokens inside the LLM (pivot tokens + least-duplicated).
+"""DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More", EMNLP 2025, arXiv 2502.11494).
 
-Paper: Wen, Gao, Wang, Zhang, Zhang, Li, He, Zhang, "Stop Looking for Important Tokens in Multimodal
-Language Models: Duplication Matters More", EMNLP 2025 (main), arXiv 2502.11494. The authors'
+Duplication-aware reduction of visual tokens inside the LLM: pivot tokens + the tokens least
+duplicated with them. Authors: Wen, Gao, Wang, Zhang, Zhang, Li, He, Zhang. The authors'
 repository (github.com/ZichenWen1/DART) could not be fetched here; the reference is the port that
 production toolchains ship, **ModelTC/LightCompress (LLMC+)** at commit ``9701d035``,
 ``llmc/compression/token_reduction/dart.py`` (``get_retained_image_token`` and its two hooks), read
@@ -81,7 +81,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, check_keep_value, resolve_budget
 from vtprune.registry import register
 
-from ._common import check_choice
+from ._common import check_choice, stable_topk
 
 PIVOT_ORDERS = ("set", "score")
 BUDGET_RULES = ("reference", "exact")
@@ -95,8 +95,7 @@ def top_positions(scores: Tensor, positions: Sequence[int], k: int) -> list[int]
     k = min(k, len(positions))
     if k <= 0:
         return []
-    order = torch.sort(-scores.double(), stable=True).indices[:k]
-    return [int(positions[i]) for i in order.tolist()]
+    return [int(positions[i]) for i in stable_topk(scores.double(), k).tolist()]
 
 
 def picks_per_pivot(n_visual: int, n_pivots_cfg: int, n_pivot_image: int, n_pivots: int, *,
@@ -208,7 +207,7 @@ class DART(DecoderPolicy):
     """
 
     name: ClassVar[str] = "dart"
-    description: ClassVar[str] = "DART: keep pivot tokens and the visual tokens least duplicated with them (in-LLM)"
+    description: ClassVar[str] = "DART: keep pivot tokens and the visual tokens least duplicated with them after layer K (stage D)"
     layer: int = 2
     keep: int | float = 0.222
     reduction_ratio: float | None = None

@@ -1,7 +1,7 @@
-"""PyramidDrop: staged in-LLM dropping of image tokens, ranked by the last instruction token's attention.
+"""PyramidDrop (Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy Reduction", CVPR 2025, arXiv 2410.17247).
 
-Paper: Xing, Huang, Dong, Lu, Zhang, Zang, Cao, He, Wang, Wu, Lin, "PyramidDrop: Accelerating Your
-Large Vision-Language Models via Pyramid Visual Redundancy Reduction", CVPR 2025, arXiv 2410.17247.
+Staged in-LLM dropping of image tokens, ranked by the last instruction token's attention. Authors:
+Xing, Huang, Dong, Lu, Zhang, Zang, Cao, He, Wang, Wu, Lin.
 Reference implementation: github.com/Cooperx521/PyramidDrop at commit ``6444f30`` (a LLaVA fork on
 transformers 4.37.2; ``llava/model/modeling_llama_pdrop.py``: ``LlamaModel.pdrop_forward`` and
 ``pdrop_rank_drop``; ``llava/model/llava_arch.py``: ``prepare_inputs_labels_for_multimodal_pdrop``;
@@ -64,7 +64,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, Policy
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, check_choice, parse_tuple, view_images
+from ._common import LLAVA_FAMILIES, check_choice, parse_tuple, stable_topk, view_images
 
 DEFAULT_LAYERS = (8, 16, 24)
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)
@@ -84,8 +84,7 @@ def lambda_ratios(lam: float, n_stages: int) -> tuple[float, ...]:
 
 def rank_drop(scores: Tensor, n_keep: int) -> Tensor:
     """Indices (ascending) of the ``n_keep`` largest ``scores`` (n,); ties go to the lowest index."""
-    order = torch.sort(-scores.double(), stable=True).indices[:n_keep]
-    return torch.sort(order).values
+    return torch.sort(stable_topk(scores.double(), n_keep)).values
 
 
 def decode_shifts(n0: int, ratios: Sequence[float], layer_list: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -111,7 +110,7 @@ class PyramidDrop(DecoderPolicy):
 
     name: ClassVar[str] = "pyramiddrop"
     description: ClassVar[str] = (
-        "PyramidDrop: staged in-LLM dropping of image tokens ranked by the last instruction token's attention"
+        "PyramidDrop: image tokens cut after each stage of the LLM, ranked by the last instruction token's attention (stage D)"
     )
     layer: int | None = None
     keep: int | float | None = None

@@ -1,7 +1,7 @@
-"""SparseVLM: text-guided progressive sparsification of visual tokens inside the LLM, with token recycling.
+"""SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference", ICML 2025, arXiv 2410.04417).
 
-Paper: Zhang, Fan, Ma, Zheng, Huang, Cheng, Gudovskiy, Okuno, Nakata, Keutzer, Zhang, "SparseVLM: Visual
-Token Sparsification for Efficient Vision-Language Model Inference", ICML 2025, arXiv 2410.04417.
+Text-guided progressive sparsification of visual tokens inside the LLM, with token recycling.
+Authors: Zhang, Fan, Ma, Zheng, Huang, Cheng, Gudovskiy, Okuno, Nakata, Keutzer, Zhang.
 Reference implementation: github.com/Gumpest/SparseVLMs, branch ``main`` at commit ``26a5f48``
 (``llava/model/language_model/modelling_sparse_llama.py`` (``LlamaDynamicvitModel.forward``),
 ``score.py``, ``utils.py`` (``cluster_and_merge``)), read together with branch ``v1.5`` at ``734d900``
@@ -97,7 +97,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderSelection, DecoderView, Policy, RowAttention
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, check_choice, parse_tuple, view_images
+from ._common import LLAVA_FAMILIES, check_choice, parse_tuple, score_dtype, stable_topk, view_images
 
 VERSIONS = ("1.0", "1.5", "2.0")
 DEFAULT_LAYERS = {"1.0": (2, 6, 15, 19), "1.5": (2, 6, 15), "2.0": (2, 6, 15)}
@@ -111,12 +111,12 @@ PRIORITY_HEADS = 14  # of 32 (v2.0)
 
 # ------------------------------------------------------------------------------------ kernels
 def _dt(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return score_dtype(x)
 
 
 def top_desc(scores: Tensor, k: int) -> Tensor:
     """Indices of the ``k`` largest ``scores``, best first, ties to the lowest index."""
-    return torch.sort(-scores.to(_dt(scores)), stable=True).indices[: max(0, k)]
+    return stable_topk(scores.to(_dt(scores)), k)
 
 
 def select_raters(visual: Tensor, text: Tensor) -> Tensor:
@@ -229,11 +229,11 @@ class SparseVLM(DecoderPolicy):
 
     name: ClassVar[str] = "sparsevlm"
     description: ClassVar[str] = (
-        "SparseVLM: text-rater-guided progressive pruning inside the LLM with token recycling"
+        "SparseVLM: text-rater-guided progressive pruning inside the LLM with token recycling (stage D)"
     )
     layer: int | None = None
     keep: int | float | None = None
-    version: str = "1.5"
+    version: str | float = "1.5"  # a spec string gives 1.5 / 2.0 as numbers: normalised to "1.5" / "2.0"
     retain: int = 192
     schedule: tuple[int, ...] | None = None
     layers: tuple[int, ...] | None = None
@@ -247,7 +247,7 @@ class SparseVLM(DecoderPolicy):
     recycle_placement: str = "auto"
 
     def __post_init__(self):
-        self.version = str(self.version)
+        self.version = f"{self.version:.1f}" if isinstance(self.version, (int, float)) else str(self.version)
         if self.layers is not None:
             self.layers = parse_tuple(self.layers, method="sparsevlm", knob="layers")
         if self.schedule is not None:

@@ -1,4 +1,5 @@
-"""Decoder signal kinds of the ``SIGNAL_KINDS`` registry against the unpatched model's own tensors.
+"""Decoder signal kinds ``key_l1`` and ``final_norm`` (``vtprune/signals.py``) against the unpatched model's
+own tensors.
 
 A recording stage-D policy requests the kinds and keeps every token (it selects all visual
 positions), so the patched run equals the unpatched one and the signals can be compared with what
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.decoder import ALIGNED_KINDS, SIGNAL_KINDS
+from vtprune.signals import DECODER_SIGNALS
 from vtprune.policy import DecoderPolicy
 from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
 
@@ -58,8 +59,9 @@ def _unpatched(model, inp, layer):
 
 
 def test_registry_declares_the_kinds():
-    assert {"key_l1", "final_norm"} <= set(SIGNAL_KINDS)
-    assert "key_l1" in ALIGNED_KINDS and "final_norm" not in ALIGNED_KINDS
+    assert DECODER_SIGNALS["key_l1"].aligned and not DECODER_SIGNALS["final_norm"].aligned
+    assert DECODER_SIGNALS["policy_rows"].after_prune and DECODER_SIGNALS["policy_rows"].per_policy
+    assert DECODER_SIGNALS["hidden_reduce"].per_policy and not DECODER_SIGNALS["hidden_reduce"].after_prune
 
 
 @pytest.mark.parametrize("family", FAMILIES)

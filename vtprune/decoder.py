@@ -26,32 +26,15 @@ minus the layer's own next position after its prefill, i.e. the number of tokens
 layer: ``L_full + t - (n_0 - n_{s+1})`` for TransPrune. Renumbering needs 1-D (B, L) positions; the
 M-RoPE positions of Qwen cannot be renumbered (``ValueError``).
 
-Signal kinds (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tuple of kinds):
-
-* ``"last_row"``: head-mean attention row of the last prompt token (pre-hook of the layer), indexed on
-  the current sequence.
-* The *aligned* kinds below are stored in LLM-input coordinates and gathered at each token's LLM-input
-  index when a policy selects, so they stay aligned across earlier prunes (the view always gets the
-  values of its own tokens):
-
-  - ``"post_visual_rows"``: head-mean attention probabilities of the layer (recomputed from its own
-    norm/q/k, fp32) of every prompt row after the sample's last visual token, averaged over those
-    rows (zeros when there is none);
-  - ``"image_tokens_in"``: for a visual token, the number of visual tokens its image has at the LLM
-    input (0 for text);
-  - ``"attn_io"`` / ``"mlp_io"``: a forward hook on the layer's ``self_attn`` / ``mlp`` (prefill only)
-    passes the module input and output to the requesting policy's ``reduce_io(layer, kind, x_in,
-    x_out, key_mask, visual) -> (B, L)``; only that reduction is kept, never the hidden tensors.
-
-* Kinds in the :data:`SIGNAL_KINDS` registry (one function each, same signature; new kinds are added
-  there, not here): ``"key_l1"`` (aligned: L1 norm of each token's rotary key in the layer, all KV
-  heads, as the layer's cache stores it) and ``"final_norm"`` ((B, L, D): the layer input through the
-  LLM's final norm, current sequence); the policy-defined kinds (aligned, one requesting policy per
-  layer) ``"hidden_reduce"`` (``policy.reduce_hidden`` of the layer input) and ``"policy_rows"``
-  (``policy.reduce_rows`` of the head-wise attention of the rows ``policy.query_rows`` picks, with a
-  lazily computed RoPE-only score for all-ones queries and keys). Signals are computed before the
-  layer's own pruning (the pruning policies select with them), except ``"policy_rows"``: the attention
-  the layer itself computes, on the sequence it runs on (after that pruning).
+Signals (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tuple of kinds) come from the
+decoder signal registry (``vtprune/signals.py``: ``last_row``, ``post_visual_rows``,
+``image_tokens_in``, ``key_l1``, ``final_norm``, the per-policy ``hidden_reduce`` / ``policy_rows``,
+and the hooked ``attn_io``/``mlp_io`` reduced by the policy's ``reduce_io``); unknown kinds are a
+``ValueError`` at ``patch()``. Aligned kinds are stored in LLM-input coordinates and gathered at each
+token's LLM-input index when a policy selects, so the view always gets the values of its own tokens.
+Signals are computed in the layer's pre-hook before its own pruning, except the ``after_prune`` kinds
+(``policy_rows``), computed on the sequence the layer runs on. The budget of a sample is
+``DecoderPolicy.budget_view(view, layer)``.
 
 Recycled tokens. ``select`` may return a :class:`~vtprune.policy.DecoderSelection`: besides the kept
 positions, new hidden states, each taking the identity of one of the policy's dropped visual tokens
@@ -60,12 +43,12 @@ right after an anchor position the policy names (sequence order, then renumberin
 it is a visual token of the later layers like any other and its row of the shortened cache holds its
 own keys and values.
 
-A policy may define ``budget_view(view, layer) -> int`` to compute its budget from the whole view
-(e.g. per-image quotas); otherwise ``budget(n_visual, layer)`` is used.
+State: the controller reads the patch's :class:`~vtprune.state.RequestState` (handed over at
+construction) and writes only its :class:`~vtprune.state.DecoderState`.
 
-``install()`` also calls the adapter's optional ``install_hooks() -> handles`` and removes those handles
-with its own: the install/remove seam of adapters without an LLM (``clip_vit``: open_clip ViTs), whose
-work is done by their own hooks rather than the VLM prefill path.
+``install()`` also installs the adapter's ``install_hooks()`` handles and removes them with its own:
+the install/remove seam of adapters without an LLM (``clip_vit``: open_clip ViTs), whose work is done
+by their own hooks rather than the VLM prefill path.
 """
 from __future__ import annotations
 
@@ -75,12 +58,11 @@ import torch
 from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
-from .policy import DecoderPolicy, DecoderSelection, DecoderView, RowAttention
+from .policy import DecoderPolicy, DecoderSelection, DecoderView
+from .signals import DECODER_SIGNALS, DecoderSignalInput
+from .state import DecoderState, RequestState
 
-IO_KINDS = ("attn_io", "mlp_io")
 POSITION_HANDLING = ("original", "renumber")
-ALIGNED_KINDS = IO_KINDS + ("post_visual_rows", "image_tokens_in")
-_IO_MODULES = {"attn_io": "self_attn", "mlp_io": "mlp"}
 
 
 def build_mask(config, key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Any:
@@ -131,40 +113,51 @@ def gather_seq(t: Tensor, index: Tensor, dim: int) -> Tensor:
 class DecoderController:
     """Owns the per-layer hooks of stage D and the per-layer token accounting."""
 
-    def __init__(self, adapter, policies: list[DecoderPolicy], ctx):
+    def __init__(self, adapter, policies: list[DecoderPolicy], state: RequestState):
         self.adapter = adapter
         self.policies = policies
-        self.ctx = ctx
+        self.state = state
         self.config = adapter.language_model.config
         n = adapter.num_llm_layers()
         self.prune_at: dict[int, list[DecoderPolicy]] = {}
-        self.signal_at: dict[int, list[tuple[DecoderPolicy, str]]] = {}
+        self.signal_at: dict[int, list[str]] = {}
         self.io_at: dict[tuple[int, str], DecoderPolicy] = {}
+        self.signal_owner: dict[tuple[int, str], DecoderPolicy] = {}
         for p in policies:
             for l in p.pruning_layers(n):
                 self.prune_at.setdefault(l, []).append(p)
             for l, kinds in p.signal_layers(n).items():
                 for kind in (kinds,) if isinstance(kinds, str) else kinds:
-                    if kind in IO_KINDS:
+                    sig = DECODER_SIGNALS.get(kind)
+                    if sig is None:
+                        raise ValueError(
+                            f"{p.name}: unknown decoder signal {kind!r}; registered kinds: {', '.join(DECODER_SIGNALS)}"
+                        )
+                    if sig.module is not None:
                         other = self.io_at.setdefault((l, kind), p)
                         if other is not p:
                             raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
-                    else:
-                        if kind in POLICY_KINDS and any(k == kind and q is not p for q, k in self.signal_at.get(l, [])):
+                    elif sig.per_policy:  # computed by the policy's own hooks: one owner per layer
+                        other = self.signal_owner.setdefault((l, kind), p)
+                        if other is not p:
                             raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
-                        self.signal_at.setdefault(l, []).append((p, kind))
+                        if kind not in self.signal_at.setdefault(l, []):
+                            self.signal_at[l].append(kind)
+                    elif kind not in self.signal_at.setdefault(l, []):
+                        self.signal_at[l].append(kind)
         self.first_prune = min(self.prune_at) if self.prune_at else None
         self.renumber_at = self._position_handling(n)
         self.handles = []
-        self.state = None
+
+    @property
+    def dec(self) -> DecoderState:
+        return self.state.decoder
 
     def _position_handling(self, n_layers: int) -> set[int]:
         """The pruning layers after which positions are renumbered (see the module docstring)."""
-        family = getattr(self.adapter, "family", "")
         modes: dict[int, set[str]] = {}
         for p in self.policies:
-            handling = getattr(p, "position_handling", None)
-            declared = dict(handling(n_layers, family)) if handling is not None else {}
+            declared = dict(p.position_handling(n_layers, self.adapter.family))
             for l in p.pruning_layers(n_layers):
                 mode = declared.get(l, "original")
                 if mode not in POSITION_HANDLING:
@@ -182,15 +175,13 @@ class DecoderController:
                 layer.register_forward_pre_hook(lambda m, a, k, i=i: self._pre(i, a, k), with_kwargs=True)
             )
         for (i, kind) in self.io_at:
-            module = getattr(layers[i], _IO_MODULES[kind])
+            module = getattr(layers[i], DECODER_SIGNALS[kind].module)
             self.handles.append(
                 module.register_forward_hook(
                     lambda m, a, k, out, i=i, kind=kind: self._io(i, kind, a, k, out), with_kwargs=True
                 )
             )
-        install_hooks = getattr(self.adapter, "install_hooks", None)  # adapters of plain ViTs (clip_vit)
-        if install_hooks is not None:
-            self.handles.extend(install_hooks())
+        self.handles.extend(self.adapter.install_hooks())  # adapters of plain ViTs (clip_vit)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -200,7 +191,7 @@ class DecoderController:
     # -------------------------------------------------------------- the hook
     def _pre(self, layer: int, args: tuple, kwargs: dict):
         st = self.state
-        if st is None or st.phase is None:
+        if st.phase is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if st.phase == "prefill":
@@ -209,24 +200,25 @@ class DecoderController:
             return self._decode(layer, hidden, args, kwargs)
         return None
 
-    def _substitute(self, kwargs: dict, st) -> None:
+    def _substitute(self, kwargs: dict) -> None:
         """Replace the full-length tables of this layer by those of the surviving tokens."""
-        idx = st.cur_index
-        if st.cur_rope is not None:  # renumbered positions (recomputed tables)
-            kwargs["position_embeddings"] = st.cur_rope
+        dec = self.dec
+        idx = dec.cur_index
+        if dec.cur_rope is not None:  # renumbered positions (recomputed tables)
+            kwargs["position_embeddings"] = dec.cur_rope
             if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = st.cur_pos
+                kwargs["position_ids"] = dec.cur_pos
         else:
-            cos, sin = st.full_rope
+            cos, sin = dec.full_rope
             kwargs["position_embeddings"] = (gather_seq(cos, idx, cos.dim() - 2), gather_seq(sin, idx, sin.dim() - 2))
             pid = kwargs.get("position_ids")
-            if pid is not None and pid.shape[-1] != st.full_len:  # already gathered (pruning layer after a prune)
-                pid = st.full_pid
-            if pid is not None and pid.shape[-1] == st.full_len:
+            if pid is not None and pid.shape[-1] != dec.full_len:  # already gathered (pruning layer after a prune)
+                pid = dec.full_pid
+            if pid is not None and pid.shape[-1] == dec.full_len:
                 kwargs["position_ids"] = gather_seq(pid, idx, pid.dim() - 1)
-        kwargs["attention_mask"] = build_mask(self.config, st.cur_keymask, idx.shape[1], st.dtype)
+        kwargs["attention_mask"] = build_mask(self.config, dec.cur_keymask, idx.shape[1], dec.dtype)
 
-    def _full_positions(self, hidden: Tensor, kwargs: dict, st) -> Tensor:
+    def _full_positions(self, hidden: Tensor, kwargs: dict) -> Tensor:
         """(B, L) positions of the layer-0 input (the model's own ``position_ids``, else arange)."""
         b, n = hidden.shape[:2]
         pid = kwargs.get("position_ids")
@@ -239,61 +231,61 @@ class DecoderController:
             )
         return pid.to(hidden.device).long().expand(b, n)
 
-    def _renumber(self, layer: int, hidden: Tensor, prev_pos: Tensor, st) -> None:
+    def _renumber(self, layer: int, hidden: Tensor, prev_pos: Tensor) -> None:
         """Positions (and rotary tables) of the sequence just pruned at ``layer``."""
-        km = st.cur_keymask
-        pos = torch.gather(prev_pos, 1, st.last_rows)
+        dec = self.dec
+        km = dec.cur_keymask
+        pos = torch.gather(prev_pos, 1, dec.last_rows)
         if layer in self.renumber_at:  # contiguous over the real tokens, from the first one's position
             base = pos.masked_fill(~km, torch.iinfo(pos.dtype).max).amin(-1, keepdim=True)
             pos = base + km.long().cumsum(-1) - 1
         pos = pos.masked_fill(~km, 0)
-        st.cur_pos = pos
-        st.cur_rope = self.adapter.rotary(hidden, pos)
+        dec.cur_pos = pos
+        dec.cur_rope = self.adapter.rotary(hidden, pos)
         # decode shift: the model numbers new tokens after the layer-0 prefill; this layer after its own
-        st.pos_shift = st.full_next - (pos.masked_fill(~km, -1).amax(-1) + 1)
+        dec.pos_shift = dec.full_next - (pos.masked_fill(~km, -1).amax(-1) + 1)
+
+    def _start_prefill(self, hidden: Tensor, kwargs: dict) -> None:
+        """Layer 0 of a prefill: record the full-length tables the later layers gather from."""
+        dec = self.dec
+        dec.full_rope = kwargs["position_embeddings"]
+        dec.full_pid = kwargs.get("position_ids")
+        dec.full_len = hidden.shape[1]
+        dec.dtype = hidden.dtype
+        dec.budget_clamped = [False] * hidden.shape[0]
+        if self.renumber_at:
+            dec.full_pos = self._full_positions(hidden, kwargs)
+            dec.full_next = dec.full_pos.masked_fill(~self.state.prefill.mask.bool(), -1).amax(-1) + 1
 
     def _prefill(self, layer: int, hidden: Tensor, args: tuple, kwargs: dict):
-        st = self.state
+        dec = self.dec
         changed = False
         if layer == 0:
-            st.full_rope = kwargs["position_embeddings"]
-            st.full_pid = kwargs.get("position_ids")
-            st.full_len = hidden.shape[1]
-            st.dtype = hidden.dtype
-            st.cur_index = None
-            st.cur_pos, st.cur_rope, st.pos_shift = None, None, None
-            st.layer_pos_shift = {}
-            if self.renumber_at:
-                st.full_pos = self._full_positions(hidden, kwargs, st)
-                st.full_next = st.full_pos.masked_fill(~st.mask.bool(), -1).amax(-1) + 1
-        if st.cur_index is not None:
-            self._substitute(kwargs, st)
+            self._start_prefill(hidden, kwargs)
+        if dec.cur_index is not None:
+            self._substitute(kwargs)
             changed = True
-        for p, kind in self.signal_at.get(layer, []):
-            if kind not in AFTER_PRUNE_KINDS:
-                st.signals[(layer, kind)] = self._signal(layer, kind, hidden, kwargs, st, p)
+        self._signals(layer, hidden, kwargs, after_prune=False)
         if layer in self.prune_at:
             prev_pos = None
             if self.renumber_at:  # positions of the sequence entering this layer
-                if st.cur_pos is not None:
-                    prev_pos = st.cur_pos
-                elif st.cur_index is not None:
-                    prev_pos = torch.gather(st.full_pos, 1, st.cur_index)
+                if dec.cur_pos is not None:
+                    prev_pos = dec.cur_pos
+                elif dec.cur_index is not None:
+                    prev_pos = torch.gather(dec.full_pos, 1, dec.cur_index)
                 else:
-                    prev_pos = st.full_pos
-            hidden = self._prune(layer, hidden, st)
-            if prev_pos is not None and (layer in self.renumber_at or st.cur_pos is not None):
-                self._renumber(layer, hidden, prev_pos, st)
-            self._substitute(kwargs, st)
+                    prev_pos = dec.full_pos
+            hidden = self._prune(layer, hidden)
+            if prev_pos is not None and (layer in self.renumber_at or dec.cur_pos is not None):
+                self._renumber(layer, hidden, prev_pos)
+            self._substitute(kwargs)
             changed = True
-        for p, kind in self.signal_at.get(layer, []):  # kinds read on the sequence the layer runs on
-            if kind in AFTER_PRUNE_KINDS:
-                st.signals[(layer, kind)] = self._signal(layer, kind, hidden, kwargs, st, p)
-        if st.cur_pos is not None:
-            st.layer_pos_shift[layer] = st.pos_shift
-        if st.cur_index is not None:
-            st.layer_keymask[layer] = st.cur_keymask
-        st.record_layer(layer)
+        self._signals(layer, hidden, kwargs, after_prune=True)
+        if dec.cur_pos is not None:
+            dec.layer_pos_shift[layer] = dec.pos_shift
+        if dec.cur_index is not None:
+            dec.layer_keymask[layer] = dec.cur_keymask
+        self.state.record_layer()
         if not changed:
             return None
         if args:
@@ -303,19 +295,19 @@ class DecoderController:
         return args, kwargs
 
     def _decode(self, layer: int, hidden: Tensor, args: tuple, kwargs: dict):
-        st = self.state
-        keymask = st.layer_keymask.get(layer)
+        dec = self.dec
+        keymask = dec.layer_keymask.get(layer)
         if keymask is None:
             return None
         q = hidden.shape[1]
-        tail = st.decode_tail(q)
+        tail = self.state.decode_tail(q)
         full = torch.cat([keymask, tail.to(keymask.dtype)], dim=1)
         kwargs["attention_mask"] = build_mask(self.config, full, q, hidden.dtype)
-        shift = getattr(st, "layer_pos_shift", {}).get(layer)
+        shift = dec.layer_pos_shift.get(layer)
         if shift is not None:  # renumbered layer: the model's position minus the tokens removed before it
             pid = kwargs.get("position_ids")
             if pid is None:
-                pid = (st.full_next + st.decoded)[:, None] + torch.arange(q, device=hidden.device)[None]
+                pid = (dec.full_next + self.state.decoded)[:, None] + torch.arange(q, device=hidden.device)[None]
             pos = pid.to(shift.device).long() - shift[:, None]
             kwargs["position_embeddings"] = self.adapter.rotary(hidden, pos)
             if kwargs.get("position_ids") is not None:
@@ -323,85 +315,90 @@ class DecoderController:
         return args, kwargs
 
     # -------------------------------------------------------------- signals and pruning
-    def _current_keymask(self, st) -> Tensor:
-        return st.cur_keymask if st.cur_index is not None else st.mask.bool()
+    def _current_keymask(self) -> Tensor:
+        dec = self.dec
+        return dec.cur_keymask if dec.cur_index is not None else self.state.prefill.mask.bool()
 
-    def _current_visual(self, st) -> Tensor:
-        if st.cur_index is None:
-            return st.visual & st.mask.bool()
-        return torch.gather(st.visual, 1, st.cur_index) & st.cur_keymask
+    def _current_visual(self) -> Tensor:
+        dec, pre = self.dec, self.state.prefill
+        if dec.cur_index is None:
+            return pre.visual & pre.mask.bool()
+        return torch.gather(pre.visual, 1, dec.cur_index) & dec.cur_keymask
 
-    def _to_input_coords(self, values: Tensor, st) -> Tensor:
+    def _to_input_coords(self, values: Tensor) -> Tensor:
         """(B, L_cur) values on the current sequence -> (B, L_in) at the LLM-input positions (0 elsewhere)."""
-        if st.cur_index is None:
+        dec = self.dec
+        if dec.cur_index is None:
             return values
         b = values.shape[0]
-        out = values.new_zeros((b, st.full_len + 1))
-        idx = torch.where(st.cur_keymask, st.cur_index, st.full_len)  # padding -> a dummy column
+        out = values.new_zeros((b, dec.full_len + 1))
+        idx = torch.where(dec.cur_keymask, dec.cur_index, dec.full_len)  # padding -> a dummy column
         out.scatter_(1, idx, values)
         return out[:, :-1]
 
+    def _signals(self, layer: int, hidden: Tensor, kwargs: dict, *, after_prune: bool) -> None:
+        for kind in self.signal_at.get(layer, []):
+            sig = DECODER_SIGNALS[kind]
+            if sig.after_prune == after_prune:
+                self.dec.signals[(layer, kind)] = sig.fn(
+                    self._signal_input(layer, hidden, kwargs, self.signal_owner.get((layer, kind))))
+
+    def _aligned_current(self) -> dict[str, Tensor]:
+        """The aligned signals computed so far, gathered to the current sequence (``"kind@layer"``)."""
+        dec = self.dec
+        km = self._current_keymask()
+        idx = dec.cur_index if dec.cur_index is not None else torch.arange(km.shape[1], device=km.device)[None].expand_as(km)
+        return {f"{k}@{l}": torch.gather(v, 1, idx) for (l, k), v in dec.signals.items() if DECODER_SIGNALS[k].aligned}
+
+    def _signal_input(self, layer: int, hidden: Tensor, kwargs: dict, policy=None) -> DecoderSignalInput:
+        pre = self.state.prefill
+        keymask = self._current_keymask()
+        pos_emb = kwargs["position_embeddings"]
+        ad = self.adapter
+
+        def keys() -> Tensor:
+            rope = ad.sample_rotary(hidden, pos_emb, kwargs.get("position_ids"), keymask)
+            return ad.llm_keys(layer, hidden, rope)
+
+        return DecoderSignalInput(
+            layer=layer,
+            hidden=hidden,
+            position_embeddings=pos_emb,
+            key_mask=keymask,
+            visual=self._current_visual(),
+            input_visual=pre.visual & pre.mask.bool(),
+            input_image_id=pre.image_id,
+            attention_rows=lambda rows: self.adapter.llm_attention_rows(layer, hidden, pos_emb, rows, keymask),
+            to_input_coords=self._to_input_coords,
+            keys=keys,
+            final_norm=lambda: ad.llm_final_norm(hidden),
+            rope_scores=lambda rows: ad.llm_rope_scores(layer, hidden, pos_emb, rows),
+            aligned=self._aligned_current,
+            policy=policy,
+        )
+
     def _io(self, layer: int, kind: str, args: tuple, kwargs: dict, output):
         """Forward hook of ``self_attn``/``mlp``: reduce (input, output) with the policy, at prefill."""
-        st = self.state
-        if st is None or st.phase != "prefill":
+        if self.state.phase != "prefill":
             return None
         x_in = args[0] if args else kwargs["hidden_states"]
         x_out = output[0] if isinstance(output, tuple) else output
         p = self.io_at[(layer, kind)]
-        val = p.reduce_io(layer, kind, x_in, x_out, self._current_keymask(st), self._current_visual(st))
-        st.signals[(layer, kind)] = self._to_input_coords(val, st)
+        val = p.reduce_io(layer, kind, x_in, x_out, self._current_keymask(), self._current_visual())
+        self.dec.signals[(layer, kind)] = self._to_input_coords(val)
         return None
 
-    def _post_visual_rows(self, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
-        keymask = self._current_keymask(st)
-        visual = self._current_visual(st)
-        n = keymask.shape[1]
-        ar = torch.arange(n, device=keymask.device)
-        last_vis = torch.where(visual, ar, -1).amax(-1)
-        rows_mask = keymask & (ar[None] > last_vis[:, None])
-        r = max(int(rows_mask.sum(-1).max()), 1)
-        rows = torch.argsort(torch.where(rows_mask, ar, n + ar), dim=-1)[:, :r]  # row positions first
-        row_ok = torch.gather(rows_mask, 1, rows).float()
-        probs = self.adapter.llm_attention_rows(layer, hidden, kwargs["position_embeddings"], rows, keymask)
-        head_mean = probs.mean(1)  # (B, R, n)
-        out = (head_mean * row_ok[..., None]).sum(1) / row_ok.sum(1).clamp(min=1.0)[:, None]
-        return self._to_input_coords(out, st)
-
-    def _image_tokens_in(self, st) -> Tensor:
-        vis, iid = st.visual & st.mask.bool(), st.image_id
-        out = torch.zeros(vis.shape, dtype=torch.float32, device=vis.device)
-        for k in range(int(iid.max()) + 1 if iid.numel() else 0):
-            member = vis & (iid == k)
-            out = torch.where(member, member.sum(-1, keepdim=True).float(), out)
-        return out
-
-    def _signal(self, layer: int, kind: str, hidden: Tensor, kwargs: dict, st, policy=None) -> Tensor:
-        if kind in SIGNAL_KINDS:
-            return SIGNAL_KINDS[kind](self, policy, layer, hidden, kwargs, st)
-        if kind == "post_visual_rows":
-            return self._post_visual_rows(layer, hidden, kwargs, st)
-        if kind == "image_tokens_in":
-            return self._image_tokens_in(st)
-        if kind != "last_row":
-            raise ValueError(f"unknown decoder signal {kind!r}")
-        keymask = self._current_keymask(st)
-        n = keymask.shape[1]
-        last = (keymask.long() * torch.arange(n, device=keymask.device)).argmax(-1)  # last valid token
-        probs = self.adapter.llm_attention_rows(
-            layer, hidden, kwargs["position_embeddings"], last[:, None], keymask
-        )
-        return probs.mean(1)[:, 0]  # (B, n) head mean of the last prompt token's row
-
-    def _prune(self, layer: int, hidden: Tensor, st) -> Tensor:
+    def _prune(self, layer: int, hidden: Tensor) -> Tensor:
+        dec, pre = self.dec, self.state.prefill
+        ctx = self.state.context
         b = hidden.shape[0]
-        keymask = self._current_keymask(st)
-        cur = st.cur_index if st.cur_index is not None else torch.arange(hidden.shape[1], device=hidden.device)[None].expand(b, -1)
+        keymask = self._current_keymask()
+        cur = dec.cur_index if dec.cur_index is not None else torch.arange(hidden.shape[1], device=hidden.device)[None].expand(b, -1)
         rows, idx_lists, recycled = [], [], []
         for i in range(b):
             valid = torch.nonzero(keymask[i]).flatten()
             orig = cur[i, valid]
-            visual = st.visual[i, orig]
+            visual = pre.visual[i, orig]
             keep = torch.ones(valid.numel(), dtype=torch.bool, device=hidden.device)
             extra = []  # recycled tokens: (feature (D,), slot row, order key)
             for p in self.prune_at[layer]:
@@ -411,19 +408,19 @@ class DecoderController:
                 if m == 0:
                     continue
                 signals = {
-                    f"{kind}@{l}": t[i, orig[alive]] if kind in ALIGNED_KINDS else t[i, valid[alive]]
-                    for (l, kind), t in st.signals.items()
+                    f"{kind}@{l}": t[i, orig[alive]] if DECODER_SIGNALS[kind].aligned else t[i, valid[alive]]
+                    for (l, kind), t in dec.signals.items()
                 }
                 view = DecoderView(
                     hidden=hidden[i, valid[alive]],
                     visual=vis_alive,
-                    image_id=st.image_id[i, orig[alive]],
+                    image_id=pre.image_id[i, orig[alive]],
                     signals=signals,
-                    original_index=st.orig_index[i, orig[alive]],
+                    original_index=pre.orig_index[i, orig[alive]],
                 )
-                budget_view = getattr(p, "budget_view", None)
-                n_keep = budget_view(view, layer) if budget_view is not None else p.budget(m, layer)
-                sel = p.select(layer, view, self.ctx)
+                dec.budget_clamped[i] |= p.budget_clamped(m)
+                n_keep = p.budget_view(view, layer)
+                sel = p.select(layer, view, ctx)
                 chosen = torch.as_tensor(sel.keep if isinstance(sel, DecoderSelection) else sel, dtype=torch.long,
                                          device=hidden.device).flatten()
                 _check(p.name, chosen, vis_alive, n_keep)
@@ -457,8 +454,8 @@ class DecoderController:
             new_rows[i, s:] = r
         for i, where, feats in recycled:  # recycled tokens: their own hidden states in their slots' rows
             new_hidden[i, width - rows[i].numel() + where] = feats
-        st.cur_index, st.cur_keymask = new_index, new_keymask
-        st.last_rows = new_rows  # (B, L') rows of the previous sequence kept (0 on padding)
+        dec.cur_index, dec.cur_keymask = new_index, new_keymask
+        dec.last_rows = new_rows  # (B, L') rows of the previous sequence kept (0 on padding)
         return new_hidden
 
 
@@ -488,82 +485,3 @@ def _check(name: str, chosen: Tensor, visual: Tensor, n_keep: int) -> None:
         raise RuntimeError(f"policy {name!r} selected a non-visual (text) position")
 
 
-
-
-# ------------------------------------------------------------------ signal-kind registry
-#: Signal kinds defined as functions ``fn(controller, policy, layer, hidden, kwargs, state) -> Tensor``,
-#: computed in the pre-hook of ``layer`` from its input ``hidden`` (B, L, D) on the current sequence
-#: (``policy``: the policy that requested it). A kind registered with ``aligned=True`` returns (B, L)
-#: values stored in LLM-input coordinates (see the module docstring); otherwise the first two dims are
-#: (B, L) of the current sequence. Kinds in ``POLICY_KINDS`` call hooks of the requesting policy and
-#: have one owner per layer.
-SIGNAL_KINDS: dict = {}
-POLICY_KINDS = ("hidden_reduce", "policy_rows")
-#: Kinds computed after the layer's own pruning (on the sequence the layer runs on); the others are
-#: computed before it (a policy pruning at that layer selects with them).
-AFTER_PRUNE_KINDS: set = set()
-
-
-def register_signal(kind: str, *, aligned: bool, after_prune: bool = False):
-    """Decorator: add a signal kind (one function, fixed signature) to :data:`SIGNAL_KINDS`."""
-    def deco(fn):
-        global ALIGNED_KINDS
-        SIGNAL_KINDS[kind] = fn
-        if after_prune:
-            AFTER_PRUNE_KINDS.add(kind)
-        if aligned and kind not in ALIGNED_KINDS:
-            ALIGNED_KINDS = ALIGNED_KINDS + (kind,)
-        return fn
-    return deco
-
-
-@register_signal("key_l1", aligned=True)
-def _key_l1(ctrl: DecoderController, policy, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
-    """(B, L) L1 norm, in fp32, of each token's key in this layer (rotary applied, all KV heads; the
-    values the layer's KV cache holds), 0 on padding.
-
-    The L1 norm is not rotation invariant, so the keys are rotated at the positions each sample has
-    when run alone (``Adapter.sample_rotary``; a plain left-padded forward numbers the padding too).
-    """
-    keymask = ctrl._current_keymask(st)
-    rope = ctrl.adapter.sample_rotary(hidden, kwargs["position_embeddings"], kwargs.get("position_ids"), keymask)
-    keys = ctrl.adapter.llm_keys(layer, hidden, rope)  # (B, Hkv, L, hd)
-    norm = keys.float().abs().sum(dim=(1, 3))
-    return ctrl._to_input_coords(norm.masked_fill(~ctrl._current_keymask(st), 0.0), st)
-
-
-@register_signal("final_norm", aligned=False)
-def _final_norm(ctrl: DecoderController, policy, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
-    """(B, L, D) the layer's input passed through the LLM's final norm (model dtype), current sequence."""
-    return ctrl.adapter.llm_final_norm(hidden)
-
-
-@register_signal("hidden_reduce", aligned=True)
-def _hidden_reduce(ctrl: DecoderController, policy, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
-    """(B, L) ``policy.reduce_hidden(layer, hidden, key_mask, visual)`` of the layer input (current
-    sequence), stored aligned."""
-    val = policy.reduce_hidden(layer, hidden, ctrl._current_keymask(st), ctrl._current_visual(st))
-    return ctrl._to_input_coords(val, st)
-
-
-@register_signal("policy_rows", aligned=True, after_prune=True)
-def _policy_rows(ctrl: DecoderController, policy, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
-    """(B, L) ``policy.reduce_rows(layer, RowAttention)`` of the head-wise attention of the query rows
-    ``policy.query_rows(layer, aligned signals so far, key_mask, visual)`` picks (the layer's own norm
-    and q/k, fp32), stored aligned. Computed after any pruning at this layer: it is the attention the
-    layer itself computes."""
-    keymask, visual = ctrl._current_keymask(st), ctrl._current_visual(st)
-    n = keymask.shape[1]
-    idx = st.cur_index if st.cur_index is not None else torch.arange(n, device=keymask.device)[None].expand_as(keymask)
-    aligned = {f"{k}@{l}": torch.gather(v, 1, idx) for (l, k), v in st.signals.items() if k in ALIGNED_KINDS}
-    want = policy.query_rows(layer, aligned, keymask, visual).bool() & keymask
-    ar = torch.arange(n, device=keymask.device)
-    r = max(int(want.sum(-1).max()), 1)
-    rows = torch.argsort(torch.where(want, ar, n + ar), dim=-1)[:, :r]  # chosen rows first, in order
-    row_ok = torch.gather(want, 1, rows)
-    rows = rows.masked_fill(~row_ok, 0)
-    rope = kwargs["position_embeddings"]
-    probs = ctrl.adapter.llm_attention_rows(layer, hidden, rope, rows, keymask)
-    att = RowAttention(probs=probs, rows=rows, row_ok=row_ok, key_mask=keymask, visual=visual,
-                       rope_scores=lambda: ctrl.adapter.llm_rope_scores(layer, hidden, rope, rows))
-    return ctrl._to_input_coords(policy.reduce_rows(layer, att), st)

@@ -14,7 +14,7 @@ import vtprune
 from vtprune.methods import dart as D
 from vtprune.testing import FAMILIES
 
-from _policy_cases import GEN, assert_batch_equals_alone, batch
+from helpers import GEN, assert_batch_equals_alone, batch
 from oracles import last_logits, masked_run
 
 ATTN = ["sdpa", "eager"]
@@ -42,7 +42,7 @@ def reference_keep(model, inp, *, layer=2, **params) -> torch.Tensor:
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_physical_removal_equals_cache_reference_and_mask_run(family, attn):
-    model, inp = batch(family, n=1, attn=attn, start=1)
+    model, inp = batch(family, n=1, attn=attn, first=1)
     params = dict(SPEC)
     layer = params.pop("layer")
     with vtprune.patch(model, "dart", layer=layer, **params) as h, torch.no_grad():
@@ -65,7 +65,7 @@ def test_physical_removal_equals_cache_reference_and_mask_run(family, attn):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_with_padding_equals_each_alone(family):
-    assert_batch_equals_alone(family, "sdpa", "dart", **SPEC)
+    assert_batch_equals_alone(family, "dart", attn="sdpa", first=1, **SPEC)
 
 
 def test_reduction_ratio_and_exact_budget():
@@ -93,7 +93,7 @@ def test_keeping_every_token_equals_the_unpatched_model(family):
 
 
 def test_similarity_on_raw_hidden_states_is_an_option():
-    model, inp = batch("llava", n=1, start=1)
+    model, inp = batch("llava", n=1, first=1)
     keep = reference_keep(model, inp, **{k: v for k, v in SPEC.items() if k != "layer"})
     with vtprune.patch(model, "dart", **SPEC, similarity="hidden") as h, torch.no_grad():
         model(**inp)

@@ -21,7 +21,7 @@ import vtprune
 from vtprune.policy import DecoderPolicy, DecoderSelection
 from vtprune.testing import FAMILIES
 
-from _policy_cases import GEN, batch, model_and_proc
+from helpers import GEN, batch, tiny
 from _staged_oracle import Decision, explicit_run, replaced_rows
 from oracles import last_logits, masked_run
 
@@ -55,7 +55,7 @@ class MeanRecycler(DecoderPolicy):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_recycled_token_at_its_slot_equals_replaced_and_masked_run(family, attn):
-    model, inp = batch(family, n=2, attn=attn, start=1)
+    model, inp = batch(family, n=2, attn=attn, first=1)
     assert (inp["attention_mask"] == 0).any()
     with vtprune.patch(model, MeanRecycler()) as h, torch.no_grad():
         out = model(**inp).logits
@@ -83,8 +83,8 @@ def test_recycled_token_at_its_slot_equals_replaced_and_masked_run(family, attn)
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_recycled_token_after_an_anchor_with_renumbering_equals_explicit_run(family):
-    model, inp = batch(family, n=1, start=1)
-    eager, _ = model_and_proc(family, "eager")
+    model, inp = batch(family, n=1, first=1)
+    eager, _ = tiny(family, "eager")
     visual_in = inp["input_ids"][0] == model.config.image_token_id
 
     def decide(l, hid, index, tables, inputs):
@@ -137,7 +137,7 @@ class RowsRecorder(DecoderPolicy):
 
 
 def test_policy_signal_kinds_equal_the_eager_model():
-    model, inp = batch("llava", n=1, attn="eager", start=1)
+    model, inp = batch("llava", n=1, attn="eager", first=1)
     pol = RowsRecorder(layer=3, rows_layer=2)
     with vtprune.patch(model, pol), torch.no_grad():
         model(**inp)
@@ -154,7 +154,7 @@ def test_policy_signal_kinds_equal_the_eager_model():
 def test_policy_rows_is_computed_after_the_layers_own_pruning():
     """Requested at the layer where the policy prunes: the attention of the pruned sequence (what the
     layer itself computes), not of the sequence before the cut."""
-    model, inp = batch("llava", n=1, attn="eager", start=1)
+    model, inp = batch("llava", n=1, attn="eager", first=1)
     pol = RowsRecorder(layer=2, rows_layer=2)
     with vtprune.patch(model, pol) as h, torch.no_grad():
         model(**inp)

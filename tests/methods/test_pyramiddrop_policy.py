@@ -23,7 +23,7 @@ import vtprune
 from vtprune.methods import pyramiddrop as PD
 from vtprune.testing import FAMILIES
 
-from _policy_cases import GEN, assert_batch_equals_alone, batch, model_and_proc
+from helpers import GEN, assert_batch_equals_alone, batch, tiny
 from _staged_oracle import Decision, attention_weights, explicit_run, no_cache_generate
 from oracles import last_logits, masked_run
 
@@ -54,8 +54,8 @@ def pdrop_decide(model, ratios=TINY["ratios"], layers=TINY["layer_list"]):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", LLAVA)
 def test_renumbered_equals_explicit_layer_run(family, attn):
-    model, inp = batch(family, n=1, attn=attn, start=1)
-    eager, _ = model_and_proc(family, "eager")
+    model, inp = batch(family, n=1, attn=attn, first=1)
+    eager, _ = tiny(family, "eager")
     pol = PD.PyramidDrop(**TINY)
     assert pol.resolved_positions(family) == "renumber"
     with vtprune.patch(model, pol) as h, torch.no_grad():
@@ -83,7 +83,7 @@ def test_renumbered_equals_explicit_layer_run(family, attn):
 def masked_oracle_keeps(family, inp, ratios=TINY["ratios"], layers=TINY["layer_list"]) -> list[torch.Tensor]:
     """Per stage, the (L,) bool mask of the LLM-input tokens alive after it (batch size 1), from the
     eager model's ``output_attentions`` under the earlier stages' masks."""
-    model, _ = model_and_proc(family, "eager")
+    model, _ = tiny(family, "eager")
     visual = inp["input_ids"][0] == model.config.image_token_id
     n0 = int(visual.sum())
     keeps: list[torch.Tensor] = []
@@ -105,7 +105,7 @@ def masked_oracle_keeps(family, inp, ratios=TINY["ratios"], layers=TINY["layer_l
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_original_positions_equal_masked_stages(family, attn):
-    model, inp = batch(family, n=1, attn=attn, start=1)
+    model, inp = batch(family, n=1, attn=attn, first=1)
     params = dict(TINY, positions="original") if family in LLAVA else TINY
     with vtprune.patch(model, "pyramiddrop", **params) as h, torch.no_grad():
         out = model(**inp).logits
@@ -124,7 +124,7 @@ def test_original_positions_equal_masked_stages(family, attn):
 
 @pytest.mark.parametrize("family,attn", [(f, "sdpa") for f in FAMILIES] + [("llava", "eager")])
 def test_batch_equals_each_alone(family, attn):
-    assert_batch_equals_alone(family, attn, "pyramiddrop", **TINY)
+    assert_batch_equals_alone(family, "pyramiddrop", attn=attn, first=1, **TINY)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
@@ -143,7 +143,7 @@ def test_ratios_one_equal_the_unpatched_model(family):
 def test_two_images_per_sample_get_per_image_quotas():
     from vtprune.testing import prompt_for, tiny_images
 
-    model, proc = model_and_proc("llava")
+    model, proc = tiny("llava")
     inp = proc(text=[prompt_for("llava", "compare them", n_images=2)], images=tiny_images(2), return_tensors="pt")
     seen = []
     pol = PD.PyramidDrop(**TINY)

@@ -26,7 +26,7 @@ from vtprune.methods import sparsevlm as SV
 from vtprune.policy import Context
 from vtprune.testing import FAMILIES
 
-from _policy_cases import GEN, assert_batch_equals_alone, batch, model_and_proc
+from helpers import GEN, assert_batch_equals_alone, batch, tiny
 from _staged_oracle import Decision, attention_weights, explicit_run, no_cache_generate, replaced_rows
 from oracles import last_logits, masked_run
 
@@ -94,8 +94,8 @@ def svlm_decide(model, family, inp, schedule):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", LLAVA)
 def test_renumbered_with_recycling_equals_explicit_layer_run(family, attn):
-    model, inp = batch(family, n=1, attn=attn, start=1)
-    eager, _ = model_and_proc(family, "eager")
+    model, inp = batch(family, n=1, attn=attn, first=1)
+    eager, _ = tiny(family, "eager")
     pol = SV.SparseVLM(**TINY)
     assert pol.resolved_positions(family) == "renumber" and pol.resolved_placement(family) == "after_visual"
     with vtprune.patch(model, pol) as h, torch.no_grad():
@@ -131,7 +131,7 @@ def applied(model, stages):
 def masked_oracle_stages(family, inp, version="1.5", rank_scale=1.0, rank_bias=0.0):
     """Per stage ``(p, keep (L,) bool, slots, vectors)`` computed on the eager model, stage by stage
     (``version="1.0"``: the count from the rank of the rater x visual relation)."""
-    model, _ = model_and_proc(family, "eager")
+    model, _ = tiny(family, "eager")
     visual = inp["input_ids"][0] == model.config.image_token_id
     n0 = int(visual.sum())
     stages = []
@@ -184,7 +184,7 @@ def assert_equals_masked_stages(model, inp, pol, stages):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_original_positions_equal_masked_run_with_replaced_slots(family, attn):
-    model, inp = batch(family, n=1, attn=attn, start=1)
+    model, inp = batch(family, n=1, attn=attn, first=1)
     params = dict(TINY, positions="original") if family in LLAVA else TINY
     pol = SV.SparseVLM(**params)
     assert pol.resolved_placement(family) == "slot"
@@ -195,7 +195,7 @@ def test_original_positions_equal_masked_run_with_replaced_slots(family, attn):
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_version_1_rank_rule_equals_masked_run(family):
     """v1.0 (the paper's rank-based count) with recycling, original positions: the masked oracle."""
-    model, inp = batch(family, n=1, start=1)
+    model, inp = batch(family, n=1, first=1)
     pol = SV.SparseVLM(**TINY, version="1.0", rank_scale=1.0, positions="original")
     assert_equals_masked_stages(model, inp, pol, masked_oracle_stages(family, inp, version="1.0", rank_scale=1.0))
 
@@ -203,13 +203,13 @@ def test_version_1_rank_rule_equals_masked_run(family):
 @pytest.mark.parametrize("family,version", [(f, "1.5") for f in FAMILIES] + [("llava", "2.0"), ("qwen2_vl", "2.0"),
                                                                              ("llava", "1.0")])
 def test_batch_equals_each_alone(family, version):
-    assert_batch_equals_alone(family, "sdpa", "sparsevlm", **TINY, version=version)
+    assert_batch_equals_alone(family, "sparsevlm", attn="sdpa", first=1, **TINY, version=version)
 
 
 def test_version_2_masked_run_without_recycling():
     """SparseVLM+ keeps original positions and recycles nothing: the unpatched model with the dropped keys
     masked stage by stage (the selection read back from the patch) reproduces it."""
-    model, inp = batch("llava", n=1, start=1)
+    model, inp = batch("llava", n=1, first=1)
     pol = SV.SparseVLM(**TINY, version="2.0")
     assert pol.resolved_positions("llava") == "original" and not pol.recycles()
     seen = []

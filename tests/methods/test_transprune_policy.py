@@ -25,12 +25,13 @@ import contextlib
 import pytest
 import torch
 
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
 import vtprune
 from vtprune.methods import transprune as TP
 from vtprune.testing import FAMILIES, make_inputs, prompt_for, tiny_images
 
-from _policy_cases import GEN, assert_batch_equals_alone, batch, model_and_proc
-from _staged_oracle import causal_mask, layer0_input
+from helpers import GEN, assert_batch_equals_alone, batch, tiny
 from oracles import last_logits, masked_run
 
 ATTN = ["sdpa", "eager"]
@@ -44,7 +45,7 @@ def oracle_keeps(family: str, inp, *, prune=(1, 2, 3), ratios=(0.75, 0.5, 0.25),
 
     ``details`` (optional list) receives per stage ``(image positions, accumulated TTV, IGA)``.
     """
-    model, _ = model_and_proc(family, "eager")
+    model, _ = tiny(family, "eager")
     ids = inp["input_ids"][0]
     L = ids.numel()
     visual = ids == model.config.image_token_id
@@ -101,6 +102,37 @@ def oracle_keeps(family: str, inp, *, prune=(1, 2, 3), ratios=(0.75, 0.5, 0.25),
     return keeps
 
 
+def layer0_input(model, inp) -> torch.Tensor:
+    """(1, L, D) input hidden states of decoder layer 0 of the unpatched model for ``inp``."""
+    got = {}
+
+    def grab(m, args, kwargs):
+        got["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    hk = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inp)
+    except _Stop:
+        pass
+    finally:
+        hk.remove()
+    return got["h"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def causal_mask(model, n: int, dtype) -> torch.Tensor:
+    cfg = model.model.language_model.config
+    fn = ALL_MASK_ATTENTION_FUNCTIONS[cfg._attn_implementation]
+    return fn(batch_size=1, q_length=n, kv_length=n, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+              attention_mask=torch.ones(1, n, dtype=torch.bool), allow_is_causal_skip=False, dtype=dtype,
+              config=cfg, device=torch.device("cpu"))
+
+
 def explicit_renumbered_run(family: str, inp, *, keeps=None, n_prompt=None, prune=(1, 2, 3),
                             ratios=(0.75, 0.5, 0.25), accum=(1, 2, 3), alpha=0.5, score="both"):
     """The reference's renumbered TransPrune, run layer by layer with the eager copy's own modules.
@@ -112,7 +144,7 @@ def explicit_renumbered_run(family: str, inp, *, keeps=None, n_prompt=None, prun
     Returns ``(last logits (1, V), keeps, details)``; details per stage = (image positions, accumulated
     TTV, IGA).
     """
-    model, _ = model_and_proc(family, "eager")
+    model, _ = tiny(family, "eager")
     lm = model.model.language_model
     ids = inp["input_ids"][0]
     L = ids.numel()
@@ -224,7 +256,7 @@ def recording(pol: TP.TransPrune, log: list) -> TP.TransPrune:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_physical_removal_equals_mask_run(family, attn):
     """Original positions (Qwen default; LLaVA option) == the unpatched model with masked keys."""
-    model, inp = batch(family, n=1, attn=attn, start=1)
+    model, inp = batch(family, n=1, attn=attn, first=1)
     log: list = []
     params = dict(TINY, positions="original") if family in LLAVA else TINY
     with vtprune.patch(model, recording(TP.TransPrune(**params), log)) as h:
@@ -259,7 +291,7 @@ def test_physical_removal_equals_mask_run(family, attn):
 def test_renumbered_equals_explicit_layer_run(family, attn):
     """LLaVA default (reference): renumbered positions == the explicit layer-by-layer run; cached
     generate(10) == the no-cache re-run applying the same selection and renumbering."""
-    model, inp = batch(family, n=1, attn=attn, start=1)
+    model, inp = batch(family, n=1, attn=attn, first=1)
     log: list = []
     pol = recording(TP.TransPrune(**TINY), log)
     assert pol.positions == "auto" and pol.resolved_positions(family) == "renumber"
@@ -290,7 +322,7 @@ def test_renumbered_equals_explicit_layer_run(family, attn):
 
 @pytest.mark.parametrize("score", ["ttv", "iga"])
 def test_ttv_only_and_iga_only_modes(score):
-    model, inp = batch("llava", n=1, start=1)
+    model, inp = batch("llava", n=1, first=1)
     selections = []
     pol = TP.TransPrune(**TINY, score=score)
     select = pol.select
@@ -334,12 +366,12 @@ def test_keep_ratios_one_equals_unpatched(family):
 
 @pytest.mark.parametrize("family,attn", [(f, "sdpa") for f in FAMILIES] + [("llava", "eager"), ("qwen2_5_vl", "eager")])
 def test_batch_equals_each_alone(family, attn):
-    assert_batch_equals_alone(family, attn, "transprune", **TINY)  # LLaVA: renumbered (default)
+    assert_batch_equals_alone(family, "transprune", attn=attn, first=1, **TINY)  # LLaVA: renumbered (default)
 
 
 @pytest.mark.parametrize("family", LLAVA)
 def test_batch_equals_each_alone_original_positions(family):
-    assert_batch_equals_alone(family, "sdpa", "transprune", **TINY, positions="original")
+    assert_batch_equals_alone(family, "transprune", attn="sdpa", first=1, **TINY, positions="original")
 
 
 # ------------------------------------------------------------------ decode offsets (spec recipe 4)
@@ -419,7 +451,7 @@ def test_decode_offsets_recipe_576():
 def test_decode_positions_per_sample_with_left_padding():
     """Batch of 2 (left padded, different image-token cuts): each sample's layers continue at its
     own renumbered length; padding never shifts a sample's numbering."""
-    model, inp = batch("llava", n=2, start=1)
+    model, inp = batch("llava", n=2, first=1)
     mask = inp["attention_mask"]
     prefill, decode = first_decode_positions(model, inp, "transprune", **TINY)
     n_real = mask.sum(-1)
@@ -438,7 +470,7 @@ def test_decode_positions_per_sample_with_left_padding():
 
 
 def test_two_images_per_sample_get_per_image_quotas():
-    model, proc = model_and_proc("llava")
+    model, proc = tiny("llava")
     inp = proc(text=[prompt_for("llava", "compare them", n_images=2)], images=tiny_images(2), return_tensors="pt")
     selections = []
     pol = TP.TransPrune(**TINY)
