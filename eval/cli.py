@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_onevision1_5"]
 
 #: demo budgets are fractions, valid for every family's tiny model (4 to 70 visual tokens per image)
 DEMO_METHODS = ["none", "random:keep=0.5", "pool:keep=0.25", "fastv:layer=2,keep=0.5",

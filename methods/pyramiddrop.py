@@ -64,7 +64,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, Policy
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, check_choice, parse_tuple, stable_topk, view_images
+from ._common import ONE_D_POSITION_FAMILIES, check_choice, parse_tuple, stable_topk, view_images
 
 DEFAULT_LAYERS = (8, 16, 24)
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)
@@ -145,16 +145,17 @@ class PyramidDrop(DecoderPolicy):
         if not all(0.0 < r <= 1.0 for r in self.ratios) or list(self.ratios) != sorted(self.ratios, reverse=True):
             raise ValueError(f"pyramiddrop: ratios={self.ratios} must lie in (0, 1] and not increase")
         check_choice("pyramiddrop", "positions", self.positions, ("auto", "original", "renumber"))
-        if self.positions == "renumber" and family not in LLAVA_FAMILIES:
+        if self.positions == "renumber" and family not in ONE_D_POSITION_FAMILIES:
             raise ValueError(
-                f"pyramiddrop: positions='renumber' is defined for LLaVA/LLaVA-NeXT only; {family!r} uses 3-D M-RoPE "
+                f"pyramiddrop: positions='renumber' is defined for LLaVA-style 1-D positions "
+                f"({', '.join(ONE_D_POSITION_FAMILIES)}); {family!r} uses 3-D M-RoPE "
                 "positions: use positions='original' or 'auto'"
             )
 
     def resolved_positions(self, family: str) -> str:
         if self.positions != "auto":
             return self.positions
-        return "renumber" if family in LLAVA_FAMILIES else "original"
+        return "renumber" if family in ONE_D_POSITION_FAMILIES else "original"
 
     def pruning_layers(self, num_layers: int) -> list[int]:
         """0-based layers whose input is cut: after 1-based layer l = before 0-based layer l."""

@@ -97,7 +97,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderSelection, DecoderView, Policy, RowAttention
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, check_choice, parse_tuple, score_dtype, stable_topk, view_images
+from ._common import ONE_D_POSITION_FAMILIES, check_choice, parse_tuple, score_dtype, stable_topk, view_images
 
 VERSIONS = ("1.0", "1.5", "2.0")
 DEFAULT_LAYERS = {"1.0": (2, 6, 15, 19), "1.5": (2, 6, 15), "2.0": (2, 6, 15)}
@@ -288,9 +288,10 @@ class SparseVLM(DecoderPolicy):
             raise ValueError(f"sparsevlm: priority_heads={self.priority_heads} must be >= 1")
         check_choice("sparsevlm", "positions", self.positions, ("auto", "original", "renumber"))
         check_choice("sparsevlm", "recycle_placement", self.recycle_placement, ("auto", "after_visual", "slot"))
-        if self.positions == "renumber" and family not in LLAVA_FAMILIES:
+        if self.positions == "renumber" and family not in ONE_D_POSITION_FAMILIES:
             raise ValueError(
-                f"sparsevlm: positions='renumber' is defined for LLaVA/LLaVA-NeXT only; {family!r} uses 3-D "
+                f"sparsevlm: positions='renumber' is defined for LLaVA-style 1-D positions "
+                f"({', '.join(ONE_D_POSITION_FAMILIES)}); {family!r} uses 3-D "
                 "M-RoPE positions: use positions='original' or 'auto'"
             )
 
@@ -303,7 +304,7 @@ class SparseVLM(DecoderPolicy):
     def resolved_positions(self, family: str) -> str:
         if self.positions != "auto":
             return self.positions
-        return "renumber" if (self.version != "2.0" and family in LLAVA_FAMILIES) else "original"
+        return "renumber" if (self.version != "2.0" and family in ONE_D_POSITION_FAMILIES) else "original"
 
     def resolved_placement(self, family: str) -> str:
         """Where recycled tokens sit: ``"after_visual"`` (reference, with renumbered positions) or at their

@@ -63,6 +63,7 @@ from vtprune.registry import register
 
 from ._common import (
     LLAVA_FAMILIES,
+    PLAIN_VIT_FAMILIES,
     check_choice,
     llava_feature_layer,
     resolve_layer,
@@ -315,7 +316,8 @@ def visionzip_qwen(
 # The policy
 # --------------------------------------------------------------------------------------------------
 #: default budgets: LLaVA tokens per view (54 + 10, the README example), Qwen fraction (about 64/576)
-VISIONZIP_DEFAULT_KEEP = {"llava": 64, "llava_next": 64, "qwen2_vl": 0.112, "qwen2_5_vl": 0.112}
+VISIONZIP_DEFAULT_KEEP = {"llava": 64, "llava_next": 64, "qwen2_vl": 0.112, "qwen2_5_vl": 0.112,
+                          "llava_onevision": 0.112, "llava_onevision1_5": 0.112}
 
 
 def llava_split(n_keep: int) -> tuple[int, int]:
@@ -380,7 +382,8 @@ class VisionZip(MergePolicy):
 
     name: ClassVar[str] = "visionzip"
     description: ClassVar[str] = "VisionZip: CLS-attended dominant tokens + merged contextual tokens, stage P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
+                                           "llava_onevision1_5")
 
     keep: int | float | None = None
     dominant: int | None = None
@@ -437,6 +440,13 @@ class VisionZip(MergePolicy):
                 "cls": f"vit_cls@{layer}", "keys": f"vit_keys@{layer}", "hidden": f"vit_hidden@{layer}",
                 "projector": "projector",
             }
+        elif family in PLAIN_VIT_FAMILIES:  # LLaVA-OneVision: SigLIP, no CLS token -> the Qwen (no-CLS) rule
+            depth = len(adapter.vit_layers())
+            if self.layer is None:
+                layer = llava_feature_layer(adapter, self.name, "layer")
+            else:
+                layer = resolve_layer(self.layer, depth, method=self.name, knob="layer")
+            self._signal_names = {"score": f"vit_received@{layer}"}
         else:
             depth = len(adapter.vit_blocks())
             if self.layer is None:

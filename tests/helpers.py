@@ -28,6 +28,8 @@ SIZES = {
     "llava_next": [(56, 56), (70, 112), (112, 84)],
     "qwen2_vl": [(56, 56), (70, 112), (112, 84)],
     "qwen2_5_vl": [(56, 56), (70, 112), (112, 84)],
+    "llava_onevision": [(56, 56), (70, 112), (150, 160)],  # the last two canvases resized (anyres_max_2)
+    "llava_onevision1_5": [(56, 56), (70, 112), (112, 84)],
 }
 #: larger Qwen images for the score-based selection tests (HiPrune, VisionZip, ToDRE): every image has
 #: at least 12 merged tokens, so budgets, anchors and pivots have room
@@ -35,6 +37,7 @@ SCORE_SIZES = {
     **SIZES,
     "qwen2_vl": [(112, 112), (84, 112), (56, 84)],
     "qwen2_5_vl": [(112, 112), (84, 112), (56, 84)],
+    "llava_onevision1_5": [(112, 112), (84, 112), (56, 84)],
 }
 GEN = dict(max_new_tokens=10, do_sample=False)
 ATOL = dict(rtol=1e-5, atol=1e-5)

@@ -19,9 +19,32 @@ def image_features(model, family: str, inputs) -> list[torch.Tensor]:
         out = inner.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
     elif family == "llava_next":
         out = inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
+    elif family == "llava_onevision":
+        if inputs.get("pixel_values") is None:
+            return []
+        out = inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                       batch_num_images=inputs.get("batch_num_images"), return_dict=True)
     else:
         out = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
     return list(out.pooler_output)
+
+
+def video_features(model, family: str, inputs) -> list[torch.Tensor]:
+    """Per video, the features the model scatters into its video placeholders (LLaVA-OneVision)."""
+    if inputs.get("pixel_values_videos") is None:
+        return []
+    if family == "llava_onevision":
+        return list(model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output)
+    out = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
+    return list(out.pooler_output)
+
+
+def visual_items(model, family: str, inputs) -> list[tuple[str, int, torch.Tensor]]:
+    """(modality, placeholder id, features) of every image, then every video, in request order."""
+    cfg = model.config
+    items = [("image", cfg.image_token_id, f) for f in image_features(model, family, inputs)]
+    items += [("video", cfg.video_token_id, f) for f in video_features(model, family, inputs)]
+    return items
 
 
 def full_positions(model, family: str, inputs) -> torch.Tensor:
@@ -36,29 +59,33 @@ def full_positions(model, family: str, inputs) -> torch.Tensor:
 
 
 def shortened_inputs(model, family: str, inputs, kept: list[torch.Tensor], *, positions: str):
-    """Build the explicitly shortened batch: same prompts, only the kept image tokens.
+    """Build the explicitly shortened batch: same prompts, only the kept image (and video) tokens.
 
-    ``kept[i]``: indices (into image i's native tokens) of the tokens kept, in order.
+    ``kept[i]``: indices (into item i's native tokens) of the tokens kept, in order; items are the
+    images, then the videos, of the request (:func:`visual_items`).
     Returns kwargs for ``model(...)`` / ``model.generate(...)``, left padded.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    img_tok = model.config.image_token_id
-    feats = image_features(model, family, inputs)
+    items = visual_items(model, family, inputs)
     pos = full_positions(model, family, inputs)
-    rows, feats_out, k = [], [], 0
+    rows, feats_out = [], {"image": [], "video": []}
+    queues = {m: [k for k, it in enumerate(items) if it[0] == m] for m in ("image", "video")}
+    visual = torch.zeros_like(ids, dtype=torch.bool)
     for b in range(ids.shape[0]):
         valid = torch.nonzero(mask[b]).flatten()
-        cols = []
-        img_cols = valid[ids[b, valid] == img_tok]
-        start = 0
         keep_cols = []
-        while start < img_cols.numel():
-            n = feats[k].shape[0]
-            keep_cols.append(img_cols[start : start + n][kept[k]])
-            feats_out.append(feats[k][kept[k]])
-            start += n
-            k += 1
-        text_cols = valid[ids[b, valid] != img_tok]
+        for modality in ("image", "video"):
+            token_id = model.config.image_token_id if modality == "image" else getattr(model.config, "video_token_id", -1)
+            visual[b] |= ids[b] == token_id
+            img_cols = valid[ids[b, valid] == token_id]
+            start = 0
+            while start < img_cols.numel():
+                k = queues[modality].pop(0)
+                n = items[k][2].shape[0]
+                keep_cols.append(img_cols[start : start + n][kept[k]])
+                feats_out[modality].append(items[k][2][kept[k]])
+                start += n
+        text_cols = valid[~visual[b, valid]]
         cols = torch.sort(torch.cat([text_cols] + keep_cols)).values
         rows.append(cols)
     width = max(r.numel() for r in rows)
@@ -71,18 +98,20 @@ def shortened_inputs(model, family: str, inputs, kept: list[torch.Tensor], *, po
         new_ids[b, s:] = ids[b, cols]
         new_mask[b, s:] = 1
         new_pos[..., b, s:] = pos[..., b, cols]
-    out = {
-        "input_ids": new_ids,
-        "attention_mask": new_mask,
-        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats_out)},
-    }
+    mm = {}
+    if feats_out["image"]:
+        mm["image"] = BaseModelOutputWithPooling(pooler_output=feats_out["image"])
+    if feats_out["video"]:
+        vid = feats_out["video"]  # LLaVA-OneVision scatters ``pooler_output.flatten(0, 1)``, the others a list
+        mm["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(vid)[None] if family == "llava_onevision" else vid)
+    out = {"input_ids": new_ids, "attention_mask": new_mask, "mm_encoder_outputs": mm}
     if positions == "original":
         out["position_ids"] = new_pos
     else:
         out["position_ids"] = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
     if family.startswith("qwen"):
         tt = torch.zeros_like(new_ids)
-        tt[new_ids == img_tok] = 1
+        tt[new_ids == model.config.image_token_id] = 1
         out["mm_token_type_ids"] = tt
     return out
 

@@ -18,12 +18,9 @@ import torch
 import vtprune
 from vtprune.signals import DECODER_SIGNALS
 from vtprune.policy import DecoderPolicy
-from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
+from vtprune.testing import FAMILIES
 
-QUESTIONS = ["what is it?", "a longer question about the picture here?"]
-SIZES = {"llava": None, "llava_next": [(70, 112), (112, 84)], "qwen2_vl": [(70, 112), (112, 84)],
-         "qwen2_5_vl": [(70, 112), (112, 84)]}
-
+from helpers import batch
 
 @dataclass
 class Recorder(DecoderPolicy):
@@ -43,12 +40,6 @@ class Recorder(DecoderPolicy):
         return torch.nonzero(view.visual).flatten()
 
 
-def _inputs(family, n, first=0):
-    model, proc = BUILDERS[family](attn_implementation="sdpa")
-    imgs = tiny_images(2, sizes=SIZES[family])[first:first + n]
-    return model, make_inputs(family, proc, QUESTIONS[first:first + n], imgs)
-
-
 def _unpatched(model, inp, layer):
     with torch.no_grad():
         out = model(**inp, use_cache=True, output_hidden_states=True)
@@ -66,7 +57,7 @@ def test_registry_declares_the_kinds():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_key_l1_and_final_norm_equal_the_unpatched_cache_and_states(family):
-    model, inp = _inputs(family, 2)
+    model, inp = batch(family, 2)
     assert (inp["attention_mask"] == 0).any()
     rec = Recorder(kinds={1: "key_l1", 2: "final_norm"})
     with vtprune.patch(model, rec), torch.no_grad():
@@ -75,7 +66,7 @@ def test_key_l1_and_final_norm_equal_the_unpatched_cache_and_states(family):
     assert len(rec.seen) == 4  # 2 samples x (forward, generate's prefill)
     for call in range(2):
         for i in range(2):
-            _, one = _inputs(family, 1, first=i)
+            _, one = batch(family, 1, first=i)
             key_l1, final = _unpatched(model, one, 2)
             got = rec.seen[2 * call + i]
             torch.testing.assert_close(got["key_l1@1"], key_l1, rtol=1e-5, atol=1e-5)

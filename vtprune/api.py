@@ -230,6 +230,7 @@ class Patch:
             position_ids=new_pos,
             features=sel.features,
             gather=packed.gather,
+            modalities=[img.modality for img in images],
         ))
         self._record_prefill(ids, mask, pos_full, packed, new_ids, new_mask, new_pos, mode, sel, ctx)
         self._record_accounting(images, spans, vision_sched, ids.shape[0])
@@ -279,7 +280,7 @@ class Patch:
             clamped = False
             for p in self.token_policies:
                 clamped |= p.budget_clamped(cur, ctx.family)
-                o, feats = p.apply(cur, ctx)
+                o, feats = p.run(cur, ctx)  # per frame of a video with quota="frame"
                 cur = cur.subset(o, feats)
                 order = order[o]
             slot = img.placeholder_index  # stage V: which placeholder each token fills
@@ -301,7 +302,7 @@ class Patch:
     def _pack(self, ids: Tensor, mask: Tensor, kept_cols: list[list[Tensor]]) -> _Packed:
         """Text columns + kept image columns per sample, repacked with the caller's padding side."""
         b = ids.shape[0]
-        is_img = ids == self.adapter.image_token_id
+        is_img = _visual_mask(ids, self.adapter)
         seqs = []
         for i in range(b):
             base = torch.nonzero(mask[i].bool() & ~is_img[i]).flatten()
@@ -340,7 +341,7 @@ class Patch:
         st.prefill = PrefillState(
             full_len_in=ids.shape[1],
             mask=new_mask,
-            visual=(new_ids == self.adapter.image_token_id) & packed.valid,
+            visual=_visual_mask(new_ids, self.adapter) & packed.valid,
             image_id=img_id,
             orig_index=packed.cols,
             positions=new_pos,
@@ -382,26 +383,38 @@ class Patch:
         return mode
 
     def _image_spans(self, ids: Tensor, mask: Tensor, images: list[ImageTokens]) -> list[tuple[int, Tensor]]:
-        """Assign each image its placeholder columns: (sample index, (n_i,) columns)."""
-        is_img = (ids == self.adapter.image_token_id) & mask.bool()
-        spans, k = [], 0
-        for i in range(ids.shape[0]):
-            cols = torch.nonzero(is_img[i]).flatten()
-            start = 0
-            while start < cols.numel():
-                if k >= len(images):
-                    raise ValueError("more image placeholder tokens than image features; check the processor output")
-                n = images[k].n_placeholders if images[k].n_placeholders is not None else images[k].num_tokens
-                if start + n > cols.numel():
-                    raise ValueError(
-                        f"image {k} has {n} features but sample {i} has only {cols.numel() - start} "
-                        "placeholders left; check the processor output"
-                    )
-                spans.append((i, cols[start : start + n]))
-                start += n
-                k += 1
-        if k != len(images):
-            raise ValueError(f"{len(images)} images but placeholders for {k}; check the processor output")
+        """Assign each image (or video) its placeholder columns: (sample index, (n_i,) columns).
+
+        Each modality fills its own placeholder token in order, as the model scatters its features:
+        the k-th image of the request takes the next image placeholders, videos likewise
+        (``Adapter.visual_token_ids``).
+        """
+        spans: list = [None] * len(images)
+        for modality, token_id in self.adapter.visual_token_ids().items():
+            queue = [k for k, img in enumerate(images) if img.modality == modality]
+            n_items = len(queue)
+            is_tok = (ids == token_id) & mask.bool()
+            for i in range(ids.shape[0]):
+                cols = torch.nonzero(is_tok[i]).flatten()
+                start = 0
+                while start < cols.numel():
+                    if not queue:
+                        raise ValueError(f"more {modality} placeholder tokens than {modality} features; "
+                                         "check the processor output")
+                    k = queue.pop(0)
+                    n = images[k].n_placeholders if images[k].n_placeholders is not None else images[k].num_tokens
+                    if start + n > cols.numel():
+                        raise ValueError(
+                            f"{modality} {k} has {n} features but sample {i} has only {cols.numel() - start} "
+                            "placeholders left; check the processor output"
+                        )
+                    spans[k] = (i, cols[start : start + n])
+                    start += n
+            if queue:
+                raise ValueError(f"{n_items} {modality}s but placeholders for {n_items - len(queue)}; "
+                                 "check the processor output")
+        if any(s is None for s in spans):
+            raise ValueError("an encoded item has a modality without placeholders; check the adapter")
         return spans
 
     def _finish_stats(self) -> None:
@@ -465,6 +478,12 @@ class Patch:
             step = torch.arange(q, device=pre.next_pos.device) + st.decoded
             kwargs["position_ids"] = self.adapter.decode_positions(pre.next_pos[:, None] + step[None])
         return kwargs
+
+
+def _visual_mask(ids: Tensor, adapter) -> Tensor:
+    """(B, L) bool: placeholder tokens of any visual modality."""
+    vis = torch.tensor(list(adapter.visual_token_ids().values()), dtype=ids.dtype, device=ids.device)
+    return torch.isin(ids, vis)
 
 
 def _config_pad_id(config) -> int:

@@ -58,8 +58,8 @@ CONVENTION = (
     "decode per token at actual cache lengths, LM head separate (§5)"
 )
 
-_LLAVA_TYPES = ("llava", "llava_next")
-_QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
+_LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
+_QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision1_5")
 
 
 # ----------------------------------------------------------------------------------------- config access
@@ -276,18 +276,27 @@ def qwen_vision_segments(model_or_config: Any, grid_thw: Sequence[Sequence[int]]
     return [list(full) if b in fullatt else list(windows) for b in range(depth)]
 
 
-def _qwen_vision_flops(config: Any, schedule: TokenSchedule) -> float:
-    """2 x MACs of the Qwen2-VL / Qwen2.5-VL ViT blocks that ran plus the Conv3d patch embedding."""
+def _packed_vit_dims(config: Any) -> tuple[int, int, int, int]:
+    """(width, MLP MACs per token, patch-embedding inputs per patch, CLS tokens per frame) of a packed ViT."""
     vc = config.vision_config
-    qwen25 = config.model_type == "qwen2_5_vl"
+    mt = config.model_type
+    if mt == "llava_onevision1_5":  # RICE-ViT: GELU MLP, Conv2d patches, one CLS token per frame
+        c = int(vc.hidden_size)
+        return c, 2 * c * int(vc.intermediate_size), int(vc.in_channels) * int(vc.patch_size) ** 2, 1
+    qwen25 = mt == "qwen2_5_vl"
     c = int(vc.hidden_size if qwen25 else vc.embed_dim)
     mlp = 3 * c * int(vc.intermediate_size) if qwen25 else 2 * c * int(c * vc.mlp_ratio)
-    patch_in = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
+    return c, mlp, int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2, 0
+
+
+def _qwen_vision_flops(config: Any, schedule: TokenSchedule) -> float:
+    """2 x MACs of the Qwen2-VL / Qwen2.5-VL (LLaVA-OneVision-1.5) ViT blocks that ran plus the patch embedding."""
+    c, mlp, patch_in, cls = _packed_vit_dims(config)
     views = schedule.vision_tokens_per_layer
     mac = 0
     for layers in views:
         if layers:
-            mac += layers[0] * patch_in * c
+            mac += (layers[0] - cls) * patch_in * c
         for p in layers:
             mac += 4 * p * c * c + p * mlp
     segs = schedule.vision_windows
@@ -311,8 +320,8 @@ def _projector_flops(config: Any, tokens: int) -> float:
         return 2.0 * tokens * (int(config.vision_config.hidden_size) * n_feat * d + d * d)
     if mt in _QWEN_TYPES:
         vc = config.vision_config
-        c = int(vc.hidden_size if mt == "qwen2_5_vl" else vc.embed_dim)
-        out = int(vc.out_hidden_size if mt == "qwen2_5_vl" else vc.hidden_size)
+        c = _packed_vit_dims(config)[0]
+        out = int(vc.hidden_size if mt == "qwen2_vl" else vc.out_hidden_size)
         h = c * int(vc.spatial_merge_size) ** 2
         return 2.0 * tokens * (h * h + h * out)
     return 0.0
@@ -466,7 +475,8 @@ def nominal_schedule(
         grid = [tuple(int(x) for x in g) for g in image_grid_thw]
         nl = vision_layers if vision_layers is not None else int(vc.depth)
         # one view per frame: full attention and the Conv3d patch embedding act per frame
-        s.vision_tokens_per_layer = [[h * w] * nl for t, h, w in grid for _ in range(t)]
+        cls = _packed_vit_dims(config)[3]  # LLaVA-OneVision-1.5: a CLS token per frame
+        s.vision_tokens_per_layer = [[h * w + cls] * nl for t, h, w in grid for _ in range(t)]
         if mt == "qwen2_5_vl":
             s.vision_windows = qwen_vision_segments(config, grid)[:nl]
         merged = [t * h * w // (ms * ms) for t, h, w in grid]

@@ -21,6 +21,7 @@ import torch
 
 import vtprune
 from vtprune.methods import pyramiddrop as PD
+from vtprune.methods._common import ONE_D_POSITION_FAMILIES
 from vtprune.testing import FAMILIES
 
 from helpers import GEN, assert_batch_equals_alone, batch, tiny
@@ -28,7 +29,7 @@ from _staged_oracle import Decision, attention_weights, explicit_run, no_cache_g
 from oracles import last_logits, masked_run
 
 TINY = dict(layer_list=(1, 2, 3), ratios=(0.5, 0.25, 0.125))
-LLAVA = ("llava", "llava_next")
+LLAVA = ONE_D_POSITION_FAMILIES  # renumbered by default (LLaVA-style 1-D positions)
 
 
 def pdrop_decide(model, ratios=TINY["ratios"], layers=TINY["layer_list"]):

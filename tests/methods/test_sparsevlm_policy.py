@@ -24,6 +24,7 @@ import torch
 import vtprune
 from vtprune.methods import sparsevlm as SV
 from vtprune.policy import Context
+from vtprune.methods._common import ONE_D_POSITION_FAMILIES
 from vtprune.testing import FAMILIES
 
 from helpers import GEN, assert_batch_equals_alone, batch, tiny
@@ -32,7 +33,7 @@ from oracles import last_logits, masked_run
 
 TINY = dict(layers=(0, 1, 2))
 PRUNE = (1, 2, 3)
-LLAVA = ("llava", "llava_next")
+LLAVA = ONE_D_POSITION_FAMILIES  # renumbered by default (LLaVA-style 1-D positions)
 
 
 def raters_of(visual: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,14 @@ from __future__ import annotations
 from .base import Adapter
 from .clip_vit import OpenClipViTAdapter, is_open_clip_vit
 from .llava import LlavaAdapter, LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .llava_onevision1_5 import LlavaOnevision15Adapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    cls.model_types[0]: cls for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+    cls.model_types[0]: cls
+    for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaOnevisionAdapter,
+                LlavaOnevision15Adapter)
 }
 
 
@@ -21,7 +25,9 @@ def get_adapter(model) -> Adapter:
         raise ValueError(
             f"unsupported model {type(model).__name__} (model_type={model_type!r}); vtprune supports "
             "LlavaForConditionalGeneration (llava), LlavaNextForConditionalGeneration (llava_next), "
-            "Qwen2VLForConditionalGeneration (qwen2_vl), Qwen2_5_VLForConditionalGeneration (qwen2_5_vl) "
+            "Qwen2VLForConditionalGeneration (qwen2_vl), Qwen2_5_VLForConditionalGeneration (qwen2_5_vl), "
+            "LlavaOnevisionForConditionalGeneration (llava_onevision), "
+            "LlavaOnevision15ForConditionalGeneration (llava_onevision1_5) "
             "and open_clip VisionTransformer (pass open_clip_model.visual)"
         )
     if not hasattr(model, "model") or not hasattr(model.model, "language_model"):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -60,6 +60,8 @@ class ShortInputs:
         features: per image, (n_out, D) features in sequence order.
         gather: ``(t (…, B, L), pad) -> (…, B, L')``: any per-column tensor of the caller's input at the
             kept columns (e.g. Qwen's ``mm_token_type_ids``).
+        modalities: per image, its :attr:`~vtprune.policy.ImageTokens.modality` (``"image"`` /
+            ``"video"``); empty: all images.
     """
 
     input_ids: Tensor
@@ -67,6 +69,7 @@ class ShortInputs:
     position_ids: Any
     features: list[Tensor]
     gather: Callable[[Tensor, Any], Tensor]
+    modalities: list[str] = field(default_factory=list)
 
 
 class Adapter:
@@ -102,6 +105,10 @@ class Adapter:
     @property
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
+
+    def visual_token_ids(self) -> dict[str, int]:
+        """``{modality: placeholder token id}`` of the visual inputs this family takes (image, video)."""
+        return {"image": self.image_token_id}
 
     def nominal_visual_tokens(self) -> int | None:
         """Visual tokens per image when fixed by the config (LLaVA-1.5), else None."""
@@ -148,16 +155,26 @@ class Adapter:
     def build_inputs(self, kwargs: dict[str, Any], new: ShortInputs) -> dict[str, Any]:
         """The kwargs for the model forward on the shortened sequence: the caller's kwargs without the
         image inputs, with the new ids, mask and positions and the features as ``mm_encoder_outputs``."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         out = dict(kwargs)
         for key in self.image_input_keys:
             out.pop(key, None)
         out["input_ids"] = new.input_ids
         out["attention_mask"] = new.attention_mask
         out["position_ids"] = new.position_ids
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=new.features)}
+        kinds = new.modalities or ["image"] * len(new.features)
+        mm = {}
+        for modality in dict.fromkeys(kinds):  # each modality's features, in request order
+            feats = [f for f, k in zip(new.features, kinds) if k == modality]
+            mm[modality] = self.encoder_output(modality, feats)
+        out["mm_encoder_outputs"] = mm
         return out
+
+    def encoder_output(self, modality: str, features: list[Tensor]):
+        """The precomputed ``mm_encoder_outputs[modality]`` the model takes for these per-item features
+        (default: ``pooler_output`` = the list, as LLaVA and Qwen take images)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=features)
 
     def decode_positions(self, pos: Tensor) -> Tensor:
         """(B, q) positions of new tokens in the model's native position-id format."""
@@ -221,11 +238,9 @@ class Adapter:
         layer = self.llm_layers()[layer_idx]
         attn = layer.self_attn
         h = layer.input_layernorm(hidden)
-        b, n, _ = h.shape
-        hd = attn.head_dim
+        b = h.shape[0]
         h_rows = torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1]))
-        q = attn.q_proj(h_rows).view(b, rows.shape[1], -1, hd).transpose(1, 2)
-        k = attn.k_proj(h).view(b, n, -1, hd).transpose(1, 2)
+        q, k = self.llm_qk(attn, h_rows, h)
         cos, sin = position_embeddings
         cos = cos.expand(b, *cos.shape[1:])
         sin = sin.expand(b, *sin.shape[1:])
@@ -239,13 +254,13 @@ class Adapter:
     def llm_keys(self, layer_idx: int, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
         """(B, Hkv, L, hd) keys of decoder layer ``layer_idx`` as its KV cache stores them.
 
-        Input norm, ``k_proj`` and the layer's own rotary tables, in the model's dtype; grouped-query
-        heads are not repeated (``hidden``: (B, L, D) input of the layer).
+        Input norm, the family's key projection (:meth:`llm_qk`) and the layer's own rotary tables, in
+        the model's dtype; grouped-query heads are not repeated (``hidden``: (B, L, D) input of the layer).
         """
         layer = self.llm_layers()[layer_idx]
-        attn = layer.self_attn
-        b, n, _ = hidden.shape
-        k = attn.k_proj(layer.input_layernorm(hidden)).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        h = layer.input_layernorm(hidden)
+        b = h.shape[0]
+        _, k = self.llm_qk(layer.self_attn, h[:, :1], h)  # the family's own q/k (e.g. Qwen3's k norm)
         cos, sin = position_embeddings
         _, k = self.rotary_fn(layer)(k, k, cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:]))
         return k
@@ -284,6 +299,15 @@ class Adapter:
     def llm_final_norm(self, hidden: Tensor) -> Tensor:
         """The language model's final norm (the one before ``lm_head``) applied to ``hidden`` (B, L, D)."""
         return self.language_model.norm(hidden)
+
+
+    def llm_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, H, R, hd) queries of the rows ``h_rows`` (B, R, D) and (B, Hkv, L, hd) keys of ``h`` (B, L, D),
+        before rotary, from a decoder layer's attention module (Llama / Qwen2: plain projections)."""
+        hd = attn.head_dim
+        q = attn.q_proj(h_rows).view(*h_rows.shape[:2], -1, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(*h.shape[:2], -1, hd).transpose(1, 2)
+        return q, k
 
 
 def vit_layer_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module, int, float]:
