@@ -193,3 +193,14 @@ def view_images(view: DecoderView) -> tuple[Tensor, list[tuple[Tensor, int]]]:
         members = torch.nonzero(ids == k).flatten()
         out.append((members, int(n0[members[0]])))
     return vis, out
+
+
+def check_decoder_positions(method: str, positions: str, family: str) -> None:
+    """A stage-D ``positions`` knob: one of auto/original/renumber; ``"renumber"`` only with 1-D positions."""
+    check_choice(method, "positions", positions, ("auto", "original", "renumber"))
+    if positions == "renumber" and family not in ONE_D_POSITION_FAMILIES:
+        raise ValueError(
+            f"{method}: positions='renumber' is defined for LLaVA-style 1-D positions "
+            f"({', '.join(ONE_D_POSITION_FAMILIES)}); {family!r} uses 3-D M-RoPE positions: "
+            "use positions='original' or 'auto'"
+        )

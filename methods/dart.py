@@ -1,4 +1,5 @@
-"""DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More", EMNLP 2025, arXiv 2502.11494).
+"""DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication
+Matters More", EMNLP 2025, arXiv 2502.11494).
 
 Duplication-aware reduction of visual tokens inside the LLM: pivot tokens + the tokens least
 duplicated with them. Authors: Wen, Gao, Wang, Zhang, Zhang, Li, He, Zhang. The authors'
@@ -67,7 +68,8 @@ vtprune deviations (batching, numerics):
 * Ties (equal norms or similarities): the earliest candidate in the reference's list order wins
   (reference: ``torch.topk`` order, unspecified).
 
-Policy: :class:`DART` (``"dart"``), stage D on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL.
+Policy: :class:`DART` (``"dart"``), stage D on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision
+and LLaVA-OneVision-1.5 (whose Qwen3 keys include its k norm: the adapter's ``llm_qk``).
 """
 from __future__ import annotations
 
@@ -207,7 +209,9 @@ class DART(DecoderPolicy):
     """
 
     name: ClassVar[str] = "dart"
-    description: ClassVar[str] = "DART: keep pivot tokens and the visual tokens least duplicated with them after layer K (stage D)"
+    description: ClassVar[str] = (
+        "DART: keep pivot tokens and the visual tokens least duplicated with them after layer K (stage D)"
+    )
     layer: int = 2
     keep: int | float = 0.222
     reduction_ratio: float | None = None

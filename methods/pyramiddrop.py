@@ -1,4 +1,5 @@
-"""PyramidDrop (Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy Reduction", CVPR 2025, arXiv 2410.17247).
+"""PyramidDrop (Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid
+Visual Redundancy Reduction", CVPR 2025, arXiv 2410.17247).
 
 Staged in-LLM dropping of image tokens, ranked by the last instruction token's attention. Authors:
 Xing, Huang, Dong, Lu, Zhang, Zang, Cao, He, Wang, Wu, Lin.
@@ -64,7 +65,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, Policy
 from vtprune.registry import register
 
-from ._common import ONE_D_POSITION_FAMILIES, check_choice, parse_tuple, stable_topk, view_images
+from ._common import ONE_D_POSITION_FAMILIES, check_decoder_positions, parse_tuple, stable_topk, view_images
 
 DEFAULT_LAYERS = (8, 16, 24)
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)
@@ -103,14 +104,16 @@ class PyramidDrop(DecoderPolicy):
     Fields: ``layer_list`` (1-based layers after which a stage ends; default 8/16/24; tiny LLMs need
     explicit layers, e.g. ``(1, 2, 3)``), ``ratios`` (image tokens kept after each stage, relative to
     the image's count at the LLM input; default 0.5/0.25/0.125), ``lam`` (optional: ratios = lam^s),
-    ``positions`` (``"auto"``: ``"renumber"`` on LLaVA/LLaVA-NeXT as the reference, ``"original"`` on
+    ``positions`` (``"auto"``: ``"renumber"`` on the 1-D-position families (LLaVA, LLaVA-NeXT, OneVision,
+    OneVision-1.5) as the reference, ``"original"`` on
     Qwen; ``"original"`` keeps the survivors' positions). The inherited ``layer``/``keep`` are unused
     and must stay None.
     """
 
     name: ClassVar[str] = "pyramiddrop"
     description: ClassVar[str] = (
-        "PyramidDrop: image tokens cut after each stage of the LLM, ranked by the last instruction token's attention (stage D)"
+        "PyramidDrop: image tokens cut after each stage of the LLM, ranked by the last instruction "
+        "token's attention (stage D)"
     )
     layer: int | None = None
     keep: int | float | None = None
@@ -144,13 +147,7 @@ class PyramidDrop(DecoderPolicy):
             raise ValueError(f"pyramiddrop: ratios={self.ratios} needs one ratio per layer of layer_list {ll}")
         if not all(0.0 < r <= 1.0 for r in self.ratios) or list(self.ratios) != sorted(self.ratios, reverse=True):
             raise ValueError(f"pyramiddrop: ratios={self.ratios} must lie in (0, 1] and not increase")
-        check_choice("pyramiddrop", "positions", self.positions, ("auto", "original", "renumber"))
-        if self.positions == "renumber" and family not in ONE_D_POSITION_FAMILIES:
-            raise ValueError(
-                f"pyramiddrop: positions='renumber' is defined for LLaVA-style 1-D positions "
-                f"({', '.join(ONE_D_POSITION_FAMILIES)}); {family!r} uses 3-D M-RoPE "
-                "positions: use positions='original' or 'auto'"
-            )
+        check_decoder_positions("pyramiddrop", self.positions, family)
 
     def resolved_positions(self, family: str) -> str:
         if self.positions != "auto":

@@ -1,4 +1,5 @@
-"""SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference", ICML 2025, arXiv 2410.04417).
+"""SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model
+Inference", ICML 2025, arXiv 2410.04417).
 
 Text-guided progressive sparsification of visual tokens inside the LLM, with token recycling.
 Authors: Zhang, Fan, Ma, Zheng, Huang, Cheng, Gudovskiy, Okuno, Nakata, Keutzer, Zhang.
@@ -84,7 +85,8 @@ vtprune deviations:
 * Reference bugs not reproduced: ``.cuda()`` and CUDA events in the forward (CPU runs fail), FLOP
   counters and prints.
 
-Policy: :class:`SparseVLM` (``"sparsevlm"``), stage D on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL.
+Policy: :class:`SparseVLM` (``"sparsevlm"``), stage D on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision
+and LLaVA-OneVision-1.5 (renumbered positions by default on every family with 1-D positions).
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderSelection, DecoderView, Policy, RowAttention
 from vtprune.registry import register
 
-from ._common import ONE_D_POSITION_FAMILIES, check_choice, parse_tuple, score_dtype, stable_topk, view_images
+from ._common import (ONE_D_POSITION_FAMILIES, check_choice, check_decoder_positions, parse_tuple, score_dtype,
+                      stable_topk, view_images)
 
 VERSIONS = ("1.0", "1.5", "2.0")
 DEFAULT_LAYERS = {"1.0": (2, 6, 15, 19), "1.5": (2, 6, 15), "2.0": (2, 6, 15)}
@@ -286,14 +289,8 @@ class SparseVLM(DecoderPolicy):
             raise ValueError(f"sparsevlm: cluster_divisor={self.cluster_divisor} must be >= 1")
         if self.priority_heads is not None and self.priority_heads < 1:
             raise ValueError(f"sparsevlm: priority_heads={self.priority_heads} must be >= 1")
-        check_choice("sparsevlm", "positions", self.positions, ("auto", "original", "renumber"))
+        check_decoder_positions("sparsevlm", self.positions, family)
         check_choice("sparsevlm", "recycle_placement", self.recycle_placement, ("auto", "after_visual", "slot"))
-        if self.positions == "renumber" and family not in ONE_D_POSITION_FAMILIES:
-            raise ValueError(
-                f"sparsevlm: positions='renumber' is defined for LLaVA-style 1-D positions "
-                f"({', '.join(ONE_D_POSITION_FAMILIES)}); {family!r} uses 3-D "
-                "M-RoPE positions: use positions='original' or 'auto'"
-            )
 
     def _layers(self) -> tuple[int, ...]:
         return self.layers if self.layers is not None else DEFAULT_LAYERS.get(self.version, DEFAULT_LAYERS["1.5"])
