@@ -6,12 +6,13 @@ and maps the per-image token layout and its layer defaults the same way.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import re
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from vtprune.policy import ImageTokens, resolve_budget, split_proportional  # noqa: F401  (re-exported)
+from vtprune.policy import DecoderView, ImageTokens, resolve_budget, split_proportional  # noqa: F401  (re-exported)
 
 LLAVA_FAMILIES = ("llava", "llava_next")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -205,3 +206,41 @@ def resolve_layer(layer: int, depth: int, *, method: str, knob: str, one_based: 
 def check_choice(method: str, knob: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{method}: {knob}={value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def parse_tuple(value: Any, *, method: str, knob: str, cast: Callable = int) -> tuple:
+    """A tuple knob from a tuple/list, a single number, or a spec string ``"8/16/24"`` (also ``;``, ``|``)."""
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[/;|\s]+", value.strip()) if p]
+        try:
+            return tuple(cast(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"{method}: {knob}={value!r}; use numbers separated by '/' (e.g. 2/6/15)") from None
+    if isinstance(value, (int, float)):
+        return (cast(value),)
+    return tuple(cast(v) for v in value)
+
+
+def view_images(view: DecoderView) -> tuple[Tensor, list[tuple[Tensor, int]]]:
+    """A stage-D view's visual positions ``vis`` (ascending) and, per image, ``(members, n0)``: the
+    positions into ``vis`` of its tokens and its token count at the LLM input (needs the
+    ``image_tokens_in`` signal of layer 0)."""
+    vis = torch.nonzero(view.visual).flatten()
+    ids = view.image_id[vis]
+    n0 = view.signals["image_tokens_in@0"][vis]
+    out = []
+    for k in torch.unique(ids).tolist():
+        members = torch.nonzero(ids == k).flatten()
+        out.append((members, int(n0[members[0]])))
+    return vis, out
+
+
+def check_decoder_positions(method: str, positions: str, family: str) -> None:
+    """A stage-D ``positions`` knob: one of auto/original/renumber; ``"renumber"`` only with 1-D positions."""
+    check_choice(method, "positions", positions, ("auto", "original", "renumber"))
+    if positions == "renumber" and family not in ONE_D_POSITION_FAMILIES:
+        raise ValueError(
+            f"{method}: positions='renumber' is defined for LLaVA-style 1-D positions "
+            f"({', '.join(ONE_D_POSITION_FAMILIES)}); {family!r} uses 3-D M-RoPE positions: "
+            "use positions='original' or 'auto'"
+        )

@@ -28,10 +28,20 @@ M-RoPE positions of Qwen cannot be renumbered (``ValueError``).
 
 Signals (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tuple of kinds) come from the
 decoder signal registry (``vtprune/signals.py``: ``last_row``, ``post_visual_rows``,
-``image_tokens_in``, and the hooked ``attn_io``/``mlp_io`` reduced by the policy's ``reduce_io``);
-unknown kinds are a ``ValueError`` at ``patch()``. Aligned kinds are stored in LLM-input coordinates
-and gathered at each token's LLM-input index when a policy selects, so the view always gets the
-values of its own tokens. The budget of a sample is ``DecoderPolicy.budget_view(view, layer)``.
+``image_tokens_in``, ``key_l1``, ``final_norm``, the per-policy ``hidden_reduce`` / ``policy_rows``,
+and the hooked ``attn_io``/``mlp_io`` reduced by the policy's ``reduce_io``); unknown kinds are a
+``ValueError`` at ``patch()``. Aligned kinds are stored in LLM-input coordinates and gathered at each
+token's LLM-input index when a policy selects, so the view always gets the values of its own tokens.
+Signals are computed in the layer's pre-hook before its own pruning, except the ``after_prune`` kinds
+(``policy_rows``), computed on the sequence the layer runs on. The budget of a sample is
+``DecoderPolicy.budget_view(view, layer)``.
+
+Recycled tokens. ``select`` may return a :class:`~vtprune.policy.DecoderSelection`: besides the kept
+positions, new hidden states, each taking the identity of one of the policy's dropped visual tokens
+(its slot: LLM-input index, image, position unless renumbered). A recycled token sits at its slot, or
+right after an anchor position the policy names (sequence order, then renumbering gives its position);
+it is a visual token of the later layers like any other and its row of the shortened cache holds its
+own keys and values.
 
 State: the controller reads the patch's :class:`~vtprune.state.RequestState` (handed over at
 construction) and writes only its :class:`~vtprune.state.DecoderState`.
@@ -48,7 +58,7 @@ import torch
 from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
-from .policy import DecoderPolicy, DecoderView
+from .policy import DecoderPolicy, DecoderSelection, DecoderView
 from .signals import DECODER_SIGNALS, DecoderSignalInput
 from .state import DecoderState, RequestState
 
@@ -112,6 +122,7 @@ class DecoderController:
         self.prune_at: dict[int, list[DecoderPolicy]] = {}
         self.signal_at: dict[int, list[str]] = {}
         self.io_at: dict[tuple[int, str], DecoderPolicy] = {}
+        self.signal_owner: dict[tuple[int, str], DecoderPolicy] = {}
         for p in policies:
             for l in p.pruning_layers(n):
                 self.prune_at.setdefault(l, []).append(p)
@@ -126,6 +137,12 @@ class DecoderController:
                         other = self.io_at.setdefault((l, kind), p)
                         if other is not p:
                             raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
+                    elif sig.per_policy:  # computed by the policy's own hooks: one owner per layer
+                        other = self.signal_owner.setdefault((l, kind), p)
+                        if other is not p:
+                            raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
+                        if kind not in self.signal_at.setdefault(l, []):
+                            self.signal_at[l].append(kind)
                     elif kind not in self.signal_at.setdefault(l, []):
                         self.signal_at[l].append(kind)
         self.first_prune = min(self.prune_at) if self.prune_at else None
@@ -248,8 +265,7 @@ class DecoderController:
         if dec.cur_index is not None:
             self._substitute(kwargs)
             changed = True
-        for kind in self.signal_at.get(layer, []):
-            dec.signals[(layer, kind)] = DECODER_SIGNALS[kind].fn(self._signal_input(layer, hidden, kwargs))
+        self._signals(layer, hidden, kwargs, after_prune=False)
         if layer in self.prune_at:
             prev_pos = None
             if self.renumber_at:  # positions of the sequence entering this layer
@@ -264,6 +280,7 @@ class DecoderController:
                 self._renumber(layer, hidden, prev_pos)
             self._substitute(kwargs)
             changed = True
+        self._signals(layer, hidden, kwargs, after_prune=True)
         if dec.cur_pos is not None:
             dec.layer_pos_shift[layer] = dec.pos_shift
         if dec.cur_index is not None:
@@ -319,10 +336,30 @@ class DecoderController:
         out.scatter_(1, idx, values)
         return out[:, :-1]
 
-    def _signal_input(self, layer: int, hidden: Tensor, kwargs: dict) -> DecoderSignalInput:
+    def _signals(self, layer: int, hidden: Tensor, kwargs: dict, *, after_prune: bool) -> None:
+        for kind in self.signal_at.get(layer, []):
+            sig = DECODER_SIGNALS[kind]
+            if sig.after_prune == after_prune:
+                self.dec.signals[(layer, kind)] = sig.fn(
+                    self._signal_input(layer, hidden, kwargs, self.signal_owner.get((layer, kind))))
+
+    def _aligned_current(self) -> dict[str, Tensor]:
+        """The aligned signals computed so far, gathered to the current sequence (``"kind@layer"``)."""
+        dec = self.dec
+        km = self._current_keymask()
+        idx = dec.cur_index if dec.cur_index is not None else torch.arange(km.shape[1], device=km.device)[None].expand_as(km)
+        return {f"{k}@{l}": torch.gather(v, 1, idx) for (l, k), v in dec.signals.items() if DECODER_SIGNALS[k].aligned}
+
+    def _signal_input(self, layer: int, hidden: Tensor, kwargs: dict, policy=None) -> DecoderSignalInput:
         pre = self.state.prefill
         keymask = self._current_keymask()
         pos_emb = kwargs["position_embeddings"]
+        ad = self.adapter
+
+        def keys() -> Tensor:
+            rope = ad.sample_rotary(hidden, pos_emb, kwargs.get("position_ids"), keymask)
+            return ad.llm_keys(layer, hidden, rope)
+
         return DecoderSignalInput(
             layer=layer,
             hidden=hidden,
@@ -333,6 +370,11 @@ class DecoderController:
             input_image_id=pre.image_id,
             attention_rows=lambda rows: self.adapter.llm_attention_rows(layer, hidden, pos_emb, rows, keymask),
             to_input_coords=self._to_input_coords,
+            keys=keys,
+            final_norm=lambda: ad.llm_final_norm(hidden),
+            rope_scores=lambda rows: ad.llm_rope_scores(layer, hidden, pos_emb, rows),
+            aligned=self._aligned_current,
+            policy=policy,
         )
 
     def _io(self, layer: int, kind: str, args: tuple, kwargs: dict, output):
@@ -352,12 +394,13 @@ class DecoderController:
         b = hidden.shape[0]
         keymask = self._current_keymask()
         cur = dec.cur_index if dec.cur_index is not None else torch.arange(hidden.shape[1], device=hidden.device)[None].expand(b, -1)
-        rows, idx_lists = [], []
+        rows, idx_lists, recycled = [], [], []
         for i in range(b):
             valid = torch.nonzero(keymask[i]).flatten()
             orig = cur[i, valid]
             visual = pre.visual[i, orig]
             keep = torch.ones(valid.numel(), dtype=torch.bool, device=hidden.device)
+            extra = []  # recycled tokens: (feature (D,), slot row, order key)
             for p in self.prune_at[layer]:
                 alive = torch.nonzero(keep).flatten()
                 vis_alive = visual[alive]
@@ -377,12 +420,25 @@ class DecoderController:
                 )
                 dec.budget_clamped[i] |= p.budget_clamped(m)
                 n_keep = p.budget_view(view, layer)
-                chosen = torch.as_tensor(p.select(layer, view, ctx), dtype=torch.long, device=hidden.device).flatten()
+                sel = p.select(layer, view, ctx)
+                chosen = torch.as_tensor(sel.keep if isinstance(sel, DecoderSelection) else sel, dtype=torch.long,
+                                         device=hidden.device).flatten()
                 _check(p.name, chosen, vis_alive, n_keep)
                 drop = vis_alive.clone()
                 drop[chosen] = False
                 keep[alive[drop]] = False
+                if isinstance(sel, DecoderSelection) and sel.recycled is not None:
+                    extra.extend(_recycled(p.name, sel, drop, valid[alive]))
             kept_local = valid[keep]
+            if extra:  # recycled tokens join at their slot, or right after their anchor (sequence order)
+                keys = torch.cat([2 * kept_local, torch.tensor([k for _, _, k in extra], device=hidden.device)])
+                order = torch.sort(keys, stable=True).indices
+                slots = torch.tensor([r for _, r, _ in extra], dtype=torch.long, device=hidden.device)
+                kept_local = torch.cat([kept_local, slots])[order]
+                is_new = torch.cat([torch.zeros(keys.numel() - len(extra), dtype=torch.bool, device=hidden.device),
+                                    torch.ones(len(extra), dtype=torch.bool, device=hidden.device)])[order]
+                feats = torch.stack([f for f, _, _ in extra]).to(hidden.dtype)
+                recycled.append((i, torch.nonzero(is_new).flatten(), feats[order[is_new] - (keys.numel() - len(extra))]))
             rows.append(kept_local)
             idx_lists.append(cur[i, kept_local])
         width = max(r.numel() for r in rows)
@@ -396,9 +452,28 @@ class DecoderController:
             new_index[i, s:] = o
             new_keymask[i, s:] = True
             new_rows[i, s:] = r
+        for i, where, feats in recycled:  # recycled tokens: their own hidden states in their slots' rows
+            new_hidden[i, width - rows[i].numel() + where] = feats
         dec.cur_index, dec.cur_keymask = new_index, new_keymask
         dec.last_rows = new_rows  # (B, L') rows of the previous sequence kept (0 on padding)
         return new_hidden
+
+
+def _recycled(name: str, sel: DecoderSelection, dropped: Tensor, rows: Tensor) -> list:
+    """(feature, slot row, order key) of each recycled token of ``sel``; ``dropped`` (n,) bool over the
+    view, ``rows`` (n,) the view's rows in the current sequence."""
+    slots = torch.as_tensor(sel.slots, dtype=torch.long, device=rows.device).flatten()
+    feats = sel.recycled
+    if feats.dim() != 2 or feats.shape[0] != slots.numel():
+        raise RuntimeError(f"policy {name!r} returned {feats.shape[0]} recycled tokens for {slots.numel()} slots")
+    if torch.unique(slots).numel() != slots.numel() or (slots.numel() and not bool(dropped[slots].all())):
+        raise RuntimeError(f"policy {name!r}: recycled tokens need distinct slots among its dropped visual tokens")
+    if sel.after is None:
+        keys = 2 * rows[slots]
+    else:
+        after = torch.as_tensor(sel.after, dtype=torch.long, device=rows.device).flatten()
+        keys = 2 * torch.where(after >= 0, rows[after.clamp(min=0)], torch.full_like(after, -1)) + 1
+    return [(feats[j], int(rows[slots[j]]), int(keys[j])) for j in range(slots.numel())]
 
 
 def _check(name: str, chosen: Tensor, visual: Tensor, n_keep: int) -> None:

@@ -550,6 +550,49 @@ class DecoderView:
 
 
 @dataclass
+class DecoderSelection:
+    """A stage-D selection with recycled tokens (``DecoderPolicy.select`` may return one instead of a tensor).
+
+    Attributes:
+        keep: (k,) long kept visual positions of the view (exactly the policy's budget).
+        recycled: (m, D) hidden states of new tokens built from dropped ones (e.g. merged clusters).
+        slots: (m,) long dropped visual positions of the view; recycled token j takes the identity of
+            ``slots[j]``: its LLM-input index, image and position (unless positions are renumbered).
+        after: (m,) long or None. None: recycled token j sits at its slot (sequence order). Otherwise it
+            is emitted right after the view position ``after[j]`` (several after the same position keep
+            their order in the list); with renumbered positions its position follows from that order.
+    """
+
+    keep: Tensor
+    recycled: Tensor | None = None
+    slots: Tensor | None = None
+    after: Tensor | None = None
+
+
+@dataclass
+class RowAttention:
+    """Attention of chosen query rows at one decoder layer, for ``DecoderPolicy.reduce_rows``.
+
+    Attributes:
+        probs: (B, H, R, L) fp32 head-wise probabilities of the rows over the current keys (causal and
+            padding masks; recomputed from the layer's own norm, q/k and rotary tables).
+        rows: (B, R) long current positions of the rows (0 where ``row_ok`` is False).
+        row_ok: (B, R) bool, False on filler rows of samples with fewer rows.
+        key_mask: (B, L) bool, False on padding.
+        visual: (B, L) bool, visual tokens of the current sequence.
+        rope_scores: callable returning (B, R, L): ``q.k / sqrt(hd)`` that the layer's rotary tables alone
+            give all-ones queries and keys at these rows and keys (computed on demand).
+    """
+
+    probs: Tensor
+    rows: Tensor
+    row_ok: Tensor
+    key_mask: Tensor
+    visual: Tensor
+    rope_scores: Any = None
+
+
+@dataclass
 class DecoderPolicy(Policy):
     """Stage D: drop visual tokens inside the LLM at prefill, from layer ``layer`` on (0-based).
 
@@ -619,5 +662,23 @@ class DecoderPolicy(Policy):
         raise NotImplementedError(f"{self.name} requests the {kind!r} signal but does not define reduce_io")
 
     def select(self, layer: int, view: DecoderView, ctx: Context) -> Tensor:  # pragma: no cover
-        """Return the kept visual positions (long, indices into the current sequence)."""
+        """Return the kept visual positions (long, indices into the current sequence), or a
+        :class:`DecoderSelection` with recycled tokens."""
         raise NotImplementedError
+
+    # Optional hooks of the policy-defined decoder signal kinds (vtprune/decoder.py); a policy that
+    # requests such a kind implements the matching hook.
+    def reduce_hidden(self, layer: int, hidden: Tensor, key_mask: Tensor, visual: Tensor) -> Tensor:  # pragma: no cover
+        """Kind ``"hidden_reduce"``: (B, L) per-token values from the layer input ``hidden`` (B, L, D)."""
+        raise NotImplementedError(f"{self.name} requests 'hidden_reduce' but does not define reduce_hidden")
+
+    def query_rows(self, layer: int, aligned: dict[str, Tensor], key_mask: Tensor, visual: Tensor) -> Tensor:  # pragma: no cover
+        """Kind ``"policy_rows"``: (B, L) bool, the query rows whose attention the policy reads.
+
+        ``aligned``: the aligned signals computed so far, gathered to the current sequence.
+        """
+        raise NotImplementedError(f"{self.name} requests 'policy_rows' but does not define query_rows")
+
+    def reduce_rows(self, layer: int, attention: RowAttention) -> Tensor:  # pragma: no cover
+        """Kind ``"policy_rows"``: (B, L) per-key values from the rows' attention."""
+        raise NotImplementedError(f"{self.name} requests 'policy_rows' but does not define reduce_rows")

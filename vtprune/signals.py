@@ -208,6 +208,14 @@ class DecoderSignalInput:
         attention_rows: ``rows (B, R) long -> (B, H, R, L)`` fp32 probabilities of this layer for those
             query rows of the current sequence (causal + padding mask).
         to_input_coords: ``(B, L) values -> (B, L_in)`` at the tokens' LLM-input positions (0 elsewhere).
+        keys: ``() -> (B, Hkv, L, hd)`` the layer's keys as its KV cache stores them (input norm,
+            ``k_proj``, rotary), rotated at the positions each sample has when run alone.
+        final_norm: ``() -> (B, L, D)`` the layer input through the LLM's final norm.
+        rope_scores: ``rows (B, R) -> (B, R, L)``: ``q.k / sqrt(hd)`` the layer's rotary tables alone give
+            all-ones queries and keys.
+        aligned: ``() -> {"kind@layer": (B, L)}`` the aligned signals computed so far, gathered to the
+            current sequence.
+        policy: the requesting policy (kinds registered ``per_policy``; None otherwise).
     """
 
     layer: int
@@ -219,17 +227,27 @@ class DecoderSignalInput:
     input_image_id: Tensor
     attention_rows: Callable[[Tensor], Tensor]
     to_input_coords: Callable[[Tensor], Tensor]
+    keys: Callable[[], Tensor] | None = None
+    final_norm: Callable[[], Tensor] | None = None
+    rope_scores: Callable[[Tensor], Tensor] | None = None
+    aligned: Callable[[], dict] | None = None
+    policy: Any = None
 
 
 @dataclass(frozen=True)
 class DecoderSignal:
     """A decoder signal kind. ``fn(inp) -> (B, L_cur)`` or, when ``aligned``, (B, L_in) in LLM-input
     coordinates. ``module`` (``"self_attn"``/``"mlp"``): produced by a forward hook on that
-    sub-module and the requesting policy's ``reduce_io`` instead of ``fn``."""
+    sub-module and the requesting policy's ``reduce_io`` instead of ``fn``. ``per_policy``: computed
+    by hooks of the requesting policy (``inp.policy``; one requesting policy per layer).
+    ``after_prune``: computed after the layer's own pruning, on the sequence the layer runs on (the
+    others are computed before it: a policy pruning at that layer selects with them)."""
 
     fn: Callable[[DecoderSignalInput], Tensor] | None
     aligned: bool = False
     module: str | None = None
+    per_policy: bool = False
+    after_prune: bool = False
 
 
 DECODER_SIGNALS: dict[str, DecoderSignal] = {
@@ -238,10 +256,11 @@ DECODER_SIGNALS: dict[str, DecoderSignal] = {
 }
 
 
-def register_decoder_signal(kind: str, *, aligned: bool = False):
+def register_decoder_signal(kind: str, *, aligned: bool = False, per_policy: bool = False,
+                            after_prune: bool = False):
     """Decorator: register ``fn(inp: DecoderSignalInput) -> Tensor`` as the decoder signal ``kind``."""
     def deco(fn):
-        DECODER_SIGNALS[kind] = DecoderSignal(fn, aligned)
+        DECODER_SIGNALS[kind] = DecoderSignal(fn, aligned, per_policy=per_policy, after_prune=after_prune)
         return fn
     return deco
 
@@ -345,3 +364,44 @@ def _instruction_embeds(text: SampleText) -> TextTokens:
 def _text_embeds(text: SampleText) -> TextTokens:
     """Every valid non-image token of the sample (system prompt and template included)."""
     return text.tokens(torch.nonzero(text.valid & (text.ids != text.image_token_id)).flatten())
+@register_decoder_signal("key_l1", aligned=True)
+def _key_l1(inp: DecoderSignalInput) -> Tensor:
+    """L1 norm, in fp32, of each token's key in the layer (rotary applied, all KV heads: what the
+    layer's cache holds), 0 on padding; LLM-input coordinates. The L1 norm is not rotation invariant,
+    so the keys are rotated at each sample's own (unpadded) positions (DART)."""
+    norm = inp.keys().float().abs().sum(dim=(1, 3))
+    return inp.to_input_coords(norm.masked_fill(~inp.key_mask, 0.0))
+
+
+@register_decoder_signal("final_norm")
+def _final_norm(inp: DecoderSignalInput) -> Tensor:
+    """(B, L, D) the layer input through the LLM's final norm (model dtype), current sequence (DART)."""
+    return inp.final_norm()
+
+
+@register_decoder_signal("hidden_reduce", aligned=True, per_policy=True)
+def _hidden_reduce(inp: DecoderSignalInput) -> Tensor:
+    """The requesting policy's ``reduce_hidden(layer, hidden, key_mask, visual) -> (B, L)`` of the
+    layer input; LLM-input coordinates (SparseVLM's text raters)."""
+    return inp.to_input_coords(inp.policy.reduce_hidden(inp.layer, inp.hidden, inp.key_mask, inp.visual))
+
+
+@register_decoder_signal("policy_rows", aligned=True, per_policy=True, after_prune=True)
+def _policy_rows(inp: DecoderSignalInput) -> Tensor:
+    """The requesting policy's ``reduce_rows(layer, RowAttention)`` of the head-wise attention of the
+    rows its ``query_rows(layer, aligned signals so far, key_mask, visual)`` picks; LLM-input
+    coordinates. Computed after any pruning at this layer: it is the attention the layer itself
+    computes (SparseVLM's relation)."""
+    from .policy import RowAttention
+
+    keymask = inp.key_mask
+    n = keymask.shape[1]
+    want = inp.policy.query_rows(inp.layer, inp.aligned(), keymask, inp.visual).bool() & keymask
+    ar = torch.arange(n, device=keymask.device)
+    r = max(int(want.sum(-1).max()), 1)
+    rows = torch.argsort(torch.where(want, ar, n + ar), dim=-1)[:, :r]  # chosen rows first, in order
+    row_ok = torch.gather(want, 1, rows)
+    rows = rows.masked_fill(~row_ok, 0)
+    att = RowAttention(probs=inp.attention_rows(rows), rows=rows, row_ok=row_ok, key_mask=keymask,
+                       visual=inp.visual, rope_scores=lambda: inp.rope_scores(rows))
+    return inp.to_input_coords(inp.policy.reduce_rows(inp.layer, att))

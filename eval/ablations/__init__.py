@@ -18,6 +18,9 @@ the ablation table.
 | globalcom2 | with vs without the thumbnail's global guidance (needs a LLaVA-NeXT model: on a single-view model such as the embedded default the sweep stops before the first cell with an error naming the fix) |
 | pitome | energy margin (pitome-p, the post-merger variant that runs on every tower) |
 | fastv | layer K x keep ratio R |
+| dart | pivot split (image + text of 8) and pivot visiting order |
+| pyramiddrop | lambda (image tokens kept after stage s = lambda^s), as the budget |
+| sparsevlm | token recycling on/off and version (v1.5 vs v2.0) at the retain presets |
 """
 from __future__ import annotations
 
@@ -73,6 +76,36 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         ],
         "budgets": [0.25, 0.125],
     },
+    "dart": {
+        "about": "DART pivots: image/text split of the 8 pivots, and the reference's set order vs score order",
+        "methods": [
+            {"name": "dart", "params": {"pivot_image": pi, "pivot_text": pt}, "label": f"dart pivots {pi}+{pt}"}
+            for pi, pt in ((4, 4), (8, 0), (0, 8), (2, 2))
+        ] + [{"name": "dart", "params": {"pivot_order": "score"}, "label": "dart pivots 4+4, score order"}],
+        "budgets": [0.25, 0.125],
+    },
+    "pyramiddrop": {
+        "about": "PyramidDrop lambda (the budget knob: image tokens kept after stage s = lambda^s), stages at "
+                 "1/4, 1/2, 3/4 of the LLM depth",
+        "methods": lambda d: [
+            {"name": "pyramiddrop", "budget_param": "lam",
+             "params": {"layer_list": tuple(sorted({max(1, min(d["llm"] - 1, round(d["llm"] * f)))
+                                                     for f in (0.25, 0.5, 0.75)}))},
+             "label": "pyramiddrop"}
+        ],
+        "budgets": [0.75, 0.5, 0.35],
+    },
+    "sparsevlm": {
+        "about": "SparseVLM token recycling and version: v1.5 with vs without recycling, v2.0 (SparseVLM+), at "
+                 "the retain presets 192/128/64 (random at the matching fractions of 576)",
+        "methods": lambda d: [
+            {"name": "sparsevlm", "budget_param": "retain", "budgets": [192, 128, 64],
+             "params": dict(params, layers=_sparsevlm_layers(d["llm"])), "label": label}
+            for label, params in (("sparsevlm v1.5", {}), ("sparsevlm v1.5 no recycling", {"recycle": False}),
+                                  ("sparsevlm v2.0", {"version": "2.0"}))
+        ],
+        "budgets": [0.333, 0.222, 0.111],
+    },
     "fastv": {
         "about": "FastV layer K x keep ratio R",
         "methods": lambda d: [
@@ -111,6 +144,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         "budgets": [0.25, 0.125],
     },
 }
+
+
+def _sparsevlm_layers(n_llm: int) -> tuple[int, ...]:
+    """SparseVLM's ranking layers 2/6/15 of 32 spread over an ``n_llm``-layer LLM (at most n - 2)."""
+    layers = tuple(sorted({min(n_llm - 2, round(l * n_llm / 32)) for l in (2, 6, 15)}))
+    return layers if len(layers) == 3 else (0, 1, 2)
 
 
 def ablation_config(name: str, *, model: str = "embedded", benchmark: str | None = None,

@@ -25,12 +25,11 @@ import contextlib
 import pytest
 import torch
 
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
-
 import vtprune
 from vtprune.methods import transprune as TP
 from vtprune.testing import FAMILIES, make_inputs, prompt_for, tiny_images
 
+from _staged_oracle import causal_mask, layer0_input
 from helpers import GEN, assert_batch_equals_alone, batch, tiny
 from oracles import last_logits, masked_run
 
@@ -100,37 +99,6 @@ def oracle_keeps(family: str, inp, *, prune=(1, 2, 3), ratios=(0.75, 0.5, 0.25),
         new[img[local]] = True
         keeps.append(new)
     return keeps
-
-
-def layer0_input(model, inp) -> torch.Tensor:
-    """(1, L, D) input hidden states of decoder layer 0 of the unpatched model for ``inp``."""
-    got = {}
-
-    def grab(m, args, kwargs):
-        got["h"] = args[0] if args else kwargs["hidden_states"]
-        raise _Stop
-
-    hk = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inp)
-    except _Stop:
-        pass
-    finally:
-        hk.remove()
-    return got["h"]
-
-
-class _Stop(Exception):
-    pass
-
-
-def causal_mask(model, n: int, dtype) -> torch.Tensor:
-    cfg = model.model.language_model.config
-    fn = ALL_MASK_ATTENTION_FUNCTIONS[cfg._attn_implementation]
-    return fn(batch_size=1, q_length=n, kv_length=n, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
-              attention_mask=torch.ones(1, n, dtype=torch.bool), allow_is_causal_skip=False, dtype=dtype,
-              config=cfg, device=torch.device("cpu"))
 
 
 def explicit_renumbered_run(family: str, inp, *, keeps=None, n_prompt=None, prune=(1, 2, 3),

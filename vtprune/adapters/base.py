@@ -25,6 +25,7 @@ name signal layers). Adapters without an LLM (open_clip ViTs) install their own 
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
@@ -253,6 +254,55 @@ class Adapter:
         q, _ = rot(q, q, cos_r, sin_r)
         k, _ = rot(k, k, cos, sin)
         return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows)
+
+    def llm_keys(self, layer_idx: int, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        """(B, Hkv, L, hd) keys of decoder layer ``layer_idx`` as its KV cache stores them.
+
+        Input norm, the family's key projection (:meth:`llm_qk`) and the layer's own rotary tables, in
+        the model's dtype; grouped-query heads are not repeated (``hidden``: (B, L, D) input of the layer).
+        """
+        layer = self.llm_layers()[layer_idx]
+        h = layer.input_layernorm(hidden)
+        b = h.shape[0]
+        _, k = self.llm_qk(layer.self_attn, h[:, :1], h)  # the family's own q/k (e.g. Qwen3's k norm)
+        cos, sin = position_embeddings
+        _, k = self.rotary_fn(layer)(k, k, cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:]))
+        return k
+
+    def llm_rope_scores(self, layer_idx: int, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                        rows: Tensor) -> Tensor:
+        """(B, R, L) ``q.k / sqrt(hd)`` (fp32; float64 for float64 models) of all-ones queries (rows ``rows`` (B, R)) and keys after the
+        layer's rotary tables: the score the positions alone contribute (``hidden`` fixes B, L, dtype)."""
+        layer = self.llm_layers()[layer_idx]
+        hd = layer.self_attn.head_dim
+        b, n, _ = hidden.shape
+        cos, sin = position_embeddings
+        dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        cos, sin = cos.expand(b, *cos.shape[1:]).to(dt), sin.expand(b, *sin.shape[1:]).to(dt)
+        ones = torch.ones((b, 1, n, hd), dtype=dt, device=hidden.device)
+        _, k = self.rotary_fn(layer)(ones, ones, cos, sin)
+        q = torch.gather(k[:, 0], 1, rows[..., None].expand(-1, -1, hd))
+        return torch.matmul(q, k[:, 0].transpose(-1, -2)) / math.sqrt(hd)
+
+    def sample_rotary(self, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], position_ids: Tensor | None,
+                      key_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The rotary tables of a decoder layer at the positions each sample has when run alone.
+
+        A plain forward of a left-padded batch numbers the padding too (positions ``arange(L)``), which
+        attention does not notice (RoPE is relative) but absolute functions of the rotated keys do.
+        1-D position ids are shifted so that each sample's first real token (``key_mask`` (B, L))
+        keeps its unpadded number; without padding or position ids the layer's tables are returned.
+        """
+        if position_ids is None or position_ids.shape[-1] != hidden.shape[1] or bool(key_mask.all()):
+            return position_embeddings
+        b = hidden.shape[0]
+        pid = position_ids.long().expand(b, position_ids.shape[-1])
+        first = key_mask.long().argmax(-1, keepdim=True)  # first real token (left padding)
+        return self.rotary(hidden, (pid - torch.gather(pid, 1, first)).masked_fill(~key_mask, 0))
+
+    def llm_final_norm(self, hidden: Tensor) -> Tensor:
+        """The language model's final norm (the one before ``lm_head``) applied to ``hidden`` (B, L, D)."""
+        return self.language_model.norm(hidden)
 
 
     def llm_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..policy import ImageTokens
 from ..signals import PACKED_VIT_SIGNALS, PackedViTBlock, parse_signal
-from .base import Encoded
+from .base import Adapter, Encoded
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
@@ -129,6 +129,7 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
     # ------------------------------------------------------------ positions and inputs (1-D, as LLaVA)
     full_positions = LlavaAdapter.full_positions
     renumber_positions = LlavaAdapter.renumber_positions
+    sample_rotary = Adapter.sample_rotary  # 1-D position ids: shifted per sample (not the Qwen M-RoPE tables)
 
     def decode_positions(self, pos: Tensor) -> Tensor:
         return pos

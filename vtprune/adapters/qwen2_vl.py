@@ -176,6 +176,10 @@ class Qwen2VLAdapter(Adapter):
             out["mm_token_type_ids"] = new.gather(kwargs["mm_token_type_ids"], 0)
         return out
 
+    def sample_rotary(self, hidden, position_embeddings, position_ids, key_mask):
+        """The layer's own M-RoPE tables: computed from the padding mask, already per sample."""
+        return position_embeddings
+
     def decode_positions(self, pos: Tensor) -> Tensor:
         return pos[None].expand(3, -1, -1)
 

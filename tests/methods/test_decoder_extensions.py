@@ -1,0 +1,176 @@
+"""Hook-layer extensions used by the in-LLM methods, tested on their own with minimal policies:
+
+* recycled tokens (``DecoderSelection``): a recycled token takes the slot of a dropped visual token;
+  - at its slot, original positions: oracle = the *unpatched* model where that slot's hidden state is
+    replaced at the pruning layer and the other dropped keys are masked from that layer on (every
+    family, SDPA and eager, batch of 2 with left padding, cached ``generate``);
+  - after an anchor with renumbered positions (LLaVA): oracle = the explicit layer-by-layer run;
+* the policy-defined signal kinds: ``hidden_reduce`` sees the layer input; ``policy_rows`` gives the
+  head-wise attention of the chosen rows (== eager ``output_attentions``) and is computed on the
+  sequence the layer runs on, after that layer's own pruning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.policy import DecoderPolicy, DecoderSelection
+from vtprune.testing import FAMILIES
+
+from helpers import GEN, batch, tiny
+from _staged_oracle import Decision, explicit_run, replaced_rows
+from oracles import last_logits, masked_run
+
+
+@dataclass
+class MeanRecycler(DecoderPolicy):
+    """At ``layer`` keep the first half of the visual tokens; the mean of the dropped ones is recycled
+    into the last dropped slot (``anchor=True``: right after the last visual token instead)."""
+
+    name: ClassVar[str] = "mean-recycler"
+    layer: int = 2
+    keep: float = 0.5
+    anchor: bool = False
+    renumber: bool = False
+
+    def position_handling(self, num_layers, family):
+        return {self.layer: "renumber" if self.renumber else "original"}
+
+    def budget_view(self, view, layer):
+        return int(view.visual.sum()) // 2
+
+    def select(self, layer, view, ctx):
+        vis = torch.nonzero(view.visual).flatten()
+        k = vis.numel() // 2
+        dropped = vis[k:]
+        feat = view.hidden[dropped].mean(0, keepdim=True)
+        return DecoderSelection(keep=vis[:k], recycled=feat, slots=dropped[-1:],
+                                after=vis[-1:] if self.anchor else None)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recycled_token_at_its_slot_equals_replaced_and_masked_run(family, attn):
+    model, inp = batch(family, n=2, attn=attn, first=1)
+    assert (inp["attention_mask"] == 0).any()
+    with vtprune.patch(model, MeanRecycler()) as h, torch.no_grad():
+        out = model(**inp).logits
+        gen = model.generate(**inp, **GEN)
+        sched = h.stats.schedules
+    ids, mask = inp["input_ids"], inp["attention_mask"].bool()
+    visual = (ids == model.config.image_token_id) & mask
+    keep = mask & ~visual
+    slots, dropped = [], []
+    for b in range(ids.shape[0]):
+        vis = torch.nonzero(visual[b]).flatten()
+        k = vis.numel() // 2
+        keep[b, vis[:k]] = True
+        keep[b, vis[-1]] = True  # the recycled token's slot
+        slots.append(int(vis[-1]))
+        dropped.append(vis[k:])
+        assert sched[b].visual_tokens_per_layer[2:] == [k + 1, k + 1]
+    means = replaced_rows(model, 2, lambda hid: [(b, s, hid[b, d].mean(0)) for b, (s, d) in enumerate(zip(slots, dropped))])
+    with means, masked_run(model, 2, keep), torch.no_grad():
+        ref = model(**inp).logits
+        gref = model.generate(**inp, **GEN)
+    torch.testing.assert_close(last_logits(out), last_logits(ref), rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, gref)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_recycled_token_after_an_anchor_with_renumbering_equals_explicit_run(family):
+    model, inp = batch(family, n=1, first=1)
+    eager, _ = tiny(family, "eager")
+    visual_in = inp["input_ids"][0] == model.config.image_token_id
+
+    def decide(l, hid, index, tables, inputs):
+        vis = torch.nonzero(visual_in[index]).flatten()
+        k = vis.numel() // 2
+        rows = [r for r in range(hid.shape[1]) if not visual_in[index[r]] or r in vis[:k].tolist()]
+        at = sum(1 for r in rows if r <= int(vis[-1]))
+        new_rows = rows[:at] + [int(vis[-1])] + rows[at:]
+        return Decision(new_rows, index[torch.tensor(new_rows)].tolist(), {at: hid[0, vis[k:]].mean(0)})
+
+    with vtprune.patch(model, MeanRecycler(anchor=True, renumber=True)) as h, torch.no_grad():
+        out = model(**inp).logits
+    ref, decisions = explicit_run(eager, inp, decide, (2,))
+    assert h.stats.llm_kept_index[0].tolist() == decisions[0].index
+    torch.testing.assert_close(last_logits(out), ref, rtol=1e-4, atol=1e-5)
+
+
+@dataclass
+class RowsRecorder(DecoderPolicy):
+    """Requests ``hidden_reduce`` at layer 0 (the norm of each input token) and ``policy_rows`` at
+    ``rows_layer`` (rows: the last token; reduction: head mean of that row), prunes at ``layer``."""
+
+    name: ClassVar[str] = "rows-recorder"
+    layer: int = 1
+    keep: float = 0.5
+    rows_layer: int = 1
+    seen: list = field(default_factory=list)
+
+    def signal_layers(self, num_layers):
+        out = {0: ("hidden_reduce",)}
+        out[self.rows_layer] = out.get(self.rows_layer, ()) + ("policy_rows",)
+        return out
+
+    def reduce_hidden(self, layer, hidden, key_mask, visual):
+        return hidden.float().norm(dim=-1) * key_mask
+
+    def query_rows(self, layer, aligned, key_mask, visual):
+        n = key_mask.shape[1]
+        last = (key_mask.long() * torch.arange(n)).argmax(-1)
+        return torch.arange(n)[None] == last[:, None]
+
+    def reduce_rows(self, layer, attention):
+        self.seen.append(("rows", attention))
+        return attention.probs.mean(1)[:, 0]
+
+    def select(self, layer, view, ctx):
+        self.seen.append(("view", view))
+        vis = torch.nonzero(view.visual).flatten()
+        return vis[: self.budget(vis.numel(), layer)]
+
+
+def test_policy_signal_kinds_equal_the_eager_model():
+    model, inp = batch("llava", n=1, attn="eager", first=1)
+    pol = RowsRecorder(layer=3, rows_layer=2)
+    with vtprune.patch(model, pol), torch.no_grad():
+        model(**inp)
+    with torch.no_grad():
+        out = model(**inp, output_attentions=True, output_hidden_states=True)
+    view = [v for kind, v in pol.seen if kind == "view"][0]
+    att = [a for kind, a in pol.seen if kind == "rows"][0]
+    torch.testing.assert_close(view.signals["hidden_reduce@0"], out.hidden_states[0][0].norm(dim=-1))
+    torch.testing.assert_close(att.probs[0, :, 0], out.attentions[2][0][:, -1].float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(view.signals["policy_rows@2"], out.attentions[2][0][:, -1].float().mean(0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_policy_rows_is_computed_after_the_layers_own_pruning():
+    """Requested at the layer where the policy prunes: the attention of the pruned sequence (what the
+    layer itself computes), not of the sequence before the cut."""
+    model, inp = batch("llava", n=1, attn="eager", first=1)
+    pol = RowsRecorder(layer=2, rows_layer=2)
+    with vtprune.patch(model, pol) as h, torch.no_grad():
+        model(**inp)
+    kept = h.stats.llm_kept_index[0]
+    keep = torch.zeros(inp["input_ids"].shape[1], dtype=torch.bool)
+    keep[kept] = True
+    with masked_run(model, 2, keep[None]), torch.no_grad():
+        out = model(**inp, output_attentions=True)
+    att = [a for kind, a in pol.seen if kind == "rows"][0]
+    assert att.probs.shape[-1] == kept.numel()
+    torch.testing.assert_close(att.probs[0, :, 0], out.attentions[2][0][:, -1][:, kept].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_two_policies_cannot_share_a_policy_kind_at_one_layer():
+    model, _ = batch("llava", n=1)
+    with pytest.raises(ValueError, match="two policies request the 'hidden_reduce' signal of decoder layer 0"):
+        vtprune.patch(model, [RowsRecorder(layer=2), RowsRecorder(layer=3)])
+    assert not hasattr(model, "_vtprune_patch")
+    assert not model._forward_pre_hooks and not model._forward_hooks  # nothing left installed
