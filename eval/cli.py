@@ -118,16 +118,19 @@ def _cmd_sweep(args) -> int:
     import torch
 
     from vtprune.eval.sweep import CellsFailedError, MissingAssetError, load_config, run_sweep
+    from vtprune.eval.sweep.variables import parse_overrides
 
     if args.threads:
         torch.set_num_threads(args.threads)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     store = args.store
     try:
-        cfg = load_config(args.config)
+        variables = parse_overrides(args.set)
+        cfg = load_config(args.config, variables, allow_unset=True)
         store = store or cfg.store or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0],
                                                    "results.jsonl")
-        records = run_sweep(args.config, store, limit=args.limit, shard_by=args.shard_by, progress=not args.no_progress)
+        records = run_sweep(args.config, store, limit=args.limit, shard_by=args.shard_by, progress=not args.no_progress,
+                            variables=variables)
     except (ValueError, FileNotFoundError, MissingAssetError) as exc:
         print(f"vtprune sweep: error: {exc}", file=sys.stderr)
         return 2
@@ -151,7 +154,7 @@ def _cmd_report(args) -> int:
     from vtprune.eval.report import make_report
 
     try:
-        paths = make_report(args.results, args.out)
+        paths = make_report(args.results, args.out, config=args.config)
     except (ValueError, FileNotFoundError) as exc:
         print(f"vtprune report: error: {exc}", file=sys.stderr)
         return 2
@@ -224,13 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel shards through accelerate (auto: when launched with WORLD_SIZE > 1)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--set", action="append", default=None, metavar="NAME=VALUE",
+                   help="value of a ${NAME} in the config, e.g. --set MODELS=/data/models (repeatable; overrides the "
+                        "environment variable of the same name)")
     p.set_defaults(fn=_cmd_sweep)
 
     p = sub.add_parser("report", help="tables and accuracy-vs-FLOPs plots of a results store",
                        description="Writes results.md, results.csv and one accuracy-vs-FLOPs plot per model x "
-                                   "benchmark from a results store.")
+                                   "benchmark from a results store. When the sweep's config carries published "
+                                   "numbers (a 'published' block, saved next to the store by the sweep, or "
+                                   "--config), adds them beside the measured ones with the difference and a "
+                                   "measured-vs-published plot.")
     p.add_argument("results", help="results JSONL written by vtprune sweep")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", default=None, help="a sweep config whose 'published' block to compare with (default: "
+                                                  "the blocks the sweep saved next to RESULTS)")
     p.set_defaults(fn=_cmd_report)
     return parser
 

@@ -12,7 +12,12 @@ or ``vtprune report RESULTS.jsonl --out DIR``. Written to ``DIR``:
 - ``pareto_<model>__<benchmark>.png``: accuracy vs total prefill TFLOPs per sample, one line per
   method through its budgets (points labelled with the budget), the vanilla ``none`` point as a star,
   a dotted line at the vanilla accuracy and a top axis with the fraction of vanilla FLOPs;
-- ``relative_<model>.png``: relative accuracy (mean over benchmarks) vs FLOPs ratio.
+- ``relative_<model>.png``: relative accuracy (mean over benchmarks) vs FLOPs ratio;
+- when the sweep's config carries published numbers (its ``published`` block, saved next to the store by
+  the sweep, or ``config=``): a "Published vs measured" section in ``results.md`` (each number with its
+  convention and source, the measured value in the same convention, the difference, both relative to
+  their own vanilla row), ``published.csv``, and ``published_<config>__<model>.png`` (measured against
+  published, one panel per column, one colour per method, points labelled with the budget).
 """
 from __future__ import annotations
 
@@ -26,12 +31,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .store import ResultsStore
 
-__all__ = ["make_report", "load_rows", "ranking", "CSV_COLUMNS"]
+__all__ = ["make_report", "load_rows", "ranking", "compare_published", "CSV_COLUMNS", "PUBLISHED_COLUMNS"]
 
 CSV_COLUMNS = ("model", "benchmark", "method", "method_name", "budget_param", "budget", "status", "n", "accuracy",
                "rel_accuracy", "total_prefill_tflops", "llm_prefill_tflops", "vision_tflops", "projector_tflops",
                "flops_ratio", "llm_flops_ratio", "fastv_ratio", "visual_tokens", "eq_visual_tokens", "prompt_tokens",
                "kv_mib", "prefill_ms", "total_ms", "peak_mem_mib")
+
+PUBLISHED_COLUMNS = ("config", "model", "method", "budget", "column", "benchmark", "convention", "published", "measured",
+                     "delta", "published_rel", "measured_rel", "delta_rel", "n", "source")
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">", "p", "*")
 
@@ -56,9 +64,11 @@ def _is_ref(r: Mapping) -> bool:
     return r.get("method_name") == "none" or (r.get("method") == "none" and r.get("spec") is None)
 
 
-def _budget_str(b: Any) -> str:
+def _budget_str(b: Any, ref: bool = True) -> str:
+    """A budget for tables and plots: ``None`` is "full" for the vanilla reference and "fixed" for a
+    method that runs at its own settings (``budget_param: null``)."""
     if b is None:
-        return "full"
+        return "full" if ref else "fixed"
     if isinstance(b, float) and b.is_integer() and b > 1:
         b = int(b)
     return f"{b:g}" if isinstance(b, float) else str(b)
@@ -184,7 +194,7 @@ def _plot_pareto(rows: Sequence[Mapping], model: str, bench: str, path: Path, st
         ax.plot(xs, ys, color=st["color"], marker=st["marker"], linestyle=st.get("linestyle", "-"), linewidth=1.8,
                 markersize=7, label=method, zorder=3)
         for x, y, r in zip(xs, ys, rs):
-            ax.annotate(_budget_str(r.get("budget")), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7,
+            ax.annotate(_budget_str(r.get("budget"), False), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7,
                         color=st["color"])
     if ref is not None and ref.get("total_prefill_tflops") is not None:
         x0, y0 = ref["total_prefill_tflops"], ref["accuracy"] * scale
@@ -232,7 +242,7 @@ def _plot_relative(rows: Sequence[Mapping], model: str, path: Path, styles: dict
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=st["color"], marker=st["marker"],
                 linestyle=st.get("linestyle", "-"), linewidth=1.8, markersize=7, label=method, zorder=3)
         for x, y, b, n in pts:
-            note = _budget_str(b) + ("" if n == len(benches) else f" ({n}/{len(benches)})")
+            note = _budget_str(b, False) + ("" if n == len(benches) else f" ({n}/{len(benches)})")
             ax.annotate(note, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7, color=st["color"])
         drawn += 1
     ax.axhline(100, color="goldenrod", linestyle=":", linewidth=1, zorder=1)
@@ -265,7 +275,7 @@ def _table(rows: Sequence[Mapping]) -> list[str]:
         acc = r.get("accuracy")
         rel = r.get("rel_accuracy")
         out.append("| " + " | ".join([
-            str(r["benchmark"]), ("**none**" if _is_ref(r) else str(r["method"])), _budget_str(r.get("budget")),
+            str(r["benchmark"]), ("**none**" if _is_ref(r) else str(r["method"])), _budget_str(r.get("budget"), _is_ref(r)),
             _fmt(acc * scale if acc is not None else None, ".1f"), _fmt(rel * 100 if rel is not None else None, ".1f"),
             _fmt(r.get("total_prefill_tflops")), _fmt(r.get("flops_ratio"), ".3f"), _fmt(r.get("visual_tokens"), ".1f"),
             _fmt(r.get("prefill_ms"), ".1f"), _fmt(r.get("total_ms"), ".1f"),
@@ -281,8 +291,136 @@ def _write_csv(rows: Sequence[Mapping], path: Path) -> None:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in CSV_COLUMNS])
 
 
-def make_report(results: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, list[Path] | Path]:
-    """Write the markdown, CSV and PNG plots of ``results`` into ``out_dir``; returns the paths."""
+# ----------------------------------------------------------------------------------------------------
+# Published numbers beside the measured ones
+
+
+def _find(rows: Sequence[Mapping], model: str, bench: str, method: str, budget: Any) -> Mapping | None:
+    """The scored record of a cell; of several (runs with different ``limit``), the one with the most samples."""
+    hits = [r for r in _ok(rows) if r.get("model") == model and r.get("benchmark") == bench
+            and r.get("method") == method and r.get("budget") == budget]
+    return max(hits, key=lambda r: r.get("n") or 0) if hits else None
+
+
+def compare_published(rows: Sequence[Mapping], published, config: str = "") -> list[dict]:
+    """One dict per (published row, column) with the measured value in the same convention
+    (:data:`PUBLISHED_COLUMNS`; ``measured`` is ``None`` when the cell has not run)."""
+    out = []
+    for prow in published.rows:
+        for mid, value in prow.values.items():
+            metric = published.metrics[mid]
+            rec = _find(rows, prow.model, metric.benchmark, prow.method, prow.budget)
+            ref = _find(rows, prow.model, metric.benchmark, "none", None)
+            measured = metric.measured(rec)
+            mref = metric.measured(ref)
+            pref = published.reference(prow, mid)
+            prel = 100 * value / pref if pref else None
+            mrel = 100 * measured / mref if measured is not None and mref else None
+            out.append({"config": config, "model": prow.model, "method": prow.method, "budget": prow.budget,
+                        "column": mid, "benchmark": metric.benchmark, "convention": metric.convention,
+                        "published": value, "measured": measured,
+                        "delta": measured - value if measured is not None else None,
+                        "published_rel": prel, "measured_rel": mrel,
+                        "delta_rel": mrel - prel if mrel is not None and prel is not None else None,
+                        "n": rec.get("n") if rec else None, "source": prow.source})
+    return out
+
+
+def _published_md(name: str, published, comp: Sequence[Mapping]) -> list[str]:
+    md = [f"## Published vs measured: {name}", "",
+          "Published numbers as the sources report them, beside this store's measurement of the same cell in the "
+          "same convention (the column's harness field, scaled). Δ = measured − published. Relative columns: % of "
+          "the vanilla row of the same source (published) and of the `none` cell (measured); they compare the drop "
+          "from vanilla, which survives differences of toolkit, prompt and split better than absolute numbers. "
+          "\"–\": the cell has not run yet (or the record lacks the field).", "",
+          "| column | benchmark | paper's convention | measured as | where the harness differs |", "|---|---|---|---|---|"]
+    for m in published.metrics.values():
+        scale = "" if m.scale == 1 else f" × {m.scale:g}"
+        md.append(f"| {m.id} | {m.benchmark} | {m.convention} | `score.{m.field}`{scale} | {m.differs or '–'} |")
+    md += ["", "| source | citation | note |", "|---|---|---|"]
+    for src in published.sources.values():
+        md.append(f"| {src.id} | {src.cite()} | {src.note or '–'} |")
+    md.append("")
+    for model in dict.fromkeys(r["model"] for r in comp):
+        md += [f"### {model}", "",
+               "| method | budget | column | published | measured | Δ | published rel. (%) | measured rel. (%) | Δ rel. | n | source |",
+               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in (r for r in comp if r["model"] == model):
+            is_ref = r["method"] == "none"
+            md.append("| " + " | ".join([
+                "**none**" if is_ref else r["method"], _budget_str(r["budget"], is_ref), r["column"],
+                _fmt(r["published"], ".5g"), _fmt(r["measured"], ".5g"), _fmt(r["delta"], "+.4g"),
+                _fmt(r["published_rel"], ".1f"), _fmt(r["measured_rel"], ".1f"), _fmt(r["delta_rel"], "+.1f"),
+                _fmt(r["n"], "d"), r["source"]]) + " |")
+        md.append("")
+    return md
+
+
+def _plot_published(comp: Sequence[Mapping], published, model: str, path: Path, styles: dict) -> bool:
+    """Measured against published, one panel per column; False (nothing written) when nothing was measured."""
+    mine = [r for r in comp if r["model"] == model and r["measured"] is not None]
+    if not mine:
+        return False
+    plt = _plt()
+    cols = list(dict.fromkeys(r["column"] for r in mine))
+    n = len(cols)
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.2 * nrows), dpi=120, squeeze=False)
+    for ax, col in zip(axes.flat, cols):
+        pts = [r for r in mine if r["column"] == col]
+        xs = [r["published"] for r in pts] + [r["measured"] for r in pts]
+        lo, hi = min(xs), max(xs)
+        pad = 0.05 * (hi - lo or abs(hi) or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", linestyle=":", linewidth=1, label="measured = published")
+        for r in pts:
+            if r["method"] == "none":
+                ax.scatter([r["published"]], [r["measured"]], marker="*", s=260, color="gold", edgecolor="black",
+                           linewidth=0.8, zorder=5, label="none (vanilla)")
+                continue
+            st = styles.get(r["method"], {"color": "C0", "marker": "o"})
+            ax.scatter([r["published"]], [r["measured"]], color=st["color"], marker=st["marker"], s=45, zorder=4,
+                       label=r["method"])
+            ax.annotate(_budget_str(r["budget"], False), (r["published"], r["measured"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color=st["color"])
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="best")
+        m = published.metrics[col]
+        ax.set_title(f"{col}: {m.convention}", fontsize=8, wrap=True)
+        ax.set_xlabel("published")
+        ax.set_ylabel("measured (same convention)")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"{model}: measured vs published (labels are budgets)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _published_blocks(results: str | os.PathLike, config: str | os.PathLike | None) -> dict:
+    """``{name: Published}``: the ``published`` block of ``config``, else the blocks the sweep saved next to ``results``."""
+    from .sweep.published import load_sidecar
+
+    if config is None:
+        return load_sidecar(results)
+    from .sweep.config import load_config
+
+    cfg = load_config(config, allow_unset=True)
+    if cfg.published is None:
+        raise ValueError(f"{config}: the config has no 'published' block to compare with")
+    return {cfg.name or Path(config).stem: cfg.published}
+
+
+def make_report(results: str | os.PathLike, out_dir: str | os.PathLike,
+                config: str | os.PathLike | None = None) -> dict[str, list[Path] | Path]:
+    """Write the markdown, CSV and PNG plots of ``results`` into ``out_dir``; returns the paths
+    (``published`` too, the CSV of the published comparison, when there are published numbers).
+
+    ``config``: a sweep config whose ``published`` block to show; default: the blocks the sweep saved
+    next to ``results`` (``<stem>.published.json``)."""
     rows_all = load_rows(results)
     if not rows_all:
         raise ValueError(f"{results}: no records yet (the sweep has not finished a cell)")
@@ -291,7 +429,9 @@ def make_report(results: str | os.PathLike, out_dir: str | os.PathLike) -> dict[
     ok = _ok(rows_all)
     unsupported = [r for r in rows_all if r.get("status") not in (None, "ok")]
     models = list(dict.fromkeys(r["model"] for r in rows_all))
-    methods = sorted({r["method"] for r in ok if not _is_ref(r)})
+    blocks = _published_blocks(results, config)
+    methods = sorted({r["method"] for r in ok if not _is_ref(r)}
+                     | {r.method for b in blocks.values() for r in b.rows if r.method != "none"})
     styles = _method_styles(methods)
     pngs: list[Path] = []
     md = [f"# Sweep report: `{Path(results).name}`", "",
@@ -302,6 +442,25 @@ def make_report(results: str | os.PathLike, out_dir: str | os.PathLike) -> dict[
           "token schedule that actually ran; docs/efficiency.md); FLOPs ratio is relative to `none`; visual tokens are "
           "per image at the LLM input; latencies are medians per sample (the `env` field of each record "
           "names the hardware).", ""]
+    paths: dict = {}
+    comparisons = []
+    for name, published in blocks.items():
+        comp = compare_published(rows_all, published, name)
+        comparisons += comp
+        section = _published_md(name, published, comp)
+        for model in dict.fromkeys(r["model"] for r in comp):
+            p = out / f"published_{_slug(name)}__{_slug(model)}.png"
+            if _plot_published(comp, published, model, p, styles):
+                pngs.append(p)
+                section += [f"![measured vs published, {model}]({p.name})", ""]
+        md += section
+    if comparisons:
+        paths["published"] = out / "published.csv"
+        with open(paths["published"], "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(PUBLISHED_COLUMNS)
+            for r in comparisons:
+                w.writerow(["" if r.get(c) is None else r.get(c) for c in PUBLISHED_COLUMNS])
     for model in models:
         mrows = sorted([r for r in ok if r["model"] == model], key=lambda r: (str(r["benchmark"]),) + _sort_key(r))
         md += [f"## {model}", ""]
@@ -334,7 +493,7 @@ def make_report(results: str | os.PathLike, out_dir: str | os.PathLike) -> dict[
         md += ["## Unsupported cells", "", "| model | benchmark | method | budget | reason |", "|---|---|---|---|---|"]
         for r in unsupported:
             reason = str(r.get("error", "")).replace("|", "\\|").replace("\n", " ")
-            md.append(f"| {r['model']} | {r['benchmark']} | {r['method']} | {_budget_str(r.get('budget'))} | {reason} |")
+            md.append(f"| {r['model']} | {r['benchmark']} | {r['method']} | {_budget_str(r.get('budget'), _is_ref(r))} | {reason} |")
         md.append("")
     failed = ResultsStore(results).failures()
     if failed:
@@ -348,4 +507,4 @@ def make_report(results: str | os.PathLike, out_dir: str | os.PathLike) -> dict[
     md_path, csv_path = out / "results.md", out / "results.csv"
     md_path.write_text("\n".join(md), encoding="utf-8")
     _write_csv(sorted(rows_all, key=lambda r: (str(r["model"]), str(r["benchmark"])) + _sort_key(r)), csv_path)
-    return {"markdown": md_path, "csv": csv_path, "plots": pngs}
+    return {"markdown": md_path, "csv": csv_path, "plots": pngs, **paths}

@@ -1,7 +1,9 @@
 """Benchmark loaders (local files in their official formats; nothing is downloaded).
 
 ``load_benchmark(name, path, **kw)`` returns a :class:`Benchmark`; ``BENCHMARKS`` maps each name
-(and alias) to its class. See each module's docstring for the accepted file layout.
+(and alias) to its class. See each module's docstring for the accepted file layout;
+``BENCHMARKS[name].layout(path, **options)`` declares the files and folders the loader reads and where the
+official release comes from (:class:`Layout`), the source of a sweep's download instructions.
 
 =============  ===========================  =====================================================
 name           class                        path
@@ -23,7 +25,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import (Base64Image, Benchmark, BenchmarkFormatError, CHOICE_PROMPT, SHORT_ANSWER_PROMPT,
+from .base import (Base64Image, Benchmark, BenchmarkFormatError, CHOICE_PROMPT, Layout, Need, SHORT_ANSWER_PROMPT,
                    Sample, open_image)
 from .classification import ImageFolderClassification
 from .embedded import JSONLBenchmark
@@ -67,5 +69,5 @@ def load_benchmark(name: str, path: str | os.PathLike, **kw: Any) -> Benchmark:
 
 
 __all__ = ["BENCHMARKS", "load_benchmark", "Benchmark", "BenchmarkFormatError", "Sample", "Base64Image",
-           "open_image", "SHORT_ANSWER_PROMPT", "CHOICE_PROMPT", "POPE", "MME", "GQA", "TextVQA", "VQAv2",
+           "open_image", "Layout", "Need", "SHORT_ANSWER_PROMPT", "CHOICE_PROMPT", "POPE", "MME", "GQA", "TextVQA", "VQAv2",
            "ScienceQA", "MMBench", "JSONLBenchmark", "ImageFolderClassification", "KarpathyRetrieval"]

@@ -15,12 +15,16 @@ Conventions shared by all benchmarks:
   point scale).
 - ``Benchmark.subset(limit=, shard=, num_shards=)`` returns a copy restricted to the first ``limit``
   samples, then to every ``num_shards``-th sample starting at ``shard`` (data-parallel shards).
+- ``Benchmark.layout(path, **options)`` (classmethod) declares the files and folders the loader reads
+  under ``path`` and where the official release comes from (:class:`Layout`), so that a sweep can say
+  what to download and where to put it before it loads anything.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import copy
+import glob
 import io
 import json
 import os
@@ -50,6 +54,54 @@ def format_error(file: str | os.PathLike, where: str | None, problem: str,
     if expected:
         msg += f". Expected: {expected}"
     return BenchmarkFormatError(msg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# File layouts (what a loader reads; the single source of the download instructions)
+
+
+@dataclass(frozen=True)
+class Need:
+    """One file or folder a loader reads.
+
+    ``path`` is the canonical location (the one to create); ``alternatives`` are other paths or glob
+    patterns the loader also accepts. ``kind`` is ``"file"`` or ``"dir"``.
+    """
+
+    path: Path
+    kind: str
+    what: str
+    alternatives: tuple = ()
+
+    def present(self) -> bool:
+        for cand in (self.path, *self.alternatives):
+            c = os.fspath(cand)
+            hits = glob.glob(c) if glob.has_magic(c) else [c]
+            if any(os.path.isfile(h) if self.kind == "file" else os.path.isdir(h) for h in hits):
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The files and folders a loader reads under ``root`` (``needs``) and where the official release
+    comes from (``source``: one or two sentences naming the project page and the file names)."""
+
+    root: Path
+    needs: tuple
+    source: str
+
+    def missing(self) -> list[Need]:
+        return [n for n in self.needs if not n.present()]
+
+
+def as_folder(path: str | os.PathLike, file_suffixes: Sequence[str] = (".json", ".jsonl", ".tsv", ".txt")) -> tuple[Path, Path | None]:
+    """``(folder, file)`` for a loader path that may be a folder or one file in it: an existing file,
+    or a missing path ending in one of ``file_suffixes``, is a file; anything else a folder."""
+    p = Path(path)
+    if p.is_file() or (not p.exists() and p.suffix.lower() in file_suffixes):
+        return p.parent, p
+    return p, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,6 +242,13 @@ class Benchmark:
     @classmethod
     def load(cls, path: str | os.PathLike, **kw: Any) -> "Benchmark":  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def layout(cls, path: str | os.PathLike, **options: Any) -> Layout:
+        """The files and folders :meth:`load` reads at ``path`` with ``options`` (loaders override this
+        with their official layout; the base only needs ``path`` to exist)."""
+        return Layout(Path(path), (Need(Path(path), "dir" if Path(path).is_dir() else "file",
+                                        f"the {cls.name} benchmark"),), "")
 
     def subset(self, limit: int | None = None, shard: int | None = None,
                num_shards: int | None = None) -> "Benchmark":

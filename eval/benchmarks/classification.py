@@ -12,10 +12,11 @@ Metrics: ``score(predictions)`` takes generated class names (top-1 exact match, 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..metrics import exact_match, topk_accuracy
-from .base import IMAGE_EXTENSIONS, SHORT_ANSWER_PROMPT, Benchmark, Sample, format_error, require_path
+from .base import IMAGE_EXTENSIONS, SHORT_ANSWER_PROMPT, Benchmark, Layout, Need, Sample, format_error, require_path
 
 EXPECTED = "an ImageFolder tree: root/<class_name>/<image file>"
 
@@ -43,6 +44,11 @@ class ImageFolderClassification(Benchmark):
         bench = cls(samples, source=p, **kw)
         bench.classes = names
         return bench
+
+    @classmethod
+    def layout(cls, path, class_names=None, **kw) -> Layout:
+        return Layout(Path(path), (Need(Path(path), "dir", "an ImageFolder tree (<class>/<image>)"),),
+                      "any ImageFolder tree, e.g. the ImageNet-1k val images sorted into one folder per class")
 
     def prompt(self, sample: Sample) -> str:
         return f"What is the main object in the image?\n{SHORT_ANSWER_PROMPT}"

@@ -23,8 +23,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..metrics import exact_match
-from .base import Benchmark, Sample, SHORT_ANSWER_PROMPT, format_error, iter_jsonl, require_path
+from .base import Benchmark, Layout, Need, Sample, SHORT_ANSWER_PROMPT, as_folder, format_error, iter_jsonl, require_path
 
+#: The file names tried (in order) in a benchmark folder.
+FILES = ("benchmark.jsonl", "questions.jsonl")
+SOURCE = ("vtprune's embedded benchmark is generated, not downloaded: `python -m vtprune.eval.embedded.generator` "
+          "writes assets/embedded/bench; any other JSONL of {id, image, question, answer} works")
 EXPECTED = ('JSON Lines, one object per line: {"id": str|int, "image": "<relative path>", '
             '"question": str, "answer": str|[str], "type": str (optional), '
             '"relevant_tokens": [int] (optional)}')
@@ -38,7 +42,7 @@ class JSONLBenchmark(Benchmark):
              **kw) -> "JSONLBenchmark":
         p = require_path(path, EXPECTED)
         if p.is_dir():
-            named = [p / n for n in ("benchmark.jsonl", "questions.jsonl") if (p / n).is_file()]
+            named = [p / n for n in FILES if (p / n).is_file()]
             files = named[:1] or sorted(p.glob("*.jsonl"))
             if len(files) != 1:
                 raise format_error(p, None, f"{len(files)} candidate *.jsonl files in this folder",
@@ -77,6 +81,13 @@ class JSONLBenchmark(Benchmark):
             samples.append(Sample(id=sid, image=str(root / obj["image"]), question=obj["question"],
                                   answers=ans, choices=choices, meta=meta))
         return cls(samples, source=p, **kw)
+
+    @classmethod
+    def layout(cls, path, image_root=None, **kw) -> Layout:
+        folder, file = as_folder(path, (".jsonl",))
+        need = (Need(file, "file", "questions (JSON Lines)") if file is not None else
+                Need(folder / FILES[1], "file", "questions (JSON Lines)", (folder / FILES[0], folder / "*.jsonl")))
+        return Layout(Path(path), (need,), SOURCE)
 
     def prompt(self, sample: Sample) -> str:
         return f"{sample.question}\n{SHORT_ANSWER_PROMPT}"

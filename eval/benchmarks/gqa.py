@@ -16,8 +16,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..metrics import gqa_normalize
-from .base import Benchmark, Sample, format_error, json_path, pick_dir, read_json, require_path
+from .base import (Benchmark, Layout, Need, Sample, as_folder, format_error, json_path, pick_dir, read_json,
+                   require_path)
 
+#: The default questions file (testdev-balanced, the split the papers report) and the image folder.
+QUESTIONS_FILE = "testdev_balanced_questions.json"
+IMAGE_DIR = "images"
+SOURCE = ("GQA 1.2 (cs.stanford.edu/people/dorarad/gqa/download.html): testdev_balanced_questions.json from "
+          "questions1.2.zip, and images.zip unpacked as images/ next to it (or one folder up)")
 EXPECTED = ('a JSON object {question_id: {"imageId": str, "question": str, "answer": str, ...}} '
             '(GQA questions file, e.g. testdev_balanced_questions.json)')
 
@@ -30,13 +36,13 @@ class GQA(Benchmark):
              image_ext: str = ".jpg", **kw) -> "GQA":
         p = require_path(path, EXPECTED)
         if p.is_dir():
-            cands = [p / "testdev_balanced_questions.json", *sorted(p.glob("*questions*.json"))]
-            p = next((c for c in cands if c.is_file()), p / "testdev_balanced_questions.json")
+            cands = [p / QUESTIONS_FILE, *sorted(p.glob("*questions*.json"))]
+            p = next((c for c in cands if c.is_file()), p / QUESTIONS_FILE)
         data = read_json(p, EXPECTED)
         if not isinstance(data, dict):
             raise format_error(p, json_path(), f"a JSON {type(data).__name__}, not an object", EXPECTED)
         root = Path(image_root) if image_root is not None else pick_dir(
-            [p.parent / "images", p.parent.parent / "images", p.parent])
+            [p.parent / IMAGE_DIR, p.parent.parent / IMAGE_DIR, p.parent])
         samples = []
         for qid, q in data.items():
             if not isinstance(q, dict):
@@ -51,6 +57,16 @@ class GQA(Benchmark):
             samples.append(Sample(id=str(qid), image=str(root / f"{q['imageId']}{image_ext}"),
                                   question=q["question"], answers=q["answer"], meta=meta))
         return cls(samples, source=p, **kw)
+
+    @classmethod
+    def layout(cls, path, image_root=None, **kw) -> Layout:
+        folder, file = as_folder(path)
+        needs = [Need(file, "file", "GQA questions (JSON)") if file is not None else
+                 Need(folder / QUESTIONS_FILE, "file", "GQA testdev-balanced questions (JSON)",
+                      (folder / "*questions*.json",))]
+        needs.append(Need(Path(image_root), "dir", "GQA images") if image_root is not None else
+                     Need(folder / IMAGE_DIR, "dir", "GQA images (<imageId>.jpg)", (folder.parent / IMAGE_DIR, folder / "*.jpg")))
+        return Layout(Path(path), tuple(needs), SOURCE)
 
     def _score(self, pairs):
         groups = {"by_structural": defaultdict(list), "by_semantic": defaultdict(list)}

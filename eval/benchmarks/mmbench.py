@@ -24,9 +24,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..metrics import parse_choice_letter
-from .base import (Base64Image, Benchmark, CHOICE_PROMPT, Sample, choice_letters, format_choices,
+from .base import (Base64Image, Benchmark, CHOICE_PROMPT, Layout, Need, Sample, choice_letters, format_choices,
                    format_error, require_path)
 
+SOURCE = ("MMBench (github.com/open-compass/MMBench): the dev TSVs with answers, mmbench_dev_20230712.tsv (EN) and "
+          "mmbench_dev_cn_20231003.tsv (CN), as released by OpenCompass (images are base64 inside the TSV)")
 EXPECTED = ("a TAB-separated file with header: index, question, [hint], A, B, [C, D, ...], [answer], "
             "[category], image (base64) or image_path")
 _CIRC = 1_000_000
@@ -132,6 +134,10 @@ class MMBench(Benchmark):
                     samples.append(Sample(id=str(idx), image=image, question=row["question"], answers=ans,
                                           choices=opts, meta={**meta, "index": idx, "rotation": k}))
         return cls(samples, source=p, circular=circular, **kw)
+
+    @classmethod
+    def layout(cls, path, circular: bool = False, image_root=None, **kw) -> Layout:
+        return Layout(Path(path), (Need(Path(path), "file", "MMBench TSV (base64 images inside)"),), SOURCE)
 
     @staticmethod
     def _image(p: Path, row: dict, by_index: dict, root: Path):

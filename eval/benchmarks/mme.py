@@ -27,13 +27,16 @@ from pathlib import Path
 from typing import Sequence
 
 from ..metrics import mme_scores
-from .base import (Benchmark, Sample, SHORT_ANSWER_PROMPT, format_error, index_images, pick_dir,
+from .base import (Benchmark, Layout, Need, Sample, SHORT_ANSWER_PROMPT, format_error, index_images, pick_dir,
                    require_path)
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 TASKS = PERCEPTION + COGNITION
+SOURCE = ("MME (github.com/BradyFU/Awesome-Multimodal-Large-Language-Models, branch Evaluation): the "
+          "MME_Benchmark_release_version folder the authors send on request, unpacked; point the path at it "
+          "(one sub-folder per subtask)")
 EXPECTED_QA = "one 'question<TAB>Yes|No' line per question"
 EXPECTED_FLAT = "one 'image<TAB>question<TAB>Yes|No' line per question"
 
@@ -79,6 +82,15 @@ class MME(Benchmark):
                 raise format_error(p, None, "no MME subtask found",
                                    f"subfolders or <task>.txt files named among {list(wanted)}")
         return cls(samples, source=p, **kw)
+
+    @classmethod
+    def layout(cls, path, image_root=None, tasks: Sequence[str] | None = None, **kw) -> Layout:
+        p = Path(path)
+        if p.suffix.lower() == ".txt":
+            return Layout(p, (Need(p, "file", "MME subtask file (image<TAB>question<TAB>answer lines)"),), SOURCE)
+        needs = tuple(Need(p / t, "dir", f"MME subtask {t} (questions and images)", (p / f"{t}.txt",))
+                      for t in (tasks or TASKS))
+        return Layout(p, needs, SOURCE)
 
     @staticmethod
     def _flat(f: Path, task: str, base: Path, image_root) -> list[Sample]:

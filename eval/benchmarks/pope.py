@@ -22,12 +22,18 @@ from pathlib import Path
 from typing import Sequence
 
 from ..metrics import pope_metrics
-from .base import (Benchmark, Sample, format_error, iter_jsonl, pick_dir, require_path)
+from .base import (Benchmark, Layout, Need, Sample, as_folder, format_error, iter_jsonl, pick_dir, require_path)
 
 SPLITS = ("adversarial", "popular", "random")
 EXPECTED = ('JSON Lines, one object per line: {"question_id": int|str, "image": "<file name>", '
             '"text": "<question>", "label": "yes"|"no"}')
 _METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+#: The official split file of each split, and the image folders tried (in order) under the benchmark folder.
+SPLIT_FILE = "coco_pope_{split}.json"
+IMAGE_DIRS = ("images", "val2014")
+SOURCE = ("POPE: the split files coco_pope_adversarial.json, coco_pope_popular.json and coco_pope_random.json "
+          "of the POPE repository (github.com/AoiDragon/POPE, folder output/coco; JSON Lines despite the suffix); "
+          "images: COCO val2014 (cocodataset.org, val2014.zip) unpacked as val2014/ next to them")
 
 
 def _split_of(path: Path) -> str:
@@ -60,7 +66,7 @@ class POPE(Benchmark):
                 raise format_error(p, None, f"none of the splits {list(splits)} found",
                                    "files named like coco_pope_<split>.json")
         root = Path(image_root) if image_root is not None else pick_dir(
-            [base / "images", base / "val2014", base])
+            [*(base / d for d in IMAGE_DIRS), base])
         samples: list[Sample] = []
         seen_splits: dict[str, Path] = {}
         first_line: dict[str, int] = {}
@@ -89,6 +95,22 @@ class POPE(Benchmark):
                 samples.append(Sample(id=sid, image=str(root / obj["image"]),
                                       question=obj["text"], answers=label, meta=meta))
         return cls(samples, source=p, **kw)
+
+    @classmethod
+    def layout(cls, path, image_root=None, splits: Sequence[str] | None = None, **kw) -> Layout:
+        folder, file = as_folder(path)
+        if file is not None:
+            needs = [Need(file, "file", f"POPE {_split_of(file)} split (JSON Lines)")]
+        else:
+            needs = [Need(folder / SPLIT_FILE.format(split=s), "file",
+                          f"POPE {s} split (JSON Lines; the `splits` option runs fewer)",
+                          (folder / f"*{s}*.json", folder / f"*{s}*.jsonl")) for s in (splits or SPLITS)]
+        if image_root is not None:
+            needs.append(Need(Path(image_root), "dir", "COCO val2014 images"))
+        else:
+            needs.append(Need(folder / IMAGE_DIRS[1], "dir", "COCO val2014 images (COCO_val2014_*.jpg)",
+                              (folder / IMAGE_DIRS[0], folder / "COCO_val2014_*.jpg")))
+        return Layout(Path(path), tuple(needs), SOURCE)
 
     def _score(self, pairs):
         by_split: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))

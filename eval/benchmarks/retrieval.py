@@ -19,8 +19,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..metrics import retrieval_recall
-from .base import Benchmark, Sample, format_error, json_path, pick_dir, read_json, require_path
+from .base import (Benchmark, Layout, Need, Sample, format_error, json_path, pick_dir, read_json, require_path)
 
+IMAGE_DIR = "images"
+SOURCE = ("Karpathy splits (cs.stanford.edu/people/karpathy/deepimagesent, caption_datasets.zip): "
+          "dataset_flickr30k.json or dataset_coco.json; images: Flickr30k (from its authors, flickr30k-images) or "
+          "COCO 2014 (cocodataset.org), unpacked as images/ next to the JSON (COCO keeps its val2014/ and "
+          "train2014/ sub-folders)")
 EXPECTED = ('{"images": [{"filename": str, "filepath": str (optional), "split": str, '
             '"sentences": [{"raw": str}, ...]}]} (Karpathy dataset_<name>.json)')
 
@@ -35,7 +40,7 @@ class KarpathyRetrieval(Benchmark):
         data = read_json(p, EXPECTED)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise format_error(p, json_path("images"), "missing or not a list", EXPECTED)
-        root = Path(image_root) if image_root is not None else pick_dir([p.parent / "images", p.parent])
+        root = Path(image_root) if image_root is not None else pick_dir([p.parent / IMAGE_DIR, p.parent])
         samples, texts, t2i = [], [], []
         for i, im in enumerate(data["images"]):
             if not isinstance(im, dict):
@@ -64,6 +69,15 @@ class KarpathyRetrieval(Benchmark):
         bench = cls(samples, source=p, split=split, **kw)
         bench.texts, bench.text_to_image = texts, t2i
         return bench
+
+    @classmethod
+    def layout(cls, path, split: str = "test", image_root=None, **kw) -> Layout:
+        p = Path(path)
+        needs = (Need(p, "file", "Karpathy split file (JSON)"),
+                 Need(Path(image_root), "dir", "images") if image_root is not None else
+                 Need(p.parent / IMAGE_DIR, "dir", "the images of the split file (<filepath>/<filename>)",
+                      (p.parent / "*.jpg",)))
+        return Layout(p, needs, SOURCE)
 
     def subset(self, *a, **kw):
         raise NotImplementedError("retrieval ranks against the whole gallery; subsets are not supported")

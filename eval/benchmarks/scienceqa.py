@@ -18,9 +18,15 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..metrics import parse_choice_letter
-from .base import (Benchmark, CHOICE_PROMPT, Sample, choice_letters, format_choices, format_error,
-                   json_path, read_json, require_path)
+from .base import (Benchmark, CHOICE_PROMPT, Layout, Need, Sample, as_folder, choice_letters, format_choices,
+                   format_error, json_path, read_json, require_path)
 
+#: The official file names of the data/scienceqa release and the image folder (images/<split>/<pid>/<file>).
+PROBLEMS_FILE = "problems.json"
+SPLITS_FILE = "pid_splits.json"
+IMAGE_DIR = "images"
+SOURCE = ("ScienceQA (github.com/lupantech/ScienceQA, data/scienceqa): problems.json and pid_splits.json, and the "
+          "test images (test.zip from the project's data release) unpacked as images/test/<pid>/image.png")
 EXPECTED_P = ('problems.json: {pid: {"question": str, "choices": [str, ...], "answer": int, '
               '"hint": str, "image": str|null, ...}}')
 EXPECTED_S = 'pid_splits.json: {"train": [pid, ...], "val": [...], "test": [...]}'
@@ -34,15 +40,15 @@ class ScienceQA(Benchmark):
              image_root: str | os.PathLike | None = None, **kw) -> "ScienceQA":
         p = require_path(path, "the ScienceQA folder holding problems.json and pid_splits.json")
         folder = p if p.is_dir() else p.parent
-        pfile = p if p.is_file() else folder / "problems.json"
+        pfile = p if p.is_file() else folder / PROBLEMS_FILE
         problems = read_json(pfile, EXPECTED_P)
-        splits = read_json(folder / "pid_splits.json", EXPECTED_S)
+        splits = read_json(folder / SPLITS_FILE, EXPECTED_S)
         if not isinstance(problems, dict):
             raise format_error(pfile, json_path(), "not an object", EXPECTED_P)
         if not isinstance(splits, dict) or not isinstance(splits.get(split), list):
-            raise format_error(folder / "pid_splits.json", json_path(split), "missing or not a list",
+            raise format_error(folder / SPLITS_FILE, json_path(split), "missing or not a list",
                                EXPECTED_S)
-        root = Path(image_root) if image_root is not None else folder / "images"
+        root = Path(image_root) if image_root is not None else folder / IMAGE_DIR
         samples = []
         for pid in splits[split]:
             pid = str(pid)
@@ -69,6 +75,15 @@ class ScienceQA(Benchmark):
                                   question=prob["question"], answers=choice_letters(len(choices))[ans],
                                   choices=[str(c) for c in choices], meta=meta))
         return cls(samples, source=pfile, **kw)
+
+    @classmethod
+    def layout(cls, path, split: str = "test", image_root=None, **kw) -> Layout:
+        folder, file = as_folder(path, (".json",))
+        needs = (Need(file or folder / PROBLEMS_FILE, "file", "ScienceQA problems (JSON)"),
+                 Need(folder / SPLITS_FILE, "file", "ScienceQA split lists (JSON)"),
+                 Need(Path(image_root) / split if image_root is not None else folder / IMAGE_DIR / split, "dir",
+                      f"ScienceQA {split} images (<pid>/image.png)"))
+        return Layout(Path(path), needs, SOURCE)
 
     def prompt(self, sample: Sample) -> str:
         hint = (sample.meta.get("hint") or "").strip()

@@ -15,8 +15,14 @@ import os
 from pathlib import Path
 
 from ..metrics import vqa_accuracy
-from .base import Benchmark, Sample, format_error, json_path, pick_dir, read_json, require_path
+from .base import (Benchmark, Layout, Need, Sample, as_folder, format_error, json_path, pick_dir, read_json,
+                   require_path)
 
+#: The default annotations file (val 0.5.1) and the image folders tried in order (val images live in train_images/).
+VAL_FILE = "TextVQA_0.5.1_val.json"
+IMAGE_DIRS = ("train_images", "images")
+SOURCE = ("TextVQA 0.5.1 (textvqa.org/dataset): TextVQA_0.5.1_val.json and train_val_images.zip, unpacked as "
+          "train_images/ next to it")
 EXPECTED = ('{"data": [{"question_id": int, "image_id": str, "question": str, "answers": [str, ...]}]} '
             "(TextVQA_0.5.1_<split>.json)")
 
@@ -29,13 +35,13 @@ class TextVQA(Benchmark):
              image_ext: str = ".jpg", **kw) -> "TextVQA":
         p = require_path(path, EXPECTED)
         if p.is_dir():
-            cands = [p / "TextVQA_0.5.1_val.json", *sorted(p.glob("TextVQA*.json"))]
+            cands = [p / VAL_FILE, *sorted(p.glob("TextVQA*.json"))]
             p = next((c for c in cands if c.is_file()), cands[0])
         data = read_json(p, EXPECTED)
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise format_error(p, json_path("data"), "missing or not a list", EXPECTED)
         root = Path(image_root) if image_root is not None else pick_dir(
-            [p.parent / "train_images", p.parent / "images", p.parent])
+            [*(p.parent / d for d in IMAGE_DIRS), p.parent])
         samples = []
         for i, item in enumerate(data["data"]):
             if not isinstance(item, dict):
@@ -51,6 +57,16 @@ class TextVQA(Benchmark):
                                   image=str(root / f"{item['image_id']}{image_ext}"),
                                   question=item["question"], answers=list(answers), meta=meta))
         return cls(samples, source=p, **kw)
+
+    @classmethod
+    def layout(cls, path, image_root=None, **kw) -> Layout:
+        folder, file = as_folder(path)
+        needs = [Need(file, "file", "TextVQA annotations (JSON)") if file is not None else
+                 Need(folder / VAL_FILE, "file", "TextVQA val annotations (JSON)", (folder / "TextVQA*.json",))]
+        needs.append(Need(Path(image_root), "dir", "TextVQA images") if image_root is not None else
+                     Need(folder / IMAGE_DIRS[0], "dir", "TextVQA train/val images (<image_id>.jpg)",
+                          (folder / IMAGE_DIRS[1], folder / "*.jpg")))
+        return Layout(Path(path), tuple(needs), SOURCE)
 
     def _score(self, pairs):
         if any(not s.answers for s, _ in pairs):

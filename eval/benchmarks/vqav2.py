@@ -25,7 +25,22 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..metrics import vqa_accuracy
-from .base import Benchmark, Sample, format_error, json_path, pick_dir, read_json, require_path
+from .base import (Benchmark, Layout, Need, Sample, as_folder, format_error, json_path, pick_dir, read_json,
+                   require_path)
+
+#: The official file names for a subtype (val2014, test-dev2015, ...), the default subtype of a layout,
+#: and the image folder of a subtype (test-dev questions use the test2015 images).
+QUESTIONS_FILE = "v2_OpenEnded_mscoco_{subtype}_questions.json"
+ANNOTATIONS_FILE = "v2_mscoco_{subtype}_annotations.json"
+DEFAULT_SUBTYPE = "val2014"
+SOURCE = ("VQAv2 (visualqa.org/download.html): the val2014 questions (v2_Questions_Val_mscoco.zip) and annotations "
+          "(v2_Annotations_Val_mscoco.zip); images: COCO val2014 (cocodataset.org, val2014.zip) unpacked as "
+          "val2014/ next to them. The papers' test-dev split has no public answers (scored by the evaluation server)")
+
+
+def image_subtype(subtype: str) -> str:
+    return subtype.replace("test-dev", "test")
+
 
 EXPECTED_Q = ('{"data_subtype": str, "questions": [{"question_id": int, "image_id": int, '
               '"question": str}]} (v2_OpenEnded_mscoco_<subtype>_questions.json)')
@@ -80,7 +95,7 @@ class VQAv2(Benchmark):
                     raise format_error(a, json_path("annotations", i, "answers"),
                                        "not a non-empty list of {\"answer\": str}", EXPECTED_A)
                 anns[ann["question_id"]] = ann
-        img_sub = sub.replace("test-dev", "test")  # test-dev questions use the test2015 images
+        img_sub = image_subtype(sub)
         root = Path(image_root) if image_root is not None else pick_dir(
             [folder / img_sub, folder / "images", folder])
         samples = []
@@ -105,6 +120,24 @@ class VQAv2(Benchmark):
             samples.append(Sample(id=str(q["question_id"]), image=str(root / img),
                                   question=q["question"], answers=answers, meta=meta))
         return cls(samples, source=p, annotations=str(a) if a else None, **kw)
+
+    @classmethod
+    def layout(cls, path, annotations=None, image_root=None, subtype: str | None = None, **kw) -> Layout:
+        folder, file = as_folder(path)
+        sub = subtype or DEFAULT_SUBTYPE
+        needs = [Need(file, "file", "VQAv2 questions (JSON)") if file is not None else
+                 Need(folder / QUESTIONS_FILE.format(subtype=sub), "file", f"VQAv2 {sub} questions (JSON)",
+                      (folder / f"*{sub}*questions*.json",))]
+        if annotations is not None:
+            needs.append(Need(Path(annotations), "file", "VQAv2 annotations (JSON)"))
+        elif not sub.startswith("test"):
+            needs.append(Need(folder / ANNOTATIONS_FILE.format(subtype=sub), "file", f"VQAv2 {sub} annotations (JSON)",
+                              (folder / f"*{sub}*annotations*.json",)))
+        img = image_subtype(sub)
+        needs.append(Need(Path(image_root), "dir", "COCO images") if image_root is not None else
+                     Need(folder / img, "dir", f"COCO {img} images (COCO_{img}_*.jpg)",
+                          (folder / "images", folder / f"COCO_{img}_*.jpg")))
+        return Layout(Path(path), tuple(needs), SOURCE)
 
     def _score(self, pairs):
         if any(not s.answers for s, _ in pairs):

@@ -3,7 +3,9 @@
     from vtprune.eval.sweep import run_sweep
     records = run_sweep("eval/configs/tiny.yaml", "runs/tiny/results.jsonl", limit=8)
 
-or ``vtprune sweep CONFIG.yaml [--store RESULTS.jsonl] [--limit N] [--shard-by auto|accelerate|none]``.
+or ``vtprune sweep CONFIG.yaml [--store RESULTS.jsonl] [--limit N] [--shard-by auto|accelerate|none]
+[--set NAME=VALUE ...]``. The configs in ``eval/configs/papers/`` reproduce the main tables of the
+methods' papers (docs/reproduce.md).
 
 Config (YAML or a dict; unknown keys are errors, every error is a ``ValueError`` naming the key)::
 
@@ -12,9 +14,13 @@ Config (YAML or a dict; unknown keys are errors, every error is a ``ValueError``
         builtin: tiny-llava       # a name of BUILTIN_MODELS: tiny-llava | tiny-llava_next | tiny-qwen2_vl |
                                   # tiny-qwen2_5_vl | embedded (register_builtin adds more)
       - name: llava-1.5-7b
-        path: /models/llava-1.5-7b-hf   # AutoModelForImageTextToText / AutoProcessor.from_pretrained
+        path: ${MODELS}/llava-1.5-7b-hf   # AutoModelForImageTextToText / AutoProcessor.from_pretrained
+        hub: llava-hf/llava-1.5-7b-hf     # optional: the repository named in the download instructions
         dtype: float16            # optional (default: the top-level dtype)
         prompt: "USER: {image}\\n{prompt} ASSISTANT:"   # optional; {image} {prompt} {question}
+      - name: clip-l-336          # a plain CLIP (retrieval / imagefolder benchmarks only; .clip)
+        open_clip: ViT-L-14-336-quickgelu
+        path: ${MODELS}/vit_large_patch14_clip_336.openai/open_clip_pytorch_model.bin
     benchmarks:                   # required, non-empty
       - name: embedded            # a loader of vtprune.eval.benchmarks.load_benchmark
         path: assets/embedded/bench
@@ -29,6 +35,8 @@ Config (YAML or a dict; unknown keys are errors, every error is a ``ValueError``
       - name: pitome
         budget_param: ratio       # the method's own budget knob (default: keep)
         models: [llava-1.5-7b]    # optional: only on these models (e.g. a method for one family)
+      - name: transprune
+        budget_param: null        # no budget knob: one cell per model at the method's own settings
       - spec: "pool:keep={budget} + fastv:layer=2,keep=0.5"   # a composition; {budget} is filled in
         label: pool+fastv
     budgets: [0.5, 0.25]          # required unless every method has its own
@@ -39,12 +47,21 @@ Config (YAML or a dict; unknown keys are errors, every error is a ``ValueError``
     dtype: float32
     device: auto                  # auto (cuda if available) | cpu | cuda | cuda:N
     store: runs/x/results.jsonl   # optional default for the CLI's --store
+    baselines: [none, random]     # optional; `none` is required (relative accuracy), `random` optional
+    variables:                    # optional: what each ${NAME} is (quoted in the messages)
+      MODELS: the folder of the Hugging Face checkpoints
+    published: {...}              # optional: the papers' numbers (.published), shown by `vtprune report`
 
+``${NAME}`` anywhere in a string takes its value from ``--set NAME=VALUE`` (``run_sweep(variables=)``),
+else from the environment; an unset name stops the sweep with the list of variables to set and the
+download instructions written with the placeholders.
 Relative paths (benchmark and model paths) are tried against the working directory, the config
 file's folder and the repository root, in that order.
 
-Before the first cell runs, the sweep checks every unfinished cell: paths exist, benchmark files
-parse, and ``vtprune.patch`` accepts each (model, method, budget) on the model (built without
+Before the first cell runs, the sweep checks every unfinished cell: every checkpoint and every file
+and folder the benchmark loaders read is on disk (:mod:`.assets`; else ``MissingAssetError`` lists each
+missing file with the ``huggingface-cli download`` command or the benchmark's official source, exit code
+2, nothing loaded), benchmark files parse and name existing images, and ``vtprune.patch`` accepts each (model, method, budget) on the model (built without
 weights from its config; :mod:`.validate`): a layer beyond the LLM's depth, a budget above the
 model's visual tokens, an unknown or wrongly typed parameter or an unsupported family stops the
 sweep with a ``ValueError`` naming the config entry, before anything is stored.

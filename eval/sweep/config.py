@@ -19,8 +19,8 @@ BASELINES = ("none", "random")
 
 
 _TOP_KEYS = {"name", "models", "benchmarks", "methods", "budgets", "max_new_tokens", "batch_size", "seed", "limit",
-             "dtype", "device", "store"}
-_MODEL_KEYS = {"name", "path", "builtin", "dtype", "prompt"}
+             "dtype", "device", "store", "variables", "baselines", "published"}
+_MODEL_KEYS = {"name", "path", "builtin", "open_clip", "hub", "dtype", "prompt"}
 _BENCH_KEYS = {"name", "path", "label", "options"}
 _METHOD_KEYS = {"name", "spec", "params", "label", "budget_param", "budgets", "models"}
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -38,9 +38,13 @@ class ModelEntry:
     dtype: str = "float32"
     prompt: str | None = None
     where: str = field(default="models", compare=False)  # its place in the config, for messages
+    hub: str | None = field(default=None, compare=False)  # the Hugging Face repository to download (a hint only)
+    open_clip: str | None = None  # an open_clip architecture; ``path`` is then its weights file
 
     def source(self) -> dict:
-        return {"builtin": self.builtin} if self.builtin else {"path": self.path}
+        if self.builtin:
+            return {"builtin": self.builtin}
+        return {"open_clip": self.open_clip, "path": self.path} if self.open_clip else {"path": self.path}
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,9 @@ class SweepConfig:
     store: str | None = None
     name: str | None = None
     source: Path | None = None  # the config file, if any
+    variables: dict = field(default_factory=dict)  # ${NAME} -> its description (the config's ``variables:``)
+    unset_variables: tuple = ()  # names left unresolved (load_config(..., allow_unset=True) only)
+    published: Any = None  # a :class:`.published.Published`, or None
 
 
 @dataclass
@@ -147,8 +154,15 @@ def _default_label(name: str, params: Mapping) -> str:
     return name + "(" + ",".join(f"{k}={params[k]}" for k in sorted(params)) + ")"
 
 
-def load_config(config: Mapping | str | os.PathLike) -> SweepConfig:
-    """Parse and validate a sweep config (dict, or a YAML/JSON file path); ``ValueError`` names the key."""
+def load_config(config: Mapping | str | os.PathLike, variables: Mapping[str, str] | None = None, *,
+                allow_unset: bool = False) -> SweepConfig:
+    """Parse and validate a sweep config (dict, or a YAML/JSON file path); ``ValueError`` names the key.
+
+    ``${NAME}`` placeholders take their value from ``variables`` (the CLI's ``--set NAME=VALUE``), else
+    from the environment. An unset name raises ``ValueError`` naming it, unless ``allow_unset``: then
+    it stays in the strings as ``${NAME}`` and ``unset_variables`` lists it (for a message that says
+    what to download and where before anything is set).
+    """
     source = None
     if isinstance(config, (str, os.PathLike)):
         source = Path(config)
@@ -166,9 +180,24 @@ def load_config(config: Mapping | str | os.PathLike) -> SweepConfig:
         raise ValueError(f"sweep config: must be a mapping with keys models, benchmarks, methods, budgets; got {type(raw).__name__}")
     from vtprune import registry
 
+    from . import variables as var
     from .models import BUILTIN_MODELS
 
     _check_keys(raw, _TOP_KEYS, "")
+    described = raw.get("variables") or {}
+    if not isinstance(described, Mapping) or not all(
+            isinstance(k, str) and var.PATTERN.fullmatch("${" + k + "}") and isinstance(v, str) for k, v in described.items()):
+        raise _err("variables", f"must map variable names to descriptions (MODELS: folder of the checkpoints), got {described!r}")
+    names = var.used({k: v for k, v in raw.items() if k != "variables"})
+    unknown = sorted(set(variables or {}) - set(names))
+    if unknown:
+        raise _err("variables", f"--set {unknown[0]}: the config uses no ${{{unknown[0]}}}"
+                                + (f" (it uses {', '.join(names)})" if names else " (it uses no variables)"))
+    values = var.values_for(names, variables)
+    unset = [n for n in names if n not in values]
+    if unset and not allow_unset:
+        raise ValueError("sweep config: " + var.unset_message(unset, described))
+    raw = var.substitute({k: v for k, v in raw.items() if k != "variables"}, values)
     dtype = raw.get("dtype", "float32")
     if dtype not in _DTYPES:
         raise _err("dtype", f"must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -195,6 +224,13 @@ def load_config(config: Mapping | str | os.PathLike) -> SweepConfig:
             raise _err(f"{where}.builtin", f"unknown builtin {builtin!r}; choose from {', '.join(BUILTIN_MODELS)}")
         if path is not None:
             path = _str(m, "path", where)
+        open_clip = _str(m, "open_clip", where, required=False)
+        if open_clip is not None and path is None:
+            raise _err(f"{where}.open_clip", "needs 'path': the weights file of the open_clip model")
+        hub = _str(m, "hub", where, required=False)
+        if hub is not None and (builtin is not None or not re.fullmatch(r"[\w.-]+/[\w.-]+", hub)):
+            raise _err(f"{where}.hub", "the Hugging Face repository id (owner/name) of a 'path' model, "
+                                       f"shown in the download instructions; got {hub!r}")
         mdt = m.get("dtype", dtype)
         if mdt not in _DTYPES:
             raise _err(f"{where}.dtype", f"must be one of {', '.join(_DTYPES)}, got {mdt!r}")
@@ -204,7 +240,10 @@ def load_config(config: Mapping | str | os.PathLike) -> SweepConfig:
         if name in seen:
             raise _err(f"{where}.name", f"duplicate model name {name!r}")
         seen.add(name)
-        models.append(ModelEntry(name=name, path=path, builtin=builtin, dtype=mdt, prompt=prompt, where=where))
+        if open_clip is not None and prompt is not None:
+            raise _err(f"{where}.prompt", "an open_clip model takes no prompt (it encodes images and texts)")
+        models.append(ModelEntry(name=name, path=path, builtin=builtin, dtype=mdt, prompt=prompt, where=where,
+                                 hub=hub, open_clip=open_clip))
 
     # benchmarks
     from ..benchmarks import BENCHMARKS
@@ -230,6 +269,17 @@ def load_config(config: Mapping | str | os.PathLike) -> SweepConfig:
             raise _err(f"{where}.label", f"duplicate benchmark label {label!r} (give each a distinct 'label')")
         seen.add(label)
         benches.append(BenchEntry(name=name, path=path, label=label, options=dict(opts)))
+
+    from .clip import CLIP_LOADERS as clip_loaders
+
+    for e in models:
+        for b in benches:
+            if e.open_clip and b.name not in clip_loaders:
+                raise _err(f"{e.where}.open_clip", f"an open_clip model runs the {', '.join(clip_loaders)} benchmarks, "
+                                                   f"not {b.name!r} ({b.label!r}); put it in a config of its own")
+            if not e.open_clip and b.name in ("retrieval", "karpathy"):
+                raise _err(f"{e.where}", f"benchmark {b.label!r} (image-text retrieval) needs a CLIP model "
+                                         "('open_clip: ARCH' with 'path: WEIGHTS_FILE')")
 
     # budgets and methods
     top_budgets = _budgets(raw["budgets"], "budgets") if raw.get("budgets") is not None else None
@@ -265,17 +315,20 @@ def load_config(config: Mapping | str | os.PathLike) -> SweepConfig:
                 raise _err(f"{where}.name", f"unknown method {name!r}; registered: {', '.join(known)}")
             label = _str(m, "label", where, required=False) or _default_label(name, params)
             bparam = m.get("budget_param", "keep")
+            if "budget_param" in m and bparam is None and m.get("budgets") is not None:
+                raise _err(f"{where}.budgets", "a method with 'budget_param: null' runs once at its own settings; "
+                                               "drop 'budgets'")
             fields = {f.name for f in dataclasses.fields(known[name])}
             bad = sorted(set(params) - fields)
             if bad:
                 raise _err(f"{where}.params.{bad[0]}", f"method {name!r} has no such parameter; its parameters: {', '.join(sorted(fields))}")
-            if name == "none":
+            if name == "none" or bparam is None:
                 bparam = None
             elif not isinstance(bparam, str) or bparam not in fields:
                 raise _err(f"{where}.budget_param", f"method {name!r} has no parameter {bparam!r}; its parameters: {', '.join(sorted(fields))}")
             elif bparam in params:
                 raise _err(f"{where}.params.{bparam}", "is the budget knob (budget_param); set it through 'budgets' instead")
-        if name == "none" and spec is None:
+        if (name == "none" and spec is None) or (spec is None and bparam is None):
             budgets: tuple = (None,)
         elif m.get("budgets") is not None:
             budgets = _budgets(m["budgets"], f"{where}.budgets")
@@ -309,10 +362,14 @@ def load_config(config: Mapping | str | os.PathLike) -> SweepConfig:
         methods.append(MethodEntry(name=name, label=label, params=params, budget_param=bparam, budgets=budgets,
                                    spec=spec, models=only, where=where))
     # baselines
+    baselines = raw.get("baselines", list(BASELINES))
+    if (not isinstance(baselines, list) or "none" not in baselines
+            or any(b not in BASELINES for b in baselines) or len(set(baselines)) != len(baselines)):
+        raise _err("baselines", f"must list 'none' (relative accuracy needs it) and optionally 'random', got {baselines!r}")
     if not any(e.name == "none" and e.spec is None for e in methods):
         methods.insert(0, MethodEntry(name="none", label="none", budget_param=None, budgets=(None,),
                                       where="methods (the 'none' baseline, always added)"))
-    if not any(e.name == "random" and e.spec is None for e in methods):
+    if "random" in baselines and not any(e.name == "random" and e.spec is None for e in methods):
         if top_budgets is None:
             raise _err("budgets", "required: the random baseline runs at the top-level budgets")
         if any(e.label == "random" for e in methods):
@@ -324,11 +381,18 @@ def load_config(config: Mapping | str | os.PathLike) -> SweepConfig:
     store = raw.get("store")
     if store is not None and not isinstance(store, str):
         raise _err("store", f"must be a path string, got {store!r}")
+    published = None
+    if raw.get("published") is not None:
+        from .published import parse_published
+
+        published = parse_published(raw["published"], [e.name for e in models], [b.label for b in benches],
+                                    {e.label: e.budgets for e in methods})
     return SweepConfig(
         models=models, benchmarks=benches, methods=methods,
         max_new_tokens=_int(raw, "max_new_tokens", 8, 1), batch_size=_int(raw, "batch_size", 1, 1),
         seed=_int(raw, "seed", 0, 0), limit=_int(raw, "limit", None, 1), device=device, dtype=dtype, store=store,
-        name=raw.get("name"), source=source,
+        name=raw.get("name"), source=source, variables=dict(described), unset_variables=tuple(unset),
+        published=published,
     )
 
 

@@ -21,7 +21,9 @@ from ..store import CellClaimedError, CellExistsError, ResultsStore
 from .config import Cell, SweepConfig, load_config, plan_cells
 from .measure import (PrefillTimer, cell_record, count_new_tokens, environment, eos_ids, peak_memory,
                       sample_flops)
-from .models import load_model, preflight
+from .assets import missing_images, preflight
+from .clip import load_clip, run_clip_cell
+from .models import MissingAssetError, load_model, resolve_path
 from .sharding import DataParallel
 from .validate import patch_args, validate_cells
 
@@ -67,7 +69,7 @@ class _SampleError(RuntimeError):
 
 
 def run_sweep(config: Mapping | str | os.PathLike, store_path: str | os.PathLike, *, limit: int | None = None,
-              shard_by: str = "auto", progress: bool = True) -> list[dict]:
+              shard_by: str = "auto", progress: bool = True, variables: Mapping[str, str] | None = None) -> list[dict]:
     """Run (or resume) a sweep; returns the records of its cells in run order.
 
     Args:
@@ -77,10 +79,15 @@ def run_sweep(config: Mapping | str | os.PathLike, store_path: str | os.PathLike
             the cell identity, so limited and full runs never mix).
         shard_by: ``"auto"`` (data-parallel when ``WORLD_SIZE > 1``), ``"accelerate"`` or ``"none"``.
         progress: tqdm bars (overall cells, samples of the current cell) on the main process.
+        variables: values of the config's ``${NAME}`` placeholders (the CLI's ``--set``); the
+            environment supplies the others.
 
-    Before the first cell runs, every unfinished cell is checked: benchmark files load, model paths
-    exist, and ``vtprune.patch`` accepts each (model, method, budget) (on a weightless copy of the
-    model); any problem raises ``ValueError`` naming the config entry, with nothing stored.
+    Before the first cell runs, every unfinished cell is checked: every variable is set, checkpoints
+    and benchmark files are on disk (else :class:`MissingAssetError` says what to download and where),
+    benchmark files load and name existing images, and ``vtprune.patch`` accepts each (model, method,
+    budget) (on a weightless copy of the model); any problem raises ``ValueError`` naming the config
+    entry, with nothing stored. A config's ``published`` block is saved next to the store
+    (:func:`.published.save_sidecar`) for ``vtprune report``.
     Cells finished in the store are skipped; a partial cell continues from its predictions file.
     A cell that fails while running is recorded in the failures file and the sweep continues; at the
     end :class:`CellsFailedError` lists the failures. ``KeyboardInterrupt`` propagates; everything
@@ -89,15 +96,23 @@ def run_sweep(config: Mapping | str | os.PathLike, store_path: str | os.PathLike
     import torch
     from tqdm.auto import tqdm
 
-    cfg = load_config(config)
+    cfg = load_config(config, variables, allow_unset=True)
     cells = plan_cells(cfg, limit)
+    if cfg.unset_variables:
+        preflight(cfg, cells)  # raises: says which variables to set and what goes where
     dist = DataParallel(shard_by, cfg.device)
+    if dist.world > 1 and any(m.open_clip for m in cfg.models):
+        raise ValueError("open_clip models score a whole gallery per cell; run their sweep in one process")
     device = dist.device(cfg.device)
     store = ResultsStore(store_path)
     pending = [c for c in cells if not store.has(c.key)]
-    bench_paths = preflight(cfg, cells, store)
+    bench_paths = preflight(cfg, pending)
     benches = _load_benchmarks(cfg, pending, bench_paths, limit if limit is not None else cfg.limit)
     validate_cells(cfg, pending)
+    if cfg.published is not None and dist.main:
+        from .published import save_sidecar
+
+        save_sidecar(store_path, _config_name(cfg), cfg.published)
     env = environment(device, dist.world)
 
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if dist.main else (lambda msg: None)
@@ -119,7 +134,10 @@ def run_sweep(config: Mapping | str | os.PathLike, store_path: str | os.PathLike
             if not mine:
                 continue
             try:
-                loaded = load_model(model_entry, cfg, device)  # (model, processor, prompt_fn)
+                if model_entry.open_clip:  # (model, tokenizer, preprocess)
+                    loaded = load_clip(model_entry, resolve_path(model_entry.path, cfg) or model_entry.path, device)
+                else:
+                    loaded = load_model(model_entry, cfg, device)  # (model, processor, prompt_fn)
             except Exception as exc:  # noqa: BLE001 - one model that does not load must not stop the others
                 for cell in mine:
                     fail(cell, exc, "loading the model: ")
@@ -129,7 +147,10 @@ def run_sweep(config: Mapping | str | os.PathLike, store_path: str | os.PathLike
             def run(cell: Cell) -> None:
                 overall.set_postfix_str(f"{model_entry.name} | {cell.bench.label} | {cell.method.label} @ {cell.budget}")
                 try:
-                    _run_cell(cell, *loaded, benches[cell.bench.label], store, dist, device, cfg, env, progress)
+                    if model_entry.open_clip:
+                        run_clip_cell(cell, loaded, benches[cell.bench.label], store, cfg, env, device)
+                    else:
+                        _run_cell(cell, *loaded, benches[cell.bench.label], store, dist, device, cfg, env, progress)
                 except _SampleError as exc:
                     fail(cell, exc.__cause__, f"{exc}: ")
                 except KeyboardInterrupt:
@@ -154,15 +175,36 @@ def run_sweep(config: Mapping | str | os.PathLike, store_path: str | os.PathLike
     return records
 
 
+def _config_name(cfg: SweepConfig) -> str:
+    """The name a config's published block is saved under: its ``name``, else its file name."""
+    if cfg.name:
+        return str(cfg.name)
+    return cfg.source.stem if cfg.source is not None else "config"
+
+
 def _load_benchmarks(cfg: SweepConfig, pending: Sequence[Cell], paths: Mapping, limit: int | None) -> dict[str, Any]:
-    """Every benchmark an unfinished cell needs, loaded (and checked) before the first cell runs."""
-    from ..benchmarks import load_benchmark
+    """Every benchmark an unfinished cell needs, loaded and checked (its image files exist) before the
+    first cell runs; :class:`MissingAssetError` lists the missing images of every benchmark."""
+    from ..benchmarks import BENCHMARKS, load_benchmark
 
     out: dict[str, Any] = {}
+    problems = []
     for entry in cfg.benchmarks:
         if any(c.bench is entry for c in pending):
             bench = load_benchmark(entry.name, paths[entry.label], **entry.options)
-            out[entry.label] = bench.subset(limit=limit) if limit is not None else bench
+            try:
+                bench = bench.subset(limit=limit) if limit is not None else bench
+            except NotImplementedError as exc:
+                raise ValueError(f"sweep config: limit: benchmark {entry.label!r}: {exc}") from None
+            out[entry.label] = bench
+            missing = missing_images(bench)
+            if missing:
+                source = BENCHMARKS[entry.name].layout(paths[entry.label], **entry.options).source
+                problems.append(f"benchmark {entry.label!r}: {len(missing)} image file(s) not found, e.g. "
+                                + ", ".join(missing[:3]) + (f"\n      get them from: {source}" if source else ""))
+    if problems:
+        raise MissingAssetError("missing assets: nothing was run. The benchmark files load, but images are "
+                                "missing:\n  - " + "\n  - ".join(problems))
     return out
 
 

@@ -211,6 +211,19 @@ def _median(xs: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def relative_fields(rec: Mapping, cell: Cell, store: ResultsStore) -> dict:
+    """``rel_accuracy``, ``flops_ratio`` and ``llm_flops_ratio`` of ``rec`` against the vanilla (``none``)
+    record of the same model x benchmark (``None`` where it is missing or zero)."""
+    ref = rec if cell.key == cell.ref_key else (store.get(cell.ref_key) if cell.ref_key else None)
+    if ref is None or ref.get("status") != "ok":
+        return {"rel_accuracy": None, "flops_ratio": None, "llm_flops_ratio": None}
+    racc, rflops, rllm = ref.get("accuracy"), ref.get("total_prefill_tflops"), ref.get("llm_prefill_tflops")
+    flops, llm = rec.get("total_prefill_tflops"), rec.get("llm_prefill_tflops")
+    return {"rel_accuracy": 1.0 if ref is rec else (rec["accuracy"] / racc if racc else None),
+            "flops_ratio": flops / rflops if rflops and flops is not None else None,
+            "llm_flops_ratio": llm / rllm if rllm and llm is not None else None}
+
+
 def cell_record(cell: Cell, bench, writer, store: ResultsStore, env: dict) -> dict:
     """The record of a finished cell, from its predictions file alone (benchmark order), and the
     ``none`` record of the same model x benchmark for the relative fields."""
@@ -231,15 +244,7 @@ def cell_record(cell: Cell, bench, writer, store: ResultsStore, env: dict) -> di
     for k in ("llm_tokens_per_layer", "visual_tokens_per_layer"):
         lists = [e.get(k) for e in extras if e.get(k)]
         rec[k] = [sum(col) / len(col) for col in zip(*lists)] if lists else []
-    # relative to the vanilla cell of the same model x benchmark
-    ref = rec if cell.key == cell.ref_key else (store.get(cell.ref_key) if cell.ref_key else None)
-    if ref is not None and ref.get("status") == "ok":
-        racc, rflops, rllm = ref.get("accuracy"), ref.get("total_prefill_tflops"), ref.get("llm_prefill_tflops")
-        rec["rel_accuracy"] = 1.0 if ref is rec else (rec["accuracy"] / racc if racc else None)
-        rec["flops_ratio"] = rec["total_prefill_tflops"] / rflops if rflops else None
-        rec["llm_flops_ratio"] = rec["llm_prefill_tflops"] / rllm if rllm else None
-    else:
-        rec["rel_accuracy"] = rec["flops_ratio"] = rec["llm_flops_ratio"] = None
+    rec.update(relative_fields(rec, cell, store))
     rec["prefill_ms"] = _median([e.get("prefill_ms") for e in extras])
     rec["total_ms"] = _median([e.get("total_ms") for e in extras])
     rec["select_ms"] = _mean([e.get("select_ms") for e in extras])

@@ -1,4 +1,4 @@
-"""Model loading for sweeps: builtin models (one registry), local checkpoints, prompt templates, asset checks.
+"""Model loading for sweeps: builtin models (one registry), local checkpoints, prompt templates, path resolution.
 
 A config's ``builtin: NAME`` is looked up in :data:`BUILTIN_MODELS` (``NAME -> BuiltinModel``); adding a
 builtin is one :func:`register_builtin` call (a loader, optionally a prompt format, an asset check and
@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
-from ..store import ResultsStore
-from .config import Cell, ModelEntry, SweepConfig
+from .config import ModelEntry, SweepConfig
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,7 +116,9 @@ register_builtin("embedded", _embedded_load, prompt=_embedded_prompt, check=_emb
 # Paths
 
 
-def _resolve(path: str, cfg: SweepConfig) -> Path | None:
+def resolve_path(path: str, cfg: SweepConfig) -> Path | None:
+    """``path`` as it exists: absolute, else tried against the working directory, the config file's folder
+    and the repository root, in that order; ``None`` when it exists nowhere."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return p if p.exists() else None
@@ -127,7 +128,8 @@ def _resolve(path: str, cfg: SweepConfig) -> Path | None:
     return None
 
 
-def _tried(path: str, cfg: SweepConfig) -> str:
+def tried_paths(path: str, cfg: SweepConfig) -> str:
+    """The places :func:`resolve_path` looks for ``path`` (for messages)."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return str(p)
@@ -135,39 +137,8 @@ def _tried(path: str, cfg: SweepConfig) -> str:
     return ", ".join(dict.fromkeys(str(b / p) for b in bases))
 
 
-def preflight(cfg: SweepConfig, cells: Sequence[Cell], store: ResultsStore) -> dict[str, Path]:
-    """Resolve every path the unfinished cells need; raise :class:`MissingAssetError` naming the fixes."""
-    pending = [c for c in cells if not store.has(c.key)]
-    paths: dict[str, Path] = {}
-    problems: list[str] = []
-    for b in cfg.benchmarks:
-        p = _resolve(b.path, cfg)
-        if p is not None:
-            paths[b.label] = p
-        elif any(c.bench is b for c in pending):
-            fix = ""
-            if b.name == "embedded" and Path(b.path).as_posix().rstrip("/").endswith("assets/embedded/bench"):
-                fix = (" The embedded benchmark is generated, not downloaded: run "
-                       "`python -m vtprune.eval.embedded.generator` (writes assets/embedded/bench).")
-            problems.append(f"benchmark {b.label!r}: path {b.path!r} not found (tried {_tried(b.path, cfg)}).{fix}")
-    for m in cfg.models:
-        if not any(c.model is m for c in pending):
-            continue
-        if m.path is not None and _resolve(m.path, cfg) is None and not _looks_like_hub_id(m.path):
-            problems.append(f"model {m.name!r}: path {m.path!r} not found (tried {_tried(m.path, cfg)}); point "
-                            "'path' at a from_pretrained folder (config.json, weights, processor files)")
-        check = BUILTIN_MODELS[m.builtin].check if m.builtin else None
-        if check is not None:
-            try:
-                check()
-            except MissingAssetError as exc:
-                problems.append(str(exc))
-    if problems:
-        raise MissingAssetError("missing assets:\n  - " + "\n  - ".join(problems))
-    return paths
-
-
-def _looks_like_hub_id(path: str) -> bool:
+def looks_like_hub_id(path: str) -> bool:
+    """``owner/name``: a Hugging Face repository id that ``from_pretrained`` resolves itself."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not path.startswith(".")
 
 
@@ -199,10 +170,15 @@ def builtin_skeleton(name: str, dtype: str = "float32"):
 
 
 def model_skeleton(entry: ModelEntry, cfg: SweepConfig):
-    """The model of ``entry`` for validation only: without weights where that is cheaper than loading."""
+    """The model of ``entry`` for validation only: without weights where that is cheaper than loading
+    (for an open_clip model: its ``visual`` tower, which the methods patch)."""
+    if entry.open_clip:
+        from .clip import clip_skeleton
+
+        return clip_skeleton(entry)
     if entry.builtin:
         return builtin_skeleton(entry.builtin, entry.dtype)
-    p = _resolve(entry.path, cfg)
+    p = resolve_path(entry.path, cfg)
     return meta_model(str(p) if p is not None else entry.path)
 
 
@@ -214,7 +190,7 @@ def load_model(entry: ModelEntry, cfg: SweepConfig, device) -> tuple[Any, Any, P
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        p = _resolve(entry.path, cfg)
+        p = resolve_path(entry.path, cfg)
         src = str(p) if p is not None else entry.path
         model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype)
         proc = AutoProcessor.from_pretrained(src)

@@ -3,7 +3,8 @@
 Each unfinished cell's method is patched onto the model and removed again (``vtprune.patch`` checks
 the family, layer indices, budgets against the model's visual tokens, parameter names and types).
 Path models are built without weights (meta device, from their ``config.json``), so validating a
-sweep of 7B models costs seconds, not a load of every checkpoint.
+sweep of 7B models costs seconds, not a load of every checkpoint. An open_clip model is validated on
+its ``visual`` tower (the part the methods patch).
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def validate_cells(cfg: SweepConfig, cells: Sequence[Cell]) -> None:
             continue
         seen: set = set()
         for cell in mine:
-            if (cell.method.label, cell.budget) in seen:
-                continue
+            if (cell.method.label, cell.budget) in seen or (entry.open_clip and cell.is_reference):
+                continue  # an open_clip model's `none` runs the tower unpatched (vtprune.eval.clip_eval)
             seen.add((cell.method.label, cell.budget))
             spec, params = patch_args(cell)
             try:
