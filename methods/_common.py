@@ -13,7 +13,7 @@ from torch import Tensor
 from vtprune.policy import ImageTokens
 
 LLAVA_FAMILIES = ("llava", "llava_next")
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 
 class ViewGrid(NamedTuple):

@@ -84,6 +84,7 @@ from vtprune.registry import register
 
 from ._common import (
     LLAVA_FAMILIES,
+    QWEN_FAMILIES,
     check_choice,
     llava_feature_layer,
     resolve_layer,
@@ -394,7 +395,7 @@ def hiprune_select(
 # The policy
 # --------------------------------------------------------------------------------------------------
 #: paper budgets, the first of each family's evaluated list (spec section 4)
-HIPRUNE_DEFAULT_KEEP = {"llava": 192, "llava_next": 640, "qwen2_vl": 0.334, "qwen2_5_vl": 0.334}
+HIPRUNE_DEFAULT_KEEP = {"llava": 192, "llava_next": 640, **{f: 0.334 for f in QWEN_FAMILIES}}
 
 
 @register
@@ -447,7 +448,7 @@ class HiPrune(TokenPolicy):
     description: ClassVar[str] = (
         "HiPrune: anchors (object-layer attention) + buffers + registers (deep-layer attention), stage P"
     )
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+    families: ClassVar[tuple[str, ...]] = LLAVA_FAMILIES + QWEN_FAMILIES
 
     keep: int | float | None = None
     alpha: float = 0.1

@@ -55,7 +55,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, TokenPolicy
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, check_choice, llava_feature_layer, resolve_layer
+from ._common import LLAVA_FAMILIES, QWEN_FAMILIES, check_choice, llava_feature_layer, resolve_layer
 
 __all__ = [
     "cls_attention",
@@ -378,7 +378,7 @@ class ToDRE(TokenPolicy):
 
     name: ClassVar[str] = "todre"
     description: ClassVar[str] = "ToDRE stage 1: greedy max-sum diversity of the projected tokens from a CLS pivot, stage P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+    families: ClassVar[tuple[str, ...]] = LLAVA_FAMILIES + QWEN_FAMILIES
 
     keep: int | float = 0.25
     diversity: str = "maxsum"
@@ -509,7 +509,7 @@ class ToDRERelevance(DecoderPolicy):
     description: ClassVar[str] = (
         "ToDRE stage 2: drop all visual tokens after layer round(7L/8) when the text ignores them, stage D"
     )
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+    families: ClassVar[tuple[str, ...]] = LLAVA_FAMILIES + QWEN_FAMILIES
     signal_kind: ClassVar[str] = "post_visual_rows"
 
     tau: float = 0.10

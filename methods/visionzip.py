@@ -61,7 +61,7 @@ from torch import Tensor
 from vtprune.policy import Context, ImageTokens, MergePolicy, check_keep_value, resolve_budget
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, check_choice, llava_feature_layer, resolve_layer, view_grids
+from ._common import LLAVA_FAMILIES, QWEN_FAMILIES, check_choice, llava_feature_layer, resolve_layer, view_grids
 
 __all__ = [
     "dominant_select",
@@ -319,7 +319,7 @@ def visionzip_qwen(
 # The policy
 # --------------------------------------------------------------------------------------------------
 #: default budgets: LLaVA tokens per view (54 + 10, the README example), Qwen fraction (about 64/576)
-VISIONZIP_DEFAULT_KEEP = {"llava": 64, "llava_next": 64, "qwen2_vl": 0.112, "qwen2_5_vl": 0.112}
+VISIONZIP_DEFAULT_KEEP = {"llava": 64, "llava_next": 64, **{f: 0.112 for f in QWEN_FAMILIES}}
 
 
 def llava_split(n_keep: int) -> tuple[int, int]:
@@ -384,7 +384,7 @@ class VisionZip(MergePolicy):
 
     name: ClassVar[str] = "visionzip"
     description: ClassVar[str] = "VisionZip: CLS-attended dominant tokens + merged contextual tokens, stage P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+    families: ClassVar[tuple[str, ...]] = LLAVA_FAMILIES + QWEN_FAMILIES
 
     keep: int | float | None = None
     dominant: int | None = None

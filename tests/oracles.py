@@ -5,6 +5,9 @@
   image features, positions either renumbered by the model or the original ones gathered).
 * :func:`masked_run`: the *unpatched* model with extra pre-hooks that hide the dropped keys from
   layer K on through the attention mask (same positions, full-length sequence and cache).
+* :func:`physically_shortened_run`: the *unpatched* model's own modules run layer by layer, one sample
+  at a time (no padding, no vtprune code), the sequence physically shortened from layer K on: the
+  oracle of stage D on hybrid models, whose Gated DeltaNet layers cannot hide a token by a mask.
 """
 from __future__ import annotations
 
@@ -13,15 +16,24 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
-def image_features(model, family: str, inputs) -> list[torch.Tensor]:
+def encoder_output(model, family: str, inputs):
     inner = model.model
     if family == "llava":
-        out = inner.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
-    elif family == "llava_next":
-        out = inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
-    else:
-        out = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-    return list(out.pooler_output)
+        return inner.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+    if family == "llava_next":
+        return inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
+    return inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+
+
+def image_features(model, family: str, inputs) -> list[torch.Tensor]:
+    return list(encoder_output(model, family, inputs).pooler_output)
+
+
+def deepstack_levels(model, family: str, inputs) -> list[list[torch.Tensor]] | None:
+    """Qwen3-VL: per DeepStack level, the per-image features; None for other families."""
+    if not family.startswith("qwen3_vl"):
+        return None
+    return [list(level) for level in encoder_output(model, family, inputs).deepstack_features]
 
 
 def full_positions(model, family: str, inputs) -> torch.Tensor:
@@ -44,6 +56,7 @@ def shortened_inputs(model, family: str, inputs, kept: list[torch.Tensor], *, po
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     img_tok = model.config.image_token_id
     feats = image_features(model, family, inputs)
+    levels = deepstack_levels(model, family, inputs)
     pos = full_positions(model, family, inputs)
     rows, feats_out, k = [], [], 0
     for b in range(ids.shape[0]):
@@ -71,10 +84,17 @@ def shortened_inputs(model, family: str, inputs, kept: list[torch.Tensor], *, po
         new_ids[b, s:] = ids[b, cols]
         new_mask[b, s:] = 1
         new_pos[..., b, s:] = pos[..., b, cols]
+    if levels is None:
+        enc = BaseModelOutputWithPooling(pooler_output=feats_out)
+    else:  # the same rows of every DeepStack level
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        enc = BaseModelOutputWithDeepstackFeatures(
+            pooler_output=feats_out, deepstack_features=[[lvl[i][kept[i]] for i in range(len(kept))] for lvl in levels])
     out = {
         "input_ids": new_ids,
         "attention_mask": new_mask,
-        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats_out)},
+        "mm_encoder_outputs": {"image": enc},
     }
     if positions == "original":
         out["position_ids"] = new_pos
@@ -128,3 +148,83 @@ class masked_run:
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
+
+
+def _lm_inputs(model, inputs) -> dict:
+    """The kwargs the unpatched model hands its language model at prefill (embeddings, positions)."""
+    cap = {}
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, k: cap.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return cap
+
+
+def physically_shortened_run(model, inputs, layer: int, keep: torch.Tensor, max_new_tokens: int):
+    """Greedy generation with the sequence physically shortened from decoder layer ``layer`` on.
+
+    ``keep`` (B, L) bool over the LLM input (the model's own input here) says which tokens enter
+    layers >= ``layer``. Each sample runs alone without padding through the model's own decoder layers,
+    rotary module, norm, head and cache; positions are the model's own M-RoPE positions of the full
+    sequence (gathered at the kept tokens), new tokens continue after the largest one. Qwen3-VL's
+    DeepStack features are added after the first layers at the visual tokens still present. Returns
+    ``(last prompt logits (B, V) fp32, generated ids (B, max_new_tokens))``.
+    """
+    from transformers import DynamicCache
+
+    lm = model.model.language_model
+    cfg = lm.config
+    cap = _lm_inputs(model, inputs)
+    embeds, pos = cap["inputs_embeds"], cap["position_ids"]
+    if pos.shape[0] == 4:  # (text, t, h, w) rows: the rotary module takes the last three
+        pos = pos[1:]
+    mask = inputs["attention_mask"].bool()
+    vis_all, levels = cap.get("visual_pos_masks"), cap.get("deepstack_visual_embeds") or []
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(lm.layers)
+    fn = ALL_MASK_ATTENTION_FUNCTIONS[cfg._attn_implementation]
+    logits_out, gen_out = [], []
+    with torch.no_grad():
+        for b in range(embeds.shape[0]):
+            valid = mask[b]
+            h = embeds[b : b + 1, valid]
+            if levels:  # this sample's DeepStack rows, in sequence order
+                start = int(vis_all[:b].sum())
+                vis = vis_all[b, valid]
+                ds = [lvl[start : start + int(vis.sum())] for lvl in levels]
+            p = pos[:, b : b + 1, valid]
+            cos, sin = lm.rotary_emb(h, p)
+            cache = DynamicCache(config=cfg)
+            for i, dec in enumerate(lm.layers):
+                if i == layer:
+                    sel = keep[b, valid]
+                    h, cos, sin = h[:, sel], cos[:, sel], sin[:, sel]
+                    if levels:
+                        ds = [x[sel[vis]] for x in ds]
+                        vis = vis[sel]
+                n = h.shape[1]
+                am = None
+                if types[i] != "linear_attention":
+                    am = fn(batch_size=1, q_length=n, kv_length=n, q_offset=0, kv_offset=0,
+                            mask_function=causal_mask_function, attention_mask=torch.ones((1, n), dtype=torch.bool),
+                            allow_is_causal_skip=False, dtype=h.dtype, config=cfg, device=h.device)
+                h = dec(h, position_embeddings=(cos, sin), attention_mask=am, position_ids=None, cache=cache,
+                        use_cache=True)
+                if i < len(levels):
+                    h = h.clone()
+                    h[0, vis] = h[0, vis] + ds[i].to(h.dtype)
+            logits = model.lm_head(lm.norm(h[:, -1:]))[:, -1].float()
+            logits_out.append(logits[0])
+            nxt = int(p.max()) + 1
+            toks = [int(logits.argmax(-1))]
+            for step in range(max_new_tokens - 1):
+                h = lm.embed_tokens(torch.tensor([[toks[-1]]]))
+                cos, sin = lm.rotary_emb(h, torch.full((3, 1, 1), nxt + step))
+                for dec in lm.layers:
+                    h = dec(h, position_embeddings=(cos, sin), attention_mask=None, position_ids=None, cache=cache,
+                            use_cache=True)
+                toks.append(int(model.lm_head(lm.norm(h))[0, -1].argmax()))
+            gen_out.append(torch.tensor(toks))
+    return torch.stack(logits_out), torch.stack(gen_out)

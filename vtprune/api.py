@@ -121,9 +121,10 @@ class Patch:
     def _install(self) -> None:
         if getattr(self.model, _ACTIVE_ATTR, None) is not None:
             raise ValueError("this model is already patched by vtprune; call .remove() on the existing patch first")
+        decoder = DecoderController(self.adapter, self.decoder_policies, self._context())  # may refuse: nothing installed yet
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._model_post_hook, with_kwargs=True))
-        self._decoder = DecoderController(self.adapter, self.decoder_policies, self._context())
+        self._decoder = decoder
         self._decoder.state = self._state
         self._decoder.install()
         object.__setattr__(self.model, _ACTIVE_ATTR, self)
@@ -172,7 +173,7 @@ class Patch:
                 kwargs[name] = value
             args = ()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None else 0
+        past = int(cache.get_seq_length()) if cache is not None else 0  # hybrid caches return a 0-d tensor
         st = self._state
         if past == 0:
             st.reset()
@@ -257,7 +258,7 @@ class Patch:
             n_out.append(cur.num_tokens)
         t2 = time.perf_counter()
 
-        is_img = ids == ad.image_token_id
+        is_img = _visual_mask(ids, ad)
         seqs = []
         for i in range(b):
             base = torch.nonzero(mask[i].bool() & ~is_img[i]).flatten()
@@ -293,6 +294,8 @@ class Patch:
             "attention_mask": new_mask if need_mask else None,
             "position_ids": new_pos,
             "features": features,
+            "items": images,  # the encoded items (aligned with features)
+            "kept_index": kept_idx,  # per item, indices into its encoded tokens (output order)
             "gather": gather,
         }
         out = ad.build_inputs(kwargs, new)
@@ -302,7 +305,7 @@ class Patch:
         st.full_len_in = n
         st.mask = new_mask
         st.mask_given = need_mask
-        st.visual = (new_ids == ad.image_token_id) & valid
+        st.visual = _visual_mask(new_ids, ad) & valid
         img_id = torch.full((b, width), -1, dtype=torch.long, device=ids.device)
         for i in range(b):
             k = 0
@@ -364,26 +367,37 @@ class Patch:
         return mode
 
     def _image_spans(self, ids: Tensor, mask: Tensor, images: list[ImageTokens]) -> list[tuple[int, Tensor]]:
-        """Assign each image its placeholder columns: (sample index, (n_i,) columns)."""
-        is_img = (ids == self.adapter.image_token_id) & mask.bool()
-        spans, k = [], 0
-        for i in range(ids.shape[0]):
-            cols = torch.nonzero(is_img[i]).flatten()
-            start = 0
-            while start < cols.numel():
-                if k >= len(images):
-                    raise ValueError("more image placeholder tokens than image features; check the processor output")
-                n = images[k].extra.get("n_placeholders", images[k].num_tokens)
-                if start + n > cols.numel():
-                    raise ValueError(
-                        f"image {k} has {n} features but sample {i} has only {cols.numel() - start} "
-                        "placeholders left; check the processor output"
-                    )
-                spans.append((i, cols[start : start + n]))
-                start += n
-                k += 1
-        if k != len(images):
-            raise ValueError(f"{len(images)} images but placeholders for {k}; check the processor output")
+        """Assign each item its placeholder columns: (sample index, (n_i,) columns), aligned with ``images``.
+
+        Each modality (``extra["modality"]``: image, video) fills its own placeholder token, in request
+        order: an item takes the next ``n`` placeholders of its modality in its sample, contiguous or
+        not (Qwen3-VL puts a timestamp between the frames of a video).
+        """
+        token_ids = self.adapter.visual_token_ids()
+        spans: list = [None] * len(images)
+        for modality, tok in token_ids.items():
+            queue = [k for k, img in enumerate(images) if img.extra.get("modality", "image") == modality]
+            is_tok = (ids == tok) & mask.bool()
+            q = 0
+            for i in range(ids.shape[0]):
+                cols = torch.nonzero(is_tok[i]).flatten()
+                start = 0
+                while start < cols.numel():
+                    if q >= len(queue):
+                        raise ValueError(f"more {modality} placeholder tokens than {modality} features; "
+                                         "check the processor output")
+                    k = queue[q]
+                    n = images[k].extra.get("n_placeholders", images[k].num_tokens)
+                    if start + n > cols.numel():
+                        raise ValueError(
+                            f"{modality} {q} has {n} features but sample {i} has only {cols.numel() - start} "
+                            "placeholders left; check the processor output"
+                        )
+                    spans[k] = (i, cols[start : start + n])
+                    start += n
+                    q += 1
+            if q != len(queue):
+                raise ValueError(f"{len(queue)} {modality} inputs but placeholders for {q}; check the processor output")
         return spans
 
     def _finish_stats(self) -> None:
@@ -445,6 +459,12 @@ class Patch:
             step = torch.arange(q, device=st.next_pos.device) + st.decoded
             kwargs["position_ids"] = self.adapter.decode_positions(st.next_pos[:, None] + step[None])
         return kwargs
+
+
+def _visual_mask(ids: Tensor, adapter) -> Tensor:
+    """(B, L) bool: placeholder tokens of any visual modality."""
+    vis = torch.tensor(list(adapter.visual_token_ids().values()), dtype=ids.dtype, device=ids.device)
+    return torch.isin(ids, vis)
 
 
 def _config_pad_id(config) -> int:

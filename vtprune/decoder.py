@@ -28,20 +28,26 @@ M-RoPE positions of Qwen cannot be renumbered (``ValueError``).
 
 Signal kinds (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tuple of kinds):
 
-* ``"last_row"``: head-mean attention row of the last prompt token (pre-hook of the layer), indexed on
-  the current sequence.
-* The *aligned* kinds below are stored in LLM-input coordinates and gathered at each token's LLM-input
-  index when a policy selects, so they stay aligned across earlier prunes (the view always gets the
-  values of its own tokens):
+Every kind is stored in LLM-input coordinates and gathered at each token's LLM-input index when a
+policy selects, so it stays aligned across earlier prunes (the view always gets the values of its own
+tokens):
 
-  - ``"post_visual_rows"``: head-mean attention probabilities of the layer (recomputed from its own
-    norm/q/k, fp32) of every prompt row after the sample's last visual token, averaged over those
-    rows (zeros when there is none);
-  - ``"image_tokens_in"``: for a visual token, the number of visual tokens its image has at the LLM
-    input (0 for text);
-  - ``"attn_io"`` / ``"mlp_io"``: a forward hook on the layer's ``self_attn`` / ``mlp`` (prefill only)
-    passes the module input and output to the requesting policy's ``reduce_io(layer, kind, x_in,
-    x_out, key_mask, visual) -> (B, L)``; only that reduction is kept, never the hidden tensors.
+* ``"last_row"``: head-mean attention row of the last prompt token (pre-hook of the layer);
+* ``"post_visual_rows"``: head-mean attention probabilities of the layer (recomputed from its own
+  norm/q/k, fp32) of every prompt row after the sample's last visual token, averaged over those rows
+  (zeros when there is none);
+* ``"image_tokens_in"``: for a visual token, the number of visual tokens its image has at the LLM
+  input (0 for text);
+* ``"attn_io"`` / ``"mlp_io"``: a forward hook on the layer's token mixer (``Adapter.token_mixer``:
+  ``self_attn``; Gated DeltaNet layers: ``linear_attn``) / ``mlp`` (prefill only) passes the module
+  input and output to the requesting policy's ``reduce_io(layer, kind, x_in, x_out, key_mask, visual)
+  -> (B, L)``; only that reduction is kept, never the hidden tensors.
+
+Attention rows (``last_row``, ``post_visual_rows``) asked for layer ``l`` are computed at the input of
+``Adapter.attention_layer_for(l)``: ``l`` itself, or on a hybrid model (Qwen3.5) the last
+full-attention layer at or before ``l`` (``ValueError`` at ``patch()`` when there is none). Each layer's
+``attention_mask`` comes from ``Adapter.layer_attention_mask`` (Gated DeltaNet layers take a 2-D
+padding mask, not a 4-D one).
 
 A policy may define ``budget_view(view, layer) -> int`` to compute its budget from the whole view
 (e.g. per-image quotas); otherwise ``budget(n_visual, layer)`` is used.
@@ -62,8 +68,9 @@ from .policy import DecoderPolicy, DecoderView
 
 IO_KINDS = ("attn_io", "mlp_io")
 POSITION_HANDLING = ("original", "renumber")
-ALIGNED_KINDS = IO_KINDS + ("post_visual_rows", "image_tokens_in")
-_IO_MODULES = {"attn_io": "self_attn", "mlp_io": "mlp"}
+ALIGNED_KINDS = IO_KINDS + ("post_visual_rows", "image_tokens_in", "last_row")
+#: kinds read from a layer's attention rows (hybrid models: at ``Adapter.attention_layer_for(layer)``)
+ATTENTION_KINDS = ("last_row", "post_visual_rows")
 
 
 def build_mask(config, key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Any:
@@ -121,7 +128,9 @@ class DecoderController:
         self.config = adapter.language_model.config
         n = adapter.num_llm_layers()
         self.prune_at: dict[int, list[DecoderPolicy]] = {}
-        self.signal_at: dict[int, list[tuple[DecoderPolicy, str]]] = {}
+        # at layer f's pre-hook: (policy, kind, requested layer): the signal is stored under the
+        # requested layer; f differs from it for attention rows on hybrid models
+        self.signal_at: dict[int, list[tuple[DecoderPolicy, str, int]]] = {}
         self.io_at: dict[tuple[int, str], DecoderPolicy] = {}
         for p in policies:
             for l in p.pruning_layers(n):
@@ -133,7 +142,8 @@ class DecoderController:
                         if other is not p:
                             raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
                     else:
-                        self.signal_at.setdefault(l, []).append((p, kind))
+                        src = adapter.attention_layer_for(l) if kind in ATTENTION_KINDS else l
+                        self.signal_at.setdefault(src, []).append((p, kind, l))
         self.first_prune = min(self.prune_at) if self.prune_at else None
         self.renumber_at = self._position_handling(n)
         self.handles = []
@@ -163,7 +173,7 @@ class DecoderController:
                 layer.register_forward_pre_hook(lambda m, a, k, i=i: self._pre(i, a, k), with_kwargs=True)
             )
         for (i, kind) in self.io_at:
-            module = getattr(layers[i], _IO_MODULES[kind])
+            module = self.adapter.token_mixer(i) if kind == "attn_io" else layers[i].mlp
             self.handles.append(
                 module.register_forward_hook(
                     lambda m, a, k, out, i=i, kind=kind: self._io(i, kind, a, k, out), with_kwargs=True
@@ -190,7 +200,7 @@ class DecoderController:
             return self._decode(layer, hidden, args, kwargs)
         return None
 
-    def _substitute(self, kwargs: dict, st) -> None:
+    def _substitute(self, layer: int, kwargs: dict, st) -> None:
         """Replace the full-length tables of this layer by those of the surviving tokens."""
         idx = st.cur_index
         if st.cur_rope is not None:  # renumbered positions (recomputed tables)
@@ -205,7 +215,7 @@ class DecoderController:
                 pid = st.full_pid
             if pid is not None and pid.shape[-1] == st.full_len:
                 kwargs["position_ids"] = gather_seq(pid, idx, pid.dim() - 1)
-        kwargs["attention_mask"] = build_mask(self.config, st.cur_keymask, idx.shape[1], st.dtype)
+        kwargs["attention_mask"] = self.adapter.layer_attention_mask(layer, st.cur_keymask, idx.shape[1], st.dtype)
 
     def _full_positions(self, hidden: Tensor, kwargs: dict, st) -> Tensor:
         """(B, L) positions of the layer-0 input (the model's own ``position_ids``, else arange)."""
@@ -248,10 +258,10 @@ class DecoderController:
                 st.full_pos = self._full_positions(hidden, kwargs, st)
                 st.full_next = st.full_pos.masked_fill(~st.mask.bool(), -1).amax(-1) + 1
         if st.cur_index is not None:
-            self._substitute(kwargs, st)
+            self._substitute(layer, kwargs, st)
             changed = True
-        for p, kind in self.signal_at.get(layer, []):
-            st.signals[(layer, kind)] = self._signal(layer, kind, hidden, kwargs, st)
+        for p, kind, asked in self.signal_at.get(layer, []):
+            st.signals[(asked, kind)] = self._signal(layer, kind, hidden, kwargs, st)
         if layer in self.prune_at:
             prev_pos = None
             if self.renumber_at:  # positions of the sequence entering this layer
@@ -264,7 +274,7 @@ class DecoderController:
             hidden = self._prune(layer, hidden, st)
             if prev_pos is not None and (layer in self.renumber_at or st.cur_pos is not None):
                 self._renumber(layer, hidden, prev_pos, st)
-            self._substitute(kwargs, st)
+            self._substitute(layer, kwargs, st)
             changed = True
         if st.cur_pos is not None:
             st.layer_pos_shift[layer] = st.pos_shift
@@ -287,7 +297,7 @@ class DecoderController:
         q = hidden.shape[1]
         tail = st.decode_tail(q)
         full = torch.cat([keymask, tail.to(keymask.dtype)], dim=1)
-        kwargs["attention_mask"] = build_mask(self.config, full, q, hidden.dtype)
+        kwargs["attention_mask"] = self.adapter.layer_attention_mask(layer, full, q, hidden.dtype)
         shift = getattr(st, "layer_pos_shift", {}).get(layer)
         if shift is not None:  # renumbered layer: the model's position minus the tokens removed before it
             pid = kwargs.get("position_ids")
@@ -366,7 +376,7 @@ class DecoderController:
         probs = self.adapter.llm_attention_rows(
             layer, hidden, kwargs["position_embeddings"], last[:, None], keymask
         )
-        return probs.mean(1)[:, 0]  # (B, n) head mean of the last prompt token's row
+        return self._to_input_coords(probs.mean(1)[:, 0], st)  # (B, L_in) head mean of the last prompt row
 
     def _prune(self, layer: int, hidden: Tensor, st) -> Tensor:
         b = hidden.shape[0]

@@ -133,7 +133,8 @@ class Policy:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     stage: ClassVar[str] = "P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+                                           "qwen3_5", "qwen3_5_moe")
 
     def validate(self, family: str, adapter: Any) -> None:
         """Check the policy's parameters for a model family; raise ``ValueError`` naming the fix."""

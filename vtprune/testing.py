@@ -168,6 +168,7 @@ def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torc
 
 
 BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+# (the Qwen3 families are added at the end of this module)
 
 
 def prompt_for(family: str, question: str, n_images: int = 1) -> str:
@@ -204,3 +205,81 @@ def tiny_open_clip(seed: int = 0):
     finally:
         logging.disable(logging.NOTSET)
     return model.eval(), open_clip.get_tokenizer("ViT-B-32", context_length=16)
+
+
+# ---------------------------------------------------------------------------- Qwen3-VL and Qwen3.5
+QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
+def _qwen3_processor(tok):
+    """A real ``Qwen3VLProcessor`` (Qwen3-VL and Qwen3.5 share it): 14 px patches, 2x2 merge, frames
+    taken as given (no resampling), one timestamp per temporal patch."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                               temporal_patch_size=2)
+    vp = Qwen3VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, do_sample_frames=False,
+                               cap_pixels_per_frame=False,
+                               size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112 * 4})
+    return Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp)
+
+
+def _qwen3(kind: str, attn_implementation: str, seed: int, dtype):
+    """Tiny Qwen3-VL / Qwen3.5 (dense or MoE): 3-block ViT (DeepStack from blocks 0 and 1 on Qwen3-VL),
+    4-layer LLM (Qwen3.5: Gated DeltaNet layers 0 and 2, full attention at 1 and 3)."""
+    import transformers
+
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = byte_tokenizer(specials)
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, in_channels=3)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=len(tok), max_position_embeddings=2048,
+                pad_token_id=0, initializer_range=0.05)
+    if kind.startswith("qwen3_vl"):
+        vision["deepstack_visual_indexes"] = [0, 1]
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3],
+                                   "mrope_interleaved": True}
+    else:  # Qwen3.5: partial rotary (half the head dim here), hybrid layers
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1],
+                                   "mrope_interleaved": True, "partial_rotary_factor": 0.5}
+        text.update(layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
+                    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                    linear_num_value_heads=4)
+    if kind.endswith("moe"):
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        if kind == "qwen3_5_moe":
+            text["shared_expert_intermediate_size"] = 32
+        else:
+            text["decoder_sparse_step"] = 1
+    names = {"qwen3_vl": "Qwen3VL", "qwen3_vl_moe": "Qwen3VLMoe", "qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe"}
+    cfg_cls = getattr(transformers, names[kind] + "Config")
+    model_cls = getattr(transformers, names[kind] + "ForConditionalGeneration")
+    cfg = cfg_cls(text_config=text, vision_config=vision, **common)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(dtype).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model, _qwen3_processor(tok)
+
+
+def tiny_qwen3_vl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    return _qwen3("qwen3_vl", attn_implementation, seed, dtype)
+
+
+def tiny_qwen3_vl_moe(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    return _qwen3("qwen3_vl_moe", attn_implementation, seed, dtype)
+
+
+def tiny_qwen3_5(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    return _qwen3("qwen3_5", attn_implementation, seed, dtype)
+
+
+def tiny_qwen3_5_moe(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    return _qwen3("qwen3_5_moe", attn_implementation, seed, dtype)
+
+
+BUILDERS.update({"qwen3_vl": tiny_qwen3_vl, "qwen3_vl_moe": tiny_qwen3_vl_moe, "qwen3_5": tiny_qwen3_5,
+                 "qwen3_5_moe": tiny_qwen3_5_moe})

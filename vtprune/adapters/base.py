@@ -47,6 +47,10 @@ class Adapter:
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
 
+    def visual_token_ids(self) -> dict[str, int]:
+        """Placeholder token id of each visual modality the family takes (``{"image": id}``)."""
+        return {"image": self.image_token_id}
+
     def nominal_visual_tokens(self) -> int | None:
         """Visual tokens per image when fixed by the config (LLaVA-1.5), else None."""
         return None
@@ -76,6 +80,23 @@ class Adapter:
 
     def after_prefill(self, state) -> None:
         """Hook for family-specific bookkeeping after the prefill inputs were rebuilt."""
+
+    # ---------------------------------------------------------------- LLM layers (stage D)
+    def attention_layer_for(self, layer: int) -> int:
+        """The decoder layer whose attention rows stand for those of ``layer`` (itself here; hybrid
+        models map to a full-attention layer or raise ``ValueError`` naming the fix)."""
+        return layer
+
+    def layer_attention_mask(self, layer: int, key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Any:
+        """The ``attention_mask`` decoder layer ``layer`` gets for ``q_len`` queries at the end of the
+        keys ``key_mask`` (B, kv) bool (4-D, in the model's attention implementation's format)."""
+        from ..decoder import build_mask
+
+        return build_mask(self.language_model.config, key_mask, q_len, dtype)
+
+    def token_mixer(self, layer: int) -> nn.Module:
+        """The module of decoder layer ``layer`` that mixes tokens (``attn_io`` signals hook it)."""
+        return self.llm_layers()[layer].self_attn
 
     # ---------------------------------------------------------------- LLM attention rows
     def rotary(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:

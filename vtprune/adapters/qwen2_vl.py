@@ -97,10 +97,26 @@ class Qwen2VLAdapter(Adapter):
             unit = unit[torch.argsort(widx.to(unit.device))]
         return unit
 
+    #: (modality, pixel key, grid key, inner-model feature function); images first, then videos
+    MODALITIES = (("image", "pixel_values", "image_grid_thw", "get_image_features"),
+                  ("video", "pixel_values_videos", "video_grid_thw", "get_video_features"))
+
+    def visual_token_ids(self) -> dict[str, int]:
+        """Placeholder token id of each modality (``"image"``, ``"video"``)."""
+        return {"image": int(self.config.image_token_id), "video": int(self.config.video_token_id)}
+
+    def has_images(self, kwargs) -> bool:
+        return any(kwargs.get(pix) is not None for _, pix, _, _ in self.MODALITIES)
+
     def encode(self, kwargs, signals, vision_policies, ctx):
+        """One ``ImageTokens`` per image, then one per video (request order within each modality).
+
+        A video is one item whose views are its temporal slices (frames after the temporal patch
+        merge, ``grid_shapes`` one per frame); ``extra["modality"]`` says which placeholder it fills.
+        """
         if vision_policies:
             raise ValueError(
-                "stage-V (in-encoder) policies are not supported on Qwen2-VL/Qwen2.5-VL (packed, windowed ViT); "
+                f"stage-V (in-encoder) policies are not supported on {self.family} (packed ViT); "
                 "use the stage-P variant of the method"
             )
         blocks = {}
@@ -109,9 +125,24 @@ class Qwen2VLAdapter(Adapter):
             if kind != "vit_received":
                 raise ValueError(f"unknown Qwen vision signal {name!r}; supported: vit_received@BLOCK")
             blocks[name] = self.resolve_vit_layer(int(layer))
-        grid_thw = kwargs["image_grid_thw"]
+        images, sched = [], []
+        for modality, pix_key, grid_key, fn in self.MODALITIES:
+            if kwargs.get(pix_key) is None:
+                continue
+            items, s = self._encode_modality(modality, kwargs[pix_key], kwargs[grid_key], fn, blocks)
+            for it in items:
+                it.image_index = len(images)
+                images.append(it)
+            sched += s
+        return images, sched
+
+    def _item_extras(self, out, index: int) -> dict:
+        """Adapter-private per-item data taken from the encoder output (Qwen3-VL: DeepStack rows)."""
+        return {}
+
+    def _encode_modality(self, modality: str, pixels: Tensor, grid_thw: Tensor, fn: str, blocks: dict):
         with self._capture(set(blocks.values())) as got:
-            out = self.model.model.get_image_features(kwargs["pixel_values"], grid_thw, return_dict=True)
+            out = getattr(self.model.model, fn)(pixels, grid_thw, return_dict=True)
         feats = list(out.pooler_output)
         sig_all = {name: self._received(b, *got[b], grid_thw) for name, b in blocks.items()}
         merge = self.config.vision_config.spatial_merge_size
@@ -127,20 +158,20 @@ class Qwen2VLAdapter(Adapter):
             j = torch.arange(n)
             grid = torch.stack([(j % (gh * gw)) // gw, j % gw], -1)
             sig = {name: s[start : start + n] for name, s in sig_all.items()}
+            extra = {"source": j, "modality": modality, **self._item_extras(out, i)}
             images.append(
                 ImageTokens(
                     features=f,
                     candidate=torch.ones(n, dtype=torch.bool),
-                    view=j // (gh * gw),  # temporal slice
+                    view=j // (gh * gw),  # temporal slice (frame)
                     grid=grid,
                     grid_shapes=[(gh, gw)] * t,
                     signals=sig,
-                    image_index=i,
-                    extra={"source": j},
+                    extra=extra,
                 )
             )
             sched.append([t * hh * ww] * n_blocks)
-            # attention segments (whole frames or windows) each block used for this image's patches
+            # attention segments (whole frames or windows) each block used for this item's patches
             patch1 = patch0 + t * hh * ww
             images[-1].extra["vision_windows"] = [
                 [e - s for s, e in zip(c[:-1], c[1:]) if patch0 <= s < patch1 and e > s] for c in cu]
@@ -157,6 +188,9 @@ class Qwen2VLAdapter(Adapter):
         saved = inner.rope_deltas
         inner.rope_deltas = None
         try:
+            extra = {}
+            if kwargs.get("second_per_grid_ts") is not None:  # Qwen2.5-VL video: seconds per temporal patch
+                extra["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
             pos = inner.compute_3d_position_ids(
                 input_ids=input_ids,
                 inputs_embeds=torch.empty(*input_ids.shape, 0),
@@ -165,6 +199,7 @@ class Qwen2VLAdapter(Adapter):
                 attention_mask=kwargs.get("attention_mask"),
                 cache=None,
                 mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+                **extra,
             )
         finally:
             inner.rope_deltas = saved
@@ -182,14 +217,26 @@ class Qwen2VLAdapter(Adapter):
 
     def build_inputs(self, kwargs, new):
         out = dict(kwargs)
-        out.pop("pixel_values", None)
+        for _, pix, _, _ in self.MODALITIES:
+            out.pop(pix, None)
         out["input_ids"] = new["input_ids"]
         out["attention_mask"] = new["attention_mask"]
         out["position_ids"] = new["position_ids"]
         if kwargs.get("mm_token_type_ids") is not None:
             out["mm_token_type_ids"] = new["gather"](kwargs["mm_token_type_ids"], 0)
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=new["features"])}
+        enc = {}
+        for modality, *_ in self.MODALITIES:
+            sel = [k for k, it in enumerate(new["items"]) if it.extra["modality"] == modality]
+            if sel:
+                enc[modality] = self._encoder_output([new["items"][k] for k in sel],
+                                                     [new["features"][k] for k in sel],
+                                                     [new["kept_index"][k] for k in sel])
+        out["mm_encoder_outputs"] = enc
         return out
+
+    def _encoder_output(self, items: list, features: list[Tensor], kept: list[Tensor]):
+        """The precomputed encoder output of one modality for the shortened sequence."""
+        return BaseModelOutputWithPooling(pooler_output=features)
 
     def decode_positions(self, pos: Tensor) -> Tensor:
         return pos[None].expand(3, -1, -1)
