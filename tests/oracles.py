@@ -39,39 +39,62 @@ def deepstack_levels(model, family: str, inputs) -> list[list[torch.Tensor]] | N
 def full_positions(model, family: str, inputs) -> torch.Tensor:
     ids = inputs["input_ids"]
     if family.startswith("qwen"):
+        extra = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
         pos, _ = model.model.get_rope_index(
-            ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"], attention_mask=inputs["attention_mask"]
+            ids, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"), attention_mask=inputs["attention_mask"], **extra,
         )
         return pos  # (3, B, L)
     mask = inputs["attention_mask"]
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-def shortened_inputs(model, family: str, inputs, kept: list[torch.Tensor], *, positions: str):
-    """Build the explicitly shortened batch: same prompts, only the kept image tokens.
+def _items(model, family: str, inputs) -> list[tuple[str, torch.Tensor, list[torch.Tensor] | None]]:
+    """(modality, features, DeepStack rows per level or None) of every image, then every video."""
+    out = []
+    if inputs.get("pixel_values") is not None:
+        enc = encoder_output(model, family, inputs)
+        levels = deepstack_levels(model, family, inputs)
+        out += [("image", f, None if levels is None else [lvl[i] for lvl in levels])
+                for i, f in enumerate(enc.pooler_output)]
+    if inputs.get("pixel_values_videos") is not None:
+        enc = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
+        levels = getattr(enc, "deepstack_features", None)
+        out += [("video", f, None if levels is None else [lvl[i] for lvl in levels])
+                for i, f in enumerate(enc.pooler_output)]
+    return out
 
-    ``kept[i]``: indices (into image i's native tokens) of the tokens kept, in order.
-    Returns kwargs for ``model(...)`` / ``model.generate(...)``, left padded.
+
+def shortened_inputs(model, family: str, inputs, kept: list[torch.Tensor], *, positions: str):
+    """Build the explicitly shortened batch: same prompts, only the kept image / video tokens.
+
+    ``kept[i]``: indices (into item i's native tokens; items = the images, then the videos, in request
+    order) of the tokens kept, in order. Each modality fills its own placeholders in order. Returns
+    kwargs for ``model(...)`` / ``model.generate(...)``, left padded.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    img_tok = model.config.image_token_id
-    feats = image_features(model, family, inputs)
-    levels = deepstack_levels(model, family, inputs)
+    tok = {"image": model.config.image_token_id}
+    if family.startswith("qwen"):
+        tok["video"] = model.config.video_token_id
+    items = _items(model, family, inputs)
     pos = full_positions(model, family, inputs)
-    rows, feats_out, k = [], [], 0
+    rows = []
+    queues = {m: [k for k, it in enumerate(items) if it[0] == m] for m in tok}
+    taken = {m: 0 for m in tok}
+    visual = torch.isin(ids, torch.tensor(list(tok.values())))
     for b in range(ids.shape[0]):
         valid = torch.nonzero(mask[b]).flatten()
-        cols = []
-        img_cols = valid[ids[b, valid] == img_tok]
-        start = 0
         keep_cols = []
-        while start < img_cols.numel():
-            n = feats[k].shape[0]
-            keep_cols.append(img_cols[start : start + n][kept[k]])
-            feats_out.append(feats[k][kept[k]])
-            start += n
-            k += 1
-        text_cols = valid[ids[b, valid] != img_tok]
+        for m, t in tok.items():
+            m_cols = valid[ids[b, valid] == t]
+            start = 0
+            while start < m_cols.numel():
+                k = queues[m][taken[m]]
+                n = items[k][1].shape[0]
+                keep_cols.append(m_cols[start : start + n][kept[k]])
+                start += n
+                taken[m] += 1
+        text_cols = valid[~visual[b, valid]]
         cols = torch.sort(torch.cat([text_cols] + keep_cols)).values
         rows.append(cols)
     width = max(r.numel() for r in rows)
@@ -84,27 +107,41 @@ def shortened_inputs(model, family: str, inputs, kept: list[torch.Tensor], *, po
         new_ids[b, s:] = ids[b, cols]
         new_mask[b, s:] = 1
         new_pos[..., b, s:] = pos[..., b, cols]
-    if levels is None:
-        enc = BaseModelOutputWithPooling(pooler_output=feats_out)
-    else:  # the same rows of every DeepStack level
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+    enc = {}
+    for m in tok:
+        sel = queues[m]
+        if not sel:
+            continue
+        feats = [items[k][1][kept[k]] for k in sel]
+        if items[sel[0]][2] is None:
+            enc[m] = BaseModelOutputWithPooling(pooler_output=feats)
+        else:  # the same rows of every DeepStack level
+            from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-        enc = BaseModelOutputWithDeepstackFeatures(
-            pooler_output=feats_out, deepstack_features=[[lvl[i][kept[i]] for i in range(len(kept))] for lvl in levels])
-    out = {
-        "input_ids": new_ids,
-        "attention_mask": new_mask,
-        "mm_encoder_outputs": {"image": enc},
-    }
+            levels = [[items[k][2][lvl][kept[k]] for k in sel] for lvl in range(len(items[sel[0]][2]))]
+            enc[m] = BaseModelOutputWithDeepstackFeatures(pooler_output=feats, deepstack_features=levels)
+    out = {"input_ids": new_ids, "attention_mask": new_mask, "mm_encoder_outputs": enc}
     if positions == "original":
         out["position_ids"] = new_pos
     else:
         out["position_ids"] = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
     if family.startswith("qwen"):
         tt = torch.zeros_like(new_ids)
-        tt[new_ids == img_tok] = 1
+        tt[new_ids == tok["image"]] = 1
+        tt[new_ids == tok["video"]] = 2
         out["mm_token_type_ids"] = tt
     return out
+
+
+def set_features(short: dict, features: list[torch.Tensor]) -> None:
+    """Put the features a patch produced (images, then videos) into a shortened batch, in place."""
+    enc = short["mm_encoder_outputs"]
+    k = 0
+    for m in ("image", "video"):
+        if m in enc:
+            n = len(enc[m].pooler_output)
+            enc[m].pooler_output = features[k : k + n]
+            k += n
 
 
 def last_logits(out_logits: torch.Tensor) -> torch.Tensor:

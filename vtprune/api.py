@@ -21,6 +21,7 @@ from . import registry
 from .adapters import get_adapter
 from .decoder import DecoderController
 from .policy import Context, DecoderPolicy, ImageTokens, Policy, TokenPolicy, VisionPolicy
+from .quota import apply_with_quota
 from .schedule import TokenSchedule
 
 _ACTIVE_ATTR = "_vtprune_patch"
@@ -240,7 +241,7 @@ class Patch:
             order = torch.arange(img.num_tokens)
             cur = img
             for p in self.token_policies:
-                o, feats = p.apply(cur, ctx)
+                o, feats = apply_with_quota(p, cur, ctx)
                 cur = _subset(cur, o, feats)
                 order = order[o]
             slot = img.extra.get("placeholder_index")  # stage V: which placeholder each token fills

@@ -172,6 +172,9 @@ class TokenPolicy(Policy):
         keep: tokens kept per image (int) or fraction of the image's candidate tokens (float).
         positions: ``"auto"`` (the family's reference convention: LLaVA renumbers, Qwen keeps the
             original M-RoPE positions), ``"original"`` or ``"renumber"``.
+        quota: how a video's budget is spread over its frames: ``"video"`` (the whole video at once,
+            ranked jointly) or ``"frame"`` (each frame an image of its own with its share); see
+            :mod:`vtprune.quota`. Images are not affected.
     """
 
     stage: ClassVar[str] = "P"
@@ -180,12 +183,16 @@ class TokenPolicy(Policy):
     sorted_output: ClassVar[bool] = True
     keep: int | float = 64
     positions: str = "auto"
+    quota: str = "video"
 
     def validate(self, family: str, adapter: Any) -> None:
         super().validate(family, adapter)
         check_keep_value(self.keep)
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions={self.positions!r}; choose one of {POSITION_MODES}")
+        if self.quota not in ("video", "frame"):
+            raise ValueError(f"{self.name}: quota={self.quota!r}; choose 'video' (budget shared by the frames, "
+                             "ranked jointly) or 'frame' (each frame keeps its share)")
         modes = getattr(adapter, "position_modes", POSITION_MODES)
         if self.positions != "auto" and self.positions not in modes:
             raise ValueError(

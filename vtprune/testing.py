@@ -149,14 +149,22 @@ def _qwen(kind: str, attn_implementation: str, seed: int, dtype):
     model.set_attn_implementation(attn_implementation)
     ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
                                temporal_patch_size=2)
-    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=_video_processor())
+    if kind == "qwen2_vl":
+        proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=_video_processor())
+    else:  # Qwen2.5-VL's own processor also returns second_per_grid_ts for videos (temporal M-RoPE)
+        from transformers import Qwen2_5_VLProcessor
+
+        proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=_video_processor())
     return model, proc
 
 
 def _video_processor():
+    """Qwen2-VL's video processor: small frames (at most 112 x 112 px), frames taken as given."""
     from transformers import Qwen2VLVideoProcessor
 
-    return Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+    return Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, do_sample_frames=False,
+                                 cap_pixels_per_frame=False,
+                                 size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112 * 4})
 
 
 def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
@@ -180,11 +188,34 @@ def prompt_for(family: str, question: str, n_images: int = 1) -> str:
     return "USER: " + img * n_images + "\n" + question + " ASSISTANT:"
 
 
-def make_inputs(family: str, proc, questions: list[str], images: list[Image.Image], padding_side: str = "left"):
-    """Processor outputs for a batch (one image per prompt), padded on ``padding_side``."""
+def make_inputs(family: str, proc, questions: list[str], images: list[Image.Image], padding_side: str = "left",
+                images_per_prompt: int = 1):
+    """Processor outputs for a batch (``images_per_prompt`` images per prompt, taken in order), padded on
+    ``padding_side``."""
     proc.tokenizer.padding_side = padding_side
-    texts = [prompt_for(family, q) for q in questions]
+    texts = [prompt_for(family, q, images_per_prompt) for q in questions]
     return proc(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def tiny_videos(n: int = 2, seed: int = 0, shapes=None) -> list[np.ndarray]:
+    """``n`` random videos, each a (frames, height, width, 3) uint8 array (default 4 frames of 56 x 84)."""
+    rng = np.random.default_rng(seed)
+    shapes = shapes or [(4, 56, 84)] * n
+    return [rng.integers(0, 255, (t, h, w, 3), dtype=np.uint8) for (t, h, w) in shapes[:n]]
+
+
+def make_video_inputs(family: str, proc, questions: list[str], videos: list[np.ndarray], images=None,
+                      padding_side: str = "left", fps: float = 2.0):
+    """Processor outputs for a batch of Qwen prompts with one video each (and, with ``images``, one image
+    before the video), frames taken as given at ``fps`` frames per second."""
+    if not family.startswith("qwen"):
+        raise ValueError(f"make_video_inputs: video prompts are built for the Qwen families, not {family!r}")
+    proc.tokenizer.padding_side = padding_side
+    img = "<|vision_start|><|image_pad|><|vision_end|>" if images is not None else ""
+    texts = [f"USER: {img}<|vision_start|><|video_pad|><|vision_end|>\n{q} ASSISTANT:" for q in questions]
+    meta = [{"fps": fps, "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v in videos]
+    kwargs = {"images": images} if images is not None else {}
+    return proc(text=texts, videos=videos, video_metadata=meta, return_tensors="pt", padding=True, **kwargs)
 
 
 def tiny_open_clip(seed: int = 0):
