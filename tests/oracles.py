@@ -265,3 +265,19 @@ def physically_shortened_run(model, inputs, layer: int, keep: torch.Tensor, max_
                 toks.append(int(model.lm_head(lm.norm(h))[0, -1].argmax()))
             gen_out.append(torch.tensor(toks))
     return torch.stack(logits_out), torch.stack(gen_out)
+
+
+def stage_d_reference(model, family: str, inputs, layer: int, keep: torch.Tensor, max_new_tokens: int):
+    """The slow reference of pruning inside the LLM from ``layer`` on, keeping ``keep`` (B, L) of the LLM
+    input: the mask run (dropped keys hidden from ``layer`` on) for attention-only LLMs, the physically
+    shortened run for hybrid ones (a Gated DeltaNet layer cannot hide a token by a mask). Returns
+    ``(last prompt logits (B, V) fp32, generated ids (B, max_new_tokens))``."""
+    from vtprune.testing import HYBRID_FAMILIES
+
+    if family in HYBRID_FAMILIES:
+        return physically_shortened_run(model, inputs, layer, keep, max_new_tokens)
+    n = inputs["input_ids"].shape[1]
+    with masked_run(model, layer, keep), torch.no_grad():
+        logits = last_logits(model(**inputs).logits)
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[:, n:]
+    return logits, gen

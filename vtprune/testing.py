@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+#: families whose LLM mixes Gated DeltaNet (linear attention) layers with full attention
+HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 
 
 def byte_tokenizer(specials: list[str]):
