@@ -69,7 +69,7 @@ def test_keep_all_equals_unpatched(family):
 
 
 # ------------------------------------------------------------------ remove() == never patched
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_remove_restores_model_and_other_instances_untouched(family):
     model, inp = batch(family)
     other, _ = BUILDERS[family]()
@@ -269,7 +269,7 @@ def test_batch_equals_each_alone(family, method):
 
 
 # ------------------------------------------------------------------ SDPA == eager
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_5"])
 @pytest.mark.parametrize("method", ["fastv:layer=2,keep=0.5", "random:keep=0.5"])
 def test_sdpa_and_eager_agree(family, method):
     results = {}
@@ -436,7 +436,7 @@ def test_vision_signals_keep_sdpa():
 
 
 # ------------------------------------------------------------------ manual decoding (no generate)
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 @pytest.mark.parametrize("method", ["random:keep=0.5", "fastv:layer=2,keep=0.5"])
 def test_manual_cached_decoding_matches_generate(family, method):
     """A hand-written greedy loop (cache, full mask, no position ids) continues the numbering right:
