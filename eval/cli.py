@@ -1,7 +1,7 @@
 """The ``vtprune`` command line.
 
     vtprune methods            list the registered methods
-    vtprune demo               patch a tiny random LLaVA and generate with every baseline method
+    vtprune demo               patch a tiny random model (--family) and generate with every baseline method
     vtprune bench              interleaved latency / memory / FLOPs profile of methods (vtprune.profile)
     vtprune sweep CONFIG.yaml  models x methods x budgets x benchmarks into a resumable results store
     vtprune report RESULTS.jsonl --out DIR   markdown/CSV tables and accuracy-vs-FLOPs plots
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+from vtprune.testing import FAMILIES
 
 
 def _cmd_methods(args) -> int:
@@ -35,7 +37,8 @@ def _cmd_demo(args) -> int:
         ref = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
     print(f"tiny random {args.family} (no downloads), batch of 2 with left padding, {args.new_tokens} new tokens")
     print(f"{'method':34s} {'visual/img':>10s} {'LLM tokens per layer (sample 0)':>34s} {'same ids as vanilla':>20s} {'ms':>7s}")
-    for spec in args.methods:
+    methods = args.methods or _DEMO_DEFAULTS["llava" if args.family == "llava" else "other"]
+    for spec in methods:
         with vtprune.patch(model, spec, seed=0) as h:
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -47,6 +50,13 @@ def _cmd_demo(args) -> int:
               f"{str(same):>20s} {ms:7.1f}")
     return 0
 
+
+# LLaVA-1.5 has 16 tokens per tiny image; the dynamic-resolution families 4 to 12, hence fractions
+_DEMO_DEFAULTS = {
+    "llava": ["none", "random:keep=8", "pool:keep=4", "fastv:layer=2,keep=0.5", "random:keep=8 + fastv:layer=2,keep=0.5"],
+    "other": ["none", "random:keep=0.5", "pool:keep=0.25", "fastv:layer=2,keep=0.5",
+              "random:keep=0.5 + fastv:layer=2,keep=0.5"],
+}
 
 _BENCH_DEFAULTS = {
     "llava": ["none", "fastv:layer=2,keep=64", "random:keep=64"],
@@ -130,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("methods", help="list registered methods")
     p.set_defaults(fn=_cmd_methods)
     p = sub.add_parser("demo", help="patched generate() on a tiny random model (no downloads)")
-    p.add_argument("--family", default="llava", choices=["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+    p.add_argument("--family", default="llava", choices=list(FAMILIES))
     p.add_argument("--new-tokens", type=int, default=10)
-    p.add_argument("--methods", nargs="+", default=["none", "random:keep=8", "pool:keep=4", "fastv:layer=2,keep=0.5",
-                                                    "random:keep=8 + fastv:layer=2,keep=0.5"])
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="method specs (default: none, random, pool, fastv and random + fastv at budgets fit for the family)")
     p.set_defaults(fn=_cmd_demo)
     p = sub.add_parser("bench", help="interleaved latency/memory/FLOPs profile on a random-weights model")
-    p.add_argument("--family", default="llava", choices=["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+    p.add_argument("--family", default="llava", choices=list(FAMILIES))
     p.add_argument("--shape", default="tiny", choices=["tiny", "llava-1.5-1b", "llava-1.5-7b"],
                    help="model shape (llava only): tiny (256 visual tokens), or LLaVA-1.5 shapes with random weights")
     p.add_argument("--methods", nargs="+", default=None,

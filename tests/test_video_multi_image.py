@@ -317,3 +317,14 @@ def test_released_qwen3_5_layout_needs_fastv_layer_4():
         vtprune.patch(model, "todre-relevance:relevance_layer=2")
     vtprune.patch(model, "fastv:layer=4,keep=0.5").remove()
     vtprune.patch(model, "transprune:prune_layers=4|5|6,keep_ratios=0.75|0.5|0.25").remove()
+
+
+# ------------------------------------------------------------------ the demo
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5_moe"])
+def test_demo_runs_on_the_new_families(family, capsys):
+    from vtprune.eval.cli import main
+
+    assert main(["demo", "--family", family, "--new-tokens", "3"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:1].isalpha()}
+    assert rows["none"][-2] == "True"  # keep-all generates the vanilla ids
+    assert {"random:keep=0.5", "pool:keep=0.25", "fastv:layer=2,keep=0.5"} <= set(rows)
