@@ -200,11 +200,12 @@ def _lm_inputs(model, inputs) -> dict:
     return cap
 
 
-def physically_shortened_run(model, inputs, layer: int, keep: torch.Tensor, max_new_tokens: int):
+def physically_shortened_run(model, inputs, layer: int | dict, keep: torch.Tensor | None, max_new_tokens: int):
     """Greedy generation with the sequence physically shortened from decoder layer ``layer`` on.
 
     ``keep`` (B, L) bool over the LLM input (the model's own input here) says which tokens enter
-    layers >= ``layer``. Each sample runs alone without padding through the model's own decoder layers,
+    layers >= ``layer``; several stages: ``layer = {layer: keep}`` (nested keeps) and ``keep=None``.
+    Each sample runs alone without padding through the model's own decoder layers,
     rotary module, norm, head and cache; positions are the model's own M-RoPE positions of the full
     sequence (gathered at the kept tokens), new tokens continue after the largest one. Qwen3-VL's
     DeepStack features are added after the first layers at the visual tokens still present. Returns
@@ -214,6 +215,7 @@ def physically_shortened_run(model, inputs, layer: int, keep: torch.Tensor, max_
 
     lm = model.model.language_model
     cfg = lm.config
+    stages = layer if isinstance(layer, dict) else {layer: keep}
     cap = _lm_inputs(model, inputs)
     embeds, pos = cap["inputs_embeds"], cap["position_ids"]
     if pos.shape[0] == 4:  # (text, t, h, w) rows: the rotary module takes the last three
@@ -234,9 +236,12 @@ def physically_shortened_run(model, inputs, layer: int, keep: torch.Tensor, max_
             p = pos[:, b : b + 1, valid]
             cos, sin = lm.rotary_emb(h, p)
             cache = DynamicCache(config=cfg)
+            alive = valid.clone()  # LLM-input columns still present
             for i, dec in enumerate(lm.layers):
-                if i == layer:
-                    sel = keep[b, valid]
+                if i in stages:
+                    sel = stages[i][b, alive]
+                    assert bool(sel.any()), "every stage keeps some tokens"
+                    alive[alive.clone()] = sel
                     h, cos, sin = h[:, sel], cos[:, sel], sin[:, sel]
                     if levels:
                         ds = [x[sel[vis]] for x in ds]

@@ -6,11 +6,10 @@ import functools
 
 import torch
 
-from vtprune.testing import BUILDERS, make_inputs, tiny_images
+from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
 
 QUESTIONS = ["what is it?", "a longer question about the picture here?", "and the colour?"]
-SIZES = {"llava": None, "llava_next": [(56, 56), (70, 112), (112, 84)],
-         "qwen2_vl": [(56, 56), (70, 112), (112, 84)], "qwen2_5_vl": [(56, 56), (70, 112), (112, 84)]}
+SIZES = {"llava": None, **{f: [(56, 56), (70, 112), (112, 84)] for f in FAMILIES if f != "llava"}}
 GEN = dict(max_new_tokens=10, do_sample=False)
 
 
