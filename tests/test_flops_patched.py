@@ -54,3 +54,24 @@ def test_reported_flops_equal_counted_flops(family, spec):
     expected = rep.vision_flops + rep.projector_flops + rep.llm_prefill_flops + rep.lm_head_flops_per_token
     counted = fc.get_total_flops()
     assert abs(counted - expected) <= 0.01 * expected, (counted, expected, rep.as_dict())
+
+
+@pytest.mark.parametrize("spec", ["none", "random:keep=0.5,quota=frame"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5_moe"])
+def test_reported_flops_equal_counted_flops_with_video(family, spec):
+    """An image and a video in one prompt: vision per frame, merger (and DeepStack), LLM all counted."""
+    from vtprune.testing import make_video_inputs, tiny_videos
+
+    model, proc = BUILDERS[family]()
+    model.requires_grad_(False)
+    inp = make_video_inputs(family, proc, ["what happens here?"], tiny_videos(1, shapes=[(6, 84, 56)]),
+                            images=tiny_images(1, sizes=[(70, 112)]))
+    with vtprune.patch(model, spec) as h:
+        with torch.no_grad(), flop_counter.FlopCounterMode(display=False) as fc:
+            model(**inp, logits_to_keep=1)
+    (sched,) = h.stats.schedules
+    assert sched.visual_tokens_in == 8 + 18
+    rep = count_flops(model, sched)
+    expected = rep.vision_flops + rep.projector_flops + rep.llm_prefill_flops + rep.lm_head_flops_per_token
+    counted = fc.get_total_flops()
+    assert abs(counted - expected) <= 0.01 * expected, (counted, expected, rep.as_dict())

@@ -9,9 +9,9 @@ the tokens kept for the whole video, a float the fraction of its tokens.
   ranks all frames jointly, so a busy frame may keep more than a static one; a method defined on a
   view's grid (pool, HiPrune, VisionZip) keeps its own per-view rule.
 * ``quota="frame"``: every frame is handed to the policy as an image of its own with its share of the
-  video's budget: the budget of the whole video (``policy.budget``) split over the frames in proportion
-  to their candidate tokens by largest remainder, at least one token each. A float ``keep`` then keeps
-  that fraction of every frame (up to rounding); an int ``keep`` is divided among the frames.
+  video's budget: a float ``keep`` is that fraction of every frame (the policy's own budget rule applied
+  to the frame); an int ``keep`` (tokens for the whole video) is split over the frames in proportion to
+  their candidate tokens by largest remainder, at least one token each.
 
 Images (and single-frame videos) are not affected by ``quota``.
 """
@@ -107,12 +107,16 @@ def apply_with_quota(policy: TokenPolicy, image: ImageTokens, ctx: Context) -> t
     frames = frame_indices(image)
     if policy.quota != "frame" or len(frames) < 2:
         return policy.apply(image, ctx)
-    counts = [int(image.candidate[f].sum()) for f in frames]
-    shares = split_budget(policy.budget(image), counts)
+    keep = policy.keep
+    if isinstance(keep, int) and not isinstance(keep, bool):  # tokens for the whole video: split
+        counts = [int(image.candidate[f].sum()) for f in frames]
+        per_frame = [_with_keep(policy, share) for share in split_budget(min(keep, sum(counts)), counts)]
+    else:  # a fraction of every frame
+        per_frame = [policy] * len(frames)
     orders, feats = [], []
-    for fno, (idx, share) in enumerate(zip(frames, shares)):
+    for idx, pol in zip(frames, per_frame):
         sub = frame_item(image, idx, int(image.view[idx[0]]))
-        o, f = _with_keep(policy, share).apply(sub, ctx)
+        o, f = pol.apply(sub, ctx)
         orders.append(idx[o])
         feats.append(f if f is not None else None)
     order = torch.cat(orders)
