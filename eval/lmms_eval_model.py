@@ -12,8 +12,9 @@ returning one), which is :func:`lmms_eval_manifest` below -- *not* the model cla
 
 * ``pretrained``: a local checkpoint directory (stock ``AutoModelForImageTextToText.from_pretrained``
   + ``AutoProcessor.from_pretrained``; any hub id ``from_pretrained`` accepts works too when online);
+  or the name of a builtin model of the sweep harness (:data:`vtprune.eval.sweep.BUILTIN_MODELS`:
   ``tiny-llava``, ``tiny-llava_next``, ``tiny-qwen2_vl``, ``tiny-qwen2_5_vl`` (random tiny models of
-  :mod:`vtprune.testing`, for tests); ``embedded`` (:func:`vtprune.eval.embedded.load_embedded`).
+  :mod:`vtprune.testing`, for tests), ``embedded``).
 * ``method``: a vtprune spec string (``hiprune``, ``fastv:layer=2``, ``pitome + fastv:layer=2``;
   default ``none``: every token kept, through the patch machinery so token stats are recorded).
 * method parameters: ``keep=64``, ``layer=2``, ... (coerced like :func:`vtprune.parse_spec`: ints,
@@ -26,7 +27,12 @@ returning one), which is :func:`lmms_eval_manifest` below -- *not* the model cla
   ``attn_implementation``, ``token_counts`` (default true: ``generate_until`` returns lmms-eval
   ``GenerationResult`` objects whose ``TokenCounts.input_tokens`` are the tokens entering the first
   decoder layer *after* pruning, so lmms-eval's ``efficiency`` block of the results reflects the
-  method; false: plain strings).
+  method; false: plain strings), ``nll`` (``mean``, the default, or ``sum``: how ``loglikelihood``
+  reduces the continuation's token log-probabilities; see :meth:`VTPruneLMM.loglikelihood`).
+
+Output types: ``generate_until`` and ``loglikelihood`` / ``multiple_choice`` tasks, scored by
+lmms-eval itself (tested end to end through ``python -m lmms_eval`` on local tasks). lmms-eval 0.7.3
+does not read cached loglikelihood responses back (``--use_cache``): run those tasks without it.
 
 Per-request visual-token counts from :attr:`vtprune.Patch.stats` are accumulated in running means
 (:attr:`VTPruneLMM.visual_tokens_mean` and friends, :attr:`VTPruneLMM.token_stats`) and logged after
@@ -122,7 +128,7 @@ class VTPruneLMM(lmms):
     def __init__(self, pretrained: str = "tiny-llava", method: str = "none", batch_size: int | str = 1,
                  max_batch_size: int | None = None, device: str | None = None, dtype: str = "auto",
                  max_new_tokens: int | None = None, seed: int = 0, prompt: str = "auto",
-                 attn_implementation: str | None = None, token_counts: bool | str = True,
+                 attn_implementation: str | None = None, token_counts: bool | str = True, nll: str = "mean",
                  **method_params) -> None:
         super().__init__()
         pretrained = str(pretrained)
@@ -136,6 +142,9 @@ class VTPruneLMM(lmms):
         self.max_new_tokens = None if max_new_tokens in (None, "", "none", "None") else int(max_new_tokens)
         self.seed = int(seed)
         self.token_counts = token_counts if isinstance(token_counts, bool) else bool(_coerce(str(token_counts)))
+        self.nll = str(nll).lower()
+        if self.nll not in ("mean", "sum"):
+            raise ValueError(f"nll={nll!r}: use mean (per continuation token, lmms-eval's convention) or sum")
         self.prompt_mode = str(prompt).lower()
         if self.prompt_mode not in ("auto", "chat", "plain"):
             raise ValueError(f"prompt={prompt!r}: use auto, chat or plain")
@@ -192,27 +201,20 @@ class VTPruneLMM(lmms):
 
     @staticmethod
     def _load(pretrained: str, dtype, attn_implementation):
-        path_given = os.path.isdir(pretrained) and os.path.exists(os.path.join(pretrained, "config.json"))
-        if not path_given and pretrained.lower().startswith(TINY_PREFIX):
-            from vtprune.testing import BUILDERS
+        from vtprune.eval.sweep.models import BUILTIN_MODELS
 
-            family = pretrained[len(TINY_PREFIX):].lower().replace("-", "_")
-            if family not in BUILDERS:
-                raise ValueError(f"pretrained={pretrained!r}: builtin tiny models are "
-                                 f"{', '.join(TINY_PREFIX + f for f in BUILDERS)}")
-            kw = {"dtype": torch.float32 if dtype in (None, "auto") else dtype}
+        path_given = os.path.isdir(pretrained) and os.path.exists(os.path.join(pretrained, "config.json"))
+        if not path_given and pretrained.lower().startswith(TINY_PREFIX) and pretrained not in BUILTIN_MODELS:
+            raise ValueError(f"pretrained={pretrained!r}: builtin tiny models are "
+                             f"{', '.join(n for n in BUILTIN_MODELS if n.startswith(TINY_PREFIX))}")
+        if not path_given and pretrained in BUILTIN_MODELS:
+            builtin = BUILTIN_MODELS[pretrained]
+            if builtin.check is not None:
+                builtin.check()
+            model, processor = builtin.load(torch.float32 if dtype in (None, "auto") else dtype)
             if attn_implementation:
-                kw["attn_implementation"] = attn_implementation
-            return BUILDERS[family](**kw)
-        if not path_given and pretrained == "embedded":
-            try:
-                from vtprune.eval.embedded import load_embedded
-            except ImportError as exc:
-                raise ImportError(
-                    "pretrained=embedded needs vtprune.eval.embedded.load_embedded(), which is not available in "
-                    f"this installation ({exc}); pass a local checkpoint directory instead"
-                ) from exc
-            return load_embedded(device="cpu", dtype=torch.float32 if dtype in (None, "auto") else dtype)
+                model.set_attn_implementation(attn_implementation)
+            return model, processor
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         kw = {"dtype": "auto" if dtype is None else dtype}
@@ -456,27 +458,30 @@ class VTPruneLMM(lmms):
                 return n
         return len(toks)
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Log-probability of each continuation given context + images, with the patch active.
+    def loglikelihood(self, requests) -> list:
+        """Score each continuation given its context + images, with the patch active, in lmms-eval's
+        convention: ``(nll, is_greedy)`` where ``nll`` is the continuation's negative log-likelihood
+        (``nll=mean``, the default: mean over its tokens, the ``loss`` lmms-eval's own models return;
+        ``nll=sum``: the total) and ``is_greedy`` whether greedy decoding would produce it. lmms-eval
+        0.7.3 picks the multiple-choice answer with ``argmin`` of these values.
+
+        Each pair travels as the ``text`` of an lmms-eval ``GenerationResult`` (whose token counts are
+        the tokens entering the LLM after pruning): lmms-eval 0.7.3's evaluator turns any other
+        non-string response into its ``str()``, which multiple-choice scoring cannot read. Requests
+        of ``acc_mutual_info`` (context-free continuations, two arguments) are scored without images.
 
         One forward over prompt + continuation per request (batched, left padded). Pruning shortens
         the sequence the model sees (and so its logits), but only image tokens are removed, so the
         continuation is always the tail of the logits."""
-        res: list[tuple[float, bool] | None] = [None] * len(requests)
+        res: list = [None] * len(requests)
         args = [r.args for r in requests]
         order = sorted(range(len(args)), key=lambda i: -len(args[i][0]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             full_texts, images, n_cont = [], [], []
             for i in chunk:
-                context, continuation, doc_to_visual, doc_id, task, split = args[i]
-                if callable(continuation):
-                    continuation = continuation(self.task_dict[task][split][doc_id])
-                if isinstance(continuation, (list, tuple)):
-                    continuation = continuation[0]
-                continuation = str(continuation)
-                vis = self._visuals(doc_to_visual, task, split, doc_id)
-                prompt = self._prompt(context, len(vis))
+                context, continuation, vis = self._scoring_request(args[i])
+                prompt = self._prompt(context, len(vis)) if (context or vis) else context
                 # image placeholders expand identically in both, so the difference is the continuation
                 n_prompt = len(self._tokenizer(prompt)["input_ids"])
                 n_cont.append(len(self._tokenizer(prompt + continuation)["input_ids"]) - n_prompt)
@@ -488,18 +493,35 @@ class VTPruneLMM(lmms):
             with torch.inference_mode():
                 logits = self._model(**inputs).logits.float()
             self._record(len(chunk))
-            for row, (i, n) in enumerate(zip(chunk, n_cont)):
+            scheds = self.patch.stats.schedules
+            scheds = scheds if len(scheds) == len(chunk) else [None] * len(chunk)
+            mask = inputs.get("attention_mask")
+            for row, (i, n, sched) in enumerate(zip(chunk, n_cont, scheds)):
                 if n <= 0:
-                    res[i] = (0.0, True)
-                    continue
+                    raise ValueError(f"loglikelihood request {i}: the continuation {args[i][1]!r} adds no token "
+                                     "to the prompt; lmms-eval's scoring needs at least one")
                 lp = torch.log_softmax(logits[row, -n - 1:-1], dim=-1)
                 target = ids[row, -n:].to(lp.device)
-                ll = lp.gather(-1, target[:, None]).sum().item()
+                token_lp = lp.gather(-1, target[:, None]).squeeze(-1)
+                nll = -(token_lp.mean() if self.nll == "mean" else token_lp.sum()).item()
                 greedy = bool((lp.argmax(-1) == target).all())
-                res[i] = (float(ll), greedy)
-                self.cache_hook.add_partial("loglikelihood", (args[i][0], full_texts[row]), res[i])
+                n_in = sched.prompt_tokens if sched is not None and sched.prompt_tokens else (
+                    int(mask[row].sum()) if mask is not None else int(ids.shape[1]))
+                res[i] = GenerationResult(text=(float(nll), greedy), token_counts=TokenCounts(input_tokens=int(n_in)))
+                self.cache_hook.add_partial("loglikelihood", (args[i][0], full_texts[row]), (float(nll), greedy))
         self._log_stats()
-        return res  # type: ignore[return-value]
+        return res
+
+    def _scoring_request(self, arguments: tuple) -> tuple[str, str, list]:
+        """``(context, continuation, images)`` of a loglikelihood request (6 arguments, or 2 without a doc)."""
+        if len(arguments) == 2:  # acc_mutual_info: the continuation alone, no document, no image
+            return str(arguments[0]), str(arguments[1]), []
+        context, continuation, doc_to_visual, doc_id, task, split = arguments
+        if callable(continuation):  # `loglikelihood` tasks pass doc_to_target
+            continuation = continuation(self.task_dict[task][split][doc_id])
+        if isinstance(continuation, (list, tuple)):
+            continuation = continuation[0]
+        return str(context), str(continuation), self._visuals(doc_to_visual, task, split, doc_id)
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(

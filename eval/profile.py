@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -410,6 +409,10 @@ def _label(m, seen: dict[str, int]) -> str:
 
 
 def _max_rss_mib() -> float:
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: no max RSS
+        return float("nan")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 

@@ -299,7 +299,7 @@ def make_report(results: str | os.PathLike, out_dir: str | os.PathLike) -> dict[
           f"{len(models)} model(s). Accuracy is each benchmark's primary metric; relative accuracy is "
           "accuracy / accuracy of `none` (the vanilla model through the patch, all visual tokens) on the same "
           "model and benchmark; TFLOPs are total prefill FLOPs per sample (vision + projector + LLM, the "
-          "token schedule that actually ran; FLOPS.md); FLOPs ratio is relative to `none`; visual tokens are "
+          "token schedule that actually ran; docs/efficiency.md); FLOPs ratio is relative to `none`; visual tokens are "
           "per image at the LLM input; latencies are medians per sample (the `env` field of each record "
           "names the hardware).", ""]
     for model in models:
@@ -335,6 +335,15 @@ def make_report(results: str | os.PathLike, out_dir: str | os.PathLike) -> dict[
         for r in unsupported:
             reason = str(r.get("error", "")).replace("|", "\\|").replace("\n", " ")
             md.append(f"| {r['model']} | {r['benchmark']} | {r['method']} | {_budget_str(r.get('budget'))} | {reason} |")
+        md.append("")
+    failed = ResultsStore(results).failures()
+    if failed:
+        md += ["## Failed cells", "", "Not in the tables above; rerun the sweep command to retry them.", "",
+               "| cell | error |", "|---|---|"]
+        for f in failed.values():
+            msg = str(f.get("message", "")).replace("|", "\\|").replace("\n", " ")
+            cell, _, err = msg.partition(": ")
+            md.append(f"| {cell} | {err} |")
         md.append("")
     md_path, csv_path = out / "results.md", out / "results.csv"
     md_path.write_text("\n".join(md), encoding="utf-8")

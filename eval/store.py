@@ -8,12 +8,18 @@ Files (both JSON Lines, UTF-8, one JSON object per ``\\n``-terminated line, neve
 - predictions ``<path stem>.predictions/<sha256(cell)[:24]>.jsonl`` (see
   :meth:`ResultsStore.predictions`): a header line ``{"header": {"cell": "<cell key>"}}`` then one
   ``{"id": "<sample id>", "prediction": <json>, "extra": {...}}`` per predicted sample.
+- failures ``<path stem>.failures.jsonl``: ``{"cell": key, "failure": {...}}`` per failed attempt of
+  a cell (:meth:`ResultsStore.add_failure`); a later record of the cell supersedes them.
+- locks ``<path stem>.lock`` (appends and reads of all the files above) and
+  ``<path stem>.claims/<hash>.lock`` (a cell being run: :meth:`ResultsStore.claim`); empty files.
 
 Guarantees:
 
-- every append is one ``write`` of complete lines under an exclusive ``fcntl.flock``, then
-  ``flush`` + ``fsync``: several processes (data-parallel shards) never interleave partial lines;
-  readers take a shared lock and so never see a live writer's half line;
+- every append is one ``write`` of complete lines under an exclusive lock (:mod:`filelock`:
+  ``flock`` on POSIX, ``msvcrt`` locking on Windows; the operating system drops it when its process
+  dies, so a ``kill -9`` never leaves a stale lock), then ``fsync``:
+  several processes (data-parallel shards, two sweeps on one store) never interleave partial lines;
+  readers take the same lock and so never see a live writer's half line;
 - a process killed mid-write leaves at most a torn LAST line: readers ignore it, and the next append
   repairs it (a tail that parses as a complete record just gets its missing ``\\n``; anything else
   is cut off). Complete lines are never dropped or rewritten; an invalid line elsewhere raises
@@ -29,7 +35,6 @@ ends with exactly the records of an uninterrupted run (given deterministic predi
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -38,8 +43,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from filelock import FileLock, Timeout
+
 __all__ = ["cell_key", "parse_cell_key", "ResultsStore", "PredictionsWriter", "StoreCorruptError",
-           "CellExistsError"]
+           "CellExistsError", "CellClaimedError"]
 
 
 class StoreCorruptError(ValueError):
@@ -48,6 +55,10 @@ class StoreCorruptError(ValueError):
 
 class CellExistsError(KeyError):
     """``put`` of a cell that already has a record (use ``replace=True`` to supersede it)."""
+
+
+class CellClaimedError(RuntimeError):
+    """Another process holds the claim of this cell (:meth:`ResultsStore.claim`)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,6 +126,26 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
+_POLL_S = 0.002  # filelock polls a contended lock; flock itself would wake at once
+
+
+@contextmanager
+def _hold(lock: FileLock) -> Iterator[None]:
+    lock.acquire(poll_interval=_POLL_S)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (``os.pread`` where it exists; seek + read elsewhere, under the lock)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, n, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, n)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -132,13 +163,14 @@ class _Log:
     """An append-only JSONL file with locked appends, torn-tail repair and incremental reads."""
 
     def __init__(self, path: str | os.PathLike, valid: Callable[[Any], bool], what: str,
-                 fsync: bool = True):
+                 fsync: bool = True, lock: FileLock | None = None):
         self.path = Path(path)
         self.valid = valid
         self.what = what
         self.fsync = fsync
         self._offset = 0      # bytes of complete lines consumed so far
         self._lineno = 0      # complete lines consumed so far
+        self._lock = lock if lock is not None else FileLock(self.path.with_name(self.path.name + ".lock"))
 
     def _parse(self, raw: bytes) -> Any:
         try:
@@ -181,34 +213,35 @@ class _Log:
         return out, reset
 
     def read_new(self) -> tuple[list[Any], bool]:
-        """Objects appended since the last read (shared lock); ``reset`` if the file shrank."""
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
+        """Objects appended since the last read (under the lock); ``reset`` if the file shrank."""
+        if not self.path.exists():  # never create a lock file (or its folder) just to read nothing
             reset = self._offset > 0
             self._offset, self._lineno = 0, 0
             return [], reset
-        with f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        with _hold(self._lock):
             try:
+                f = open(self.path, "rb")
+            except FileNotFoundError:
+                reset = self._offset > 0
+                self._offset, self._lineno = 0, 0
+                return [], reset
+            with f:
                 return self._consume(f)
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     # -- writing ---------------------------------------------------------------------------------
     def _repair_tail(self, fd: int) -> None:
         size = os.fstat(fd).st_size
-        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        if size == 0 or _pread(fd, 1, size - 1) == b"\n":
             return
         start, pos = 0, size
         while pos > 0:
             lo = max(0, pos - 65536)
-            i = os.pread(fd, pos - lo, lo).rfind(b"\n")
+            i = _pread(fd, pos - lo, lo).rfind(b"\n")
             if i >= 0:
                 start = lo + i + 1
                 break
             pos = lo
-        tail = os.pread(fd, size - start, start)
+        tail = _pread(fd, size - start, start)
         if self._parse(tail) is not None:
             self._write(fd, b"\n")
         else:
@@ -225,29 +258,26 @@ class _Log:
     def locked(self) -> Iterator[Callable[[Iterable[Any]], None]]:
         """Hold the exclusive lock (torn tail repaired); yields ``append(objs)``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        existed = self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if not existed and self.fsync:
-                _fsync_dir(self.path.parent)
-            self._repair_tail(fd)
-
-            def append(objs: Iterable[Any]) -> None:
-                objs = list(objs)
-                for o in objs:
-                    if not self.valid(o):
-                        raise ValueError(f"not a valid {self.what} record: {o!r}")
-                data = b"".join(_dumps(o) for o in objs)
-                if data:
-                    self._write(fd, data)
-                    if self.fsync:
-                        os.fsync(fd)
-
-            yield append
-        finally:
+        with _hold(self._lock):
+            existed = self.path.exists()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                if not existed and self.fsync:
+                    _fsync_dir(self.path.parent)
+                self._repair_tail(fd)
+
+                def append(objs: Iterable[Any]) -> None:
+                    objs = list(objs)
+                    for o in objs:
+                        if not self.valid(o):
+                            raise ValueError(f"not a valid {self.what} record: {o!r}")
+                    data = b"".join(_dumps(o) for o in objs)
+                    if data:
+                        self._write(fd, data)
+                        if self.fsync:
+                            os.fsync(fd)
+
+                yield append
             finally:
                 os.close(fd)
 
@@ -265,6 +295,10 @@ def _valid_result(o: Any) -> bool:
     return isinstance(o, dict) and isinstance(o.get("cell"), str) and isinstance(o.get("record"), dict)
 
 
+def _valid_failure(o: Any) -> bool:
+    return isinstance(o, dict) and isinstance(o.get("cell"), str) and isinstance(o.get("failure"), dict)
+
+
 class ResultsStore:
     """Append-only store of finished cells: ``has/get/put/records`` keyed by :func:`cell_key`.
 
@@ -278,7 +312,11 @@ class ResultsStore:
         self.predictions_dir = (Path(predictions_dir) if predictions_dir is not None
                                 else self.path.with_name(self.path.stem + ".predictions"))
         self.fsync = fsync
-        self._log = _Log(self.path, _valid_result, "results", fsync)
+        self.lock_path = self.path.with_name(self.path.stem + ".lock")
+        self.claims_dir = self.path.with_name(self.path.stem + ".claims")
+        self.failures_path = self.path.with_name(self.path.stem + ".failures.jsonl")
+        self._lock = FileLock(self.lock_path)  # one lock for every file of this store (reentrant)
+        self._log = _Log(self.path, _valid_result, "results", fsync, self._lock)
         self._index: dict[str, dict] = {}
 
     def _ingest(self, objs: list[dict], reset: bool) -> None:
@@ -339,7 +377,40 @@ class ResultsStore:
     def predictions(self, cell: str | Mapping[str, Any]) -> "PredictionsWriter":
         """The resumable predictions file of ``cell`` (header ``{"cell": key}``)."""
         key = _as_key(cell)
-        return PredictionsWriter(self.predictions_path(key), header={"cell": key}, fsync=self.fsync)
+        return PredictionsWriter(self.predictions_path(key), header={"cell": key}, fsync=self.fsync, lock=self._lock)
+
+    # -- claims: which process is running a cell -------------------------------------------------
+    @contextmanager
+    def claim(self, cell: str | Mapping[str, Any], timeout: float = -1) -> Iterator[None]:
+        """Hold the cell's claim while running it, so that two sweeps on one store never run the same
+        cell at once. ``timeout``: seconds to wait (``-1``: as long as it takes, ``0``: not at all);
+        raises :class:`CellClaimedError` when another process still holds it. The operating system
+        releases a claim whose process died (``kill -9`` included): the next sweep resumes the cell."""
+        key = _as_key(cell)
+        path = self.claims_dir / (self.predictions_path(key).stem + ".lock")
+        lock = FileLock(path)
+        try:
+            lock.acquire(timeout=timeout, poll_interval=0.05)
+        except Timeout:
+            raise CellClaimedError(key) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- failures: why a cell did not finish (kept for reports; a later success supersedes them) ---
+    def add_failure(self, cell: str | Mapping[str, Any], failure: Mapping[str, Any]) -> None:
+        """Append why ``cell`` failed (a JSON mapping, e.g. ``{"message": ..., "traceback": ...}``)."""
+        key = _as_key(cell)
+        obj = json.loads(json.dumps({"cell": key, "failure": dict(failure)}))
+        with _Log(self.failures_path, _valid_failure, "failures", self.fsync, self._lock).locked() as append:
+            append([obj])
+
+    def failures(self) -> dict[str, dict]:
+        """``{cell key: latest failure}`` of the cells that have no record (yet)."""
+        objs, _ = _Log(self.failures_path, _valid_failure, "failures", self.fsync, self._lock).read_new()
+        done = set(self.keys())
+        return {o["cell"]: o["failure"] for o in objs if o["cell"] not in done}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -363,10 +434,11 @@ class PredictionsWriter:
     (``ValueError`` on mismatch: the file belongs to another cell).
     """
 
-    def __init__(self, path: str | os.PathLike, header: Mapping[str, Any] | None = None, fsync: bool = True):
+    def __init__(self, path: str | os.PathLike, header: Mapping[str, Any] | None = None, fsync: bool = True,
+                 lock: FileLock | None = None):
         self.path = Path(path)
         self.header_expected = json.loads(json.dumps(dict(header))) if header is not None else None
-        self._log = _Log(self.path, _valid_prediction, "predictions", fsync)
+        self._log = _Log(self.path, _valid_prediction, "predictions", fsync, lock)
         self._rows: dict[str, dict] = {}
         self._header: dict | None = None
         self.refresh()

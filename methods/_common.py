@@ -1,7 +1,8 @@
-"""Small helpers shared by the stage-P policies (not a policy; registers nothing).
+"""Small helpers shared by the methods (not a policy; registers nothing).
 
-They read only :class:`~vtprune.policy.ImageTokens` data and the adapter's config / layer counts, so
-that every method maps the per-image token layout and its layer defaults the same way.
+They read only tensors, :class:`~vtprune.policy.ImageTokens` data and the adapter's config / layer
+counts, so that every method computes scores in the same precision, breaks top-k ties the same way
+and maps the per-image token layout and its layer defaults the same way.
 """
 from __future__ import annotations
 
@@ -14,6 +15,30 @@ from vtprune.policy import ImageTokens
 
 LLAVA_FAMILIES = ("llava", "llava_next")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
+def score_dtype(t: Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype scores are computed in: fp32 by default, a wider input dtype (fp64) is kept;
+    ``dtype`` overrides."""
+    if dtype is not None:
+        return dtype
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def stable_topk(scores: Tensor, k: int, candidates: Tensor | None = None) -> Tensor:
+    """The ``k`` largest scores, ordered by (score descending, index ascending).
+
+    Without ``candidates``: ``scores`` (..., N) -> (..., min(k, N)) long indices along the last dim.
+    With ``candidates`` (M,) ascending long positions into ``scores`` (N,): only those compete ->
+    (min(k, M),) long positions. Ties always go to the lowest index; sort the result for a kept set
+    in ascending order.
+    """
+    if candidates is None:
+        return torch.argsort(scores, dim=-1, descending=True, stable=True)[..., : max(int(k), 0)]
+    if k <= 0 or candidates.numel() == 0:
+        return candidates[:0]
+    order = torch.argsort(scores[candidates], descending=True, stable=True)
+    return candidates[order[:k]]
 
 
 class ViewGrid(NamedTuple):

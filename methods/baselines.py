@@ -1,7 +1,7 @@
 """Baselines every paper compares against: ``none`` (keep all), ``random`` (seeded) and ``pool``
 (spatial average pooling to the budget).
 
-``random`` can act at any stage (``stage="P"`` after the projector, ``"V"`` inside a CLIP encoder
+``random`` can act at any stage (``at="P"`` after the projector, ``"V"`` inside a CLIP encoder
 after layer ``layer``, ``"D"`` inside the LLM at layer ``layer``), which makes it the probe of every
 seam of the hook layer.
 """
@@ -23,6 +23,8 @@ from vtprune.policy import (
     MergePolicy,
     TokenPolicy,
     VisionPolicy,
+    check_keep_for_model,
+    check_keep_value,
     resolve_budget,
 )
 from vtprune.registry import register
@@ -34,7 +36,7 @@ class KeepAll(TokenPolicy):
     """Keep every visual token (the identity; exercises the full stage-P machinery)."""
 
     name: ClassVar[str] = "none"
-    description: ClassVar[str] = "keep all visual tokens (vanilla model, through the patch machinery)"
+    description: ClassVar[str] = "keep all visual tokens (vanilla model, through the patch machinery; stage P)"
     keep: int | float = 1.0
 
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
@@ -49,11 +51,17 @@ def random_subset(n: int, k: int, generator: torch.Generator | None) -> Tensor:
 
 @dataclass
 class _RandomV(VisionPolicy):
-    """Stage-V random drop inside a CLIP encoder (class token always kept)."""
+    """Stage-V random drop inside a CLIP encoder (class token always kept); ``random:at=V``."""
 
     name: ClassVar[str] = "random"
     keep: int | float = 0.5
     layer: int = 0
+    at: str = "V"  # so that spec() reads back as this policy
+
+    def validate(self, family: str, adapter) -> None:
+        super().validate(family, adapter)
+        check_keep_value(self.keep)
+        check_keep_for_model(self.keep, adapter)
 
     def layers(self, num_layers: int) -> list[int]:
         return [self.layer % num_layers]
@@ -61,7 +69,7 @@ class _RandomV(VisionPolicy):
     def after_layer(self, layer: int, x: Tensor, ctx: Context):
         v, n, _ = x.shape
         k = resolve_budget(self.keep, n - 1)
-        keys = ctx.extra.get("view_keys") or list(range(v))
+        keys = ctx.view_keys or list(range(v))
         idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + random_subset(n - 1, k, ctx.rng(keys[i]))])
                            for i in range(v)]).to(x.device)
         return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1])), idx
@@ -69,7 +77,10 @@ class _RandomV(VisionPolicy):
 
 @dataclass
 class _RandomD(DecoderPolicy):
+    """Stage-D random drop inside the LLM from ``layer`` on; ``random:at=D``."""
+
     name: ClassVar[str] = "random"
+    at: str = "D"  # so that spec() reads back as this policy
 
     def select(self, layer: int, view: DecoderView, ctx: Context) -> Tensor:
         vis = torch.nonzero(view.visual).flatten()
@@ -104,7 +115,7 @@ class Random(TokenPolicy):
 
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
         cand = image.candidate_index()
-        rng = ctx.rng(image.extra.get("index_in_sample", image.image_index))
+        rng = ctx.rng(image.index_in_sample)
         return cand[random_subset(cand.numel(), n_keep, rng)]
 
 
@@ -152,7 +163,7 @@ class Pool(MergePolicy):
     """
 
     name: ClassVar[str] = "pool"
-    description: ClassVar[str] = "spatial average pooling of each view's token grid to the budget"
+    description: ClassVar[str] = "spatial average pooling of each view's token grid to the budget (stage P)"
     keep: int | float = 0.25
 
     def merge(self, image: ImageTokens, n_keep: int, ctx: Context) -> tuple[Tensor, Tensor]:

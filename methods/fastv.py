@@ -5,7 +5,13 @@ token (head mean, recomputed from layer K-1's own q/k projections with RoPE and 
 the image tokens; the top ``keep`` survive for all layers >= K with their **original** positions.
 Decode is static: the selection made at prefill is kept (fork (b) of the reference).
 
-Deviations from the reference code (spec: design/methods/fastv.md §5): the image span is read from
+Generation with and without the KV cache differ, as in the reference fork: ``generate()`` with the
+cache (default) selects once, at prefill, and every decode step attends to the shortened per-layer
+cache. ``generate(use_cache=False)`` re-runs the whole sequence at every step, so every step is a
+prefill and the selection is made again from that step's last token (the reference's behaviour
+without cache); the two paths can then generate different tokens.
+
+Deviations from the reference code (spec: ``docs/methods/fastv.md`` §5): the image span is read from
 ``input_ids`` (reference: hard-coded 35/36, bug); per-sample selection with padding-aware masks
 (reference: batch index 0 only, bug); ties broken by the lowest index; the attention row is
 recomputed so SDPA stays on (reference: eager). ``keep`` is a count or a fraction of the image
@@ -24,16 +30,12 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView
 from vtprune.registry import register
 
+from ._common import stable_topk
+
 
 def topk_lowest_index(scores: Tensor, k: int) -> Tensor:
     """Indices of the k largest scores, ties broken by the lowest index, returned ascending."""
-    n = scores.numel()
-    order = sorted(range(n), key=lambda i: (-float(scores[i]), i)) if n <= 64 else None
-    if order is not None:
-        return torch.tensor(sorted(order[:k]), dtype=torch.long)
-    # stable sort on negated scores keeps index order among equal values
-    idx = torch.sort(-scores.double(), stable=True).indices[:k]
-    return torch.sort(idx).values
+    return torch.sort(stable_topk(scores, k)).values
 
 
 @register
@@ -47,7 +49,7 @@ class FastV(DecoderPolicy):
     """
 
     name: ClassVar[str] = "fastv"
-    description: ClassVar[str] = "FastV: drop image tokens least attended by the last token after layer K"
+    description: ClassVar[str] = "FastV: drop image tokens least attended by the last token after layer K (stage D)"
     layer: int = 2
     keep: int | float = 0.5
     r: float | None = None

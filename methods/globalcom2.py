@@ -3,7 +3,7 @@
 Paper: Liu et al., "Global Compression Commander" (earlier "Compression with Global Guidance"),
 arXiv 2501.05179, AAAI 2026. Reference implementation: github.com/xuyang-liu16/GlobalCom2 at commit
 ``96b2d00`` (``llava/model/llava_arch.py`` last changed in ``4e544e5``), an original-LLaVA fork,
-Apache-2.0. Spec: ``design/methods/globalcom2.md``.
+Apache-2.0. Spec: ``docs/methods/globalcom2.md``.
 
 Stage: **P** (after the projector, before the LLM), prefill only, text-agnostic. Acts on multi-view
 AnyRes images; a single-view image passes through untouched (policy level).
@@ -87,7 +87,7 @@ from torch import Tensor
 from vtprune.policy import Context, ImageTokens, TokenPolicy
 from vtprune.registry import register
 
-from ._common import QWEN_FAMILIES, ViewGrid, check_choice, view_grids
+from ._common import QWEN_FAMILIES, ViewGrid, check_choice, score_dtype, stable_topk, view_grids
 
 __all__ = [
     "NEWLINE",
@@ -115,9 +115,6 @@ __all__ = [
 NEWLINE: tuple[int, int] = (-1, -1)
 
 
-def _score_dtype(t: Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
 
 def _as_grid(g: Tensor) -> Tensor:
     if g.dim() == 2:
@@ -130,11 +127,6 @@ def _as_grid(g: Tensor) -> Tensor:
     raise ValueError(f"expected a 1-D or 2-D map; got shape {tuple(g.shape)}")
 
 
-def _topk_lowest_index(score: Tensor, k: int) -> Tensor:
-    """Indices of the k largest scores, in descending-score order, ties by the lowest index."""
-    order = torch.argsort(score, dim=-1, descending=True, stable=True)
-    return order[..., :k]
-
 
 # ------------------------------------------------------------------------------------ signals
 def cls_logit_scores(q0: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
@@ -145,7 +137,7 @@ def cls_logit_scores(q0: Tensor, k: Tensor, scale: float | None = None) -> Tenso
     """
     if q0.dim() != 3 or k.dim() != 4:
         raise ValueError("q0 must be (V, H, hd) and k (V, H, N, hd)")
-    dt = _score_dtype(q0)
+    dt = score_dtype(q0)
     if scale is None:
         scale = q0.shape[-1] ** -0.5
     logits = torch.einsum("vhd,vhnd->vhn", q0.to(dt) * scale, k.to(dt))
@@ -295,7 +287,7 @@ def guidance_blocks(g_grid: Tensor, valid: ValidRegion) -> list[Tensor]:
     (h_c, w_c) (flatten row-major for gamma_c).
     """
     g = _as_grid(g_grid)
-    g = g.to(_score_dtype(g))
+    g = g.to(score_dtype(g))
     up = F.interpolate(g[None, None], size=(valid.H_u, valid.W_u), mode="bilinear", align_corners=False)
     up = up[0, 0]
     shapes = valid.crop_shapes()
@@ -319,9 +311,9 @@ def select_thumbnail(g: Tensor, r: float, order: str = "score") -> Tensor:
     g: (n,) or (24, 24). ``order="score"`` (reference): descending score, ties by lowest index;
     ``"raster"``: ascending index. Returns (k_g,) long.
     """
-    g = g.flatten().to(_score_dtype(g))
+    g = g.flatten().to(score_dtype(g))
     k = int(g.numel() * r)
-    idx = _topk_lowest_index(g, k)
+    idx = stable_topk(g, k)
     if order == "raster":
         idx = idx.sort().values
     elif order != "score":
@@ -336,13 +328,13 @@ def select_crop(local_logits_valid: Tensor, guidance_block: Tensor, keep_c: int)
     local_logits_valid: (N_c,) crop logits at its valid tokens in valid raster order;
     guidance_block: (h_c, w_c) or (N_c,). Returns (keep_c,) indices **into the valid list**, ascending.
     """
-    dt = torch.promote_types(_score_dtype(local_logits_valid), _score_dtype(guidance_block))
+    dt = torch.promote_types(score_dtype(local_logits_valid), score_dtype(guidance_block))
     loc = local_logits_valid.flatten().to(dt)
     gam = guidance_block.flatten().to(dt)
     if loc.numel() != gam.numel():
         raise ValueError(f"local ({loc.numel()}) and guidance ({gam.numel()}) lengths differ")
     score = F.normalize(loc, dim=0, eps=1e-12) + F.normalize(gam, dim=0, eps=1e-12)
-    return _topk_lowest_index(score, keep_c).sort().values
+    return stable_topk(score, keep_c).sort().values
 
 
 class Globalcom2Selection(NamedTuple):
@@ -389,7 +381,7 @@ def globalcom2_select(
         if guidance:
             crops.append(select_crop(local, blocks[c], budgets[c]))
         else:
-            crops.append(_topk_lowest_index(local.to(_score_dtype(local)), budgets[c]).sort().values)
+            crops.append(stable_topk(local.to(score_dtype(local)), budgets[c]).sort().values)
     return Globalcom2Selection(thumb, crops, scales, budgets, valid)
 
 
@@ -476,12 +468,12 @@ def region_adaptive_select(
     nph, npw = max(1, round(Hg / region_tokens)), max(1, round(Wg / region_tokens))
     scales = crop_scales(g, nph, npw, r, tau)
     rid = region_index(Hg, Wg, nph, npw).to(g.device)
-    flat = g.flatten().to(_score_dtype(g))
+    flat = g.flatten().to(score_dtype(g))
     counts = [int((rid == c).sum()) for c in range(nph * npw)]
     kept = []
     for c, k in enumerate(crop_budgets(counts, scales)):
         members = torch.nonzero(rid == c).flatten()
-        kept.append(members[_topk_lowest_index(flat[members], k)])
+        kept.append(members[stable_topk(flat[members], k)])
     return torch.sort(torch.cat(kept)).values, scales
 
 
@@ -523,6 +515,10 @@ class GlobalCom2(TokenPolicy):
     region_tokens: int = 12
     guidance: bool = True
 
+    def __post_init__(self):
+        self._current: tuple[ImageTokens, Tensor] | None = None  # the image apply() is selecting for
+        self._signal: str | None = None  # the signal name of the patched model (required_signals)
+
     def validate(self, family: str, adapter: Any) -> None:
         if family == "llava" and not self.allow_single_view:
             raise ValueError(
@@ -554,16 +550,20 @@ class GlobalCom2(TokenPolicy):
             raise ValueError("globalcom2 (Qwen, experimental): crop_score does not apply (received attention is used)")
         if int(self.region_tokens) < 1:
             raise ValueError(f"globalcom2: region_tokens={self.region_tokens} must be >= 1")
+        self._signal = self._signal_name(adapter)
 
     @property
     def sorted_output(self) -> bool:  # type: ignore[override]
         """False for the reference ``thumbnail_order="score"``: the selection's order is emitted."""
         return self.thumbnail_order != "score"
 
-    def required_signals(self, adapter: Any) -> dict[str, Any]:
+    def _signal_name(self, adapter: Any) -> str:
         if adapter.family in QWEN_FAMILIES:
-            return {f"vit_received@{adapter.full_attention_blocks()[-1]}": None}
-        return {("vit_cls@-1" if self.crop_score == "probs" else "vit_cls_logits@-1"): None}
+            return f"vit_received@{adapter.full_attention_blocks()[-1]}"
+        return "vit_cls@-1" if self.crop_score == "probs" else "vit_cls_logits@-1"
+
+    def required_signals(self, adapter: Any) -> dict[str, Any]:
+        return {self._signal_name(adapter): None}
 
     # ---------------------------------------------------------------- selection
     def apply(self, image: ImageTokens, ctx: Context):
@@ -575,7 +575,7 @@ class GlobalCom2(TokenPolicy):
             self._current = None
 
     def _selection(self, image: ImageTokens) -> Tensor:
-        cur = getattr(self, "_current", None)
+        cur = self._current
         if cur is None or cur[0] is not image:
             raise RuntimeError("globalcom2: budget/select are only called through apply()")
         return cur[1]
@@ -587,7 +587,11 @@ class GlobalCom2(TokenPolicy):
         return self._selection(image)
 
     def _score(self, image: ImageTokens) -> Tensor:
-        name = next(k for k in image.signals if k.startswith(("vit_cls_logits@", "vit_cls@", "vit_received@")))
+        name = self._signal
+        if name is None:  # not validated against an adapter (kernel-level use): the image's one signal
+            if len(image.signals) != 1:
+                raise RuntimeError("globalcom2: call validate() first, or give the image exactly one signal")
+            (name,) = image.signals
         return image.signals[name].detach().float().cpu()
 
     def _select_image(self, image: ImageTokens, family: str) -> Tensor:

@@ -2,7 +2,7 @@
 
 Paper: Liu et al., "HiPrune", arXiv 2508.00553 (HiPrune++, the text-guided variant of the latest
 version, is out of scope). Reference implementation: github.com/Danielement321/HiPrune at commit
-``6e83a12``. Spec: ``design/methods/hiprune.md``.
+``6e83a12``. Spec: ``docs/methods/hiprune.md``.
 
 Method. Two vision-encoder layers rank the visual tokens by the attention they *receive* (head mean,
 mean or sum over all query rows):
@@ -79,7 +79,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from vtprune.policy import Context, ImageTokens, TokenPolicy, check_keep_value, resolve_budget
+from vtprune.policy import Context, ImageTokens, TokenPolicy, resolve_budget
 from vtprune.registry import register
 
 from ._common import (
@@ -89,6 +89,8 @@ from ._common import (
     llava_feature_layer,
     resolve_layer,
     scaled_default_layer,
+    score_dtype,
+    stable_topk,
     view_grids,
 )
 
@@ -116,23 +118,6 @@ _SHAPES: dict[str, tuple[tuple[int, int], ...]] = {
 }
 
 
-def _score_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    """fp32 by default; a wider input dtype (fp64) is kept; ``dtype`` overrides."""
-    if dtype is not None:
-        return dtype
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def _topk_lowest(scores: Tensor, k: int, candidates: Tensor) -> Tensor:
-    """The ``k`` candidates with the largest ``scores``, ordered (score desc, index asc).
-
-    ``scores`` (N,); ``candidates`` (M,) ascending LongTensor of positions into ``scores``.
-    Returns (min(k, M),) LongTensor.
-    """
-    if k <= 0 or candidates.numel() == 0:
-        return candidates[:0]
-    order = torch.argsort(scores[candidates], descending=True, stable=True)
-    return candidates[order[:k]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +142,7 @@ def attention_received(
     """
     if probs.dim() < 3 or probs.shape[-1] != probs.shape[-2]:
         raise ValueError(f"probs must be (..., H, T, T), got {tuple(probs.shape)}")
-    p = probs.to(_score_dtype(probs, dtype))
+    p = probs.to(score_dtype(probs, dtype))
     if family == "clip":
         return p.mean(dim=-3).mean(dim=-2)[..., 1:]
     if family == "qwen":
@@ -172,7 +157,7 @@ def cls_row_scores(probs: Tensor, *, dtype: torch.dtype | None = None) -> Tensor
     """
     if probs.dim() < 3:
         raise ValueError(f"probs must be (..., H, T, T), got {tuple(probs.shape)}")
-    p = probs[..., 0, :].to(_score_dtype(probs, dtype))
+    p = probs[..., 0, :].to(score_dtype(probs, dtype))
     return p.mean(dim=-2)[..., 1:]
 
 
@@ -345,7 +330,7 @@ def hiprune_groups(
     cand = valid_mask.nonzero().reshape(-1)
     n_eff = min(int(n_keep), cand.numel())
 
-    anchors = _topk_lowest(s_obj, anchor_count(n_eff, alpha), cand)
+    anchors = stable_topk(s_obj, anchor_count(n_eff, alpha), cand)
     ab = buffer_candidates(
         anchors, n, grid_width, buffer_border=buffer_border, buffer_shape=buffer_shape,
         valid=valid_mask,
@@ -358,12 +343,12 @@ def hiprune_groups(
     if register_exclusion == "exclude":
         pool = valid_mask.clone()
         pool[ab] = False
-        registers = _topk_lowest(s_deep, n_r, pool.nonzero().reshape(-1))
+        registers = stable_topk(s_deep, n_r, pool.nonzero().reshape(-1))
     else:  # "subtract_one": reference behaviour (bug-compatible)
         sd = s_deep if s_deep.is_floating_point() else s_deep.float()
         sd = sd.clone()
         sd[ab] -= 1
-        registers = _topk_lowest(sd, n_r, cand)
+        registers = stable_topk(sd, n_r, cand)
     kept = torch.unique(torch.cat([ab, registers]))
     return HiPruneGroups(anchors, ab, registers, kept)
 
@@ -434,7 +419,8 @@ class HiPrune(TokenPolicy):
     Budgets: LLaVA-1.5 ``N' = keep``. LLaVA-NeXT: ``K`` = the image's budget (int, or fraction of
     its candidates), every view (base + crops) gets ``floor(K / V)`` (``"exact"``: the first
     ``K mod V`` views one more) and a crop keeps ``min(N'_v, n_valid)`` (unused budget is not passed
-    on); newline tokens are kept and not counted. Qwen: per image (per temporal slice for video)
+    on); newline tokens are kept and not counted; an int ``K`` above the image's candidates keeps every
+    token (recorded in ``PatchStats.budget_clamped``). Qwen: per image (per temporal slice for video)
     ``N' = round(n * keep)``, at least 1 (deviation: the reference's ``round`` may give 0).
 
     Deviations from the reference (spec section 5): bugs 4, 6, 7, 11-14 fixed by default (grid
@@ -462,29 +448,15 @@ class HiPrune(TokenPolicy):
     next_layout: str = "native"
     positions: str = "auto"
 
+    default_keep: ClassVar[dict[str, int | float]] = HIPRUNE_DEFAULT_KEEP
+
     def __post_init__(self):
         self._family: str | None = None
         self._signal_names: tuple[str, str] | None = None
 
     # ------------------------------------------------------------ validation and signals
-    def _keep_for(self, family: str) -> int | float:
-        return HIPRUNE_DEFAULT_KEEP[family] if self.keep is None else self.keep
-
     def validate(self, family: str, adapter: Any) -> None:
-        if family not in self.families:
-            raise ValueError(
-                f"method {self.name!r} does not support model family {family!r}; "
-                f"supported families: {', '.join(self.families)}"
-            )
-        keep = self._keep_for(family)
-        check_keep_value(keep)
-        n = adapter.nominal_visual_tokens()
-        if n is not None and isinstance(keep, int) and keep > n:
-            raise ValueError(
-                f"hiprune: keep={keep} is larger than the {n} visual tokens per image of this model; "
-                f"use an int in 1..{n} or a float fraction in (0, 1]"
-            )
-        check_choice(self.name, "positions", self.positions, ("auto", "original", "renumber"))
+        super().validate(family, adapter)
         check_choice(self.name, "buffer_border", self.buffer_border, ("grid", "drop", "clamp"))
         check_choice(self.name, "buffer_shape", self.buffer_shape, ("cross", "square"))
         check_choice(self.name, "register_exclusion", self.register_exclusion, ("exclude", "subtract_one"))
@@ -542,16 +514,19 @@ class HiPrune(TokenPolicy):
     def _view_budgets(self, image: ImageTokens) -> tuple[list, list[int]]:
         family = self._family
         grids = view_grids(image, family, method=self.name)
-        keep = self._keep_for(family)
+        keep = self.keep_for(family)
+        # an int above an image's tokens keeps them all (dynamic resolution; fixed ones are validated)
         if family == "llava":
-            budgets = [resolve_budget(keep, image.num_candidates)]
+            budgets = [resolve_budget(keep, image.num_candidates, clamp=True)]
+        elif self.budget_clamped(image, family):  # NeXT: an int above the image's tokens keeps them all
+            budgets = [g.index.numel() for g in grids]
         elif family == "llava_next":
             total = resolve_budget(keep, image.num_candidates)
             if self.next_budget_split == "global":
                 return grids, [total]
             budgets = budget_per_view(total, len(grids), self.next_budget_split)
         else:  # Qwen: per image, per temporal slice for video
-            budgets = [resolve_budget(keep, g.index.numel()) for g in grids]
+            budgets = [resolve_budget(keep, g.index.numel(), clamp=True) for g in grids]
         budgets = [min(b, g.index.numel()) for b, g in zip(budgets, grids)]
         return grids, budgets
 
@@ -579,8 +554,7 @@ class HiPrune(TokenPolicy):
         rest[ab] = False
         cand = torch.nonzero(rest).flatten()
         n_reg = total - ab.numel()
-        order = sorted(range(cand.numel()), key=lambda i: (-float(s_d_tok[cand[i]]), int(cand[i])))
-        regs = cand[torch.tensor(order[:n_reg], dtype=torch.long)] if n_reg > 0 else cand[:0]
+        regs = stable_topk(s_d_tok, n_reg, cand)
         return torch.sort(torch.cat([ab, regs])).values
 
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:

@@ -3,7 +3,7 @@
 Paper: Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024,
 arXiv 2405.16148. Reference implementation: github.com/hchautran/PiToMe at commit ``550b5de`` (built on
 ToMe). Both are CC BY-NC 4.0: this module is a re-implementation from the design spec
-(``design/methods/pitome.md``); no reference code is copied.
+(``docs/methods/pitome.md``); no reference code is copied.
 
 Stage: **V** (inside the vision encoder, after every layer, at prefill). Text-agnostic; the only method
 here that also saves ViT compute. The Qwen variant (:func:`post_merger_merge`) runs at stage **P**.
@@ -48,7 +48,7 @@ chooses:
 9. Sort stability: the reference ``argsort`` is unstable; here every sort is stable, ties go to the
    lowest index and ``argmax`` returns the first maximum. Differs only on exact ties.
 10. LLaVA code status: present but flagged "under refactoring" upstream; we implement the present path.
-11. FLOPs reporting: see FLOPS.md (not a kernel concern).
+11. FLOPs reporting: see ``vtprune/flops.py`` (not a kernel concern).
 
 Library extensions and decisions (spec sections 4 and 6):
 
@@ -56,7 +56,7 @@ Library extensions and decisions (spec sections 4 and 6):
   final count is ``>= N'``, then the surplus is removed at the last merge layer, spilling backwards;
   cached, a pure function of its arguments.
 * Qwen2-VL / Qwen2.5-VL post-merger merging (:func:`post_merger_merge`, stage P; label results
-  "PiToMe-post-merger"; not validated). Also usable for LLaVA ``stage="P"``.
+  "PiToMe-post-merger"; not validated). Also usable for LLaVA ``at="P"``.
 * Feasibility cap (library decision): the reference has no 50 % cap on r. The kernels raise when r is
   infeasible (BSM: more than the non-CLS a tokens; PiToMe: ``2r > T``), and the schedule helpers cap
   r at the feasible maximum. The cap is only reached for rho < ~0.5, outside the reference sweep.
@@ -64,7 +64,7 @@ Library extensions and decisions (spec sections 4 and 6):
   the dtype of ``x``.
 
 Policies (registered): ``"pitome"`` (:class:`PiToMe`, stage V inside the CLIP tower of LLaVA-1.5 and
-inside an open_clip ``VisionTransformer``; ``stage="P"`` dispatches to the post-projector variant) and
+inside an open_clip ``VisionTransformer``; ``at="P"`` dispatches to the post-projector variant) and
 ``"pitome-p"`` (:class:`PiToMePost`, stage P after the projector / Qwen merger; label results
 "PiToMe-post-merger"). Policy-level deviations from the reference:
 
@@ -104,7 +104,7 @@ from torch import Tensor
 from vtprune.policy import Context, ImageTokens, MergePolicy, VisionPolicy, resolve_budget
 from vtprune.registry import register
 
-from ._common import QWEN_FAMILIES, check_choice
+from ._common import QWEN_FAMILIES, check_choice, score_dtype
 
 __all__ = [
     "MergeResult",
@@ -160,9 +160,6 @@ def merge_count(T: int, rho: float) -> int:
     """
     return int(math.floor(T - T * rho))
 
-
-def _score_dtype(t: Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
 
 
 def _check3(name: str, t: Tensor) -> None:
@@ -234,7 +231,7 @@ def _noop(x: Tensor, sizes: Tensor | None, mode: str, sources: Tensor | None) ->
 # ------------------------------------------------------------------------------------------- BSM
 def _bsm_plan(metric: Tensor, r: int, class_token: bool):
     B, N, _ = metric.shape
-    m = metric.to(_score_dtype(metric))
+    m = metric.to(score_dtype(metric))
     v = m / m.norm(dim=-1, keepdim=True)  # plain division (reference)
     a, b = v[:, 0::2], v[:, 1::2]
     S = a @ b.transpose(-1, -2)  # (B, Na, Nb)
@@ -293,14 +290,14 @@ def energy_scores(sim: Tensor, margin: float) -> Tensor:
     sim: (..., T, T) cosine similarities (self-similarity included). Returns (..., T) in the dtype of
     ``sim`` promoted to at least fp32.
     """
-    s = sim.to(_score_dtype(sim))
+    s = sim.to(score_dtype(sim))
     return F.elu(s - margin, alpha=1.0).mean(dim=-1)
 
 
 def _pitome_plan(metric: Tensor, r: int, margin: float, class_token: bool):
     B = metric.shape[0]
     off = 1 if class_token else 0
-    m = metric[:, off:].to(_score_dtype(metric))
+    m = metric[:, off:].to(score_dtype(metric))
     v = F.normalize(m, dim=-1, eps=1e-12)
     S = v @ v.transpose(-1, -2)  # (B, T, T)
     E = energy_scores(S, margin)
@@ -605,6 +602,19 @@ def default_margins(family: str, depth: int, scale: float | None = None) -> tupl
     return tuple(m - m * l / depth for l in range(depth))
 
 
+@dataclass
+class _PiToMeRequest:
+    """Per-request state of a stage-V PiToMe policy (``Context.policy_state``).
+
+    plan: one :class:`LayerMerge` per encoder layer. minsrc: (V, N) smallest original token index each
+    current token contains. sizes: (V, N) token sizes, tracked for ``mode="wavg"`` / ``prop_attn``.
+    """
+
+    plan: tuple[LayerMerge, ...]
+    minsrc: Tensor
+    sizes: Tensor | None
+
+
 @register
 @dataclass
 class PiToMe(VisionPolicy):
@@ -626,7 +636,7 @@ class PiToMe(VisionPolicy):
         order: ``"reference"`` (default: the tokens reach the LLM in the order the merge kernels
             produce, CLS dropped; declared to the hook layer with ``sorted_output = False``) or
             ``"source"`` (our extension: sorted by the smallest original patch index they contain).
-        stage: ``"V"`` (this policy) or ``"P"``, which returns a :class:`PiToMePost` (``keep``,
+        at: ``"V"`` (this policy) or ``"P"``, which returns a :class:`PiToMePost` (``keep``,
             ``mode`` only; ``keep`` defaults to 0.25).
 
     Deviations (module docstring): on open_clip the tokens are always in source order (adapter);
@@ -636,7 +646,7 @@ class PiToMe(VisionPolicy):
     """
 
     name: ClassVar[str] = "pitome"
-    description: ClassVar[str] = "PiToMe: energy-based token merging inside the CLIP vision encoder (stage V)"
+    description: ClassVar[str] = "PiToMe: energy-based token merging inside the CLIP vision encoder (stage V; at=P: pitome-p)"
     families: ClassVar[tuple[str, ...]] = ("llava", "clip_vit")
     ratio: float = 0.9
     keep: int | float | None = None
@@ -645,26 +655,31 @@ class PiToMe(VisionPolicy):
     mode: str = "mean"
     prop_attn: bool = False
     order: str = "reference"
-    stage: str = "V"
+    at: str = "V"
+
+    #: the stage knob was called ``stage=`` before it took the name every multi-stage method uses
+    renamed: ClassVar[dict[str, str]] = {"stage": "at"}
 
     def __new__(cls, *args, **kwargs):
-        stage = kwargs.get("stage", "V")
-        if stage == "P":
-            extra = sorted(k for k in kwargs if k not in ("stage", "keep", "mode", "positions"))
+        if "stage" in kwargs:
+            raise ValueError("pitome: the stage knob is called at= (as for random): use at='V' or at='P'")
+        at = kwargs.get("at", "V")
+        if at == "P":
+            extra = sorted(k for k in kwargs if k not in ("at", "keep", "mode", "positions"))
             if extra or args:
-                raise ValueError(f"pitome: stage='P' (post-merger) takes keep and mode only, not {', '.join(extra)}")
+                raise ValueError(f"pitome: at='P' (post-merger) takes keep and mode only, not {', '.join(extra)}")
             keep = kwargs.get("keep")
             return PiToMePost(keep=0.25 if keep is None else keep, mode=kwargs.get("mode", "mean"),
                               positions=kwargs.get("positions", "auto"))
-        if stage != "V":
-            raise ValueError(f"pitome: stage={stage!r}; choose 'V' (inside the vision encoder) or 'P' (post-merger)")
+        if at != "V":
+            raise ValueError(f"pitome: at={at!r}; choose 'V' (inside the vision encoder) or 'P' (post-merger)")
         return super().__new__(cls)
 
     def validate(self, family: str, adapter: Any) -> None:
         if family in QWEN_FAMILIES or family == "llava_next":
             raise ValueError(
                 f"pitome: stage-V merging is not supported on {family!r} "
-                + ("(packed, windowed ViT); use stage='P' (or 'pitome-p'), the post-merger variant"
+                + ("(packed, windowed ViT); use at='P' (or 'pitome-p'), the post-merger variant"
                    if family in QWEN_FAMILIES else
                    "(per-view merging without newlines is not implemented); supported: llava, open_clip ViT")
             )
@@ -714,25 +729,23 @@ class PiToMe(VisionPolicy):
             raise ValueError(f"pitome: keep={self.keep} leaves no patch token besides the CLS token")
         return budget_schedule(n_keep, n_tokens, depth, last, bsm_layers=bsm, margin=margins)
 
-    def _state(self, x: Tensor, ctx: Context) -> dict:
-        key = ("pitome", id(self))
-        st = ctx.extra.get(key)
-        if st is None:
+    def _state(self, x: Tensor, ctx: Context) -> "_PiToMeRequest":
+        """This request's plan and token tracking (created at the first merge layer)."""
+        def start() -> _PiToMeRequest:
             v, n, _ = x.shape
-            depth = int(ctx.extra["vit_layers"])
-            last = int(ctx.extra.get("vit_last_layer", depth - 1))
-            n_in = int(ctx.extra.get("vit_tokens", n))
-            st = {
-                "plan": self._plan(ctx.family, depth, last, n_in, bool(ctx.extra.get("vit_drop_cls", True))),
-                "minsrc": torch.arange(n, device=x.device).expand(v, n),
-                "sizes": x.new_ones((v, n)) if (self.mode == "wavg" or self.prop_attn) else None,
-            }
-            ctx.extra[key] = st
-        return st
+            vit = ctx.vit
+            if vit is None:
+                raise RuntimeError("pitome: the adapter did not describe the vision tower (Context.vit)")
+            return _PiToMeRequest(
+                plan=self._plan(ctx.family, vit.layers, vit.last_layer, vit.tokens, vit.drop_cls),
+                minsrc=torch.arange(n, device=x.device).expand(v, n),
+                sizes=x.new_ones((v, n)) if (self.mode == "wavg" or self.prop_attn) else None,
+            )
+        return ctx.policy_state(self, start)
 
     def after_layer(self, layer: int, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor] | None:
         st = self._state(x, ctx)
-        plan = st["plan"]
+        plan = st.plan
         if layer >= len(plan) or plan[layer].r <= 0:
             return None
         step = plan[layer]
@@ -740,17 +753,17 @@ class PiToMe(VisionPolicy):
             idx = _bsm_plan(x, step.r, class_token=True)
         else:
             idx = _pitome_plan(x, step.r, step.margin, class_token=True)
-        res = _merge_with_plan(x, idx, st["sizes"], self.mode, None)
-        minsrc = st["minsrc"]
+        res = _merge_with_plan(x, idx, st.sizes, self.mode, None)
+        minsrc = st.minsrc
         new_min = _apply_plan(minsrc, *idx, "amin")
         # representative = the input token holding the smallest original index of each output token;
         # the output stays in the kernel's order (order="reference"; "source" is sorted by the hook layer)
         inv = torch.zeros((x.shape[0], int(minsrc.max()) + 1), dtype=torch.long, device=x.device)
         inv.scatter_(1, minsrc, torch.arange(x.shape[1], device=x.device).expand_as(minsrc))
         reps = inv.gather(1, new_min)
-        st["minsrc"], st["sizes"] = new_min, res.sizes
+        st.minsrc, st.sizes = new_min, res.sizes
         if self.prop_attn:
-            ctx.extra["vit_log_size"] = torch.log(res.sizes.float())
+            ctx.attn_log_size = torch.log(res.sizes.float())
         return res.x, reps
 
 
@@ -761,7 +774,7 @@ class PiToMePost(MergePolicy):
     "PiToMe-post-merger"; not validated): repeated PiToMe steps without a CLS token on the image's
     projected tokens (:func:`post_merger_merge`) down to ``keep`` tokens; each output token takes the
     slot (and, on Qwen, the original M-RoPE position) of its representative (its B destination, or
-    itself if protected). Families: LLaVA-1.5 (``pitome:stage=P``), Qwen2-VL, Qwen2.5-VL.
+    itself if protected). Families: LLaVA-1.5 (``pitome:at=P``), Qwen2-VL, Qwen2.5-VL.
 
     Fields: ``keep`` (tokens per image or a fraction, default 0.25), ``mode`` (``"mean"`` / ``"wavg"``),
     ``positions`` (stage-P convention; ``"auto"``).

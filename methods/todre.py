@@ -1,14 +1,16 @@
 """ToDRE: token diversity before the LLM (stage P), task relevance inside it (stage D).
 
 Paper: Li, Yang, Zhang, Shao, Lu, "ToDRE: Effective Visual Token Pruning via Token Diversity and Task
-Relevance", arXiv 2505.18757. v2 (the basis) uses greedy **max-sum** diversification (Algorithm 1);
-v1 (known from its abstract only) used greedy **k-center**. There is **no public reference code**, so
-defaults follow the v2 text and everything the text leaves open is "our reading" and configurable.
-Spec: ``design/methods/todre.md``.
+Relevance", arXiv 2505.18757. v1 uses greedy **k-center** diversification; v2 greedy **max-sum**
+(Algorithm 1). The project's design card names "ToDRE k-center", so the default diversity rule is
+k-center (v1, farthest-first traversal, our reading of its abstract) and max-sum (v2) is
+``diversity="maxsum"``. There is **no public reference code**: everything the text leaves open is
+"our reading" and configurable. Spec: ``docs/methods/todre.md``.
 
 Stage 1 (per image, after the projector): from the ℓ2-normalised candidate features, start at a pivot
-(the token the vision encoder's CLS attends to most) and greedily add the token with the smallest
-cumulative cosine similarity to the chosen set, until ``k`` tokens are chosen.
+(the token the vision encoder's CLS attends to most) and greedily add the token farthest (``1 - cos``)
+from its nearest chosen token (k-center; max-sum: the smallest cumulative cosine similarity to the
+chosen set), until ``k`` tokens are chosen.
 
 Stage 2 (per sample, at prefill, decoder layer ``ℓ = round(7L/8) - 1``): with ``A`` the head-averaged
 attention probabilities, ``α_t→v`` = share of the text rows' mass on visual keys and ``α_v→t`` = share
@@ -17,12 +19,13 @@ removed from the hidden states entering layer ℓ+1 and later (survivors keep th
 Causality caveat: with the text after the image, ``α_v→t ≡ 0``; the literal formula is implemented.
 
 The module holds the pure tensor kernels and, at the end, the registered policies :class:`ToDRE`
-(``"todre"``, stage 1, P) and :class:`ToDRERelevance` (``"todre-relevance"``, stage 2, D); the full
-method is ``"todre + todre-relevance"``. Their docstrings list the wiring choices and deviations.
+(``"todre"``: stage 1 at P plus, by default, stage 2 at D) and :class:`ToDRERelevance`
+(``"todre-relevance"``, stage 2 alone). Their docstrings list the wiring choices and deviations.
 
 Choices (spec section 5), default first:
 
-1. diversity rule: ``"maxsum"`` (v2 Alg. 1) | ``"kcenter"`` (v1; farthest-first traversal, our reading).
+1. diversity rule: ``"kcenter"`` (v1, the design card; farthest-first traversal, our reading) |
+   ``"maxsum"`` (v2 Alg. 1).
 2. pivot layer: LLaVA layer 22 = ``vision_feature_layer`` (our reading of "last layer") | 23 (policy).
 3. CLS head reduction: mean over heads of the full softmax row, CLS column dropped (our reading;
    :func:`cls_attention`); only the argmax is used.
@@ -52,10 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, TokenPolicy
+from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, Policy, TokenPolicy
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, QWEN_FAMILIES, check_choice, llava_feature_layer, resolve_layer
+from ._common import LLAVA_FAMILIES, QWEN_FAMILIES, check_choice, llava_feature_layer, resolve_layer, score_dtype
 
 __all__ = [
     "cls_attention",
@@ -75,12 +78,6 @@ __all__ = [
 Order = Literal["sorted", "greedy"]
 
 
-def _score_dtype(t: Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
-    """fp32 by default; a wider input dtype (fp64) is kept; ``dtype`` overrides."""
-    if dtype is not None:
-        return dtype
-    return torch.promote_types(t.dtype, torch.float32)
-
 
 def _first_argmax(s: Tensor) -> int:
     """Index of the maximum of a 1-D tensor, the lowest index on ties."""
@@ -98,7 +95,7 @@ def _first_argmin(s: Tensor) -> int:
 def _unit_rows(features: Tensor, dtype: torch.dtype | None) -> Tensor:
     if features.dim() != 2:
         raise ValueError(f"features must be (n, D), got {tuple(features.shape)}")
-    return F.normalize(features.to(_score_dtype(features, dtype)), dim=-1)
+    return F.normalize(features.to(score_dtype(features, dtype)), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,7 +106,7 @@ def cls_attention(probs_cls_row: Tensor, *, dtype: torch.dtype | None = None) ->
     included) -> (..., T-1): mean over heads, CLS column dropped (our reading)."""
     if probs_cls_row.dim() < 2:
         raise ValueError("probs_cls_row must be (..., H, T)")
-    return probs_cls_row.to(_score_dtype(probs_cls_row, dtype)).mean(dim=-2)[..., 1:]
+    return probs_cls_row.to(score_dtype(probs_cls_row, dtype)).mean(dim=-2)[..., 1:]
 
 
 def cls_pivot(cls_attn: Tensor, *, n_base: int | None = None) -> int:
@@ -192,7 +189,7 @@ def maxsum_select(
     *,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Greedy max-sum diversification (v2 Algorithm 1, the default).
+    """Greedy max-sum diversification (v2 Algorithm 1; ``diversity="maxsum"``).
 
     ``features`` (n, D) candidate features (normalised here); ``pivot`` the first pick. Each step adds
     the unselected token with the smallest cumulative cosine similarity to the selected set (lowest
@@ -223,7 +220,7 @@ def kcenter_select(
     *,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Greedy k-center / farthest-first traversal (``diversity="kcenter"``, v1, our reading).
+    """Greedy k-center / farthest-first traversal (v1, the default ``diversity="kcenter"``; our reading).
 
     ``features`` (n, D); distance ``1 - cos``. Each step adds the token whose distance to its nearest
     selected token is the largest (lowest index on ties). Returns (k,) LongTensor as
@@ -249,12 +246,12 @@ def diversity_select(
     features: Tensor,
     k: int,
     pivot: int,
-    diversity: Literal["maxsum", "kcenter"] = "maxsum",
+    diversity: Literal["maxsum", "kcenter"] = "kcenter",
     order: Order = "sorted",
     *,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Dispatch to :func:`maxsum_select` or :func:`kcenter_select`."""
+    """Dispatch to :func:`kcenter_select` (default, v1) or :func:`maxsum_select` (v2)."""
     if diversity == "maxsum":
         return maxsum_select(features, k, pivot, order, dtype=dtype)
     if diversity == "kcenter":
@@ -301,9 +298,9 @@ def relevance_ratios(
     """
     a = attn_probs
     if a.dim() == 3:
-        a = a.to(_score_dtype(a)).mean(dim=0)
+        a = a.to(score_dtype(a)).mean(dim=0)
     elif a.dim() == 2:
-        a = a.to(_score_dtype(a))
+        a = a.to(score_dtype(a))
     else:
         raise ValueError("attn_probs must be (Lq, L) or (H, Lq, L)")
     dev = a.device
@@ -344,19 +341,21 @@ PIVOTS = ("auto", "cls", "farthest", "center", "random", "attention")
 @register
 @dataclass
 class ToDRE(TokenPolicy):
-    """ToDRE stage 1 (Li et al., arXiv 2505.18757 v2), stage P: greedy diversity from a pivot.
+    """ToDRE (Li et al., arXiv 2505.18757): stage 1 at P (greedy diversity from a pivot) and, by default,
+    stage 2 at D (``relevance="on"``: :meth:`parts` adds :class:`ToDRERelevance`).
 
     Per image, over the post-projector features of its candidate tokens (LLaVA-NeXT: base view + valid
     crop tokens; newlines are not candidates and are always kept), start at the pivot and add the
-    token with the smallest cumulative cosine similarity to the chosen set (``"maxsum"``, v2) or the
-    farthest from its nearest chosen token (``"kcenter"``, v1, our reading); kept tokens in ascending
-    order, positions as the family's reference (LLaVA contiguous, Qwen original M-RoPE).
+    token farthest from its nearest chosen token (``"kcenter"``, v1, the default: the design card's
+    "ToDRE k-center") or the one with the smallest cumulative cosine similarity to the chosen set
+    (``"maxsum"``, v2 Algorithm 1); kept tokens in ascending order, positions as the family's
+    reference (LLaVA contiguous, Qwen original M-RoPE).
 
     Fields:
         keep: ``k = min(n, max(1, round(keep * n)))`` for a fraction (default 0.25), ``min(n, keep)``
             for a count.
         nominal_tokens: e.g. 2880: a fraction is taken of this count instead (the paper's "up to").
-        diversity: ``"maxsum"`` | ``"kcenter"``.
+        diversity: ``"kcenter"`` (default, v1) | ``"maxsum"`` (v2).
         pivot: ``"auto"`` = ``"cls"`` on LLaVA (argmax of the CLS attention of ``pivot_layer``, signal
             ``vit_cls@l``: head mean, CLS column dropped; LLaVA-NeXT: over the base view only) and
             ``"farthest"`` on Qwen (lowest cosine to the mean normalised candidate); also ``"center"``,
@@ -367,21 +366,22 @@ class ToDRE(TokenPolicy):
             (``pivot="attention"``): the last full-attention block.
         order: ``"sorted"`` only; ``"greedy"`` (selection order) raises ``ValueError`` because the
             hook layer keeps stage-P selections in ascending order (``TokenPolicy.sorted_output``).
-        relevance, tau, relevance_layer, relevance_scan: stage 2. One registered name maps to one
-            policy class and a class has one stage, so stage 2 is the separate policy
-            ``"todre-relevance"``: write ``"todre + todre-relevance"``. ``relevance`` defaults to
-            ``"off"`` here (deviation: the paper runs both stages); ``"on"`` raises a ``ValueError``
-            naming the composition, and :meth:`parts` returns both policies for a hook layer that
-            expands composite policies. The stage-2 fields are handed to ``todre-relevance`` by
-            :meth:`parts`.
+        relevance, tau, relevance_layer, relevance_scan: stage 2. ``relevance="on"`` (default, as the
+            paper runs both stages): :meth:`parts` expands ``"todre"`` into this stage-1 policy and a
+            ``"todre-relevance"`` policy carrying the stage-2 fields (so ``vtprune.patch(model,
+            "todre")`` runs both stages); ``"off"``: stage 1 only (e.g. an LLM too shallow to leave a
+            layer after ``round(7L/8)``, where stage 2 raises a ``ValueError`` at ``patch()``).
     """
 
     name: ClassVar[str] = "todre"
-    description: ClassVar[str] = "ToDRE stage 1: greedy max-sum diversity of the projected tokens from a CLS pivot, stage P"
+    description: ClassVar[str] = (
+        "ToDRE: greedy k-center diversity from a CLS pivot (stage P), then all visual tokens dropped after "
+        "layer round(7L/8) if the text ignores them (stage D; relevance=off: P only)"
+    )
     families: ClassVar[tuple[str, ...]] = LLAVA_FAMILIES + QWEN_FAMILIES
 
     keep: int | float = 0.25
-    diversity: str = "maxsum"
+    diversity: str = "kcenter"
     pivot: str = "auto"
     pivot_layer: int | None = None
     order: str = "sorted"
@@ -408,7 +408,7 @@ class ToDRE(TokenPolicy):
 
     def validate(self, family: str, adapter: Any) -> None:
         super().validate(family, adapter)
-        check_choice(self.name, "diversity", self.diversity, ("maxsum", "kcenter"))
+        check_choice(self.name, "diversity", self.diversity, ("kcenter", "maxsum"))
         check_choice(self.name, "pivot", self.pivot, PIVOTS)
         check_choice(self.name, "order", self.order, ("sorted", "greedy"))
         check_choice(self.name, "relevance", self.relevance, ("on", "off"))
@@ -463,7 +463,7 @@ class ToDRE(TokenPolicy):
             return farthest_pivot(x)
         if self._pivot == "center":
             return center_pivot(x)
-        key = image.extra.get("index_in_sample", 0)
+        key = image.index_in_sample
         return random_pivot(cand.numel(), seed=(int(self.seed) * 1_000_003 + int(key)) % (2**63 - 1))
 
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:
@@ -527,11 +527,7 @@ class ToDRERelevance(DecoderPolicy):
         return resolve_layer(self.relevance_layer, num_layers, method=self.name, knob="relevance_layer")
 
     def validate(self, family: str, adapter: Any) -> None:
-        if family not in self.families:
-            raise ValueError(
-                f"method {self.name!r} does not support model family {family!r}; "
-                f"supported families: {', '.join(self.families)}"
-            )
+        Policy.validate(self, family, adapter)  # the family; keep/layer are derived here, not given
         check_choice(self.name, "relevance_scan", self.relevance_scan, ("single", "from"))
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"todre-relevance: tau={self.tau!r} must be a number in [0, 1] (paper: 0.10)")

@@ -3,7 +3,7 @@
 Paper: Li, Duan, et al., "TransPrune: Token Transition Pruning for Efficient Large Vision-Language
 Model", arXiv 2507.20630 (CVPR 2026). Reference implementation: github.com/liaolea/TransPrune at
 commit ``c9e8284`` (a LLaVA fork; ``llava/model/modeling_llama_transprune.py``). Spec:
-``design/methods/transprune.md``.
+``docs/methods/transprune.md``.
 
 Stage: **D** (inside the decoder), progressive over 3 stages at the 1-based layers 7, 9, 12 (prune
 after that layer), prefill only; at decode only per-stage position offsets apply.
@@ -93,6 +93,8 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, Policy
 from vtprune.registry import register
 
+from ._common import score_dtype, stable_topk
+
 __all__ = [
     "HIGH_RATIOS",
     "ttv",
@@ -108,9 +110,6 @@ __all__ = [
 #: The released "High" schedule (relative to n_0; the loader prepends 1.0).
 HIGH_RATIOS: tuple[float, float, float] = (0.875, 0.625, 0.125)
 
-
-def _score_dtype(t: Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
 
 
 def _span_mask(image_span, B: int, L: int, device) -> Tensor:
@@ -150,7 +149,7 @@ def ttv(
     """
     if x_in.shape != x_out.shape or x_in.dim() != 3:
         raise ValueError("x_in and x_out must both be (B, L, D)")
-    dt = torch.promote_types(_score_dtype(x_in), _score_dtype(x_out))
+    dt = torch.promote_types(score_dtype(x_in), score_dtype(x_out))
     a, o = x_in.to(dt), x_out.to(dt)
     B, L, _ = a.shape
     mask = torch.ones(B, L, dtype=torch.bool, device=a.device) if valid_mask is None else valid_mask.to(a.device).bool()
@@ -198,10 +197,10 @@ def iga(
     """
     a = attn_probs_head_mean
     if a.dim() == 4:
-        a = a.to(_score_dtype(a)).mean(dim=1)
+        a = a.to(score_dtype(a)).mean(dim=1)
     if a.dim() != 3:
         raise ValueError("attention must be (B, Q, Lk) or (B, H, Q, Lk)")
-    a = a.to(_score_dtype(a))
+    a = a.to(score_dtype(a))
     r0, r1 = img_start + n_img - query_start, prompt_end - query_start
     if r0 < 0 or r1 > a.shape[1] or r1 <= r0:
         raise ValueError(f"query rows [{r0 + query_start}, {prompt_end}) not available")
@@ -217,7 +216,7 @@ def stage_counts(n0: int, ratios: Sequence[float] = HIGH_RATIOS) -> tuple[int, .
 
 def transprune_scores(ttv_acc_img: Tensor, iga_img: Tensor, alpha: float = 0.5) -> Tensor:
     """``alpha * T/(sum T + 1e-8) + (1 - alpha) * I/(sum I + 1e-8)``; inputs (B, n), output (B, n)."""
-    dt = torch.promote_types(_score_dtype(ttv_acc_img), _score_dtype(iga_img))
+    dt = torch.promote_types(score_dtype(ttv_acc_img), score_dtype(iga_img))
     t, i = ttv_acc_img.to(dt), iga_img.to(dt)
     t_hat = t / (t.sum(dim=-1, keepdim=True) + 1e-8)
     i_hat = i / (i.sum(dim=-1, keepdim=True) + 1e-8)
@@ -234,8 +233,7 @@ def transprune_select(ttv_acc_img: Tensor, iga_img: Tensor, n_keep: int, alpha: 
     t = ttv_acc_img.unsqueeze(0) if squeeze else ttv_acc_img
     i = iga_img.unsqueeze(0) if squeeze else iga_img
     score = transprune_scores(t, i, alpha)
-    order = torch.argsort(score, dim=-1, descending=True, stable=True)
-    keep = order[:, :n_keep].sort(dim=-1).values
+    keep = stable_topk(score, n_keep).sort(dim=-1).values
     return keep[0] if squeeze else keep
 
 
@@ -328,7 +326,7 @@ class TransPrune(DecoderPolicy):
 
     name: ClassVar[str] = "transprune"
     description: ClassVar[str] = (
-        "TransPrune: progressive in-LLM pruning by token transition variation + instruction attention"
+        "TransPrune: progressive in-LLM pruning by token transition variation + instruction attention (stage D)"
     )
     layer: int | None = None
     keep: int | float | None = None
@@ -454,6 +452,5 @@ class TransPrune(DecoderPolicy):
         score = transprune_scores(t_acc[None], iga_img[None], alpha)[0]
         kept = []
         for members, quota in images:
-            order = torch.argsort(score[members], descending=True, stable=True)[:quota]
-            kept.append(members[order])
+            kept.append(stable_topk(score, quota, members))
         return torch.sort(vis[torch.cat(kept)]).values

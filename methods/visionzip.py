@@ -3,7 +3,7 @@
 Paper: Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
 CVPR 2025, arXiv 2412.04467. Reference implementation: github.com/dvlab-research/VisionZip (now
 JIA-Lab-research/VisionZip) at commit ``3151f6d``, Apache-2.0; also PyPI ``visionzip==0.1.3``.
-Spec: ``design/methods/visionzip.md``.
+Spec: ``docs/methods/visionzip.md``.
 
 Method (per view, LLaVA / CLIP ViT-L/14-336, feature layer 22 with its CLS token):
 
@@ -61,7 +61,16 @@ from torch import Tensor
 from vtprune.policy import Context, ImageTokens, MergePolicy, check_keep_value, resolve_budget
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, QWEN_FAMILIES, check_choice, llava_feature_layer, resolve_layer, view_grids
+from ._common import (
+    LLAVA_FAMILIES,
+    QWEN_FAMILIES,
+    check_choice,
+    llava_feature_layer,
+    resolve_layer,
+    score_dtype,
+    stable_topk,
+    view_grids,
+)
 
 __all__ = [
     "dominant_select",
@@ -76,18 +85,6 @@ __all__ = [
 ContextualMode = Literal["reference", "mean"]
 
 
-def _score_dtype(t: Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
-    if dtype is not None:
-        return dtype
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def _topk_lowest(scores: Tensor, k: int, candidates: Tensor) -> Tensor:
-    """The ``k`` candidates with the largest ``scores``, ordered (score desc, index asc)."""
-    if k <= 0 or candidates.numel() == 0:
-        return candidates[:0]
-    order = torch.argsort(scores[candidates], descending=True, stable=True)
-    return candidates[order[:k]]
 
 
 def _check_patch_valid(patch_valid: Tensor | None, n_patches: int, device) -> Tensor:
@@ -120,7 +117,7 @@ def dominant_select(
     """
     if cls_attn.dim() not in (1, 2):
         raise ValueError("cls_attn must be (N,) or (H, N)")
-    s = cls_attn.to(_score_dtype(cls_attn, dtype))
+    s = cls_attn.to(score_dtype(cls_attn, dtype))
     if s.dim() == 2:
         s = s.sum(dim=0)
     if includes_cls:
@@ -130,7 +127,7 @@ def dominant_select(
     cand = pv.nonzero().reshape(-1)
     if isinstance(d, bool) or int(d) != d or not 1 <= d <= cand.numel() + 1:
         raise ValueError(f"d must be in [1, {cand.numel() + 1}] (CLS included), got {d!r}")
-    top = _topk_lowest(s, int(d) - 1, cand) + 1
+    top = stable_topk(s, int(d) - 1, cand) + 1
     zero = torch.zeros(1, dtype=torch.long, device=s.device)
     return torch.cat([zero, torch.sort(top).values])
 
@@ -190,7 +187,7 @@ def contextual_assign(
     tpos = torch.arange(0, n_rem, step, device=device)[:c]
     is_t = torch.zeros(n_rem, dtype=torch.bool, device=device)
     is_t[tpos] = True
-    kappa = k[rem].to(_score_dtype(k, dtype))
+    kappa = k[rem].to(score_dtype(k, dtype))
     kappa = kappa / kappa.norm(dim=-1, keepdim=True)
     sim = kappa[~is_t] @ kappa[is_t].T  # (n_src, c)
     if sim.numel():
@@ -226,7 +223,7 @@ def contextual_merge(
         raise ValueError("hidden must be (T, D) with keys over the same T tokens")
     asg = contextual_assign(keys, dominant_idx, c, patch_valid=patch_valid, dtype=dtype)
     c = asg.target_idx.numel()
-    acc_dtype = _score_dtype(hidden, dtype)
+    acc_dtype = score_dtype(hidden, dtype)
     h = hidden.to(acc_dtype)
     sums = torch.zeros(c, h.shape[1], dtype=acc_dtype, device=h.device)
     sums.index_add_(0, asg.assignment, h[asg.source_idx])
@@ -306,8 +303,8 @@ def visionzip_qwen(
     n = features.shape[0]
     if isinstance(d, bool) or int(d) != d or not 0 <= d <= n or c < 0 or d + c > n:
         raise ValueError(f"need 0 <= d, 0 <= c, d + c <= {n}; got d={d!r}, c={c!r}")
-    s = scores.to(_score_dtype(scores, dtype))
-    dom = torch.sort(_topk_lowest(s, int(d), torch.arange(n, device=s.device))).values
+    s = scores.to(score_dtype(scores, dtype))
+    dom = torch.sort(stable_topk(s, int(d), torch.arange(n, device=s.device))).values
     ctx, tgt = contextual_merge(features, features, dom, c, mode, dtype=dtype)
     reps = torch.cat([dom, tgt])
     tokens = torch.cat([features[dom], ctx], dim=0)
@@ -394,38 +391,22 @@ class VisionZip(MergePolicy):
     next_layout: str = "native"
     positions: str = "auto"
 
+    default_keep: ClassVar[dict[str, int | float]] = VISIONZIP_DEFAULT_KEEP
+
     def __post_init__(self):
         self._family: str | None = None
         self._signal_names: dict[str, str] = {}
 
     # ------------------------------------------------------------ validation and signals
     def validate(self, family: str, adapter: Any) -> None:
-        if family not in self.families:
-            raise ValueError(
-                f"method {self.name!r} does not support model family {family!r}; "
-                f"supported families: {', '.join(self.families)}"
-            )
+        super().validate(family, adapter)
         check_choice(self.name, "contextual_mode", self.contextual_mode, ("reference", "mean"))
         check_choice(self.name, "next_layout", self.next_layout, ("native", "reference"))
-        check_choice(self.name, "positions", self.positions, ("auto", "original", "renumber"))
         if self.next_layout == "reference":
             raise ValueError(
                 "visionzip: next_layout='reference' (no unpadding, no newlines) needs adapter support that "
                 "vtprune does not have yet; use next_layout='native'"
             )
-        if (self.dominant is None) != (self.contextual is None):
-            raise ValueError("visionzip: give both dominant= and contextual= (per view), or neither and keep=")
-        if self.dominant is not None:
-            for knob, v, lo in (("dominant", self.dominant, 1), ("contextual", self.contextual, 0)):
-                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                    raise ValueError(f"visionzip: {knob}={v!r} must be an int >= {lo}")
-            if self.keep is not None and self.keep != self.dominant + self.contextual:
-                raise ValueError(
-                    f"visionzip: keep={self.keep} disagrees with dominant + contextual = "
-                    f"{self.dominant + self.contextual}; give either keep or dominant/contextual"
-                )
-        else:
-            check_keep_value(self._keep_for(family))
         if family in LLAVA_FAMILIES:
             if not adapter.vit_has_cls() or adapter.feature_offset() != 1:
                 raise ValueError(
@@ -441,7 +422,7 @@ class VisionZip(MergePolicy):
             if self.dominant is not None:
                 want, what = self.dominant + self.contextual, "dominant + contextual"
             else:
-                keep = self._keep_for(family)
+                keep = self.keep_for(family)
                 want, what = (keep, "keep") if isinstance(keep, int) else (0, "")
             if n is not None and want > n:
                 raise ValueError(
@@ -466,13 +447,42 @@ class VisionZip(MergePolicy):
             self._signal_names = {"score": f"vit_received@{layer}"}
         self._family = family
 
+    def validate_keep(self, family: str, adapter: Any) -> None:
+        """The budget is per view: ``dominant`` + ``contextual``, or ``keep`` (the fit into the model's
+        placeholders is checked per family in :meth:`validate`)."""
+        if (self.dominant is None) != (self.contextual is None):
+            raise ValueError("visionzip: give both dominant= and contextual= (per view), or neither and keep=")
+        if self.dominant is not None:
+            for knob, v, lo in (("dominant", self.dominant, 1), ("contextual", self.contextual, 0)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                    raise ValueError(f"visionzip: {knob}={v!r} must be an int >= {lo}")
+            if self.keep is not None and self.keep != self.dominant + self.contextual:
+                raise ValueError(
+                    f"visionzip: keep={self.keep} disagrees with dominant + contextual = "
+                    f"{self.dominant + self.contextual}; give either keep or dominant/contextual"
+                )
+        else:
+            check_keep_value(self.keep_for(family))
+
     def required_signals(self, adapter: Any) -> dict[str, Any]:
         if not self._signal_names:
             self.validate(adapter.family, adapter)
         return {name: None for name in self._signal_names.values()}
 
-    def _keep_for(self, family: str) -> int | float:
-        return VISIONZIP_DEFAULT_KEEP[family] if self.keep is None else self.keep
+    def _requested_per_view(self, family: str) -> int | None:
+        """Tokens asked for per view as a count (dominant + contextual, or an int keep); None for a fraction."""
+        if self.dominant is not None:
+            return int(self.dominant) + int(self.contextual)
+        keep = self.keep_for(family)
+        return keep if isinstance(keep, int) and not isinstance(keep, bool) else None
+
+    def budget_clamped(self, image: ImageTokens, family: str) -> bool:
+        """True when a view of ``image`` has fewer tokens than the per-view count asked for."""
+        want = self._requested_per_view(family)
+        if want is None:
+            return False
+        extra = 1 if family in LLAVA_FAMILIES else 0  # the CLS token of each LLaVA view
+        return any(g.index.numel() + extra < want for g in view_grids(image, family, method=self.name))
 
     def _split_for(self, family: str, n_view: int) -> tuple[int, int]:
         """(d, c) of a view with ``n_view`` candidate patches (LLaVA, + its CLS token) / merged tokens
@@ -482,7 +492,7 @@ class VisionZip(MergePolicy):
         if self.dominant is not None:
             d, c = int(self.dominant), int(self.contextual)
         else:
-            keep = self._keep_for(family)
+            keep = self.keep_for(family)
             n_keep = min(int(keep), n_tok) if isinstance(keep, int) else resolve_budget(keep, n_view)
             d, c = llava_split(n_keep) if llava else qwen_split(n_keep)
         d = min(d, n_tok)

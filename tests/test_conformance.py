@@ -19,10 +19,11 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.policy import DecoderPolicy, MergePolicy, TokenPolicy, VisionPolicy
+from vtprune.policy import DecoderPolicy, MergePolicy, VisionPolicy
 from vtprune.registry import registered
 from vtprune.testing import BUILDERS, FAMILIES, QWEN3_FAMILIES, make_inputs, tiny_images
 
+from helpers import assert_inputs_batch_equals_alone
 from oracles import last_logits, set_features, shortened_inputs, stage_d_reference
 
 SPECS = {
@@ -41,13 +42,13 @@ SPECS = {
 }
 UNSUPPORTED = {
     ("pitome", "llava_next"): "supported: llava",
-    ("pitome", "qwen2_vl"): "use stage='P'",
-    ("pitome", "qwen2_5_vl"): "use stage='P'",
+    ("pitome", "qwen2_vl"): "use at='P'",
+    ("pitome", "qwen2_5_vl"): "use at='P'",
     ("pitome-p", "llava_next"): "LLaVA-NeXT is not supported",
     ("globalcom2", "llava"): "single view",
     ("globalcom2", "qwen2_vl"): "defined for LLaVA-NeXT",
     ("globalcom2", "qwen2_5_vl"): "defined for LLaVA-NeXT",
-    **{("pitome", f): "use stage='P'" for f in QWEN3_FAMILIES},
+    **{("pitome", f): "use at='P'" for f in QWEN3_FAMILIES},
     **{("globalcom2", f): "defined for LLaVA-NeXT" for f in QWEN3_FAMILIES},
 }
 QUESTIONS = ["what is it?", "a longer question about the picture here?"]
@@ -143,15 +144,8 @@ def test_method_family_satisfies_oracle(method, family, attn, n):
 @pytest.mark.parametrize("method,family", SUPPORTED)
 def test_batch_with_padding_equals_each_alone(method, family):
     model, inp = _inputs(family, "sdpa", 2)
-    assert (inp["attention_mask"] == 0).any()
-    logits, gen, stats, _, _ = _run(model, inp, SPECS[method])
-    for i in range(2):
-        _, one = _inputs(family, "sdpa", 1, first=i)
-        l1, g1, s1, _, _ = _run(model, one, SPECS[method])
-        torch.testing.assert_close(logits[i : i + 1], l1, rtol=1e-4, atol=1e-5)
-        assert gen[i].tolist() == g1[0].tolist()
-        assert s1.visual_tokens_per_image == [stats.visual_tokens_per_image[i]]
-        assert s1.schedules[0].visual_tokens_per_layer == stats.schedules[i].visual_tokens_per_layer
+    singles = [_inputs(family, "sdpa", 1, first=i)[1] for i in range(2)]
+    assert_inputs_batch_equals_alone(model, inp, singles, SPECS[method])
 
 
 @pytest.mark.parametrize("method,family", SUPPORTED)

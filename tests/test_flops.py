@@ -1,4 +1,4 @@
-"""Tests of vtprune.flops: FLOPS.md §6 reference values and FlopCounterMode on tiny random models."""
+"""Tests of vtprune.flops: reference values of the FLOPs conventions and FlopCounterMode on tiny random models."""
 from __future__ import annotations
 
 import pytest
@@ -132,7 +132,7 @@ def test_llava7_in_llm(llava7, base7, steps, tflops, ratio, eq, kv, pdrop):
 
 
 def test_fastv_readme_ratio(llava7):
-    # FastV README "FLOPS = 57 %" (K=3, R=50 %) with n = 35 + 576 and no text (FLOPS.md §3a)
+    # FastV README "FLOPS = 57 %" (K=3, R=50 %) with n = 35 + 576 and no text (fastv_ratio)
     s = prune_schedule(nominal_schedule(llava7, 576, 0, 35), {3: 288})
     assert count_flops(llava7, s).fastv_ratio == pytest.approx(0.566, abs=5e-4)
 

@@ -1,4 +1,4 @@
-"""The oracles of the hook layer, on tiny random models of every family (ARCHITECTURE.md §6)."""
+"""The oracles of the hook layer, on tiny random models of every family (docs/architecture.md §10)."""
 from __future__ import annotations
 
 import functools
@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import vtprune
 from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
 
+from helpers import assert_inputs_batch_equals_alone, no_vtprune_hooks as _no_hooks, vtprune_hooks as _vtprune_hooks
 from oracles import last_logits, shortened_inputs, stage_d_reference
 
 QUESTIONS = ["what is it?", "a longer question about the picture here?", "and the colour?"]
@@ -27,23 +28,6 @@ def batch(family: str, n: int = 2, attn: str = "sdpa"):
     sizes = SIZES[family]
     imgs = tiny_images(n, sizes=sizes[:n] if sizes else None)
     return model, make_inputs(family, proc, QUESTIONS[:n], imgs)
-
-
-def _vtprune_hooks(model) -> list:
-    """Forward (pre-)hooks defined by vtprune code anywhere in the model (HF adds its own lazily)."""
-    found = []
-    for name, m in model.named_modules():
-        for fn in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]:
-            mod = getattr(fn, "__module__", "") or getattr(getattr(fn, "__func__", None), "__module__", "")
-            if mod.startswith(("vtprune", "methods")):
-                found.append((name, fn))
-    return found
-
-
-def _no_hooks(model) -> bool:
-    """No vtprune hook and no vtprune attribute left on the model."""
-    return not _vtprune_hooks(model) and not any(
-        k.startswith("_vtprune") or k == "_supports_mm_encoder_outputs" for k in vars(model))
 
 
 def valid_logits(logits, mask):
@@ -250,22 +234,10 @@ def test_stage_v_equals_explicit_encoder_run():
 @pytest.mark.parametrize("method", ["none", "random:keep=0.5", "fastv:layer=2,keep=0.4"])
 def test_batch_equals_each_alone(family, method):
     model, inp = batch(family, n=3)
-    with vtprune.patch(model, method, seed=1):
-        with torch.no_grad():
-            gen = model.generate(**inp, max_new_tokens=8, do_sample=False)
-            logits = model(**inp).logits[:, -1]
     _, proc = _model(family)
-    sizes = SIZES[family]
-    imgs = tiny_images(3, sizes=sizes)
-    n_prompt = inp["input_ids"].shape[1]
-    for i in range(3):
-        one = make_inputs(family, proc, [QUESTIONS[i]], [imgs[i]])
-        with vtprune.patch(model, method, seed=1):
-            with torch.no_grad():
-                g1 = model.generate(**one, max_new_tokens=8, do_sample=False)
-                l1 = model(**one).logits[:, -1]
-        torch.testing.assert_close(logits[i : i + 1], l1, rtol=1e-4, atol=1e-5)
-        assert gen[i, n_prompt:].tolist() == g1[0, one["input_ids"].shape[1]:].tolist()
+    imgs = tiny_images(3, sizes=SIZES[family])
+    singles = [make_inputs(family, proc, [QUESTIONS[i]], [imgs[i]]) for i in range(3)]
+    assert_inputs_batch_equals_alone(model, inp, singles, method, seed=1, gen=dict(max_new_tokens=8, do_sample=False))
 
 
 # ------------------------------------------------------------------ SDPA == eager
@@ -553,7 +525,9 @@ def test_dinov2_tower_at_another_resolution_uses_the_actual_grid():
         torch.testing.assert_close(model(**inp).logits[:, -1], ref, rtol=1e-5, atol=1e-5)
     with vtprune.patch(model, "hiprune:keep=9") as h, torch.no_grad():
         model(**inp)
-    assert h.stats.visual_tokens_per_image == [9, 9]
-    with pytest.raises(ValueError, match="larger than the 36"):
-        with vtprune.patch(model, "random:keep=40"), torch.no_grad():
-            model(**inp)
+    assert h.stats.visual_tokens_per_image == [9, 9] and h.stats.budget_clamped == [False, False]
+    # an int budget above a dynamic-resolution image's tokens keeps all of them (recorded), == keep-all
+    with vtprune.patch(model, "random:keep=40") as h, torch.no_grad():
+        clamped = model(**inp).logits[:, -1]
+    assert h.stats.visual_tokens_per_image == [36, 36] and h.stats.budget_clamped == [True, True]
+    torch.testing.assert_close(clamped, ref, rtol=1e-5, atol=1e-5)

@@ -19,10 +19,12 @@ from torch import Tensor, nn
 
 from . import registry
 from .adapters import get_adapter
+from .adapters.base import ShortInputs
 from .decoder import DecoderController
 from .policy import Context, DecoderPolicy, ImageTokens, Policy, TokenPolicy, VisionPolicy
 from .quota import apply_with_quota
 from .schedule import TokenSchedule
+from .state import PrefillState, RequestState, SampleAccounting
 
 _ACTIVE_ATTR = "_vtprune_patch"
 _NO_PREENCODE_ATTR = "_supports_mm_encoder_outputs"
@@ -34,7 +36,23 @@ def _no_pre_encoding() -> bool:
 
 @dataclass
 class PatchStats:
-    """Stats of the last request. ``schedules`` has one :class:`TokenSchedule` per sample."""
+    """Stats of the last request. ``schedules`` has one :class:`TokenSchedule` per sample.
+
+    Attributes:
+        schedules: per sample, the tokens each stage processed (what ``count_flops`` reads).
+        select_ms / vision_ms: wall time of the stage-P selection / of the vision side.
+        visual_tokens_per_image / visual_tokens_in_per_image: per image, visual tokens at the LLM
+            input with / without the patch (items in request order: the images, then the videos;
+            ``modality_per_image`` says which).
+        vision_tokens_per_layer: per encoder view, the tokens entering each encoder layer.
+        kept_index_per_image: per image, the kept native token indices in emission order.
+        llm_kept_index: (B, L_last) LLM-input index of the tokens in the last decoder layers (-1 on
+            padding), when stage D pruned; else None.
+        budget_clamped: per image, True when an int stage-P budget exceeded the image's candidate
+            tokens (dynamic-resolution models), so the image kept all of them.
+        decoder_budget_clamped: per sample, True when an int stage-D budget exceeded its visual tokens.
+        modality_per_image: per item, ``"image"`` or ``"video"``.
+    """
 
     schedules: list[TokenSchedule] = field(default_factory=list)
     select_ms: float = 0.0
@@ -44,58 +62,41 @@ class PatchStats:
     vision_tokens_per_layer: list[list[int]] = field(default_factory=list)
     kept_index_per_image: list[Tensor] = field(default_factory=list)
     llm_kept_index: Tensor | None = None
+    budget_clamped: list[bool] = field(default_factory=list)
+    decoder_budget_clamped: list[bool] = field(default_factory=list)
+    modality_per_image: list[str] = field(default_factory=list)
 
     @property
     def llm_tokens_per_layer(self) -> list[list[int]]:
         return [s.llm_tokens_per_layer for s in self.schedules]
 
 
-class _RequestState:
-    """Bookkeeping of the current request (prefill selection, shortened coordinates)."""
+@dataclass
+class _Selection:
+    """Stage V/P result of one prefill: per sample the kept placeholder columns, per image the rest."""
 
-    def __init__(self):
-        self.phase: str | None = None
-        self.reset()
+    kept_cols: list[list[Tensor]]  # per sample, per image: (n_out,) columns of the kept tokens, ascending
+    features: list[Tensor]  # per image: (n_out, D) features in sequence order
+    kept_index: list[Tensor]  # per image: native token index of each emitted token
+    n_in: list[int]
+    n_out: list[int]
+    clamped: list[bool]
 
-    def reset(self) -> None:
-        self.active = False
-        self.phase = None
-        self.full_len_in = 0  # padded length of the caller's prefill input
-        self.mask: Tensor | None = None  # (B, L') 2-D mask of the LLM input
-        self.mask_given = False
-        self.visual: Tensor | None = None  # (B, L') bool
-        self.image_id: Tensor | None = None
-        self.orig_index: Tensor | None = None
-        self.positions = None
-        self.pos_offset: Tensor | None = None
-        self.next_pos: Tensor | None = None
-        self.renumber = False
-        self.decode_mask: Tensor | None = None
-        self.decoded = 0
-        # decoder bookkeeping
-        self.full_rope = None
-        self.full_len = 0
-        self.dtype = torch.float32
-        self.cur_index: Tensor | None = None
-        self.cur_keymask: Tensor | None = None
-        self.layer_keymask: dict[int, Tensor] = {}
-        self.signals: dict = {}
-        self.layer_counts: list[tuple[Tensor, Tensor]] = []
 
-    def record_layer(self, layer: int) -> None:
-        if self.cur_index is None:
-            km, vis = self.mask.bool(), self.visual
-        else:
-            km = self.cur_keymask
-            vis = torch.gather(self.visual, 1, self.cur_index) & km
-        self.layer_counts.append((km.sum(-1).cpu(), (vis & km).sum(-1).cpu()))
+@dataclass
+class _Packed:
+    """The shortened LLM input: per sample the kept columns of the caller's input, repacked."""
 
-    def decode_tail(self, q: int) -> Tensor:
-        """(B, t + q) validity of the tokens after the prefill, as seen by the current decode call."""
-        if self.decode_mask is not None:
-            return self.decode_mask[:, self.mask.shape[1] :].bool()
-        b = self.mask.shape[0]
-        return torch.ones((b, self.decoded + q), dtype=torch.bool, device=self.mask.device)
+    cols: Tensor  # (B, L') column in the caller's input, 0 on padding
+    valid: Tensor  # (B, L') bool
+
+    def gather(self, t: Tensor, pad) -> Tensor:
+        """(…, B, L) -> (…, B, L') at the kept columns, ``pad`` elsewhere."""
+        b, width = self.cols.shape
+        lead = [1] * (t.dim() - 2)
+        idx = self.cols.view(*lead, b, width).expand(*t.shape[:-1], width)
+        out = torch.gather(t, -1, idx)
+        return out.masked_fill(~self.valid.view(*lead, b, width), pad)
 
 
 class Patch:
@@ -110,9 +111,10 @@ class Patch:
         self.token_policies = [p for p in policies if isinstance(p, TokenPolicy)]
         self.decoder_policies = [p for p in policies if isinstance(p, DecoderPolicy)]
         self.stats = PatchStats()
-        self._state = _RequestState()
+        self._state = RequestState()
         self._handles: list = []
-        self._decoder: DecoderController | None = None
+        # built here, installed by _install: a policy's bad decoder signal fails before any hook exists
+        self._decoder: DecoderController | None = DecoderController(adapter, self.decoder_policies, self._state)
         self._signals: dict[str, Any] = {}
         for p in self.vision_policies + self.token_policies:
             self._signals.update(p.required_signals(adapter))
@@ -122,11 +124,8 @@ class Patch:
     def _install(self) -> None:
         if getattr(self.model, _ACTIVE_ATTR, None) is not None:
             raise ValueError("this model is already patched by vtprune; call .remove() on the existing patch first")
-        decoder = DecoderController(self.adapter, self.decoder_policies, self._context())  # may refuse: nothing installed yet
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._model_post_hook, with_kwargs=True))
-        self._decoder = decoder
-        self._decoder.state = self._state
         self._decoder.install()
         object.__setattr__(self.model, _ACTIVE_ATTR, self)
         # transformers >= 5 pre-encodes images in generate() and hands the forward only the features;
@@ -163,7 +162,8 @@ class Patch:
         spec = " + ".join(p.spec() for p in self.policies)
         return f"Patch({type(self.model).__name__}, {spec!r}, active={self.active})"
 
-    def _context(self) -> Context:
+    def new_context(self) -> Context:
+        """A fresh :class:`Context` for one request (family and seed of this patch)."""
         return Context(family=self.adapter.family, seed=self.seed)
 
     # ---------------------------------------------------------------- the model-level hook
@@ -180,7 +180,7 @@ class Patch:
             st.reset()
             if not self.adapter.has_images(kwargs):
                 mm = kwargs.get("mm_encoder_outputs") or {}
-                if mm.get("image") is not None:
+                if mm.get("image") is not None or mm.get("video") is not None:
                     raise ValueError(
                         "a vtprune-patched model needs the raw image inputs (pixel_values), not pre-encoded "
                         "`mm_encoder_outputs`: pass the processor output to the model / generate()"
@@ -208,58 +208,107 @@ class Patch:
 
     # ---------------------------------------------------------------- prefill
     def _prefill(self, kwargs: dict) -> dict:
-        st = self._state
+        """Encode, select, repack and hand the model the shortened inputs (the steps below)."""
+        ids, mask_in, mask = self._prefill_inputs(kwargs)
         ad = self.adapter
-        ids = kwargs.get("input_ids")
-        if ids is None:
-            raise ValueError("vtprune needs `input_ids` (with the image placeholder tokens), not `inputs_embeds`")
-        b, n = ids.shape
-        mask_in = kwargs.get("attention_mask")
-        mask = mask_in if mask_in is not None else torch.ones_like(ids)
-        if mask.dim() != 2:
-            raise ValueError("vtprune needs a 2-D attention_mask (batch, sequence) at prefill")
         pos_full = ad.full_positions(kwargs, ids, mask_in)
-        ctx = self._context()
-        n_nom = ad.nominal_visual_tokens()
-        if n_nom:  # image index within its sample, for per-view seeding of stage-V policies
-            counts = ((ids == ad.image_token_id) & mask.bool()).sum(1) // n_nom
-            ctx.extra["view_keys"] = [k for c in counts.tolist() for k in range(c)]
-
+        ctx = self._request_context(ids, mask)
         t0 = time.perf_counter()
         images, vision_sched = ad.encode(kwargs, self._signals, self.vision_policies, ctx)
         t1 = time.perf_counter()
         spans = self._image_spans(ids, mask, images)
-        kept_cols: list[list[Tensor]] = [[] for _ in range(b)]
-        features: list[Tensor] = []
-        n_out, n_in, kept_idx = [], [], []
-        emit_in_order = not all(getattr(p, "sorted_output", True) for p in self.vision_policies + self.token_policies)
+        sel = self._select(images, spans, ids.shape[0], ctx)
+        t2 = time.perf_counter()
+        packed = self._pack(ids, mask, sel.kept_cols)
+        new_ids = packed.gather(ids, self._pad_id(ids, mask))
+        new_mask = packed.valid.to(mask.dtype)
+        mode = self._position_mode()
+        if mode == "renumber":
+            new_pos = ad.renumber_positions(kwargs, new_mask)
+        else:
+            new_pos = packed.gather(pos_full, 0) if pos_full is not None else None
+        need_mask = mask_in is not None or not bool(packed.valid.all())
+        out = ad.build_inputs(kwargs, ShortInputs(
+            input_ids=new_ids,
+            attention_mask=new_mask if need_mask else None,
+            position_ids=new_pos,
+            features=sel.features,
+            gather=packed.gather,
+            items=images,
+            kept_index=sel.kept_index,
+        ))
+        self._record_prefill(ids, mask, pos_full, packed, new_ids, new_mask, new_pos, mode, sel, ctx)
+        self._record_accounting(images, spans, vision_sched, ids.shape[0])
+        self.stats = PatchStats(
+            select_ms=(t2 - t1) * 1e3,
+            vision_ms=(t1 - t0) * 1e3,
+            visual_tokens_per_image=sel.n_out,
+            visual_tokens_in_per_image=sel.n_in,
+            kept_index_per_image=sel.kept_index,
+            budget_clamped=sel.clamped,
+            modality_per_image=[img.modality for img in images],
+        )
+        return out
+
+    @staticmethod
+    def _prefill_inputs(kwargs: dict) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(input_ids, the caller's mask or None, a 2-D mask)``; ``ValueError`` on unusable inputs."""
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError("vtprune needs `input_ids` (with the image placeholder tokens), not `inputs_embeds`")
+        mask_in = kwargs.get("attention_mask")
+        mask = mask_in if mask_in is not None else torch.ones_like(ids)
+        if mask.dim() != 2:
+            raise ValueError("vtprune needs a 2-D attention_mask (batch, sequence) at prefill")
+        return ids, mask_in, mask
+
+    def _request_context(self, ids: Tensor, mask: Tensor) -> Context:
+        """The request's Context; with a fixed token count per view, the per-view random keys."""
+        ctx = self.new_context()
+        n_nom = self.adapter.nominal_visual_tokens()
+        if n_nom:  # image index within its sample, for per-view seeding of stage-V policies
+            counts = ((ids == self.adapter.image_token_id) & mask.bool()).sum(1) // n_nom
+            ctx.view_keys = [k for c in counts.tolist() for k in range(c)]
+        self._state.context = ctx
+        return ctx
+
+    def _select(self, images: list[ImageTokens], spans: list[tuple[int, Tensor]], b: int, ctx: Context) -> _Selection:
+        """Run the stage-P policies on every image and place the kept tokens at placeholder columns."""
+        sel = _Selection(kept_cols=[[] for _ in range(b)], features=[], kept_index=[], n_in=[], n_out=[], clamped=[])
+        emit_in_order = not all(p.sorted_output for p in self.vision_policies + self.token_policies)
         per_sample = [0] * b
         for img, (sample, cols) in zip(images, spans):
             img.sample_index = sample
-            img.extra["index_in_sample"] = per_sample[sample]
+            img.index_in_sample = per_sample[sample]
             per_sample[sample] += 1
             order = torch.arange(img.num_tokens)
             cur = img
+            clamped = False
             for p in self.token_policies:
+                clamped |= p.budget_clamped(cur, ctx.family)
                 o, feats = apply_with_quota(p, cur, ctx)
-                cur = _subset(cur, o, feats)
+                cur = cur.subset(o, feats)
                 order = order[o]
-            slot = img.extra.get("placeholder_index")  # stage V: which placeholder each token fills
+            slot = img.placeholder_index  # stage V: which placeholder each token fills
             slot = order if slot is None else slot[order]
             img_cols = cols[slot.to(cols.device)]
             if emit_in_order:  # the policies' order is the sequence order; slots stay sorted
                 perm = torch.arange(img_cols.numel(), device=img_cols.device)
-                kept_cols[sample].append(torch.sort(img_cols).values)
+                sel.kept_cols[sample].append(torch.sort(img_cols).values)
             else:
                 perm = torch.argsort(img_cols)
-                kept_cols[sample].append(img_cols[perm])
-            features.append(cur.features[perm.to(cur.features.device)])
-            kept_idx.append(order[perm.cpu()])
-            n_in.append(int(cols.numel()))
-            n_out.append(cur.num_tokens)
-        t2 = time.perf_counter()
+                sel.kept_cols[sample].append(img_cols[perm])
+            sel.features.append(cur.features[perm.to(cur.features.device)])
+            sel.kept_index.append(order[perm.cpu()])
+            sel.n_in.append(int(cols.numel()))
+            sel.n_out.append(cur.num_tokens)
+            sel.clamped.append(clamped)
+        return sel
 
-        is_img = _visual_mask(ids, ad)
+    def _pack(self, ids: Tensor, mask: Tensor, kept_cols: list[list[Tensor]]) -> _Packed:
+        """Text columns + kept image columns per sample, repacked with the caller's padding side."""
+        b = ids.shape[0]
+        is_img = _visual_mask(ids, self.adapter)
         seqs = []
         for i in range(b):
             base = torch.nonzero(mask[i].bool() & ~is_img[i]).flatten()
@@ -273,93 +322,65 @@ class Patch:
             sl = slice(width - s.numel(), width) if left else slice(0, s.numel())
             cols[i, sl] = s
             valid[i, sl] = True
+        return _Packed(cols, valid)
 
-        def gather(t: Tensor, pad) -> Tensor:
-            """(…, B, L) -> (…, B, L') at the kept columns, ``pad`` elsewhere."""
-            idx = cols.view(*([1] * (t.dim() - 2)), b, width).expand(*t.shape[:-1], width)
-            out = torch.gather(t, -1, idx)
-            return out.masked_fill(~valid.view(*([1] * (t.dim() - 2)), b, width), pad)
-
+    def _pad_id(self, ids: Tensor, mask: Tensor) -> int:
         pads = ids[mask == 0]
-        pad_id = int(pads[0]) if pads.numel() else _config_pad_id(self.model.config)
-        new_ids = gather(ids, pad_id)
-        new_mask = valid.to(mask.dtype)
-        mode = self._position_mode()
-        if mode == "renumber":
-            new_pos = ad.renumber_positions(kwargs, new_mask)
-        else:
-            new_pos = gather(pos_full, 0) if pos_full is not None else None
-        need_mask = mask_in is not None or not bool(valid.all())
-        new = {
-            "input_ids": new_ids,
-            "attention_mask": new_mask if need_mask else None,
-            "position_ids": new_pos,
-            "features": features,
-            "items": images,  # the encoded items (aligned with features)
-            "kept_index": kept_idx,  # per item, indices into its encoded tokens (output order)
-            "gather": gather,
-        }
-        out = ad.build_inputs(kwargs, new)
+        return int(pads[0]) if pads.numel() else _config_pad_id(self.model.config)
 
-        # request state
-        st.active = True
-        st.full_len_in = n
-        st.mask = new_mask
-        st.mask_given = need_mask
-        st.visual = _visual_mask(new_ids, ad) & valid
+    def _record_prefill(self, ids, mask, pos_full, packed: _Packed, new_ids, new_mask, new_pos, mode: str,
+                        sel: _Selection, ctx: Context) -> None:
+        """Write the request's :class:`PrefillState` (read by stage D and the decode steps)."""
+        b, width = packed.cols.shape
         img_id = torch.full((b, width), -1, dtype=torch.long, device=ids.device)
         for i in range(b):
-            k = 0
-            for c in kept_cols[i]:
-                where = torch.isin(cols[i], c) & valid[i]
-                img_id[i, where] = k
-                k += 1
-        st.image_id = img_id
-        st.orig_index = cols
-        st.positions = new_pos if new_pos is not None else None
-        st.renumber = mode == "renumber"
+            for k, c in enumerate(sel.kept_cols[i]):
+                img_id[i, torch.isin(packed.cols[i], c) & packed.valid[i]] = k
         full_next = _next_position(pos_full, mask)
         if new_pos is not None:
-            st.next_pos = _next_position(new_pos, new_mask)
-            st.pos_offset = full_next - st.next_pos
+            next_pos = _next_position(new_pos, new_mask)
+            pos_offset = full_next - next_pos
         else:
-            st.next_pos = new_mask.long().sum(-1) if mode == "renumber" else full_next
-            st.pos_offset = torch.zeros(b, dtype=torch.long, device=ids.device)
-        if new_pos is not None:
-            ad.after_prefill(st)
-
-        self.stats = PatchStats(
-            select_ms=(t2 - t1) * 1e3,
-            vision_ms=(t1 - t0) * 1e3,
-            visual_tokens_per_image=n_out,
-            visual_tokens_in_per_image=n_in,
-            kept_index_per_image=kept_idx,
+            next_pos = new_mask.long().sum(-1) if mode == "renumber" else full_next
+            pos_offset = torch.zeros(b, dtype=torch.long, device=ids.device)
+        st = self._state
+        st.prefill = PrefillState(
+            full_len_in=ids.shape[1],
+            mask=new_mask,
+            visual=_visual_mask(new_ids, self.adapter) & packed.valid,
+            image_id=img_id,
+            orig_index=packed.cols,
+            positions=new_pos,
+            renumber=mode == "renumber",
+            next_pos=next_pos,
+            pos_offset=pos_offset,
         )
-        # per sample: the vision encoder's token schedule of each of its views, and projector tokens
-        views_per_sample: list[list[list[int]]] = [[] for _ in range(b)]
-        windows_per_sample: list[list[list[int]]] = [[] for _ in range(b)]
-        proj_per_sample = [0] * b
+        if new_pos is not None:
+            self.adapter.after_prefill(st.prefill)
+
+    def _record_accounting(self, images: list[ImageTokens], spans, vision_sched: list[list[int]], b: int) -> None:
+        """Per sample: the encoder schedule of each of its views, projector tokens, attention windows."""
+        acc = SampleAccounting(
+            image_samples=[s for s, _ in spans],
+            vision_schedule=vision_sched,
+            views=[[] for _ in range(b)],
+            projector_tokens=[0] * b,
+            windows=[[] for _ in range(b)],
+        )
         v0 = 0
         for img, (sample, _) in zip(images, spans):
-            nv = int(img.extra.get("n_views", 1))
-            views_per_sample[sample].extend(vision_sched[v0 : v0 + nv])
-            v0 += nv
-            proj_per_sample[sample] += int(img.extra.get("projector_tokens", img.num_tokens))
-            win = img.extra.get("vision_windows")  # per vision block, segment lengths (Qwen)
-            if win is not None:
-                acc = windows_per_sample[sample]
-                acc.extend([[] for _ in range(len(win) - len(acc))])
-                for blk, segs in enumerate(win):
-                    acc[blk].extend(segs)
-        self._vision_sched = vision_sched
-        self._views_per_sample = views_per_sample
-        self._proj_per_sample = proj_per_sample
-        self._windows_per_sample = windows_per_sample
-        self._spans_samples = [s for s, _ in spans]
-        return out
+            acc.views[sample].extend(vision_sched[v0 : v0 + img.n_views])
+            v0 += img.n_views
+            acc.projector_tokens[sample] += img.projector_tokens if img.projector_tokens is not None else img.num_tokens
+            if img.vision_windows is not None:  # per vision block, segment lengths (Qwen)
+                win = acc.windows[sample]
+                win.extend([[] for _ in range(len(img.vision_windows) - len(win))])
+                for blk, segs in enumerate(img.vision_windows):
+                    win[blk].extend(segs)
+        self._state.accounting = acc
 
     def _position_mode(self) -> str:
-        modes = {getattr(p, "positions", "auto") for p in self.token_policies} - {"auto"}
+        modes = {p.positions for p in self.token_policies} - {"auto"}
         if len(modes) > 1:
             raise ValueError(f"composed policies disagree on positions: {sorted(modes)}")
         mode = modes.pop() if modes else self.adapter.default_positions
@@ -370,14 +391,13 @@ class Patch:
     def _image_spans(self, ids: Tensor, mask: Tensor, images: list[ImageTokens]) -> list[tuple[int, Tensor]]:
         """Assign each item its placeholder columns: (sample index, (n_i,) columns), aligned with ``images``.
 
-        Each modality (``extra["modality"]``: image, video) fills its own placeholder token, in request
-        order: an item takes the next ``n`` placeholders of its modality in its sample, contiguous or
-        not (Qwen3-VL puts a timestamp between the frames of a video).
+        Each modality (``ImageTokens.modality``: image, video) fills its own placeholder token
+        (``Adapter.visual_token_ids``), in request order: an item takes the next ``n`` placeholders of
+        its modality in its sample, contiguous or not (Qwen3-VL writes a timestamp before every frame).
         """
-        token_ids = self.adapter.visual_token_ids()
         spans: list = [None] * len(images)
-        for modality, tok in token_ids.items():
-            queue = [k for k, img in enumerate(images) if img.extra.get("modality", "image") == modality]
+        for modality, tok in self.adapter.visual_token_ids().items():
+            queue = [k for k, img in enumerate(images) if img.modality == modality]
             is_tok = (ids == tok) & mask.bool()
             q = 0
             for i in range(ids.shape[0]):
@@ -388,7 +408,7 @@ class Patch:
                         raise ValueError(f"more {modality} placeholder tokens than {modality} features; "
                                          "check the processor output")
                     k = queue[q]
-                    n = images[k].extra.get("n_placeholders", images[k].num_tokens)
+                    n = images[k].n_placeholders if images[k].n_placeholders is not None else images[k].num_tokens
                     if start + n > cols.numel():
                         raise ValueError(
                             f"{modality} {q} has {n} features but sample {i} has only {cols.numel() - start} "
@@ -403,67 +423,69 @@ class Patch:
 
     def _finish_stats(self) -> None:
         st = self._state
-        counts = st.layer_counts
-        b = st.mask.shape[0]
-        scheds = []
+        dec, acc = st.decoder, st.accounting
+        counts = dec.layer_counts
+        b = st.prefill.mask.shape[0]
         per_sample_imgs: dict[int, list[int]] = {}
-        for s, n in zip(self._spans_samples, self.stats.visual_tokens_per_image):
+        for s, n in zip(acc.image_samples, self.stats.visual_tokens_per_image):
             per_sample_imgs.setdefault(s, []).append(n)
         in_per_sample: dict[int, int] = {}
-        for s, n in zip(self._spans_samples, self.stats.visual_tokens_in_per_image):
+        for s, n in zip(acc.image_samples, self.stats.visual_tokens_in_per_image):
             in_per_sample[s] = in_per_sample.get(s, 0) + n
-        for i in range(b):
-            scheds.append(
-                TokenSchedule(
-                    llm_tokens_per_layer=[int(c[0][i]) for c in counts],
-                    visual_tokens_per_layer=[int(c[1][i]) for c in counts],
-                    visual_tokens_in=in_per_sample.get(i, 0),
-                    visual_tokens_per_image=per_sample_imgs.get(i, []),
-                    vision_tokens_per_layer=self._views_per_sample[i],
-                    projector_tokens=self._proj_per_sample[i],
-                    vision_windows=self._windows_per_sample[i],
-                    new_tokens=0,
-                )
+        self.stats.schedules = [
+            TokenSchedule(
+                llm_tokens_per_layer=[int(c[0][i]) for c in counts],
+                visual_tokens_per_layer=[int(c[1][i]) for c in counts],
+                visual_tokens_in=in_per_sample.get(i, 0),
+                visual_tokens_per_image=per_sample_imgs.get(i, []),
+                vision_tokens_per_layer=acc.views[i],
+                projector_tokens=acc.projector_tokens[i],
+                vision_windows=acc.windows[i],
+                new_tokens=0,
             )
-        self.stats.schedules = scheds
-        if st.cur_index is not None:
+            for i in range(b)
+        ]
+        if dec.cur_index is not None:
             # (B, L_last) indices into the LLM input of the tokens in the last layers, -1 on padding
-            self.stats.llm_kept_index = st.cur_index.masked_fill(~st.cur_keymask, -1).cpu()
-        self.stats.vision_tokens_per_layer = self._vision_sched
+            self.stats.llm_kept_index = dec.cur_index.masked_fill(~dec.cur_keymask, -1).cpu()
+        self.stats.vision_tokens_per_layer = acc.vision_schedule
+        self.stats.decoder_budget_clamped = list(dec.budget_clamped) or [False] * b
 
     # ---------------------------------------------------------------- decode
     def _decode(self, kwargs: dict, past: int) -> dict:
+        """Translate ``generate``'s full-length mask and positions into the shortened coordinates."""
         st = self._state
+        pre = st.prefill
         st.phase = "decode"
         ids = kwargs.get("input_ids")
         q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
-            if mask.shape[1] < st.full_len_in:
+            if mask.shape[1] < pre.full_len_in:
                 raise ValueError(
                     "attention_mask at decode is shorter than the prefill input; pass the full mask "
                     "(prompt + generated tokens) as generate() does"
                 )
-            mask = torch.cat([st.mask.to(mask.dtype), mask[:, st.full_len_in :]], dim=1)
+            mask = torch.cat([pre.mask.to(mask.dtype), mask[:, pre.full_len_in :]], dim=1)
             kwargs["attention_mask"] = mask
             st.decode_mask = mask
         else:
             st.decode_mask = None
-        st.decoded = past - st.mask.shape[1]
+        st.decoded = past - pre.mask.shape[1]
         pos = kwargs.get("position_ids")
         if pos is not None:
-            if st.renumber:
-                kwargs["position_ids"] = pos - st.pos_offset.view(*([1] * (pos.dim() - 2)), -1, 1).to(pos.device)
-        elif not st.renumber:
+            if pre.renumber:
+                kwargs["position_ids"] = pos - pre.pos_offset.view(*([1] * (pos.dim() - 2)), -1, 1).to(pos.device)
+        elif not pre.renumber:
             # the unpruned numbering continues after the prefill (the model alone would count the
             # shorter cache); Qwen gets its 3 M-RoPE rows, equal for text tokens
-            step = torch.arange(q, device=st.next_pos.device) + st.decoded
-            kwargs["position_ids"] = self.adapter.decode_positions(st.next_pos[:, None] + step[None])
+            step = torch.arange(q, device=pre.next_pos.device) + st.decoded
+            kwargs["position_ids"] = self.adapter.decode_positions(pre.next_pos[:, None] + step[None])
         return kwargs
 
 
 def _visual_mask(ids: Tensor, adapter) -> Tensor:
-    """(B, L) bool: placeholder tokens of any visual modality."""
+    """(B, L) bool: placeholder tokens of any visual modality of the adapter's family."""
     vis = torch.tensor(list(adapter.visual_token_ids().values()), dtype=ids.dtype, device=ids.device)
     return torch.isin(ids, vis)
 
@@ -480,25 +502,6 @@ def _next_position(pos: Tensor, mask: Tensor) -> Tensor:
     m = mask.bool()
     p = pos if pos.dim() == 2 else pos.amax(0)
     return p.masked_fill(~m, -1).amax(-1) + 1
-
-
-def _subset(img: ImageTokens, order: Tensor, feats: Tensor | None) -> ImageTokens:
-    n = img.num_tokens
-    sig = {k: (v[order.to(v.device)] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n else v)
-           for k, v in img.signals.items()}
-    extra = {k: (v[order] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n else v)
-             for k, v in img.extra.items()}
-    return ImageTokens(
-        features=feats if feats is not None else img.features[order.to(img.features.device)],
-        candidate=img.candidate[order],
-        view=img.view[order],
-        grid=img.grid[order],
-        grid_shapes=img.grid_shapes,
-        signals=sig,
-        image_index=img.image_index,
-        sample_index=img.sample_index,
-        extra=extra,
-    )
 
 
 def _as_policies(method, params: dict) -> list[Policy]:
@@ -535,6 +538,12 @@ def patch(model: nn.Module, method="none", *, seed: int = 0, **params) -> Patch:
             policies composed with ``+``), a policy object, or a list of these.
         seed: seed of the per-image generators (``Context.rng``) of stochastic policies (``random``).
         **params: parameters of a single method (override the spec string's).
+
+    Selection happens at prefill. ``generate()`` with the KV cache (the default) selects once and
+    decodes on the shortened per-layer cache; ``generate(use_cache=False)`` re-runs the whole sequence
+    at every step, so every step is a prefill and the policies select again (for FastV, from that
+    step's last token, as in its reference without cache). An int ``keep`` above a dynamic-resolution
+    image's tokens keeps them all (``PatchStats.budget_clamped``); see ``docs/architecture.md``.
 
     Raises:
         ValueError: unknown method or parameter, impossible budget, unsupported model family or

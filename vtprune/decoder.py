@@ -26,35 +26,25 @@ minus the layer's own next position after its prefill, i.e. the number of tokens
 layer: ``L_full + t - (n_0 - n_{s+1})`` for TransPrune. Renumbering needs 1-D (B, L) positions; the
 M-RoPE positions of Qwen cannot be renumbered (``ValueError``).
 
-Signal kinds (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tuple of kinds):
+Signals (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tuple of kinds) come from the
+decoder signal registry (``vtprune/signals.py``: ``last_row``, ``post_visual_rows``,
+``image_tokens_in``, and the hooked ``attn_io``/``mlp_io`` reduced by the policy's ``reduce_io``);
+unknown kinds are a ``ValueError`` at ``patch()``. Attention-row kinds asked for layer ``l`` are
+computed at the input of ``Adapter.attention_layer_for(l)`` (hybrid LLMs: the last full-attention
+layer at or before ``l``; none is a ``ValueError`` at ``patch()``) and stored under ``l``.
 
-Every kind is stored in LLM-input coordinates and gathered at each token's LLM-input index when a
-policy selects, so it stays aligned across earlier prunes (the view always gets the values of its own
-tokens):
+Masks: each layer gets ``Adapter.layer_attention_mask(layer, key_mask, q, dtype)``: the 4-D mask of
+the survivors, or for a Gated DeltaNet layer (Qwen3.5) its 2-D padding mask; such a layer's
+convolution and recurrent states are then those of the shortened sequence, at prefill and decode. Aligned kinds are stored in LLM-input coordinates
+and gathered at each token's LLM-input index when a policy selects, so the view always gets the
+values of its own tokens. The budget of a sample is ``DecoderPolicy.budget_view(view, layer)``.
 
-* ``"last_row"``: head-mean attention row of the last prompt token (pre-hook of the layer);
-* ``"post_visual_rows"``: head-mean attention probabilities of the layer (recomputed from its own
-  norm/q/k, fp32) of every prompt row after the sample's last visual token, averaged over those rows
-  (zeros when there is none);
-* ``"image_tokens_in"``: for a visual token, the number of visual tokens its image has at the LLM
-  input (0 for text);
-* ``"attn_io"`` / ``"mlp_io"``: a forward hook on the layer's token mixer (``Adapter.token_mixer``:
-  ``self_attn``; Gated DeltaNet layers: ``linear_attn``) / ``mlp`` (prefill only) passes the module
-  input and output to the requesting policy's ``reduce_io(layer, kind, x_in, x_out, key_mask, visual)
-  -> (B, L)``; only that reduction is kept, never the hidden tensors.
+State: the controller reads the patch's :class:`~vtprune.state.RequestState` (handed over at
+construction) and writes only its :class:`~vtprune.state.DecoderState`.
 
-Attention rows (``last_row``, ``post_visual_rows``) asked for layer ``l`` are computed at the input of
-``Adapter.attention_layer_for(l)``: ``l`` itself, or on a hybrid model (Qwen3.5) the last
-full-attention layer at or before ``l`` (``ValueError`` at ``patch()`` when there is none). Each layer's
-``attention_mask`` comes from ``Adapter.layer_attention_mask`` (Gated DeltaNet layers take a 2-D
-padding mask, not a 4-D one).
-
-A policy may define ``budget_view(view, layer) -> int`` to compute its budget from the whole view
-(e.g. per-image quotas); otherwise ``budget(n_visual, layer)`` is used.
-
-``install()`` also calls the adapter's optional ``install_hooks() -> handles`` and removes those handles
-with its own: the install/remove seam of adapters without an LLM (``clip_vit``: open_clip ViTs), whose
-work is done by their own hooks rather than the VLM prefill path.
+``install()`` also installs the adapter's ``install_hooks()`` handles and removes them with its own:
+the install/remove seam of adapters without an LLM (``clip_vit``: open_clip ViTs), whose work is done
+by their own hooks rather than the VLM prefill path.
 """
 from __future__ import annotations
 
@@ -65,12 +55,10 @@ from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
 from .policy import DecoderPolicy, DecoderView
+from .signals import DECODER_SIGNALS, DecoderSignalInput
+from .state import DecoderState, RequestState
 
-IO_KINDS = ("attn_io", "mlp_io")
 POSITION_HANDLING = ("original", "renumber")
-ALIGNED_KINDS = IO_KINDS + ("post_visual_rows", "image_tokens_in", "last_row")
-#: kinds read from a layer's attention rows (hybrid models: at ``Adapter.attention_layer_for(layer)``)
-ATTENTION_KINDS = ("last_row", "post_visual_rows")
 
 
 def build_mask(config, key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Any:
@@ -121,41 +109,47 @@ def gather_seq(t: Tensor, index: Tensor, dim: int) -> Tensor:
 class DecoderController:
     """Owns the per-layer hooks of stage D and the per-layer token accounting."""
 
-    def __init__(self, adapter, policies: list[DecoderPolicy], ctx):
+    def __init__(self, adapter, policies: list[DecoderPolicy], state: RequestState):
         self.adapter = adapter
         self.policies = policies
-        self.ctx = ctx
+        self.state = state
         self.config = adapter.language_model.config
         n = adapter.num_llm_layers()
         self.prune_at: dict[int, list[DecoderPolicy]] = {}
-        # at layer f's pre-hook: (policy, kind, requested layer): the signal is stored under the
-        # requested layer; f differs from it for attention rows on hybrid models
-        self.signal_at: dict[int, list[tuple[DecoderPolicy, str, int]]] = {}
+        # source layer -> [(kind, asked layer)]: attention rows may be read at an earlier layer (hybrid LLMs)
+        self.signal_at: dict[int, list[tuple[str, int]]] = {}
         self.io_at: dict[tuple[int, str], DecoderPolicy] = {}
         for p in policies:
             for l in p.pruning_layers(n):
                 self.prune_at.setdefault(l, []).append(p)
             for l, kinds in p.signal_layers(n).items():
                 for kind in (kinds,) if isinstance(kinds, str) else kinds:
-                    if kind in IO_KINDS:
+                    sig = DECODER_SIGNALS.get(kind)
+                    if sig is None:
+                        raise ValueError(
+                            f"{p.name}: unknown decoder signal {kind!r}; registered kinds: {', '.join(DECODER_SIGNALS)}"
+                        )
+                    if sig.module is not None:
                         other = self.io_at.setdefault((l, kind), p)
                         if other is not p:
                             raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
                     else:
-                        src = adapter.attention_layer_for(l) if kind in ATTENTION_KINDS else l
-                        self.signal_at.setdefault(src, []).append((p, kind, l))
+                        src = adapter.attention_layer_for(l) if sig.attention else l
+                        if (kind, l) not in self.signal_at.setdefault(src, []):
+                            self.signal_at[src].append((kind, l))
         self.first_prune = min(self.prune_at) if self.prune_at else None
         self.renumber_at = self._position_handling(n)
         self.handles = []
-        self.state = None
+
+    @property
+    def dec(self) -> DecoderState:
+        return self.state.decoder
 
     def _position_handling(self, n_layers: int) -> set[int]:
         """The pruning layers after which positions are renumbered (see the module docstring)."""
-        family = getattr(self.adapter, "family", "")
         modes: dict[int, set[str]] = {}
         for p in self.policies:
-            handling = getattr(p, "position_handling", None)
-            declared = dict(handling(n_layers, family)) if handling is not None else {}
+            declared = dict(p.position_handling(n_layers, self.adapter.family))
             for l in p.pruning_layers(n_layers):
                 mode = declared.get(l, "original")
                 if mode not in POSITION_HANDLING:
@@ -173,15 +167,14 @@ class DecoderController:
                 layer.register_forward_pre_hook(lambda m, a, k, i=i: self._pre(i, a, k), with_kwargs=True)
             )
         for (i, kind) in self.io_at:
-            module = self.adapter.token_mixer(i) if kind == "attn_io" else layers[i].mlp
+            name = DECODER_SIGNALS[kind].module
+            module = self.adapter.token_mixer(i) if name == "self_attn" else getattr(layers[i], name)
             self.handles.append(
                 module.register_forward_hook(
                     lambda m, a, k, out, i=i, kind=kind: self._io(i, kind, a, k, out), with_kwargs=True
                 )
             )
-        install_hooks = getattr(self.adapter, "install_hooks", None)  # adapters of plain ViTs (clip_vit)
-        if install_hooks is not None:
-            self.handles.extend(install_hooks())
+        self.handles.extend(self.adapter.install_hooks(self.state))  # clip_vit; Qwen3-VL DeepStack
 
     def remove(self) -> None:
         for h in self.handles:
@@ -191,7 +184,7 @@ class DecoderController:
     # -------------------------------------------------------------- the hook
     def _pre(self, layer: int, args: tuple, kwargs: dict):
         st = self.state
-        if st is None or st.phase is None:
+        if st.phase is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if st.phase == "prefill":
@@ -200,24 +193,25 @@ class DecoderController:
             return self._decode(layer, hidden, args, kwargs)
         return None
 
-    def _substitute(self, layer: int, kwargs: dict, st) -> None:
+    def _substitute(self, layer: int, kwargs: dict) -> None:
         """Replace the full-length tables of this layer by those of the surviving tokens."""
-        idx = st.cur_index
-        if st.cur_rope is not None:  # renumbered positions (recomputed tables)
-            kwargs["position_embeddings"] = st.cur_rope
+        dec = self.dec
+        idx = dec.cur_index
+        if dec.cur_rope is not None:  # renumbered positions (recomputed tables)
+            kwargs["position_embeddings"] = dec.cur_rope
             if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = st.cur_pos
+                kwargs["position_ids"] = dec.cur_pos
         else:
-            cos, sin = st.full_rope
+            cos, sin = dec.full_rope
             kwargs["position_embeddings"] = (gather_seq(cos, idx, cos.dim() - 2), gather_seq(sin, idx, sin.dim() - 2))
             pid = kwargs.get("position_ids")
-            if pid is not None and pid.shape[-1] != st.full_len:  # already gathered (pruning layer after a prune)
-                pid = st.full_pid
-            if pid is not None and pid.shape[-1] == st.full_len:
+            if pid is not None and pid.shape[-1] != dec.full_len:  # already gathered (pruning layer after a prune)
+                pid = dec.full_pid
+            if pid is not None and pid.shape[-1] == dec.full_len:
                 kwargs["position_ids"] = gather_seq(pid, idx, pid.dim() - 1)
-        kwargs["attention_mask"] = self.adapter.layer_attention_mask(layer, st.cur_keymask, idx.shape[1], st.dtype)
+        kwargs["attention_mask"] = self.adapter.layer_attention_mask(layer, dec.cur_keymask, idx.shape[1], dec.dtype)
 
-    def _full_positions(self, hidden: Tensor, kwargs: dict, st) -> Tensor:
+    def _full_positions(self, hidden: Tensor, kwargs: dict) -> Tensor:
         """(B, L) positions of the layer-0 input (the model's own ``position_ids``, else arange)."""
         b, n = hidden.shape[:2]
         pid = kwargs.get("position_ids")
@@ -230,57 +224,61 @@ class DecoderController:
             )
         return pid.to(hidden.device).long().expand(b, n)
 
-    def _renumber(self, layer: int, hidden: Tensor, prev_pos: Tensor, st) -> None:
+    def _renumber(self, layer: int, hidden: Tensor, prev_pos: Tensor) -> None:
         """Positions (and rotary tables) of the sequence just pruned at ``layer``."""
-        km = st.cur_keymask
-        pos = torch.gather(prev_pos, 1, st.last_rows)
+        dec = self.dec
+        km = dec.cur_keymask
+        pos = torch.gather(prev_pos, 1, dec.last_rows)
         if layer in self.renumber_at:  # contiguous over the real tokens, from the first one's position
             base = pos.masked_fill(~km, torch.iinfo(pos.dtype).max).amin(-1, keepdim=True)
             pos = base + km.long().cumsum(-1) - 1
         pos = pos.masked_fill(~km, 0)
-        st.cur_pos = pos
-        st.cur_rope = self.adapter.rotary(hidden, pos)
+        dec.cur_pos = pos
+        dec.cur_rope = self.adapter.rotary(hidden, pos)
         # decode shift: the model numbers new tokens after the layer-0 prefill; this layer after its own
-        st.pos_shift = st.full_next - (pos.masked_fill(~km, -1).amax(-1) + 1)
+        dec.pos_shift = dec.full_next - (pos.masked_fill(~km, -1).amax(-1) + 1)
+
+    def _start_prefill(self, hidden: Tensor, kwargs: dict) -> None:
+        """Layer 0 of a prefill: record the full-length tables the later layers gather from."""
+        dec = self.dec
+        dec.full_rope = kwargs["position_embeddings"]
+        dec.full_pid = kwargs.get("position_ids")
+        dec.full_len = hidden.shape[1]
+        dec.dtype = hidden.dtype
+        dec.budget_clamped = [False] * hidden.shape[0]
+        if self.renumber_at:
+            dec.full_pos = self._full_positions(hidden, kwargs)
+            dec.full_next = dec.full_pos.masked_fill(~self.state.prefill.mask.bool(), -1).amax(-1) + 1
 
     def _prefill(self, layer: int, hidden: Tensor, args: tuple, kwargs: dict):
-        st = self.state
+        dec = self.dec
         changed = False
         if layer == 0:
-            st.full_rope = kwargs["position_embeddings"]
-            st.full_pid = kwargs.get("position_ids")
-            st.full_len = hidden.shape[1]
-            st.dtype = hidden.dtype
-            st.cur_index = None
-            st.cur_pos, st.cur_rope, st.pos_shift = None, None, None
-            st.layer_pos_shift = {}
-            if self.renumber_at:
-                st.full_pos = self._full_positions(hidden, kwargs, st)
-                st.full_next = st.full_pos.masked_fill(~st.mask.bool(), -1).amax(-1) + 1
-        if st.cur_index is not None:
-            self._substitute(layer, kwargs, st)
+            self._start_prefill(hidden, kwargs)
+        if dec.cur_index is not None:
+            self._substitute(layer, kwargs)
             changed = True
-        for p, kind, asked in self.signal_at.get(layer, []):
-            st.signals[(asked, kind)] = self._signal(layer, kind, hidden, kwargs, st)
+        for kind, asked in self.signal_at.get(layer, []):
+            dec.signals[(asked, kind)] = DECODER_SIGNALS[kind].fn(self._signal_input(layer, hidden, kwargs))
         if layer in self.prune_at:
             prev_pos = None
             if self.renumber_at:  # positions of the sequence entering this layer
-                if st.cur_pos is not None:
-                    prev_pos = st.cur_pos
-                elif st.cur_index is not None:
-                    prev_pos = torch.gather(st.full_pos, 1, st.cur_index)
+                if dec.cur_pos is not None:
+                    prev_pos = dec.cur_pos
+                elif dec.cur_index is not None:
+                    prev_pos = torch.gather(dec.full_pos, 1, dec.cur_index)
                 else:
-                    prev_pos = st.full_pos
-            hidden = self._prune(layer, hidden, st)
-            if prev_pos is not None and (layer in self.renumber_at or st.cur_pos is not None):
-                self._renumber(layer, hidden, prev_pos, st)
-            self._substitute(layer, kwargs, st)
+                    prev_pos = dec.full_pos
+            hidden = self._prune(layer, hidden)
+            if prev_pos is not None and (layer in self.renumber_at or dec.cur_pos is not None):
+                self._renumber(layer, hidden, prev_pos)
+            self._substitute(layer, kwargs)
             changed = True
-        if st.cur_pos is not None:
-            st.layer_pos_shift[layer] = st.pos_shift
-        if st.cur_index is not None:
-            st.layer_keymask[layer] = st.cur_keymask
-        st.record_layer(layer)
+        if dec.cur_pos is not None:
+            dec.layer_pos_shift[layer] = dec.pos_shift
+        if dec.cur_index is not None:
+            dec.layer_keymask[layer] = dec.cur_keymask
+        self.state.record_layer()
         if not changed:
             return None
         if args:
@@ -290,19 +288,19 @@ class DecoderController:
         return args, kwargs
 
     def _decode(self, layer: int, hidden: Tensor, args: tuple, kwargs: dict):
-        st = self.state
-        keymask = st.layer_keymask.get(layer)
+        dec = self.dec
+        keymask = dec.layer_keymask.get(layer)
         if keymask is None:
             return None
         q = hidden.shape[1]
-        tail = st.decode_tail(q)
+        tail = self.state.decode_tail(q)
         full = torch.cat([keymask, tail.to(keymask.dtype)], dim=1)
         kwargs["attention_mask"] = self.adapter.layer_attention_mask(layer, full, q, hidden.dtype)
-        shift = getattr(st, "layer_pos_shift", {}).get(layer)
+        shift = dec.layer_pos_shift.get(layer)
         if shift is not None:  # renumbered layer: the model's position minus the tokens removed before it
             pid = kwargs.get("position_ids")
             if pid is None:
-                pid = (st.full_next + st.decoded)[:, None] + torch.arange(q, device=hidden.device)[None]
+                pid = (dec.full_next + self.state.decoded)[:, None] + torch.arange(q, device=hidden.device)[None]
             pos = pid.to(shift.device).long() - shift[:, None]
             kwargs["position_embeddings"] = self.adapter.rotary(hidden, pos)
             if kwargs.get("position_ids") is not None:
@@ -310,83 +308,65 @@ class DecoderController:
         return args, kwargs
 
     # -------------------------------------------------------------- signals and pruning
-    def _current_keymask(self, st) -> Tensor:
-        return st.cur_keymask if st.cur_index is not None else st.mask.bool()
+    def _current_keymask(self) -> Tensor:
+        dec = self.dec
+        return dec.cur_keymask if dec.cur_index is not None else self.state.prefill.mask.bool()
 
-    def _current_visual(self, st) -> Tensor:
-        if st.cur_index is None:
-            return st.visual & st.mask.bool()
-        return torch.gather(st.visual, 1, st.cur_index) & st.cur_keymask
+    def _current_visual(self) -> Tensor:
+        dec, pre = self.dec, self.state.prefill
+        if dec.cur_index is None:
+            return pre.visual & pre.mask.bool()
+        return torch.gather(pre.visual, 1, dec.cur_index) & dec.cur_keymask
 
-    def _to_input_coords(self, values: Tensor, st) -> Tensor:
+    def _to_input_coords(self, values: Tensor) -> Tensor:
         """(B, L_cur) values on the current sequence -> (B, L_in) at the LLM-input positions (0 elsewhere)."""
-        if st.cur_index is None:
+        dec = self.dec
+        if dec.cur_index is None:
             return values
         b = values.shape[0]
-        out = values.new_zeros((b, st.full_len + 1))
-        idx = torch.where(st.cur_keymask, st.cur_index, st.full_len)  # padding -> a dummy column
+        out = values.new_zeros((b, dec.full_len + 1))
+        idx = torch.where(dec.cur_keymask, dec.cur_index, dec.full_len)  # padding -> a dummy column
         out.scatter_(1, idx, values)
         return out[:, :-1]
 
+    def _signal_input(self, layer: int, hidden: Tensor, kwargs: dict) -> DecoderSignalInput:
+        pre = self.state.prefill
+        keymask = self._current_keymask()
+        pos_emb = kwargs["position_embeddings"]
+        return DecoderSignalInput(
+            layer=layer,
+            hidden=hidden,
+            position_embeddings=pos_emb,
+            key_mask=keymask,
+            visual=self._current_visual(),
+            input_visual=pre.visual & pre.mask.bool(),
+            input_image_id=pre.image_id,
+            attention_rows=lambda rows: self.adapter.llm_attention_rows(layer, hidden, pos_emb, rows, keymask),
+            to_input_coords=self._to_input_coords,
+        )
+
     def _io(self, layer: int, kind: str, args: tuple, kwargs: dict, output):
         """Forward hook of ``self_attn``/``mlp``: reduce (input, output) with the policy, at prefill."""
-        st = self.state
-        if st is None or st.phase != "prefill":
+        if self.state.phase != "prefill":
             return None
         x_in = args[0] if args else kwargs["hidden_states"]
         x_out = output[0] if isinstance(output, tuple) else output
         p = self.io_at[(layer, kind)]
-        val = p.reduce_io(layer, kind, x_in, x_out, self._current_keymask(st), self._current_visual(st))
-        st.signals[(layer, kind)] = self._to_input_coords(val, st)
+        val = p.reduce_io(layer, kind, x_in, x_out, self._current_keymask(), self._current_visual())
+        self.dec.signals[(layer, kind)] = self._to_input_coords(val)
         return None
 
-    def _post_visual_rows(self, layer: int, hidden: Tensor, kwargs: dict, st) -> Tensor:
-        keymask = self._current_keymask(st)
-        visual = self._current_visual(st)
-        n = keymask.shape[1]
-        ar = torch.arange(n, device=keymask.device)
-        last_vis = torch.where(visual, ar, -1).amax(-1)
-        rows_mask = keymask & (ar[None] > last_vis[:, None])
-        r = max(int(rows_mask.sum(-1).max()), 1)
-        rows = torch.argsort(torch.where(rows_mask, ar, n + ar), dim=-1)[:, :r]  # row positions first
-        row_ok = torch.gather(rows_mask, 1, rows).float()
-        probs = self.adapter.llm_attention_rows(layer, hidden, kwargs["position_embeddings"], rows, keymask)
-        head_mean = probs.mean(1)  # (B, R, n)
-        out = (head_mean * row_ok[..., None]).sum(1) / row_ok.sum(1).clamp(min=1.0)[:, None]
-        return self._to_input_coords(out, st)
-
-    def _image_tokens_in(self, st) -> Tensor:
-        vis, iid = st.visual & st.mask.bool(), st.image_id
-        out = torch.zeros(vis.shape, dtype=torch.float32, device=vis.device)
-        for k in range(int(iid.max()) + 1 if iid.numel() else 0):
-            member = vis & (iid == k)
-            out = torch.where(member, member.sum(-1, keepdim=True).float(), out)
-        return out
-
-    def _signal(self, layer: int, kind: str, hidden: Tensor, kwargs: dict, st) -> Tensor:
-        if kind == "post_visual_rows":
-            return self._post_visual_rows(layer, hidden, kwargs, st)
-        if kind == "image_tokens_in":
-            return self._image_tokens_in(st)
-        if kind != "last_row":
-            raise ValueError(f"unknown decoder signal {kind!r}")
-        keymask = self._current_keymask(st)
-        n = keymask.shape[1]
-        last = (keymask.long() * torch.arange(n, device=keymask.device)).argmax(-1)  # last valid token
-        probs = self.adapter.llm_attention_rows(
-            layer, hidden, kwargs["position_embeddings"], last[:, None], keymask
-        )
-        return self._to_input_coords(probs.mean(1)[:, 0], st)  # (B, L_in) head mean of the last prompt row
-
-    def _prune(self, layer: int, hidden: Tensor, st) -> Tensor:
+    def _prune(self, layer: int, hidden: Tensor) -> Tensor:
+        dec, pre = self.dec, self.state.prefill
+        ctx = self.state.context
         b = hidden.shape[0]
-        keymask = self._current_keymask(st)
-        cur = st.cur_index if st.cur_index is not None else torch.arange(hidden.shape[1], device=hidden.device)[None].expand(b, -1)
+        keymask = self._current_keymask()
+        cur = dec.cur_index if dec.cur_index is not None else torch.arange(hidden.shape[1], device=hidden.device)[None].expand(b, -1)
         rows, idx_lists = [], []
         for i in range(b):
             valid = torch.nonzero(keymask[i]).flatten()
             orig = cur[i, valid]
-            visual = st.visual[i, orig]
+            visual = pre.visual[i, orig]
             keep = torch.ones(valid.numel(), dtype=torch.bool, device=hidden.device)
             for p in self.prune_at[layer]:
                 alive = torch.nonzero(keep).flatten()
@@ -395,19 +375,19 @@ class DecoderController:
                 if m == 0:
                     continue
                 signals = {
-                    f"{kind}@{l}": t[i, orig[alive]] if kind in ALIGNED_KINDS else t[i, valid[alive]]
-                    for (l, kind), t in st.signals.items()
+                    f"{kind}@{l}": t[i, orig[alive]] if DECODER_SIGNALS[kind].aligned else t[i, valid[alive]]
+                    for (l, kind), t in dec.signals.items()
                 }
                 view = DecoderView(
                     hidden=hidden[i, valid[alive]],
                     visual=vis_alive,
-                    image_id=st.image_id[i, orig[alive]],
+                    image_id=pre.image_id[i, orig[alive]],
                     signals=signals,
-                    original_index=st.orig_index[i, orig[alive]],
+                    original_index=pre.orig_index[i, orig[alive]],
                 )
-                budget_view = getattr(p, "budget_view", None)
-                n_keep = budget_view(view, layer) if budget_view is not None else p.budget(m, layer)
-                chosen = torch.as_tensor(p.select(layer, view, self.ctx), dtype=torch.long, device=hidden.device).flatten()
+                dec.budget_clamped[i] |= p.budget_clamped(m)
+                n_keep = p.budget_view(view, layer)
+                chosen = torch.as_tensor(p.select(layer, view, ctx), dtype=torch.long, device=hidden.device).flatten()
                 _check(p.name, chosen, vis_alive, n_keep)
                 drop = vis_alive.clone()
                 drop[chosen] = False
@@ -426,8 +406,8 @@ class DecoderController:
             new_index[i, s:] = o
             new_keymask[i, s:] = True
             new_rows[i, s:] = r
-        st.cur_index, st.cur_keymask = new_index, new_keymask
-        st.last_rows = new_rows  # (B, L') rows of the previous sequence kept (0 on padding)
+        dec.cur_index, dec.cur_keymask = new_index, new_keymask
+        dec.last_rows = new_rows  # (B, L') rows of the previous sequence kept (0 on padding)
         return new_hidden
 
 

@@ -1,11 +1,11 @@
-"""Analytic FLOPs / KV-cache model of one request (design: FLOPS.md).
+"""Analytic FLOPs / KV-cache model of one request (overview: ``docs/architecture.md`` §9).
 
 :func:`count_flops` turns a model config and the :class:`~vtprune.schedule.TokenSchedule` that actually
 ran into a :class:`FlopsReport`. Every figure is per sample; ``1 TFLOPs = 1e12 FLOPs``.
 
 Conventions (the report's ``convention`` string names the primary one):
 
-* **Primary LLM prefill** (FLOPS.md §2): ``2 x MACs`` of all decoder-layer matmuls. For layer ``l`` with
+* **Primary LLM prefill**: ``2 x MACs`` of all decoder-layer matmuls. For layer ``l`` with
   ``n_l`` tokens, hidden ``d``, ``d_q = heads*head_dim``, ``d_kv = kv_heads*head_dim``, FFN width ``m``::
 
       MAC_l = n_l*d*(d_q + 2*d_kv) + n_l*d_q*d + 2*n_l**2*d_q + 3*n_l*d*m
@@ -141,7 +141,7 @@ class FlopsReport:
     """FLOPs / KV figures of one sample. Raw counts (FLOPs, MACs, bytes); ``as_dict`` scales them.
 
     Attributes:
-        llm_prefill_flops: primary figure, 2 x MACs summed over decoder layers (FLOPS.md §2).
+        llm_prefill_flops: primary figure, 2 x MACs summed over decoder layers (module docstring).
         llm_prefill_per_layer: the same per decoder layer (len = num layers).
         fastv_ratio: FastV Eq. 5 MAC ratio vs the unpruned schedule (§3a).
         pdrop_visual_mac: PyramidDrop/TransPrune convention, MACs of visual tokens only (§3b).
@@ -180,7 +180,7 @@ class FlopsReport:
         return self.vision_flops + self.projector_flops + self.llm_prefill_flops
 
     def as_dict(self) -> dict[str, Any]:
-        """Flat record with the FLOPS.md names (TFLOPs, GFLOPs, MiB) plus ``convention``."""
+        """Flat record with the harness's names (TFLOPs, GFLOPs, MiB) plus ``convention``."""
         return {
             "llm_prefill_tflops": self.llm_prefill_flops / 1e12,
             "llm_prefill_gflops_per_layer": [x / 1e9 for x in self.llm_prefill_per_layer],
@@ -449,7 +449,7 @@ def count_flops(
     dtype_bytes: int = 2,
     lm_head_positions: int = 1,
 ) -> FlopsReport:
-    """FLOPs / KV figures of one sample (see the module docstring and FLOPS.md).
+    """FLOPs / KV figures of one sample (see the module docstring).
 
     Args:
         model_or_config: a model (its ``.config`` is used) or a config with ``model_type`` in

@@ -1,6 +1,6 @@
 """Policy base classes: a method only says *which* tokens; the base classes own the invariants.
 
-Three stages (ARCHITECTURE.md §2):
+Three stages (``docs/architecture.md`` §2-3):
 
 * :class:`VisionPolicy` (stage V) runs after chosen layers of a plain ViT and may shrink the sequence.
 * :class:`TokenPolicy` (stage P) selects ``n_keep`` tokens of each image after the projector;
@@ -16,13 +16,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
 STAGES = ("V", "P", "D")
 POSITION_MODES = ("auto", "original", "renumber")
+#: how a stage-P budget spreads over a video's frames (``TokenPolicy.quota``, ``vtprune/quota.py``)
+QUOTAS = ("video", "frame")
+#: the VLM families of ``vtprune.adapters`` (``Adapter.family``); a policy supports all unless it narrows
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,9 +46,21 @@ class ImageTokens:
         grid_shapes: per view, (rows, cols) of its token grid.
         signals: per-token evidence requested by the policies, each a tensor whose first dim is n
             (e.g. ``"vit_received@8"`` (n,)), plus per-view entries under other names.
-        image_index: index of the image in the request (all samples flattened).
+        image_index: index of the item in the request: the images, then the videos (all samples
+            flattened).
         sample_index: index of the sample the image belongs to.
-        extra: adapter bookkeeping (e.g. ``source``: (n,) encoder-token index of each token).
+        modality: ``"image"`` or ``"video"`` (a video's views are its frames: temporal patches), i.e.
+            which placeholder token of the prompt the item fills.
+        index_in_sample: index of the image within its sample (the key of per-image random draws, so
+            that a sample gives the same draw alone or in a batch). Set by the patch.
+        source: (n,) long, encoder-token index of each token (-1 for newlines), or None.
+        placeholder_index: (n,) long, which of the image's placeholder slots each token fills, when the
+            encoder already shortened the sequence (stage V); None: token ``i`` fills slot ``i``.
+        n_placeholders: placeholder tokens of this image in ``input_ids``; None: ``n``.
+        n_views: encoder views of this image (LLaVA-NeXT: base + crops).
+        projector_tokens: tokens that went through the projector / merger; None: ``n``.
+        vision_windows: Qwen2.5-VL: per vision block, the attention segment lengths of this image.
+        extra: adapter-private bookkeeping; policies never read it.
     """
 
     features: Tensor
@@ -55,6 +72,14 @@ class ImageTokens:
     image_index: int = 0
     sample_index: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    index_in_sample: int = 0
+    source: Tensor | None = None
+    placeholder_index: Tensor | None = None
+    n_placeholders: int | None = None
+    n_views: int = 1
+    projector_tokens: int | None = None
+    vision_windows: list[list[int]] | None = None
+    modality: str = "image"
 
     @property
     def num_tokens(self) -> int:
@@ -68,29 +93,96 @@ class ImageTokens:
         """(m,) long: the indices of the candidate tokens, ascending."""
         return torch.nonzero(self.candidate, as_tuple=False).flatten()
 
+    def subset(self, order: Tensor, features: Tensor | None = None) -> "ImageTokens":
+        """The tokens ``order`` (n_out,) long of this image, in that order (``features`` replaces theirs).
+
+        Per-token tensors (features, layout, ``source``, ``placeholder_index`` and every signal whose
+        first dim is ``n``) are gathered; per-view data is kept as is.
+        """
+        n = self.num_tokens
+
+        def take(v):
+            return v[order.to(v.device)] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n else v
+
+        return dataclasses.replace(
+            self,
+            features=features if features is not None else self.features[order.to(self.features.device)],
+            candidate=self.candidate[order],
+            view=self.view[order],
+            grid=self.grid[order],
+            signals={k: take(v) for k, v in self.signals.items()},
+            extra={k: take(v) for k, v in self.extra.items()},
+            source=None if self.source is None else self.source[order.to(self.source.device)],
+            placeholder_index=None if self.placeholder_index is None else self.placeholder_index[order],
+        )
+
+
+@dataclass
+class ViTInfo:
+    """The vision tower of a request as a stage-V policy may plan with it (set by the adapter).
+
+    Attributes:
+        layers: depth of the tower (encoder layers / residual blocks).
+        last_layer: 0-based index of the last layer that runs (LLaVA: the feature layer).
+        tokens: tokens entering the first layer, CLS included.
+        drop_cls: True when the tokens handed on exclude the CLS token.
+    """
+
+    layers: int
+    last_layer: int
+    tokens: int
+    drop_cls: bool = True
+
 
 @dataclass
 class Context:
-    """What a policy may know about the request besides its own image.
+    """What a policy may know about the request besides its own image (one per request).
+
+    Attributes:
+        family: model family (one of :data:`FAMILIES`, or ``"clip_vit"``).
+        seed: the patch seed; :meth:`rng` derives per-image generators from it.
+        view_keys: stage V, models with a fixed token count per view: for each encoder view of the
+            request, the index of its image within its sample (the key for :meth:`rng`), so that a
+            sample gives the same draw alone or in a batch. None when unknown.
+        vit: the vision tower (depth, last layer, tokens in, CLS dropped), set by the adapter before
+            the first stage-V call; None outside stage V.
+        attn_log_size: (V, N) ``log(size)`` of the current encoder tokens, published by a merging
+            stage-V policy that wants proportional attention; the adapter adds it to the attention
+            logits over the keys of the following encoder layers. None: no bias.
 
     ``rng(key)`` gives a generator seeded from the patch seed and ``key`` (e.g. the image's index
-    within its sample), so that stochastic policies give the same draw for a sample whether it runs
-    alone or in a batch.
+    within its sample). ``policy_state(policy, factory)`` holds a policy's per-request state.
     """
 
     family: str
-    extra: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    view_keys: list[int] | None = None
+    vit: ViTInfo | None = None
+    attn_log_size: Tensor | None = None
+    _states: list[tuple[Any, Any]] = field(default_factory=list, repr=False)
 
     def rng(self, key: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * int(key)) % (2**63 - 1))
 
+    def policy_state(self, policy: Any, factory: Callable[[], T]) -> T:
+        """The per-request state of ``policy``: ``factory()`` on the first call in this request, the
+        same object on every later call. It lives in this Context (one per request) and is dropped with
+        it, so policies keep no state across requests and a batch never sees another request's."""
+        for owner, state in self._states:
+            if owner is policy:
+                return state
+        state = factory()
+        self._states.append((policy, state))
+        return state
 
-def resolve_budget(keep: int | float, n: int, *, what: str = "visual tokens") -> int:
+
+def resolve_budget(keep: int | float, n: int, *, what: str = "visual tokens", clamp: bool = False) -> int:
     """Turn ``keep`` (an int count, or a float fraction in (0, 1]) into a token count for ``n`` tokens.
 
-    Fractions use Python's ``round`` (half to even), at least 1 token. Raises ``ValueError`` naming the
-    valid range when the budget is impossible.
+    Fractions use Python's ``round`` (half to even), at least 1 token. An int above ``n`` gives ``n``
+    with ``clamp=True`` (an image of a dynamic-resolution model smaller than the budget keeps all its
+    tokens), else a ``ValueError``. Raises ``ValueError`` naming the valid range when the budget is
+    impossible.
     """
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise ValueError(f"keep must be an int (tokens per image) or a float in (0, 1]; got {keep!r}")
@@ -104,6 +196,8 @@ def resolve_budget(keep: int | float, n: int, *, what: str = "visual tokens") ->
     if keep <= 0:
         raise ValueError(f"keep={keep} must be positive: use an int in 1..{n} or a float in (0, 1]")
     if keep > n:
+        if clamp:
+            return n
         raise ValueError(
             f"keep={keep} is larger than the {n} {what} of this image; use an int in 1..{n} "
             "or a float fraction in (0, 1]"
@@ -128,16 +222,30 @@ def check_keep_for_model(keep: int | float | None, adapter: Any) -> None:
 
 @dataclass
 class Policy:
-    """Base of all policies. Subclasses are dataclasses with typed fields (the method's knobs)."""
+    """Base of all policies. Subclasses are dataclasses with typed fields (the method's knobs).
+
+    Class data: ``name`` (registry key), ``description`` (one line for ``vtprune methods``),
+    ``stage`` (``"V"``, ``"P"`` or ``"D"``), ``families`` (supported model families), ``renamed``.
+    A method that can run at several stages takes the stage as its ``at`` field (``"random:at=D"``,
+    ``"pitome:at=P"``).
+
+    Optional hooks (declared here with their defaults; override what the method needs):
+    :meth:`validate`, :meth:`required_signals`, :meth:`parts`, :attr:`sorted_output`.
+    """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     stage: ClassVar[str] = "P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
-                                           "qwen3_5", "qwen3_5_moe")
+    families: ClassVar[tuple[str, ...]] = FAMILIES
+    #: old parameter spellings -> their current names (the registry refuses the old ones, naming the new)
+    renamed: ClassVar[dict[str, str]] = {}
 
     def validate(self, family: str, adapter: Any) -> None:
-        """Check the policy's parameters for a model family; raise ``ValueError`` naming the fix."""
+        """Check the policy's parameters for a model family; raise ``ValueError`` naming the fix.
+
+        Called once by :func:`vtprune.patch` before anything is installed (the model stays unpatched
+        on error). Subclasses call ``super().validate(family, adapter)`` first.
+        """
         if family not in self.families:
             raise ValueError(
                 f"method {self.name!r} does not support model family {family!r}; "
@@ -145,12 +253,23 @@ class Policy:
             )
 
     def required_signals(self, adapter: Any) -> dict[str, Any]:
-        """Signals this policy needs, ``{name: spec}``; the adapter computes only those."""
+        """Vision signals this policy needs, ``{name: spec}`` (e.g. ``{"vit_received@8": None}``); the
+        adapter computes only those (kinds: ``vtprune/signals.py``). Called after :meth:`validate`."""
         return {}
 
     def parts(self) -> list["Policy"]:
         """The policies this one stands for (a multi-stage method expands into one per stage)."""
         return [self]
+
+    @property
+    def sorted_output(self) -> bool:
+        """True (default): the hook layer emits the kept tokens of an image in ascending native order.
+
+        False: the order the policy returns (stage P ``select``/stage V ``after_layer``) is the emission
+        order; the kept tokens still occupy the sorted placeholder slots, so positions follow the slots
+        and only the features' order changes (PiToMe ``order="reference"``, GlobalCom² score order).
+        """
+        return True
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -169,40 +288,72 @@ class TokenPolicy(Policy):
     """Stage P selection: return the indices of the tokens to keep, per image.
 
     Attributes:
-        keep: tokens kept per image (int) or fraction of the image's candidate tokens (float).
+        keep: tokens kept per image (int) or fraction of the image's candidate tokens (float). A
+            subclass may default it to None and give per-family defaults in ``default_keep``.
         positions: ``"auto"`` (the family's reference convention: LLaVA renumbers, Qwen keeps the
             original M-RoPE positions), ``"original"`` or ``"renumber"``.
         quota: how a video's budget is spread over its frames: ``"video"`` (the whole video at once,
             ranked jointly) or ``"frame"`` (each frame an image of its own with its share); see
-            :mod:`vtprune.quota`. Images are not affected.
+            ``vtprune/quota.py``. Images are not affected.
+
+    An int ``keep`` larger than the model's fixed tokens per image (LLaVA-1.5) is a ``ValueError`` at
+    ``patch()``. On dynamic-resolution models (LLaVA-NeXT, Qwen, DINOv2 towers) an image may have fewer
+    candidates than an int ``keep``: that image keeps all its tokens (the budget is clamped), and the
+    patch records it in ``PatchStats.budget_clamped``.
     """
 
     stage: ClassVar[str] = "P"
-    #: False: the policy's returned order is the emission order (the kept tokens still occupy the
-    #: sorted placeholder slots; positions follow the slots). May be set per instance.
-    sorted_output: ClassVar[bool] = True
+    #: per-family default budgets, used when ``keep`` is None (e.g. HiPrune's paper budgets)
+    default_keep: ClassVar[dict[str, int | float]] = {}
     keep: int | float = 64
     positions: str = "auto"
     quota: str = "video"
 
+    def keep_for(self, family: str) -> int | float:
+        """``keep``, or the family's entry of ``default_keep`` when ``keep`` is None."""
+        if self.keep is not None:
+            return self.keep
+        if family not in self.default_keep:
+            raise ValueError(f"{self.name}: keep=None has no default for family {family!r}; pass keep=")
+        return self.default_keep[family]
+
     def validate(self, family: str, adapter: Any) -> None:
         super().validate(family, adapter)
-        check_keep_value(self.keep)
-        if self.positions not in POSITION_MODES:
-            raise ValueError(f"positions={self.positions!r}; choose one of {POSITION_MODES}")
-        if self.quota not in ("video", "frame"):
+        self.validate_keep(family, adapter)
+        self.validate_positions(family, adapter)
+        if self.quota not in QUOTAS:
             raise ValueError(f"{self.name}: quota={self.quota!r}; choose 'video' (budget shared by the frames, "
                              "ranked jointly) or 'frame' (each frame keeps its share)")
-        modes = getattr(adapter, "position_modes", POSITION_MODES)
-        if self.positions != "auto" and self.positions not in modes:
+
+    def validate_keep(self, family: str, adapter: Any) -> None:
+        """The budget's type and range; an int must fit a fixed-resolution model's tokens per image.
+        Override when ``keep`` means something else (VisionZip: tokens per view)."""
+        keep = self.keep_for(family)
+        check_keep_value(keep)
+        check_keep_for_model(keep, adapter)
+
+    def validate_positions(self, family: str, adapter: Any) -> None:
+        """``positions`` is one of ``POSITION_MODES`` and defined for the adapter's family."""
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions={self.positions!r}; choose one of {POSITION_MODES}")
+        if self.positions == "auto":  # the family's own convention: always defined
+            return
+        modes = adapter.position_modes
+        if self.positions not in modes:
             raise ValueError(
                 f"{self.name}: positions={self.positions!r} is not defined for {family}; "
                 f"use one of {('auto',) + tuple(modes)}"
             )
-        check_keep_for_model(self.keep, adapter)
 
     def budget(self, image: ImageTokens) -> int:
-        return resolve_budget(self.keep, image.num_candidates)
+        """Candidate tokens kept of ``image`` (an int ``keep`` above its candidates keeps them all)."""
+        return resolve_budget(self.keep, image.num_candidates, clamp=True)
+
+    def budget_clamped(self, image: ImageTokens, family: str) -> bool:
+        """True when an int budget exceeds ``image``'s candidate tokens, so the image keeps them all
+        (dynamic-resolution models; recorded in ``PatchStats.budget_clamped``)."""
+        keep = self.keep_for(family)
+        return isinstance(keep, int) and not isinstance(keep, bool) and keep > image.num_candidates
 
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:  # pragma: no cover
         """Return (n_keep,) long indices into ``image`` tokens; each must be a candidate."""
@@ -273,20 +424,26 @@ class MergePolicy(TokenPolicy):
 
 @dataclass
 class VisionPolicy(Policy):
-    """Stage V: called after vision-encoder layer ``l`` with the hidden states of all views.
+    """Stage V: called after chosen layers of a plain ViT with the hidden states of all views.
 
     ``after_layer`` returns None (no change) or ``(x_new (V, N', C), sources (V, N') long)`` where
     ``sources`` gives, for each output token, the index of its representative input token (used to
-    keep track of grid positions). Class tokens, if present, must stay at index 0.
+    keep track of grid positions and placeholder slots). Class tokens, if present, must stay at index
+    0. ``ctx.vit`` describes the tower; ``ctx.view_keys`` keys per-view random draws;
+    ``ctx.policy_state`` holds per-request state; ``ctx.attn_log_size`` asks the adapter for
+    proportional attention in the following layers. Set :attr:`sorted_output` False to keep the
+    returned order instead of the representatives' native order.
     """
 
     stage: ClassVar[str] = "V"
     families: ClassVar[tuple[str, ...]] = ("llava",)
 
     def layers(self, num_layers: int) -> list[int]:  # pragma: no cover
+        """0-based encoder layers after which :meth:`after_layer` is called."""
         raise NotImplementedError
 
     def after_layer(self, layer: int, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor] | None:  # pragma: no cover
+        """``x`` (V, N, C) output of encoder layer ``layer``; see the class docstring for the result."""
         raise NotImplementedError
 
 
@@ -317,6 +474,11 @@ class DecoderPolicy(Policy):
     Attributes:
         layer: number of unpruned decoder layers; the sequence shrinks for layers >= ``layer``.
         keep: visual tokens kept (int count per sample, or a float fraction of the visual tokens).
+
+    A method implements :meth:`select`; the optional hooks below have working defaults:
+    :meth:`pruning_layers`, :meth:`signal_layers`, :meth:`budget`, :meth:`budget_view`,
+    :meth:`position_handling` and :meth:`reduce_io` (needed only with the ``attn_io``/``mlp_io``
+    signals). Selection happens once at prefill; decode steps reuse the shortened per-layer cache.
     """
 
     stage: ClassVar[str] = "D"
@@ -335,16 +497,44 @@ class DecoderPolicy(Policy):
         check_keep_for_model(self.keep, adapter)
 
     def budget(self, n_visual: int, layer: int) -> int:
-        """Visual tokens kept at ``layer`` out of the ``n_visual`` present."""
-        return resolve_budget(self.keep, n_visual)
+        """Visual tokens kept at ``layer`` out of the ``n_visual`` present (an int ``keep`` above
+        ``n_visual`` keeps them all: dynamic-resolution images smaller than the budget)."""
+        return resolve_budget(self.keep, n_visual, clamp=True)
+
+    def budget_clamped(self, n_visual: int) -> bool:
+        """True when an int ``keep`` exceeds the ``n_visual`` tokens present (all are kept)."""
+        keep = self.keep
+        return isinstance(keep, int) and not isinstance(keep, bool) and keep > n_visual
+
+    def budget_view(self, view: "DecoderView", layer: int) -> int:
+        """Visual tokens kept of one sample at ``layer``, from its whole view. Default:
+        ``budget(n_visual, layer)``; override for data-dependent or per-image budgets."""
+        return self.budget(int(view.visual.sum()), layer)
 
     def pruning_layers(self, num_layers: int) -> list[int]:
         """0-based decoder layers at whose input this policy prunes."""
         return [self.layer]
 
-    def signal_layers(self, num_layers: int) -> dict[int, str]:
-        """``{layer: signal kind}`` computed in a pre-hook of that layer (kinds: see decoder.py)."""
+    def signal_layers(self, num_layers: int) -> dict[int, str | tuple[str, ...]]:
+        """``{layer: kind or kinds}`` of decoder signals computed at that layer (kinds: the decoder
+        signal registry in ``vtprune/signals.py``); the view gets them as ``"kind@layer"``."""
         return {}
+
+    def position_handling(self, num_layers: int, family: str) -> dict[int, str]:
+        """``{pruning layer: "original" | "renumber"}``. Default (empty): the survivors keep their
+        original positions at every layer this policy prunes. ``"renumber"`` numbers them contiguously
+        from that layer on (1-D positions only; see ``vtprune/decoder.py``)."""
+        return {}
+
+    def reduce_io(self, layer: int, kind: str, x_in: Tensor, x_out: Tensor, key_mask: Tensor,
+                  visual: Tensor) -> Tensor:
+        """Reduce a module's prefill (input, output) to (B, L) values, for the ``attn_io``/``mlp_io``
+        signals of ``layer`` (only this reduction is kept, never the hidden tensors).
+
+        ``x_in``/``x_out``: (B, L, D) input/output of the layer's ``self_attn`` or ``mlp``;
+        ``key_mask``: (B, L) bool real tokens; ``visual``: (B, L) bool visual tokens.
+        """
+        raise NotImplementedError(f"{self.name} requests the {kind!r} signal but does not define reduce_io")
 
     def select(self, layer: int, view: DecoderView, ctx: Context) -> Tensor:  # pragma: no cover
         """Return the kept visual positions (long, indices into the current sequence)."""

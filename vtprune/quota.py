@@ -25,8 +25,6 @@ from torch import Tensor
 
 from .policy import Context, ImageTokens, TokenPolicy
 
-QUOTAS = ("video", "frame")
-
 
 def split_budget(total: int, counts: list[int]) -> list[int]:
     """Split ``total`` over parts of ``counts`` candidates: proportional, largest remainder (ties to the
@@ -61,7 +59,7 @@ def split_budget(total: int, counts: list[int]) -> list[int]:
 
 def frame_indices(image: ImageTokens) -> list[Tensor]:
     """Token indices (ascending) of each frame of a video item; one entry for anything else."""
-    if image.extra.get("modality") != "video":
+    if image.modality != "video":
         return [torch.arange(image.num_tokens)]
     view = image.view.cpu()
     return [torch.nonzero(view == f).flatten() for f in sorted(set(view.tolist()))]
@@ -69,25 +67,13 @@ def frame_indices(image: ImageTokens) -> list[Tensor]:
 
 def frame_item(image: ImageTokens, index: Tensor, frame: int) -> ImageTokens:
     """Frame ``frame`` (tokens ``index``) of a video item as an image of its own (one view)."""
-    n = image.num_tokens
-    dev = image.features.device
-
-    def take(v):
-        return v[index.to(v.device)] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n else v
-
-    extra = {k: take(v) for k, v in image.extra.items()}
-    # a distinct, batch-independent key per frame for per-image random draws
-    extra["index_in_sample"] = (int(image.extra.get("index_in_sample", 0)) + 1) * 100_003 + frame
-    extra["frame"] = frame
+    sub = image.subset(index)
     return dataclasses.replace(
-        image,
-        features=image.features[index.to(dev)],
-        candidate=image.candidate[index],
+        sub,
         view=torch.zeros(index.numel(), dtype=image.view.dtype),
-        grid=image.grid[index],
         grid_shapes=[image.grid_shapes[frame]],
-        signals={k: take(v) for k, v in image.signals.items()},
-        extra=extra,
+        # a distinct, batch-independent key per frame for per-image random draws
+        index_in_sample=(image.index_in_sample + 1) * 100_003 + frame,
     )
 
 

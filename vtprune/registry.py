@@ -10,6 +10,8 @@ Spec strings: ``"fastv:layer=2,keep=0.5"``; several policies compose with ``+``:
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -95,16 +97,74 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _type_matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the field type ``tp`` (unions, None, bool, int, float, str, tuples).
+
+    A ``tuple[X, ...]`` field also takes a single ``X`` or a string (methods accept ``7`` and ``"7/9/12"``
+    and parse them themselves); an int fits a float field; unknown types are not checked.
+    """
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item = args[0] if len(args) == 1 else Any
+        if isinstance(value, (tuple, list)):
+            return all(_type_matches(v, item) for v in value)
+        return isinstance(value, str) or _type_matches(value, item)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    """``int | float | None`` -> ``"an int or a float (or None)"``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        parts = [_describe(a) for a in args if a is not type(None)]
+        text = " or ".join(parts)
+        return text + (" (or None)" if type(None) in args else "")
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        inner = _describe(args[0]).split(" ", 1)[-1] if len(args) == 1 else "value"
+        return f"a list of {inner}s ('a|b|c')"
+    names = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_param_types(cls: type[Policy], params: dict[str, Any]) -> None:
+    """``ValueError`` naming the parameter and the type it takes when a value does not fit its field."""
+    hints = typing.get_type_hints(cls)
+    for key, value in params.items():
+        tp = hints.get(key)
+        if tp is not None and not _type_matches(value, tp):
+            raise ValueError(f"{cls.name}: {key}={value!r} must be {_describe(tp)}")
+
+
 def build(name: str, params: dict[str, Any]) -> Policy:
-    """Instantiate a registered policy; unknown names or fields raise ``ValueError`` with the choices."""
+    """Instantiate a registered policy; unknown names or fields, renamed fields and values of the wrong
+    type raise ``ValueError`` naming the choices / the type the parameter takes."""
     reg = registered()
     if name not in reg:
         raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(reg)}")
     cls = reg[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for old, new in cls.renamed.items():
+        if old in params and old not in fields:
+            raise ValueError(f"{name}: the parameter {old}= is now called {new}= (e.g. '{name}:{new}=...')")
     unknown = sorted(set(params) - set(fields))
     if unknown:
         raise ValueError(
             f"method {name!r} has no parameter(s) {', '.join(unknown)}; its parameters: {', '.join(fields)}"
         )
+    check_param_types(cls, params)
     return cls(**params)

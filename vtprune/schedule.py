@@ -44,6 +44,6 @@ class TokenSchedule:
 
     @property
     def eq_visual_tokens(self) -> float:
-        """Mean visual tokens per decoder layer (FLOPS.md: equivalent visual tokens)."""
+        """Mean visual tokens per decoder layer (the "equivalent visual tokens" of ``vtprune/flops.py``)."""
         v = self.visual_tokens_per_layer
         return sum(v) / len(v) if v else 0.0

@@ -15,7 +15,7 @@ the ablation table.
 | hiprune | object layer x alpha (anchor share) |
 | todre | diversity rule: max-sum (v2) vs k-center (v1) vs random seeding (pivot) |
 | transprune | TTV-only vs IGA-only vs both |
-| globalcom2 | with vs without the thumbnail's global guidance (needs a LLaVA-NeXT model: on a single-view model such as the embedded default its cells are recorded as unsupported, with the error) |
+| globalcom2 | with vs without the thumbnail's global guidance (needs a LLaVA-NeXT model: on a single-view model such as the embedded default the sweep stops before the first cell with an error naming the fix) |
 | pitome | energy margin (pitome-p, the post-merger variant that runs on every tower) |
 | fastv | layer K x keep ratio R |
 """
@@ -95,7 +95,9 @@ def ablation_config(name: str, *, model: str = "embedded", benchmark: str | None
     ab = ABLATIONS[name]
     depth = _depths(model)
     methods = ab["methods"](depth) if callable(ab["methods"]) else ab["methods"]
-    if model in ("embedded",) or model.startswith("tiny-"):
+    from vtprune.eval.sweep import BUILTIN_MODELS
+
+    if model in BUILTIN_MODELS:
         model_entry = {"name": model, "builtin": model}
     else:
         model_entry = {"name": model.rstrip("/").split("/")[-1], "path": model}
@@ -121,17 +123,10 @@ def ablation_config(name: str, *, model: str = "embedded", benchmark: str | None
 
 def _depths(model: str) -> dict[str, Any]:
     """Vision-tower and LLM depths of ``model``, read from its config (no weights are loaded)."""
-    if model == "embedded" or model.startswith("tiny-"):
-        if model == "embedded":
-            from transformers import AutoConfig
+    from vtprune.eval.sweep.models import BUILTIN_MODELS, builtin_skeleton
 
-            from vtprune.eval.embedded import MODEL_DIR
-
-            cfg = AutoConfig.from_pretrained(MODEL_DIR)
-        else:
-            from vtprune.testing import BUILDERS
-
-            cfg = BUILDERS[model[len("tiny-"):]]()[0].config
+    if model in BUILTIN_MODELS:
+        cfg = builtin_skeleton(model).config
     else:
         from transformers import AutoConfig
 

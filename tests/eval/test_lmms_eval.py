@@ -117,7 +117,16 @@ def test_generate_until_two_requests_batched_and_stats():
         assert cut == [t.split(stop)[0] for t in plain]
 
 
+def _pair(result):
+    """The (nll, is_greedy) pair a loglikelihood result carries (see VTPruneLMM.loglikelihood)."""
+    assert isinstance(result, GenerationResult) and result.token_counts.input_tokens > 0
+    nll, greedy = result.text
+    return nll, greedy
+
+
 def test_loglikelihood_from_local_checkpoint(tmp_path):
+    """Mean (default) and summed negative log-likelihood of the continuation, as lmms-eval's models
+    return it, equal the stock model's own log-probabilities computed here."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model, proc = tiny_llava()
@@ -127,69 +136,150 @@ def test_loglikelihood_from_local_checkpoint(tmp_path):
     conts = [" " + d["answer"] for d in docs]
 
     lm = VTPruneLMM(pretrained=str(tmp_path / "ckpt"), method="none", batch_size=2)  # stock from_pretrained path
-    got = lm.loglikelihood(_requests(lm, docs, None, kind="loglikelihood", continuations=conts))
+    got = [_pair(r) for r in lm.loglikelihood(_requests(lm, docs, None, kind="loglikelihood", continuations=conts))]
+    lm_sum = VTPruneLMM(pretrained=str(tmp_path / "ckpt"), method="none", batch_size=1, nll="sum")
+    summed = [_pair(r) for r in lm_sum.loglikelihood(_requests(lm_sum, docs, None, kind="loglikelihood",
+                                                               continuations=conts))]
 
     ref = AutoModelForImageTextToText.from_pretrained(tmp_path / "ckpt")
     rproc = AutoProcessor.from_pretrained(tmp_path / "ckpt")
-    for (ll, greedy), d, c in zip(got, docs, conts):
+    for (nll, greedy), (nll_sum, greedy_sum), d, c in zip(got, summed, docs, conts):
         prompt = "<image>\n" + d["question"]
         n = len(rproc.tokenizer(prompt + c)["input_ids"]) - len(rproc.tokenizer(prompt)["input_ids"])
         inp = rproc(text=[prompt + c], images=[d["image"]], return_tensors="pt")
         with torch.inference_mode():
             lp = torch.log_softmax(ref(**inp).logits[0, -n - 1:-1].float(), -1)
         tgt = inp["input_ids"][0, -n:]
-        assert ll == pytest.approx(lp.gather(-1, tgt[:, None]).sum().item(), abs=1e-4)
-        assert greedy == bool((lp.argmax(-1) == tgt).all())
+        token_lp = lp.gather(-1, tgt[:, None]).squeeze(-1)
+        assert nll == pytest.approx(-token_lp.mean().item(), abs=1e-5) and nll > 0
+        assert nll_sum == pytest.approx(-token_lp.sum().item(), abs=1e-4)
+        assert greedy == greedy_sum == bool((lp.argmax(-1) == tgt).all())
 
     lm8 = VTPruneLMM(pretrained=str(tmp_path / "ckpt"), method="random", keep=8, batch_size=2)
-    pruned = lm8.loglikelihood(_requests(lm8, docs, None, kind="loglikelihood", continuations=conts))
-    assert all(torch.isfinite(torch.tensor(ll)) and ll < 0 for ll, _ in pruned)
+    pruned = [_pair(r) for r in lm8.loglikelihood(_requests(lm8, docs, None, kind="loglikelihood", continuations=conts))]
+    assert all(torch.isfinite(torch.tensor(nll)) and nll > 0 for nll, _ in pruned)
     assert lm8.visual_tokens_mean == 8
+    with pytest.raises(ValueError, match="nll="):
+        VTPruneLMM(pretrained="tiny-llava", nll="max")
 
 
-def _write_task(tmp_path: Path) -> Path:
+# ----------------------------------------------------------------------------------------------------
+# End to end through `python -m lmms_eval`: lmms-eval's own scoring of both output types
+
+
+GEN_TASK, MC_TASK = TASK, "vtprune_tiny_mc"
+CHOICES = ["red", "green", "blue", "cyan"]
+MC_POST, GEN_POST = "\nAnswer:", "\nAnswer with a single word."
+NO_ANSWER = "an answer no tiny model gives"
+
+
+def _patched_tiny(method: str, params: dict):
+    import vtprune
+
+    model, proc = tiny_llava()
+    return model, proc, vtprune.patch(model, method, seed=0, **params)
+
+
+def _own_choice_nll(method: str, params: dict) -> list[list[float]]:
+    """The library's own mean negative log-likelihood of each choice, one sample at a time."""
+    model, proc, handle = _patched_tiny(method, params)
+    out = []
+    with handle, torch.inference_mode():
+        for d in _docs():
+            prompt = "<image>\n" + d["question"] + MC_POST
+            row = []
+            for choice in CHOICES:
+                text = prompt + " " + choice
+                n = len(proc.tokenizer(text)["input_ids"]) - len(proc.tokenizer(prompt)["input_ids"])
+                inp = proc(text=[text], images=[d["image"]], return_tensors="pt")
+                lp = torch.log_softmax(model(**inp).logits[0, -n - 1:-1].float(), -1)
+                row.append(-lp.gather(-1, inp["input_ids"][0, -n:, None]).mean().item())
+            out.append(row)
+    return out
+
+
+def _own_answers(method: str, params: dict) -> list[str]:
+    """The library's own greedy answers (one sample at a time), cut at the task's stop string."""
+    model, proc, handle = _patched_tiny(method, params)
+    out = []
+    with handle, torch.inference_mode():
+        for d in _docs():
+            inp = proc(text=["<image>\n" + d["question"] + GEN_POST], images=[d["image"]], return_tensors="pt")
+            ids = model.generate(**inp, max_new_tokens=4, do_sample=False, pad_token_id=proc.tokenizer.pad_token_id,
+                                 eos_token_id=proc.tokenizer.eos_token_id)
+            text = proc.tokenizer.decode(ids[0, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+            out.append(text.split("\n")[0].strip())
+    return out
+
+
+def _write_tasks(tmp_path: Path, answers: list[str], golds: list[int]) -> Path:
     import datasets
 
     docs = _docs()
     feats = datasets.Features({"question_id": datasets.Value("int64"), "image": datasets.Image(),
-                               "question": datasets.Value("string"), "answer": datasets.Value("string")})
+                               "question": datasets.Value("string"), "answer": datasets.Value("string"),
+                               "choices": datasets.Sequence(datasets.Value("string")), "gold": datasets.Value("int64")})
     ds = datasets.Dataset.from_dict({"question_id": list(range(4)), "image": [d["image"] for d in docs],
-                                     "question": QUESTIONS, "answer": ANSWERS}, features=feats)
+                                     "question": QUESTIONS, "answer": answers, "choices": [CHOICES] * 4,
+                                     "gold": golds}, features=feats)
     data = tmp_path / "data"
     datasets.DatasetDict({"test": ds}).save_to_disk(str(data))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     shutil.copy(FIXTURES / "utils.py", tasks / "utils.py")
-    yaml_text = (FIXTURES / f"{TASK}.yaml").read_text().replace("__DATASET_PATH__", str(data))
-    (tasks / f"{TASK}.yaml").write_text(yaml_text)
+    for task in (GEN_TASK, MC_TASK):
+        yaml_text = (FIXTURES / f"{task}.yaml").read_text().replace("__DATASET_PATH__", str(data))
+        (tasks / f"{task}.yaml").write_text(yaml_text)
     return tasks
 
 
-def test_lmms_eval_cli_end_to_end(tmp_path):
-    tasks = _write_task(tmp_path)
+def _run_lmms_eval(tmp_path: Path, tasks: Path, model_args: str) -> tuple[dict, dict, str]:
     out = tmp_path / "out"
     env = dict(os.environ, **OFFLINE, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HOME=str(tmp_path / "hf_home"), WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "vtprune",
-           "--model_args", "pretrained=tiny-llava,method=random,keep=8",
-           "--tasks", TASK, "--include_path", str(tasks), "--limit", "4", "--batch_size", "2",
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "vtprune", "--model_args", model_args,
+           "--tasks", f"{GEN_TASK},{MC_TASK}", "--include_path", str(tasks), "--batch_size", "2",
            "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-
     files = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
     assert len(files) == 1, log[-3000:]
-    res = json.loads(Path(files[0]).read_text())
-    em = res["results"][TASK]["exact_match,none"]
-    assert 0.0 <= em <= 1.0
-    assert res["config"]["model"] == "vtprune"
-    eff = res["efficiency"]["by_task"][TASK]  # our TokenCounts reach lmms-eval's efficiency summary
-    assert eff["docs"] == 4 and eff["docs_with_token_counts"] == 4 and eff["total_input_tokens"] > 0
-    samples = glob.glob(str(out / "**" / f"*_samples_{TASK}.jsonl"), recursive=True)
-    assert len(samples) == 1 and len(Path(samples[0]).read_text().splitlines()) == 4
+    samples = {}
+    for task in (GEN_TASK, MC_TASK):
+        (path,) = glob.glob(str(out / "**" / f"*_samples_{task}.jsonl"), recursive=True)
+        samples[task] = sorted((json.loads(line) for line in Path(path).read_text().splitlines()),
+                               key=lambda r: r["doc_id"])
+    return json.loads(Path(files[0]).read_text()), samples, log
 
-    m = re.findall(r"vtprune token stats: (\{.*?\})(?:\x1b\[0m)?\s*$", log, flags=re.MULTILINE)
-    assert m, log[-3000:]
-    stats = json.loads(m[-1])
-    assert stats["requests"] == 4 and stats["visual_tokens_mean"] == 8 and stats["visual_tokens_in_mean"] == 16
+
+@pytest.mark.parametrize("method, params, visual", [("none", {}, 16), ("random", {"keep": 8}, 8)])
+def test_lmms_eval_scores_equal_the_library_predictions(tmp_path, method, params, visual):
+    """`python -m lmms_eval --model vtprune` on a local multiple_choice and a generate_until task: the
+    scores lmms-eval computes equal those of the library's own predictions, computed here sample by
+    sample. The answer keys are built from those predictions so that the scoring convention shows:
+    0.75 (mc) and 0.5 (generation) when right; picking the largest of the same values gives 0.0, and
+    the wrapper's former log-likelihood sums (larger is better) gave 0.5 on this task."""
+    nll = _own_choice_nll(method, params)
+    best = [min(range(len(CHOICES)), key=row.__getitem__) for row in nll]
+    worst = [max(range(len(CHOICES)), key=row.__getitem__) for row in nll]
+    middle = next(j for j in range(len(CHOICES)) if j not in (best[3], worst[3]))
+    golds = best[:3] + [middle]
+    own = _own_answers(method, params)
+    answers = own[:2] + [NO_ANSWER, NO_ANSWER]
+    assert NO_ANSWER not in own
+
+    args = ",".join([f"pretrained=tiny-llava,method={method}"] + [f"{k}={v}" for k, v in params.items()])
+    res, samples, log = _run_lmms_eval(tmp_path, _write_tasks(tmp_path, answers, golds), args)
+
+    assert res["results"][MC_TASK]["acc,none"] == pytest.approx(0.75)
+    assert res["results"][GEN_TASK]["exact_match,none"] == pytest.approx(0.5)
+    for d, row in enumerate(samples[MC_TASK]):  # lmms-eval saw the library's values, choice by choice
+        got = [float(resp[0]) for resp in row["filtered_resps"]]  # the log writes them as strings
+        assert got == pytest.approx(nll[d], abs=1e-4) and row["acc"] == float(d < 3)
+    assert [row["filtered_resps"] for row in samples[GEN_TASK]] == own
+    assert res["config"]["model"] == "vtprune"
+    eff = res["efficiency"]["by_task"][GEN_TASK]  # our TokenCounts reach lmms-eval's efficiency summary
+    assert eff["docs"] == 4 and eff["docs_with_token_counts"] == 4 and eff["total_input_tokens"] > 0
+    stats = [json.loads(m) for m in re.findall(r"vtprune token stats: (\{.*?\})(?:\x1b\[0m)?\s*$", log, flags=re.MULTILINE)]
+    assert stats and all(s["visual_tokens_mean"] == visual and s["visual_tokens_in_mean"] == 16 for s in stats)

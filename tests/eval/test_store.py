@@ -258,3 +258,49 @@ def test_two_processes_append_without_interleaving(tmp_path):
     plines = pred.read_text().splitlines()
     assert len(plines) == 401 and json.loads(plines[0]) == {"header": {"cell": "shared"}}
     assert len(PredictionsWriter(pred).done_ids()) == 400
+
+
+def test_cell_claims_exclude_other_processes_and_die_with_them(tmp_path):
+    """A claimed cell cannot be claimed by another process (timeout 0 raises at once); the claim of a
+    process killed with SIGKILL is gone (the OS drops the lock), so the next sweep resumes the cell."""
+    path = tmp_path / "results.jsonl"
+    key = cell_key(model="m", method="fastv", budget=0.5)
+    child = CHILD_PRELUDE + textwrap.dedent(f"""
+        st = ResultsStore({str(path)!r})
+        with st.claim({key!r}):
+            print("CLAIMED", flush=True)
+            sys.stdin.readline()                                 # hold it until the parent says so
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "CLAIMED"
+        st = ResultsStore(path)
+        with pytest.raises(store_mod.CellClaimedError):
+            with st.claim(key, timeout=0):
+                pass
+        with st.claim(cell_key(model="m", method="fastv", budget=0.25), timeout=0):
+            pass                                                 # other cells are free
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    with st.claim(key, timeout=5):                               # released by the kernel
+        pass
+    assert not path.exists()                                     # claims never create results
+
+
+def test_failures_are_kept_until_the_cell_has_a_record(tmp_path):
+    st = ResultsStore(tmp_path / "results.jsonl")
+    a, b = cell_key(m="a"), cell_key(m="b")
+    assert st.failures() == {}
+    st.add_failure(a, {"message": "first"})
+    st.add_failure(a, {"message": "second"})
+    st.add_failure(b, {"message": "b failed"})
+    assert st.failures() == {a: {"message": "second"}, b: {"message": "b failed"}}
+    st.put(a, {"acc": 1.0})
+    assert ResultsStore(tmp_path / "results.jsonl").failures() == {b: {"message": "b failed"}}
+    assert st.failures_path.name == "results.failures.jsonl" and len(st.failures_path.read_text().splitlines()) == 3

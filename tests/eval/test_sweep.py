@@ -310,3 +310,190 @@ def test_cli_missing_benchmark_names_the_fix(tmp_path, capsys):
     assert rc == 2 and "not found" in err and "python -m vtprune.eval.embedded.generator" in err
     rc = cli.main(["sweep", str(tmp_path / "nope.yaml")])
     assert rc == 2 and "nope.yaml not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation before the first cell, failures that do not stop the sweep, two sweeps, Ctrl-C
+
+
+def _nothing_stored(store_path: Path) -> bool:
+    return not store_path.parent.exists() or not any(store_path.parent.iterdir())
+
+
+@pytest.mark.parametrize("over, entry, says", [
+    ({"methods": [{"name": "fastv", "params": {"layer": 10}}]}, "methods[0] ('fastv(layer=10)')", "layer=10"),
+    ({"methods": [{"name": "fastv", "params": {"layer": "two"}}]}, "methods[0] ('fastv(layer=two)')", "layer"),
+    ({"methods": ["fastv"], "budgets": [64]}, "budgets (the 'random' baseline", "keep=64"),
+    ({"methods": [{"name": "hiprune", "budgets": [0.5, 64]}]}, "methods[0] ('hiprune') at budget 64", "keep=64"),
+    ({"methods": [{"name": "globalcom2"}]}, "methods[0] ('globalcom2') at budget 0.5", "LLaVA-NeXT"),
+])
+def test_cells_are_validated_before_any_runs(bench, tmp_path, over, entry, says, capsys):
+    """A value the model cannot take stops the sweep before the first cell with rc 2, a line naming
+    the config entry and the fix, and nothing stored (not a record marked "unsupported" for good)."""
+    from vtprune.eval.sweep import SweepConfigError
+
+    cfg = config_for(bench, **over)
+    store_path = tmp_path / "run" / "results.jsonl"
+    with pytest.raises(SweepConfigError) as exc:
+        run_sweep(cfg, store_path, progress=False)
+    msg = str(exc.value)
+    assert entry in msg and says in msg and "on model 'tiny-llava'" in msg, msg
+    assert "models: [NAME, ...]" in msg  # the way to keep a method off a model it does not support
+    assert _nothing_stored(store_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    rc = cli.main(["sweep", str(tmp_path / "c.yaml"), "--store", str(store_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and entry in err and "Traceback" not in err
+    assert _nothing_stored(store_path)
+
+
+def test_method_restricted_to_some_models(bench):
+    from vtprune.eval.sweep import validate_cells
+
+    two = [{"name": "tiny-llava", "builtin": "tiny-llava"}, {"name": "tiny-qwen", "builtin": "tiny-qwen2_vl"}]
+    cfg = load_config(config_for(bench, models=two, methods=[{"name": "pitome", "budget_param": "ratio",
+                                                              "budgets": [0.9], "models": ["tiny-llava"]}]))
+    cells = plan_cells(cfg)
+    assert [(c.model.name, c.method.label) for c in cells if c.method.name == "pitome"] == [("tiny-llava", "pitome")]
+    validate_cells(cfg, cells)  # pitome (stage V) runs on the CLIP tower of LLaVA only
+    with pytest.raises(ValueError, match=r"methods\[0\].models: unknown model 'nope'"):
+        load_config(config_for(bench, methods=[{"name": "fastv", "models": ["nope"]}]))
+    with pytest.raises(ValueError, match="runs on every model"):
+        load_config(config_for(bench, methods=[{"name": "none", "models": ["tiny-llava"]}]))
+
+
+def test_a_failing_cell_does_not_stop_the_sweep(full_run, bench, tmp_path, monkeypatch, capsys):
+    """One cell raises on its second batch: the error names the cell and the samples, the later cells
+    still run, nothing is stored for the failed cell, and the next run retries only that cell and ends
+    with the records of an uninterrupted run."""
+    from vtprune.eval.sweep import CellsFailedError
+    from vtprune.eval.sweep import loop
+
+    _, full_records, _ = full_run
+    cfg = config_for(bench)
+    store_path = tmp_path / "run" / "results.jsonl"
+    real = loop.predict_batch
+
+    def flaky(batch, model, proc, prompt_fn, bench_, patch, *rest):
+        if "random:" in repr(patch) and "keep=0.5" in repr(patch) and batch[0].id == "q2":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(batch, model, proc, prompt_fn, bench_, patch, *rest)
+
+    monkeypatch.setattr(loop, "predict_batch", flaky)
+    with pytest.raises(CellsFailedError) as exc:
+        run_sweep(cfg, store_path, progress=False)
+    err = capsys.readouterr().err
+    (failure,) = exc.value.failures
+    expected = ("model 'tiny-llava', method 'random', budget 0.5, benchmark 'embedded': samples q2, q3: "
+                "RuntimeError: CUDA out of memory (simulated)")
+    assert failure.message == expected and expected in str(exc.value) and expected in err
+    assert "1 of 5 cells failed" in str(exc.value)
+    store = ResultsStore(store_path)
+    cells = plan_cells(load_config(cfg))
+    assert [store.has(c.key) for c in cells] == [True, False, True, True, True]  # later cells ran
+    assert exc.value.records[1] is None and exc.value.records[2] == store.get(cells[2].key)
+    assert list(store.failures()) == [cells[1].key] and "RuntimeError" in store.failures()[cells[1].key]["traceback"]
+    assert len(store.predictions(cells[1].key).done_ids()) == 2  # the batch before the failure is kept
+    rep = tmp_path / "rep"
+    assert cli.main(["report", str(store_path), "--out", str(rep)]) == 0
+    md = (rep / "results.md").read_text()
+    assert "## Failed cells" in md and "| model 'tiny-llava', method 'random', budget 0.5, benchmark 'embedded' |" in md
+
+    monkeypatch.setattr(loop, "predict_batch", real)
+    again = run_sweep(cfg, store_path, progress=False)
+    same_records(again, full_records)
+    assert store.failures() == {}  # the record supersedes the failure
+    assert len(store_path.read_text().splitlines()) == len(cells)
+
+
+def test_cli_reports_failed_cells_with_rc_1(bench, tmp_path, monkeypatch, capsys):
+    from vtprune.eval.sweep import loop
+
+    def broken(*args, **kwargs):
+        raise ValueError("keep=32 is larger than the 4 visual tokens of this image")
+
+    monkeypatch.setattr(loop, "predict_batch", broken)
+    cfg = config_for(bench, methods=[], budgets=[0.5], limit=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    store_path = tmp_path / "r" / "results.jsonl"
+    rc = cli.main(["sweep", str(tmp_path / "c.yaml"), "--store", str(store_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "2 of 2 cells failed" in err and "Traceback" not in err
+    assert "model 'tiny-llava', method 'none', benchmark 'embedded': samples q0, q1: ValueError: keep=32" in err
+    assert "run the same command again" in err and str(ResultsStore(store_path).failures_path) in err
+
+
+SLOW_CHILD = textwrap.dedent("""
+    import sys, time, torch
+    torch.set_num_threads(1)
+    from vtprune.eval import store as store_mod
+    from vtprune.eval import cli
+    target, pause = sys.argv[1], float(sys.argv[2])
+    orig = store_mod.PredictionsWriter.append_many
+
+    def slow(self, items):  # pause after the first batch of one cell (still claimed by this process)
+        orig(self, items)
+        if str(self.path) == target and len(self.done_ids()) <= 2:
+            print("PAUSED", flush=True)
+            time.sleep(pause)
+
+    store_mod.PredictionsWriter.append_many = slow
+    sys.exit(cli.main(sys.argv[3:]))
+""")
+
+
+def _paused_child(bench, tmp_path, pause: float):
+    """A `vtprune sweep` subprocess of the standard config, paused ``pause`` s after the first batch
+    of its 2nd cell (holding that cell's claim); returns (config file, store path, cells, process)."""
+    cfg = config_for(bench)
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    store_path = tmp_path / "run" / "results.jsonl"
+    cells = plan_cells(load_config(cfg))
+    target = ResultsStore(store_path).predictions_path(cells[1].key)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(target), str(pause), "sweep", str(cfg_file),
+                             "--store", str(store_path), "--no-progress", "--threads", "1"],
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # blocks until the child prints PAUSED (or exits)
+    if line.strip() != "PAUSED":
+        proc.kill()
+        pytest.fail("the child sweep never paused: " + proc.stderr.read()[-3000:])
+    return cfg_file, store_path, cells, proc
+
+
+def test_two_sweeps_on_one_store_share_the_work(full_run, bench, tmp_path, capsys):
+    """A second sweep on a store whose cell another sweep is running skips that cell, runs the
+    others, then waits for it: both end with rc 0, every cell stored once, no CellExistsError."""
+    _, full_records, _ = full_run
+    cfg_file, store_path, cells, proc = _paused_child(bench, tmp_path, 8)
+    try:
+        mine = run_sweep(cfg_file, store_path, progress=False)  # skips cell 2 (claimed), waits for it at the end
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "CellExistsError" not in err and "Traceback" not in err
+    assert ("waiting for another process that runs model 'tiny-llava', method 'random', budget 0.5"
+            in capsys.readouterr().err)
+    same_records(mine, full_records)
+    store = ResultsStore(store_path)
+    same_records([store.get(c.key) for c in cells], full_records)  # stored in the order the cells finished
+    assert len(store_path.read_text().splitlines()) == len(cells)  # each cell stored exactly once
+
+
+def test_ctrl_c_prints_one_line_and_the_same_command_resumes(full_run, bench, tmp_path):
+    _, full_records, _ = full_run
+    cfg_file, store_path, _, proc = _paused_child(bench, tmp_path, 120)
+    try:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == [f"vtprune sweep: interrupted; the finished cells and the predictions made so far are kept in "
+                     f"{store_path}; run the same command to resume."], err
+    assert cli.main(["sweep", str(cfg_file), "--store", str(store_path), "--no-progress"]) == 0
+    same_records(cell_records(store_path), full_records)

@@ -1,4 +1,4 @@
-"""GlobalCom² pure kernels: the hand examples and invariants of design/methods/globalcom2.md section 7.
+"""GlobalCom² pure kernels: the hand examples and invariants of docs/methods/globalcom2.md section 7.
 
 Not encoded here (need real models or the reference repository): recipe 5 (logit oracle on a tiny
 eager CLIP; only the pure head-mean reduction is checked below), recipe 6 "batch == each image alone"

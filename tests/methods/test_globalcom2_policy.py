@@ -20,7 +20,7 @@ from transformers.models.llava_next import modeling_llava_next as mln
 import vtprune
 from vtprune.methods import globalcom2 as GC
 
-from _policy_cases import GEN, assert_batch_equals_alone, batch, new_tokens
+from helpers import GEN, assert_batch_equals_alone, batch, new_tokens
 from oracles import image_features, last_logits, shortened_inputs
 
 ATTN = ["sdpa", "eager"]
@@ -73,7 +73,7 @@ def next_oracle_kept(model, inp, r: float, probs: bool = False, order: str = "sc
 @pytest.mark.parametrize("order", ["score", "raster"])
 @pytest.mark.parametrize("image", [0, 1, 2], ids=["56x56-colpad", "70x112-rowpad", "112x84-colpad"])
 def test_llava_next_equals_shortened_input(image, order, attn):
-    model, inp = batch("llava_next", n=1, attn=attn, start=image)
+    model, inp = batch("llava_next", n=1, attn=attn, first=image)
     params = {} if order == "score" else {"thumbnail_order": order}  # score order is the default
     with vtprune.patch(model, "globalcom2", keep=0.5, **params) as h:
         with torch.no_grad():
@@ -101,7 +101,7 @@ def test_llava_next_equals_shortened_input(image, order, attn):
 def test_llava_next_score_order_reaches_the_llm():
     """The features handed to the LLM are the thumbnail's kept tokens by descending score, then the
     crop tokens and newlines in native order (the reference sequence), in the sorted placeholder slots."""
-    model, inp = batch("llava_next", n=1, start=1)
+    model, inp = batch("llava_next", n=1, first=1)
     cap = {}
     hk = model.model.register_forward_pre_hook(lambda m, a, k: cap.update(k), with_kwargs=True)
     try:
@@ -120,7 +120,7 @@ def test_llava_next_score_order_reaches_the_llm():
 
 
 def test_llava_next_probability_scores():
-    model, inp = batch("llava_next", n=1, start=1)
+    model, inp = batch("llava_next", n=1, first=1)
     with vtprune.patch(model, "globalcom2", keep=0.25, crop_score="probs") as h:
         with torch.no_grad():
             model(**inp)
@@ -171,7 +171,7 @@ def test_forced_keep_all_equals_unpatched(family, monkeypatch):
 @pytest.mark.parametrize("family", ["llava_next", "llava"])
 def test_batch_equals_each_alone(family, attn):
     extra = {"allow_single_view": True} if family == "llava" else {}
-    assert_batch_equals_alone(family, attn, "globalcom2", keep=0.25, **extra)
+    assert_batch_equals_alone(family, "globalcom2", attn=attn, first=1, keep=0.25, **extra)
 
 
 def test_single_view_model_is_a_clear_error_unless_opted_in():
@@ -202,7 +202,7 @@ def test_qwen_needs_allow_experimental(family):
 def test_qwen_experimental_equals_shortened_input(family, attn):
     from vtprune.adapters import get_adapter
 
-    model, inp = batch(family, n=1, attn=attn, start=1)  # a 4 x 2 merged grid
+    model, inp = batch(family, n=1, attn=attn, first=1)  # a 4 x 2 merged grid
     params = dict(keep=0.5, allow_experimental=True, region_tokens=2)
     with vtprune.patch(model, "globalcom2", **params) as h:
         with torch.no_grad():
@@ -224,7 +224,7 @@ def test_qwen_experimental_equals_shortened_input(family, attn):
 
 
 def test_qwen_experimental_batch_equals_each_alone():
-    assert_batch_equals_alone("qwen2_vl", "sdpa", "globalcom2", keep=0.5, allow_experimental=True, region_tokens=2)
+    assert_batch_equals_alone("qwen2_vl", "globalcom2", attn="sdpa", first=1, keep=0.5, allow_experimental=True, region_tokens=2)
 
 
 # ------------------------------------------------------------------ errors

@@ -1,4 +1,4 @@
-"""Pure-kernel tests of HiPrune (design/methods/hiprune.md section 7).
+"""Pure-kernel tests of HiPrune (docs/methods/hiprune.md section 7).
 
 Encoded: recipes 1-5 (hand examples; expected selections are literals from the spec) and the
 kernel-level part of recipe 7 (invariants on random fp64 scores). Model-level recipes (6 recompute

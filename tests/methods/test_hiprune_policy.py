@@ -17,11 +17,12 @@ import torch
 import vtprune
 from vtprune.methods.hiprune import HiPrune, attention_received, budget_per_view, hiprune_select
 
-from policy_oracles import (
+from helpers import (
+    SCORE_SIZES,
     assert_batch_equals_alone,
     assert_matches_shortened,
     assert_sdpa_equals_eager,
-    batch,
+    score_batch as batch,
     eager_clip,
     image_tokens,
     patched_run,
@@ -123,18 +124,18 @@ def test_next_layout_views_and_newlines():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_equals_each_alone(family):
-    assert_batch_equals_alone(family, SPECS[family])
+    assert_batch_equals_alone(family, SPECS[family], sizes=SCORE_SIZES)
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
 def test_sdpa_equals_eager(family):
-    assert_sdpa_equals_eager(family, SPECS[family])
+    assert_sdpa_equals_eager(family, SPECS[family], sizes=SCORE_SIZES)
 
 
 def _stub(family, depth, **cfg):
     config = types.SimpleNamespace(vision_feature_layer=-2, **cfg)
     ad = types.SimpleNamespace(family=family, config=config, vit_has_cls=lambda: True,
-                               nominal_visual_tokens=lambda: None)
+                               nominal_visual_tokens=lambda: None, position_modes=("original", "renumber"))
     if family.startswith("qwen"):
         ad.vit_blocks = lambda: [None] * depth
         ad.full_attention_blocks = lambda: [7, 15, 23, 31] if depth == 32 else list(range(depth))

@@ -1,4 +1,4 @@
-"""PiToMe pure kernels: the hand examples and invariants of design/methods/pitome.md section 7.
+"""PiToMe pure kernels: the hand examples and invariants of docs/methods/pitome.md section 7.
 
 Not encoded here (need real models or the reference repository; belong to policy/adapter tests):
 recipe 6 "rho = 1 gives the unpatched model" at model level and "the encoder runs with SDPA", and

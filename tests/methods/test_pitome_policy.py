@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import vtprune
 from vtprune.methods import pitome as P
 
-from _policy_cases import GEN, assert_batch_equals_alone, batch, new_tokens
+from helpers import GEN, assert_batch_equals_alone, batch, new_tokens
 from oracles import image_features, last_logits, shortened_inputs
 
 ATTN = ["sdpa", "eager"]
@@ -145,7 +145,7 @@ def test_stage_v_ratio_one_equals_unpatched(attn):
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("order", ["reference", "source"])
 def test_stage_v_batch_equals_each_alone(attn, order):
-    assert_batch_equals_alone("llava", attn, "pitome", ratio=0.8, bsm_layers=1, order=order)
+    assert_batch_equals_alone("llava", "pitome", attn=attn, first=1, ratio=0.8, bsm_layers=1, order=order)
 
 
 def test_stage_v_features_reach_the_llm_in_kernel_order():
@@ -175,7 +175,7 @@ def test_stage_v_features_reach_the_llm_in_kernel_order():
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
 def test_stage_p_equals_shortened_input(family, attn):
-    model, inp = batch(family, n=1, attn=attn, start=1)
+    model, inp = batch(family, n=1, attn=attn, first=1)
     keep = 5 if family == "llava" else 3
     with vtprune.patch(model, "pitome-p", keep=keep) as h:
         with torch.no_grad():
@@ -197,11 +197,13 @@ def test_stage_p_equals_shortened_input(family, attn):
 
 
 def test_stage_p_dispatch_from_pitome():
-    pol = vtprune.registry.build("pitome", {"stage": "P", "keep": 4})
+    pol = vtprune.registry.build("pitome", {"at": "P", "keep": 4})
     assert isinstance(pol, P.PiToMePost) and pol.keep == 4 and pol.stage == "P"
+    with pytest.raises(ValueError, match="stage= is now called at="):  # the old spelling, refused clearly
+        vtprune.registry.build("pitome", {"stage": "P", "keep": 4})
     assert isinstance(vtprune.registry.build("pitome", {}), P.PiToMe)
     model, inp = batch("llava", n=1)
-    with vtprune.patch(model, "pitome:stage=P,keep=4") as h:
+    with vtprune.patch(model, "pitome:at=P,keep=4") as h:
         with torch.no_grad():
             model(**inp)
     assert h.stats.visual_tokens_per_image == [4]
@@ -209,19 +211,19 @@ def test_stage_p_dispatch_from_pitome():
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_stage_p_batch_equals_each_alone(family):
-    assert_batch_equals_alone(family, "sdpa", "pitome-p", keep=0.5)
+    assert_batch_equals_alone(family, "pitome-p", attn="sdpa", first=1, keep=0.5)
 
 
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     "family,method,params,match",
     [
-        ("qwen2_vl", "pitome", {}, "not supported on 'qwen2_vl'.*stage='P'"),
-        ("qwen2_5_vl", "pitome", {}, "not supported on 'qwen2_5_vl'.*stage='P'"),
+        ("qwen2_vl", "pitome", {}, "not supported on 'qwen2_vl'.*at='P'"),
+        ("qwen2_5_vl", "pitome", {}, "not supported on 'qwen2_5_vl'.*at='P'"),
         ("llava_next", "pitome", {}, "not supported on 'llava_next'"),
         ("llava_next", "pitome-p", {}, "LLaVA-NeXT is not supported"),
-        ("llava", "pitome", {"stage": "X"}, "choose 'V'"),
-        ("llava", "pitome", {"stage": "P", "ratio": 0.9}, "keep and mode only"),
+        ("llava", "pitome", {"at": "X"}, "choose 'V'"),
+        ("llava", "pitome", {"at": "P", "ratio": 0.9}, "keep and mode only"),
         ("llava", "pitome", {"ratio": 0}, "ratio=0 must be a float > 0"),
         ("llava", "pitome", {"mode": "max"}, "mode='max'"),
         ("llava", "pitome", {"keep": 1.5}, "fraction outside"),

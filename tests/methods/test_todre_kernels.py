@@ -1,4 +1,4 @@
-"""Pure-kernel tests of ToDRE (design/methods/todre.md section 7).
+"""Pure-kernel tests of ToDRE (docs/methods/todre.md section 7).
 
 Encoded: recipes 1 (golden stage-1 example), 2 (ties), 3 (NeXT pivot), 4 (stage-2 hand example,
 including the causality caveat) and the kernel-level part of recipe 6 (stage-1 invariants). Model-level

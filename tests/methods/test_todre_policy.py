@@ -21,12 +21,13 @@ from vtprune.methods.todre import ToDRE, ToDRERelevance, farthest_pivot, maxsum_
 from vtprune.policy import Context, DecoderView
 
 from oracles import last_logits, masked_run, shortened_inputs
-from policy_oracles import (
+from helpers import (
+    SCORE_SIZES,
     GEN,
     assert_batch_equals_alone,
     assert_matches_shortened,
     assert_sdpa_equals_eager,
-    batch,
+    score_batch as batch,
     eager_clip,
     image_features,
     image_tokens,
@@ -48,13 +49,14 @@ def test_kept_count_and_stage_p_oracle(family, attn):
     assert_matches_shortened(model, family, inp, logits, gen, stats.kept_index_per_image)
 
 
-@pytest.mark.parametrize("diversity", ["maxsum", "kcenter"])
+@pytest.mark.parametrize("diversity", ["maxsum", "kcenter", None])
 def test_llava_selection_equals_kernel_with_eager_cls_pivot(diversity):
     model, inp = batch("llava")
-    _, _, stats, _ = patched_run(model, inp, f"todre:relevance=off,keep=6,diversity={diversity}", generate=False)
+    spec = "todre:relevance=off,keep=6" + (f",diversity={diversity}" if diversity else "")
+    _, _, stats, _ = patched_run(model, inp, spec, generate=False)
     _, attn, _ = eager_clip("llava", inp)
     cls = attn[1][:, :, 0, 1:].float().mean(1)  # feature layer 1 of the 3-layer tiny CLIP
-    fn = maxsum_select if diversity == "maxsum" else kcenter_select
+    fn = maxsum_select if diversity == "maxsum" else kcenter_select  # default: k-center (the design card's v1)
     for i, f in enumerate(image_features("llava", inp)):
         pivot = int(torch.argmax(cls[i]))
         ref = fn(f, 6, pivot)
@@ -106,12 +108,12 @@ def test_qwen_pivot_options_run_with_exact_counts(pivot):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_equals_each_alone(family):
-    assert_batch_equals_alone(family, "todre:relevance=off,keep=0.4")
+    assert_batch_equals_alone(family, "todre:relevance=off,keep=0.4", sizes=SCORE_SIZES)
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
 def test_sdpa_equals_eager(family):
-    assert_sdpa_equals_eager(family, "todre:relevance=off,keep=0.4")
+    assert_sdpa_equals_eager(family, "todre:relevance=off,keep=0.4", sizes=SCORE_SIZES)
 
 
 def test_nominal_tokens_and_counts():
@@ -163,7 +165,7 @@ def test_parts_and_defaults():
         assert [p.name for p in h.policies] == ["todre", "todre-relevance"]
     assert [type(p) for p in ToDRE(relevance="on", tau=0.2).parts()] == [ToDRE, ToDRERelevance]
     assert ToDRE(relevance="on", tau=0.2).parts()[1].tau == 0.2
-    assert ToDRE().keep == 0.25 and ToDRE().diversity == "maxsum" and ToDRERelevance().tau == 0.10
+    assert ToDRE().keep == 0.25 and ToDRE().diversity == "kcenter" and ToDRERelevance().tau == 0.10
     assert ToDRERelevance()._relevance_layer(32) == 27 and ToDRERelevance()._relevance_layer(36) == 31
 
 
@@ -250,7 +252,7 @@ def test_stage2_tau_zero_never_drops_and_batch_decisions_are_per_sample():
     _, _, st, _ = patched_run(model, inp, spec, generate=False)
     dropped = [s.visual_tokens_per_layer[-1] == 0 for s in st.schedules]
     assert dropped == [a[0] < tau, a[1] < tau] and sum(dropped) == 1
-    assert_batch_equals_alone(family, spec)
+    assert_batch_equals_alone(family, spec, sizes=SCORE_SIZES)
 
 
 def test_stage2_scan_from_drops_at_the_first_layer_that_satisfies_the_rule():

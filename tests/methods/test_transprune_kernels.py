@@ -1,4 +1,4 @@
-"""TransPrune pure kernels: the hand examples and invariants of design/methods/transprune.md section 7.
+"""TransPrune pure kernels: the hand examples and invariants of docs/methods/transprune.md section 7.
 
 Not encoded here (need real models or the reference repository): recipe 5 (IGA rows vs eager
 ``output_attentions`` of tiny Llama / Qwen2-VL), the model-level parts of recipe 6 (``keep_ratios =

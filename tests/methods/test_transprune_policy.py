@@ -31,7 +31,7 @@ import vtprune
 from vtprune.methods import transprune as TP
 from vtprune.testing import FAMILIES, HYBRID_FAMILIES, make_inputs, prompt_for, tiny_images
 
-from _policy_cases import GEN, assert_batch_equals_alone, batch, model_and_proc
+from helpers import GEN, assert_batch_equals_alone, batch, tiny
 from oracles import last_logits, masked_run
 
 ATTN = ["sdpa", "eager"]
@@ -45,7 +45,7 @@ def oracle_keeps(family: str, inp, *, prune=(1, 2, 3), ratios=(0.75, 0.5, 0.25),
 
     ``details`` (optional list) receives per stage ``(image positions, accumulated TTV, IGA)``.
     """
-    model, _ = model_and_proc(family, "eager")
+    model, _ = tiny(family, "eager")
     ids = inp["input_ids"][0]
     L = ids.numel()
     visual = ids == model.config.image_token_id
@@ -144,7 +144,7 @@ def explicit_renumbered_run(family: str, inp, *, keeps=None, n_prompt=None, prun
     Returns ``(last logits (1, V), keeps, details)``; details per stage = (image positions, accumulated
     TTV, IGA).
     """
-    model, _ = model_and_proc(family, "eager")
+    model, _ = tiny(family, "eager")
     lm = model.model.language_model
     ids = inp["input_ids"][0]
     L = ids.numel()
@@ -256,7 +256,7 @@ def recording(pol: TP.TransPrune, log: list) -> TP.TransPrune:
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in HYBRID_FAMILIES])  # a mask cannot hide a
 def test_physical_removal_equals_mask_run(family, attn):  # token from a Gated DeltaNet layer (see test_conformance)
     """Original positions (Qwen default; LLaVA option) == the unpatched model with masked keys."""
-    model, inp = batch(family, n=1, attn=attn, start=1)
+    model, inp = batch(family, n=1, attn=attn, first=1)
     log: list = []
     params = dict(TINY, positions="original") if family in LLAVA else TINY
     with vtprune.patch(model, recording(TP.TransPrune(**params), log)) as h:
@@ -293,7 +293,7 @@ def test_hybrid_physical_removal_equals_physically_shortened_stages(family):
     layer). IGA rows come from the last full-attention layer at or before each pruning layer."""
     from oracles import physically_shortened_run
 
-    model, inp = batch(family, n=1, start=1)
+    model, inp = batch(family, n=1, first=1)
     log: list = []
     with vtprune.patch(model, recording(TP.TransPrune(**TINY), log)) as h:
         with torch.no_grad():
@@ -318,7 +318,7 @@ def test_hybrid_physical_removal_equals_physically_shortened_stages(family):
 def test_renumbered_equals_explicit_layer_run(family, attn):
     """LLaVA default (reference): renumbered positions == the explicit layer-by-layer run; cached
     generate(10) == the no-cache re-run applying the same selection and renumbering."""
-    model, inp = batch(family, n=1, attn=attn, start=1)
+    model, inp = batch(family, n=1, attn=attn, first=1)
     log: list = []
     pol = recording(TP.TransPrune(**TINY), log)
     assert pol.positions == "auto" and pol.resolved_positions(family) == "renumber"
@@ -349,7 +349,7 @@ def test_renumbered_equals_explicit_layer_run(family, attn):
 
 @pytest.mark.parametrize("score", ["ttv", "iga"])
 def test_ttv_only_and_iga_only_modes(score):
-    model, inp = batch("llava", n=1, start=1)
+    model, inp = batch("llava", n=1, first=1)
     selections = []
     pol = TP.TransPrune(**TINY, score=score)
     select = pol.select
@@ -393,12 +393,12 @@ def test_keep_ratios_one_equals_unpatched(family):
 
 @pytest.mark.parametrize("family,attn", [(f, "sdpa") for f in FAMILIES] + [("llava", "eager"), ("qwen2_5_vl", "eager")])
 def test_batch_equals_each_alone(family, attn):
-    assert_batch_equals_alone(family, attn, "transprune", **TINY)  # LLaVA: renumbered (default)
+    assert_batch_equals_alone(family, "transprune", attn=attn, first=1, **TINY)  # LLaVA: renumbered (default)
 
 
 @pytest.mark.parametrize("family", LLAVA)
 def test_batch_equals_each_alone_original_positions(family):
-    assert_batch_equals_alone(family, "sdpa", "transprune", **TINY, positions="original")
+    assert_batch_equals_alone(family, "transprune", attn="sdpa", first=1, **TINY, positions="original")
 
 
 # ------------------------------------------------------------------ decode offsets (spec recipe 4)
@@ -478,7 +478,7 @@ def test_decode_offsets_recipe_576():
 def test_decode_positions_per_sample_with_left_padding():
     """Batch of 2 (left padded, different image-token cuts): each sample's layers continue at its
     own renumbered length; padding never shifts a sample's numbering."""
-    model, inp = batch("llava", n=2, start=1)
+    model, inp = batch("llava", n=2, first=1)
     mask = inp["attention_mask"]
     prefill, decode = first_decode_positions(model, inp, "transprune", **TINY)
     n_real = mask.sum(-1)
@@ -497,7 +497,7 @@ def test_decode_positions_per_sample_with_left_padding():
 
 
 def test_two_images_per_sample_get_per_image_quotas():
-    model, proc = model_and_proc("llava")
+    model, proc = tiny("llava")
     inp = proc(text=[prompt_for("llava", "compare them", n_images=2)], images=tiny_images(2), return_tensors="pt")
     selections = []
     pol = TP.TransPrune(**TINY)

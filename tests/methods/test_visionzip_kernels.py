@@ -1,4 +1,4 @@
-"""Pure-kernel tests of VisionZip (design/methods/visionzip.md section 7).
+"""Pure-kernel tests of VisionZip (docs/methods/visionzip.md section 7).
 
 Encoded: recipes 1 (dominant hand example), 2 (contextual hand example), 3 (edges) and the kernel-level
 part of recipe 5 (invariants). Model-level recipes (4 recompute oracle on a tiny CLIP, 5 batch / NeXT

@@ -17,11 +17,12 @@ import torch
 import vtprune
 from vtprune.methods.visionzip import VisionZip, llava_split, qwen_split, visionzip_qwen, visionzip_tokens
 
-from policy_oracles import (
+from helpers import (
+    SCORE_SIZES,
     assert_batch_equals_alone,
     assert_matches_shortened,
     assert_sdpa_equals_eager,
-    batch,
+    score_batch as batch,
     captured_features,
     eager_clip,
     image_features,
@@ -118,12 +119,12 @@ def test_next_block_layout_counts_and_oracle(attn):
 
 @pytest.mark.parametrize("family", list(SPECS))
 def test_batch_equals_each_alone(family):
-    assert_batch_equals_alone(family, SPECS[family])
+    assert_batch_equals_alone(family, SPECS[family], sizes=SCORE_SIZES)
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
 def test_sdpa_equals_eager(family):
-    assert_sdpa_equals_eager(family, SPECS[family])
+    assert_sdpa_equals_eager(family, SPECS[family], sizes=SCORE_SIZES)
 
 
 def test_adapter_signals_equal_eager_recompute_oracle():

@@ -1,32 +1,96 @@
 """The Adapter interface: everything vtprune needs to know about one model family.
 
-Adapters are the only code that touches ``transformers`` classes. An adapter:
+Adapters are the only code that touches ``transformers`` (or open_clip) classes. One subclass per
+family, registered in ``vtprune.adapters.ADAPTERS`` by ``model_types``. The contract, in the order
+:class:`~vtprune.api.Patch` uses it at prefill:
 
-* encodes the images of a request into per-image :class:`~vtprune.policy.ImageTokens` (native LLM
-  layout, grid positions, requested vision signals), optionally running stage-V policies;
-* computes the positions the unpatched model would use, and turns a shortened sequence back into
-  model inputs (``input_ids``, ``attention_mask``, positions, precomputed image features);
-* exposes the decoder layers, the rotary tables (:meth:`Adapter.rotary`) and function, and the q/k
-  projections for partial attention.
+1. :meth:`Adapter.has_images` -- does this forward carry images (else it runs unchanged)?
+2. :meth:`Adapter.full_positions` -- the positions the unpatched model would use.
+3. :meth:`Adapter.encode` -- run the vision side (stage-V policies included, through
+   :meth:`Adapter.run_vision_policies`) and return one :class:`~vtprune.policy.ImageTokens` per
+   image in request order, with the requested signals (``vtprune/signals.py``), plus the encoder's
+   token schedule per view: an :class:`Encoded`.
+4. :meth:`Adapter.renumber_positions` (stage P renumbers) -- positions of the shortened sequence.
+5. :meth:`Adapter.build_inputs` -- the model kwargs for the shortened sequence (:class:`ShortInputs`);
+   the base version replaces ids / mask / positions and hands the features as precomputed
+   ``mm_encoder_outputs``; a family adds its own keys (Qwen: ``mm_token_type_ids``).
+6. :meth:`Adapter.after_prefill` -- family bookkeeping once the inputs are rebuilt (Qwen:
+   ``rope_deltas``).
+
+At decode: :meth:`Adapter.decode_positions`. Stage D: :meth:`Adapter.llm_layers`,
+:meth:`Adapter.rotary`, :meth:`Adapter.llm_attention_rows` (recomputed attention rows, fp32, from
+:meth:`Adapter.attention_qk`), and for LLMs whose layers differ (hybrid Qwen3.5):
+:meth:`Adapter.attention_layer_for` (which layer's rows stand for a layer's),
+:meth:`Adapter.layer_attention_mask` (the mask a layer takes) and :meth:`Adapter.token_mixer`.
+Several visual modalities (Qwen: images and videos): :meth:`Adapter.visual_token_ids`.
+Vision towers: :meth:`Adapter.vit_layers` and :meth:`Adapter.resolve_vit_layer` (what methods use to
+name signal layers). Hooks of their own (open_clip ViTs: the whole work; Qwen3-VL: DeepStack inside
+the LLM) come from :meth:`Adapter.install_hooks`.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..attention import attention_probs
+from ..policy import Context, ImageTokens, VisionPolicy
+
+
+class Encoded(NamedTuple):
+    """What :meth:`Adapter.encode` returns.
+
+    images: one :class:`ImageTokens` per image, in request order (all samples flattened).
+    vision_schedule: per encoder view of the request (in order), the tokens entering each encoder
+        layer (empty lists when the tower's schedule is unknown).
+    """
+
+    images: list[ImageTokens]
+    vision_schedule: list[list[int]]
+
+
+@dataclass
+class ShortInputs:
+    """The shortened prefill handed to :meth:`Adapter.build_inputs` (``L'`` = the new length).
+
+    Attributes:
+        input_ids: (B, L') ids, placeholders of dropped tokens removed, repacked with padding.
+        attention_mask: (B, L') mask, or None when the caller passed none and no padding is needed.
+        position_ids: positions in the model's native format, or None (the model numbers itself).
+        features: per image, (n_out, D) features in sequence order.
+        gather: ``(t (…, B, L), pad) -> (…, B, L')``: any per-column tensor of the caller's input at the
+            kept columns (e.g. Qwen's ``mm_token_type_ids``).
+        items: the encoded items (:meth:`Adapter.encode`'s images), aligned with ``features``.
+        kept_index: per item, the native token index of each emitted token (aligned with
+            ``features``): what an adapter gathers its own per-token data with (Qwen3-VL DeepStack).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor | None
+    position_ids: Any
+    features: list[Tensor]
+    gather: Callable[[Tensor, Any], Tensor]
+    items: list[ImageTokens] = field(default_factory=list)
+    kept_index: list[Tensor] = field(default_factory=list)
 
 
 class Adapter:
-    """Base class; one subclass per family (see ``vtprune.adapters.ADAPTERS``)."""
+    """Base class; one subclass per family (see the module docstring for the contract).
+
+    Class data: ``family`` (the name policies see), ``model_types`` (``config.model_type`` values),
+    ``default_positions`` (stage-P convention for ``positions="auto"``), ``position_modes`` (the
+    modes defined for this family), ``image_input_keys`` (kwargs consumed by the vision side and
+    removed from the shortened inputs).
+    """
 
     family: str = ""
     model_types: tuple[str, ...] = ()
     default_positions: str = "renumber"
     position_modes: tuple[str, ...] = ("original", "renumber")
+    image_input_keys: tuple[str, ...] = ("pixel_values",)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -58,28 +122,83 @@ class Adapter:
     def attn_implementation(self) -> str:
         return self.language_model.config._attn_implementation
 
+    def vit_layers(self) -> nn.ModuleList:
+        """The vision tower's layers / blocks, in order (what signal layer indices refer to)."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no vision layers")
+
+    def resolve_vit_layer(self, layer: int) -> int:
+        """A 0-based (negative: from the end) vision layer index -> 0-based; ``ValueError`` if out of range."""
+        n = len(self.vit_layers())
+        if not -n <= layer < n:
+            raise ValueError(f"vision layer {layer} out of range for a {n}-layer vision tower")
+        return layer % n
+
+    def install_hooks(self, state) -> list:
+        """Extra hook handles installed with the patch and removed with it (default: none). Adapters
+        without an LLM (open_clip ViTs) do their whole work in such hooks; Qwen3-VL runs DeepStack on
+        the sequence stage D shortened. ``state`` is the patch's :class:`~vtprune.state.RequestState`
+        (hooks read it, never write it)."""
+        return []
+
     # ---------------------------------------------------------------- requests
     def has_images(self, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("pixel_values") is not None
 
-    def encode(self, kwargs: dict[str, Any], signals: dict[str, Any], vision_policies: list, ctx) -> list:
-        """Run the vision side; return one ``ImageTokens`` per image, in request order."""
+    def encode(self, kwargs: dict[str, Any], signals: dict[str, Any], vision_policies: list[VisionPolicy],
+               ctx: Context) -> Encoded:
+        """Run the vision side; return one ``ImageTokens`` per image, in request order, and the
+        encoder's per-view token schedule. ``signals`` are the names the policies requested."""
         raise NotImplementedError
 
     def full_positions(self, kwargs: dict[str, Any], input_ids: Tensor, mask: Tensor) -> Tensor | None:
         """Positions the unpatched model would use for this prefill, in its native format, or None."""
         raise NotImplementedError
 
-    def build_inputs(self, kwargs: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-        """Return the kwargs for the model forward on the shortened sequence."""
-        raise NotImplementedError
+    def renumber_positions(self, kwargs: dict[str, Any], new_mask: Tensor) -> Tensor | None:
+        """Contiguous positions of the shortened sequence (``positions="renumber"``), or None when the
+        model numbers it itself. Default: not defined for this family (``ValueError``)."""
+        raise ValueError(f"positions='renumber' is not defined for {self.family}; use positions='original'")
+
+    def build_inputs(self, kwargs: dict[str, Any], new: ShortInputs) -> dict[str, Any]:
+        """The kwargs for the model forward on the shortened sequence: the caller's kwargs without the
+        image inputs, with the new ids, mask and positions and the features as ``mm_encoder_outputs``."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        out = dict(kwargs)
+        for key in self.image_input_keys:
+            out.pop(key, None)
+        out["input_ids"] = new.input_ids
+        out["attention_mask"] = new.attention_mask
+        out["position_ids"] = new.position_ids
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=new.features)}
+        return out
 
     def decode_positions(self, pos: Tensor) -> Tensor:
         """(B, q) positions of new tokens in the model's native position-id format."""
         return pos
 
     def after_prefill(self, state) -> None:
-        """Hook for family-specific bookkeeping after the prefill inputs were rebuilt."""
+        """Family bookkeeping after the prefill inputs were rebuilt; ``state`` is the request's
+        :class:`~vtprune.state.PrefillState`. Default: nothing."""
+
+    # ---------------------------------------------------------------- stage V
+    @staticmethod
+    def run_vision_policies(layer: int, n_layers: int, x: Tensor, sources: Tensor,
+                            policies: list[VisionPolicy], ctx: Context) -> tuple[Tensor, Tensor, bool]:
+        """The stage-V step after encoder layer ``layer``: let each policy that acts there shrink ``x``.
+
+        ``x`` (V, N, C) layer output; ``sources`` (V, N) long, original token index of each token's
+        representative. Returns ``(x, sources, changed)``.
+        """
+        changed = False
+        for p in policies:
+            if layer in p.layers(n_layers):
+                res = p.after_layer(layer, x, ctx)
+                if res is not None:
+                    x, s = res
+                    sources = torch.gather(sources, 1, s.to(sources.device))
+                    changed = True
+        return x, sources, changed
 
     # ---------------------------------------------------------------- LLM layers (stage D)
     def attention_layer_for(self, layer: int) -> int:
@@ -112,6 +231,15 @@ class Adapter:
         mod = sys.modules[type(layer.self_attn).__module__]
         return mod.apply_rotary_pos_emb
 
+    def attention_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries (B, H, R, hd) of the normed rows ``h_rows`` (B, R, D) and keys (B, Hkv, L, hd) of the
+        normed sequence ``h`` (B, L, D), before rotary, with the attention module's own projections."""
+        b, r, _ = h_rows.shape
+        hd = attn.head_dim
+        q = attn.q_proj(h_rows).view(b, r, -1, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(b, h.shape[1], -1, hd).transpose(1, 2)
+        return q, k
+
     def llm_attention_rows(
         self,
         layer_idx: int,
@@ -133,11 +261,9 @@ class Adapter:
         layer = self.llm_layers()[layer_idx]
         attn = layer.self_attn
         h = layer.input_layernorm(hidden)
-        b, n, _ = h.shape
-        hd = attn.head_dim
+        b = h.shape[0]
         h_rows = torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1]))
-        q = attn.q_proj(h_rows).view(b, rows.shape[1], -1, hd).transpose(1, 2)
-        k = attn.k_proj(h).view(b, n, -1, hd).transpose(1, 2)
+        q, k = self.attention_qk(attn, h_rows, h)
         cos, sin = position_embeddings
         cos = cos.expand(b, *cos.shape[1:])
         sin = sin.expand(b, *sin.shape[1:])

@@ -7,11 +7,10 @@ the VLM prefill path never runs; this adapter's own hooks do the work. They are 
 together with the patch (through the decoder controller's ``install_hooks`` seam):
 
 * a forward pre-hook on the visual module starts a request: a fresh :class:`~vtprune.policy.Context`
-  (family ``"clip_vit"``, the patch's seed) carrying the tower depth, the last block, the token count
-  (CLS included) and ``vit_drop_cls`` (the output tokens exclude the CLS token);
+  (family ``"clip_vit"``, the patch's seed) whose ``vit`` gives the tower depth, the last block, the
+  token count (CLS included) and ``drop_cls`` (the output tokens exclude the CLS token);
 * a forward pre-hook on every block adds the proportional-attention bias ``log(size)`` over the keys
-  when a policy published token sizes (``ctx.extra["vit_log_size"]``; ``nn.MultiheadAttention``
-  blocks only);
+  when a policy published it (``ctx.attn_log_size``; ``nn.MultiheadAttention`` blocks only);
 * a forward hook on every block hands its output ``(B, N, C)`` to the policies' ``after_layer`` and
   returns the shortened tokens, tracking each token's representative (original token index);
 * after the last block the tokens are sorted by their representative's original index (unless the
@@ -26,14 +25,25 @@ Only stage-V policies that support the ``"clip_vit"`` family apply (PiToMe, ...)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..policy import Context
+from ..policy import Context, ViTInfo, VisionPolicy
 from .base import Adapter
+
+
+@dataclass
+class _ViTRequest:
+    """One forward of the tower: its Context, the policies, each token's source, the schedule."""
+
+    ctx: Context
+    policies: list[VisionPolicy]
+    src: Tensor | None = None  # (B, N) original index of each token's representative
+    sched: list[int] = field(default_factory=list)  # tokens entering each block
 
 
 def is_open_clip_vit(model: Any) -> bool:
@@ -49,7 +59,7 @@ class OpenClipViTAdapter(Adapter):
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = None
-        self._req: dict | None = None
+        self._req: _ViTRequest | None = None
 
     # ---------------------------------------------------------------- structure
     @property
@@ -62,6 +72,9 @@ class OpenClipViTAdapter(Adapter):
     def blocks(self) -> nn.ModuleList:
         return self.model.transformer.resblocks
 
+    def vit_layers(self) -> nn.ModuleList:
+        return self.blocks()
+
     @property
     def image_token_id(self) -> int:
         return -1
@@ -73,7 +86,7 @@ class OpenClipViTAdapter(Adapter):
         return getattr(self.model, "_vtprune_patch", None)
 
     # ---------------------------------------------------------------- hooks
-    def install_hooks(self) -> list:
+    def install_hooks(self, state) -> list:
         handles = [
             self.model.register_forward_pre_hook(self._start),
             self.model.register_forward_hook(self._finish),
@@ -91,9 +104,9 @@ class OpenClipViTAdapter(Adapter):
             return None
         n_blocks = len(self.blocks())
         gh, gw = self.model.grid_size
-        ctx = Context(family=self.family, seed=patch.seed)
-        ctx.extra.update(vit_layers=n_blocks, vit_last_layer=n_blocks - 1, vit_tokens=gh * gw + 1, vit_drop_cls=True)
-        self._req = {"ctx": ctx, "policies": policies, "src": None, "sched": []}
+        ctx = patch.new_context()
+        ctx.vit = ViTInfo(layers=n_blocks, last_layer=n_blocks - 1, tokens=gh * gw + 1, drop_cls=True)
+        self._req = _ViTRequest(ctx, policies)
         return None
 
     def _bias(self, layer: int, module, args, kwargs):
@@ -102,8 +115,8 @@ class OpenClipViTAdapter(Adapter):
             return None
         x = args[0] if args else kwargs.get("q_x", kwargs.get("x"))
         n = x.shape[1] if self.model.transformer.batch_first else x.shape[0]
-        req["sched"].append(n)
-        log_size = req["ctx"].extra.get("vit_log_size")
+        req.sched.append(n)
+        log_size = req.ctx.attn_log_size
         if log_size is None:
             return None
         attn = getattr(module, "attn", None)
@@ -121,22 +134,15 @@ class OpenClipViTAdapter(Adapter):
             return None
         batch_first = self.model.transformer.batch_first
         x = out if batch_first else out.transpose(0, 1)
-        if req["src"] is None:
-            req["src"] = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        changed = False
-        for p in req["policies"]:
-            if layer in p.layers(len(self.blocks())):
-                res = p.after_layer(layer, x, req["ctx"])
-                if res is not None:
-                    x, s = res
-                    req["src"] = torch.gather(req["src"], 1, s.to(x.device))
-                    changed = True
-        keep_order = not all(getattr(p, "sorted_output", True) for p in req["policies"])
-        if layer == len(self.blocks()) - 1 and req["src"] is not None and not keep_order:
-            perm = torch.argsort(req["src"], dim=1, stable=True)  # CLS (source 0) stays first
+        if req.src is None:
+            req.src = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        x, req.src, changed = self.run_vision_policies(layer, len(self.blocks()), x, req.src, req.policies, req.ctx)
+        keep_order = not all(p.sorted_output for p in req.policies)
+        if layer == len(self.blocks()) - 1 and not keep_order:
+            perm = torch.argsort(req.src, dim=1, stable=True)  # CLS (source 0) stays first
             if not torch.equal(perm, torch.arange(perm.shape[1], device=perm.device).expand_as(perm)):
                 x = torch.gather(x, 1, perm[..., None].expand(-1, -1, x.shape[-1]))
-                req["src"] = torch.gather(req["src"], 1, perm)
+                req.src = torch.gather(req.src, 1, perm)
                 changed = True
         if not changed:
             return None
@@ -146,7 +152,7 @@ class OpenClipViTAdapter(Adapter):
         req, self._req = self._req, None
         patch = self._patch()
         if req is not None and patch is not None:
-            b = int(req["src"].shape[0]) if req["src"] is not None else 0
-            patch.stats.vision_tokens_per_layer = [list(req["sched"]) for _ in range(b)]
-            patch.stats.visual_tokens_per_image = [int(req["src"].shape[1]) - 1] * b if b else []
+            b = int(req.src.shape[0]) if req.src is not None else 0
+            patch.stats.vision_tokens_per_layer = [list(req.sched) for _ in range(b)]
+            patch.stats.visual_tokens_per_image = [int(req.src.shape[1]) - 1] * b if b else []
         return None

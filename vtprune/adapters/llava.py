@@ -14,32 +14,41 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from ..policy import ImageTokens, ViTInfo
+from ..signals import VIT_SIGNALS, ViTLayer, parse_signal
+from .base import Adapter, Encoded, vit_layer_parts, vit_qk
 
-from ..attention import attention_probs, received_attention
-from ..policy import ImageTokens
-from .base import Adapter, vit_layer_parts, vit_qk
-
-VIT_SIGNAL_KINDS = ("vit_received", "vit_received_sum", "vit_cls", "vit_cls_logits", "vit_keys", "vit_hidden")
 # Not a tensor: the signal ``"projector"`` is a callable mapping vision hidden states (..., C) to LLM
 # features (..., D) with the model's own ``multi_modal_projector`` (VisionZip projects merged and CLS
-# tokens itself). Methods get the function, never the module.
+# tokens itself). Methods get the function, never the module. Every other signal is ``"kind@layer"``
+# of the plain-ViT registry ``vtprune.signals.VIT_SIGNALS``.
 PROJECTOR_SIGNAL = "projector"
 
 
-def parse_signal(name: str) -> tuple[str, int]:
-    kind, _, layer = name.partition("@")
-    return kind, int(layer)
+class VisionRun(NamedTuple):
+    """The vision side of a LLaVA-1.5 request (:meth:`LlavaAdapter.run_vision`).
+
+    features: per image, (n, D) projected features. signals: per-view signal tensors on encoder
+    tokens ((V, N) or (V, N, C)) and the projector function. sources: per image, (n,) encoder-token
+    index of each feature (None: ``encode`` recovers the layout, LLaVA-NeXT). schedule: per view,
+    the tokens entering each encoder layer.
+    """
+
+    features: list[Tensor]
+    signals: dict[str, Any]
+    sources: list[Tensor] | None
+    schedule: list[list[int]]
 
 
 class LlavaAdapter(Adapter):
     family = "llava"
     model_types = ("llava",)
     default_positions = "renumber"
+    image_input_keys = ("pixel_values", "image_sizes")
 
     # ------------------------------------------------------------ vision structure
     @property
@@ -72,12 +81,6 @@ class LlavaAdapter(Adapter):
     def project(self, hidden: Tensor) -> Tensor:
         """The model's ``multi_modal_projector`` applied to vision hidden states (..., C) -> (..., D)."""
         return self.model.model.multi_modal_projector(hidden)
-
-    def resolve_vit_layer(self, layer: int) -> int:
-        n = len(self.vit_layers())
-        if not -n <= layer < n:
-            raise ValueError(f"vision layer {layer} out of range for a {n}-layer vision tower")
-        return layer % n
 
     # ------------------------------------------------------------ encoding
     @contextmanager
@@ -114,15 +117,16 @@ class LlavaAdapter(Adapter):
         }
 
     def _signal_layers(self, signals) -> tuple[set[int], set[int]]:
+        """Vision layers whose q/k (``ins``) and outputs (``outs``) the requested signals read."""
         ins, outs = set(), set()
         for name in signals:
             if name == PROJECTOR_SIGNAL:
                 continue
             kind, layer = parse_signal(name)
-            if kind not in VIT_SIGNAL_KINDS:
-                raise ValueError(f"unknown vision signal {name!r}; kinds: {VIT_SIGNAL_KINDS}")
+            if kind not in VIT_SIGNALS:
+                raise ValueError(f"unknown vision signal {name!r}; kinds: {', '.join(VIT_SIGNALS)}")
             layer = self.resolve_vit_layer(layer)
-            (outs if kind == "vit_hidden" else ins).add(layer)
+            (outs if VIT_SIGNALS[kind].reads == "output" else ins).add(layer)
         return ins, outs
 
     @staticmethod
@@ -136,7 +140,7 @@ class LlavaAdapter(Adapter):
             return q.view(v, n, heads, -1).transpose(1, 2), k.view(v, n, heads, -1).transpose(1, 2), scale
         return vit_qk(layer, got[("in", idx)])
 
-    def _view_signals(self, signals, got) -> dict[str, Tensor]:
+    def _view_signals(self, signals, got) -> dict[str, Any]:
         """Per-view signal tensors, indexed on encoder tokens: (V, N) or (V, N, C)."""
         vit = self.vit_layers()
         out = {}
@@ -146,23 +150,13 @@ class LlavaAdapter(Adapter):
                 continue
             kind, layer = parse_signal(name)
             layer = self.resolve_vit_layer(layer)
-            if kind == "vit_hidden":
-                out[name] = got[("out", layer)]
-                continue
-            q, k, scale = self._layer_qk(vit[layer], layer, got)
-            if kind in ("vit_received", "vit_received_sum"):
-                probs = attention_probs(q, k, scale, chunk_heads=4)
-                out[name] = received_attention(probs, "mean" if kind == "vit_received" else "sum")
-            elif kind == "vit_cls":
-                out[name] = attention_probs(q[:, :, :1], k, scale).mean(1)[:, 0]
-            elif kind == "vit_cls_logits":
-                out[name] = (torch.matmul(q[:, :, :1].float(), k.float().transpose(-1, -2)) * scale).mean(1)[:, 0]
-            elif kind == "vit_keys":
-                out[name] = k.float().mean(1)
+            view = ViTLayer(index=layer, output=got.get(("out", layer)),
+                            qk=lambda l=layer: self._layer_qk(vit[l], l, got))
+            out[name] = VIT_SIGNALS[kind].fn(view)
         return out
 
-    def run_vision(self, kwargs: dict[str, Any], signals, vision_policies, ctx):
-        """Return (per-image pooled features list, per-view signals, per-image sources, stats)."""
+    def run_vision(self, kwargs: dict[str, Any], signals, vision_policies, ctx) -> VisionRun:
+        """Run the tower (with stage-V policies, layer by layer) and the projector."""
         ins, outs = self._signal_layers(signals)
         pixel_values = kwargs["pixel_values"]
         vkw = self._vision_kwargs(kwargs)
@@ -176,9 +170,9 @@ class LlavaAdapter(Adapter):
         n_layers = len(self.vit_layers())
         sched = [[n_enc] * n_layers for _ in range(pixel_values.shape[0])]
         sources = [torch.arange(f.shape[0]) + self.feature_offset() for f in feats]
-        return feats, view_sig, sources, sched
+        return VisionRun(feats, view_sig, sources, sched)
 
-    def _run_vision_stage_v(self, pixel_values, vkw, signals, policies, ctx, ins, outs):
+    def _run_vision_stage_v(self, pixel_values, vkw, signals, policies, ctx, ins, outs) -> VisionRun:
         """Stage V: run the encoder layer by layer, letting policies shrink the sequence."""
         if self.config.vision_config.model_type != "clip_vision_model":
             raise ValueError(
@@ -196,23 +190,18 @@ class LlavaAdapter(Adapter):
         got: dict[tuple[str, int], Tensor] = {}
         sched = [[] for _ in range(v)]
         # what a stage-V policy may plan with: tower depth, last layer run, tokens in, CLS dropped after
-        ctx.extra.update(vit_layers=len(vit), vit_last_layer=feat_layer, vit_tokens=n,
-                         vit_drop_cls=vkw["vision_feature_select_strategy"] == "default")
+        ctx.vit = ViTInfo(layers=len(vit), last_layer=feat_layer, tokens=n,
+                          drop_cls=vkw["vision_feature_select_strategy"] == "default")
         for l in range(feat_layer + 1):
             if l in ins:
                 got[("in", l)] = x
             for i in range(v):
                 sched[i].append(x.shape[1])
-            log_size = ctx.extra.get("vit_log_size")  # proportional attention of a merging policy
+            log_size = ctx.attn_log_size  # proportional attention of a merging policy
             bias = None if log_size is None else log_size.to(x.dtype)[:, None, None, :]
             x = vit[l](x, attention_mask=bias)
             x = x[0] if isinstance(x, tuple) else x
-            for p in policies:
-                if l in p.layers(len(vit)):
-                    res = p.after_layer(l, x, ctx)
-                    if res is not None:
-                        x, s = res
-                        src = torch.gather(src, 1, s.to(src.device))
+            x, src, _ = self.run_vision_policies(l, len(vit), x, src, policies, ctx)
             if l in outs:
                 got[("out", l)] = x
         if ins - set(range(feat_layer + 1)) or outs - set(range(feat_layer + 1)):
@@ -221,9 +210,9 @@ class LlavaAdapter(Adapter):
         if strategy == "default":
             x, src = x[:, 1:], src[:, 1:]
         feats = self.model.model.multi_modal_projector(x)
-        return list(feats), self._view_signals(signals, got), list(src), sched
+        return VisionRun(list(feats), self._view_signals(signals, got), list(src), sched)
 
-    def encode(self, kwargs, signals, vision_policies, ctx) -> tuple[list[ImageTokens], list]:
+    def encode(self, kwargs, signals, vision_policies, ctx) -> Encoded:
         feats, view_sig, sources, sched = self.run_vision(kwargs, signals, vision_policies, ctx)
         images = []
         for i, (f, src) in enumerate(zip(feats, sources)):
@@ -239,13 +228,12 @@ class LlavaAdapter(Adapter):
                     sig[name] = t
                     continue
                 sig[name] = t[i] if t.dim() == 3 else t[i][src.to(t.device)]
-            extra = {"source": src.cpu()}
+            slots, n_slots = None, None
             if vision_policies:  # the sequence shrank inside the encoder: tokens fill some placeholders
                 slots = (src - self.feature_offset()).cpu()  # the representative's placeholder
                 if torch.unique(slots).numel() != slots.numel() or bool((slots < 0).any()):
                     raise RuntimeError("a stage-V policy gave two output tokens the same representative source")
-                extra["placeholder_index"] = slots
-                extra["n_placeholders"] = self.nominal_visual_tokens()
+                n_slots = self.nominal_visual_tokens()
             images.append(
                 ImageTokens(
                     features=f,
@@ -255,10 +243,12 @@ class LlavaAdapter(Adapter):
                     grid_shapes=[(side, side)],
                     signals=sig,
                     image_index=i,
-                    extra=extra,
+                    source=src.cpu(),
+                    placeholder_index=slots,
+                    n_placeholders=n_slots,
                 )
             )
-        return images, sched
+        return Encoded(images, sched)
 
     @staticmethod
     def _grid_side(n_patches: int) -> int:
@@ -282,16 +272,6 @@ class LlavaAdapter(Adapter):
         pos = new_mask.long().cumsum(-1) - 1
         return pos.masked_fill(new_mask == 0, 0)
 
-    def build_inputs(self, kwargs, new):
-        out = dict(kwargs)
-        out.pop("pixel_values", None)
-        out.pop("image_sizes", None)
-        out["input_ids"] = new["input_ids"]
-        out["attention_mask"] = new["attention_mask"]
-        out["position_ids"] = new["position_ids"]
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=new["features"])}
-        return out
-
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
@@ -300,7 +280,9 @@ class LlavaNextAdapter(LlavaAdapter):
     def nominal_visual_tokens(self) -> int | None:
         return None
 
-    def run_vision(self, kwargs, signals, vision_policies, ctx):
+    def run_vision(self, kwargs, signals, vision_policies, ctx) -> VisionRun:
+        """Every view (base + crops) through the tower; ``sources`` is None (``encode`` recovers the
+        native layout), the schedule has one entry per view."""
         if vision_policies:
             raise ValueError("stage-V (in-encoder) policies are supported on LLaVA-1.5 only, not LLaVA-NeXT")
         ins, outs = self._signal_layers(signals)
@@ -311,19 +293,21 @@ class LlavaNextAdapter(LlavaAdapter):
                 pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True, **vkw
             )
         view_sig = self._view_signals(signals, got)
-        n_enc = out.last_hidden_state.shape[1]
-        return list(out.pooler_output), view_sig, n_enc, image_sizes, vkw
+        n_views, n_enc = out.last_hidden_state.shape[:2]
+        sched = [[n_enc] * len(self.vit_layers()) for _ in range(n_views)]
+        return VisionRun(list(out.pooler_output), view_sig, None, sched)
 
-    def encode(self, kwargs, signals, vision_policies, ctx):
+    def encode(self, kwargs, signals, vision_policies, ctx) -> Encoded:
         from transformers.models.llava_next import modeling_llava_next as mln
 
-        feats, view_sig, n_enc, image_sizes, vkw = self.run_vision(kwargs, signals, vision_policies, ctx)
+        feats, view_sig, _, enc_sched = self.run_vision(kwargs, signals, vision_policies, ctx)
+        image_sizes, vkw = kwargs["image_sizes"], self._vision_kwargs(kwargs)
+        n_enc = enc_sched[0][0]
         cfg = self.config
         off = 1 if vkw["vision_feature_select_strategy"] == "default" else 0
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         hw = side * side
-        n_layers = len(self.vit_layers())
-        images, sched, view0 = [], [], 0
+        images, view0 = [], 0
         for i, f in enumerate(feats):
             n_views = mln.image_size_to_num_patches(
                 image_size=image_sizes[i], grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size
@@ -369,10 +353,12 @@ class LlavaNextAdapter(LlavaAdapter):
                     grid_shapes=shapes,
                     signals=sig,
                     image_index=i,
-                    extra={"source": torch.where(is_nl, -1, flat), "n_views": n_views,
-                           "projector_tokens": n_views * (n_enc - off)},
+                    source=torch.where(is_nl, -1, flat),
+                    n_views=n_views,
+                    projector_tokens=n_views * (n_enc - off),
                 )
             )
-            sched.extend([[n_enc] * n_layers for _ in range(n_views)])
             view0 += n_views
-        return images, sched
+        if view0 != len(enc_sched):
+            raise RuntimeError("LLaVA-NeXT layout recovery failed: view count mismatch")
+        return Encoded(images, enc_sched)

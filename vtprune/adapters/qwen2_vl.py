@@ -18,11 +18,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-from ..attention import attention_probs
 from ..policy import ImageTokens
-from .base import Adapter
+from ..signals import PACKED_VIT_SIGNALS, PackedViTBlock, parse_signal
+from .base import Adapter, Encoded, ShortInputs
 
 
 class Qwen2VLAdapter(Adapter):
@@ -35,14 +33,13 @@ class Qwen2VLAdapter(Adapter):
     def visual(self) -> nn.Module:
         return self.model.model.visual
 
-    def vit_blocks(self) -> nn.ModuleList:
+    def vit_layers(self) -> nn.ModuleList:
+        """The vision blocks (signal layer indices refer to them)."""
         return self.visual.blocks
 
-    def resolve_vit_layer(self, layer: int) -> int:
-        n = len(self.vit_blocks())
-        if not -n <= layer < n:
-            raise ValueError(f"vision block {layer} out of range for a {n}-block vision tower")
-        return layer % n
+    def vit_blocks(self) -> nn.ModuleList:
+        """Alias of :meth:`vit_layers` (Qwen calls them blocks)."""
+        return self.vit_layers()
 
     def window_index(self, grid_thw: Tensor) -> Tensor | None:
         """Merge-unit permutation of the ViT (None: raster order, as in Qwen2-VL)."""
@@ -70,8 +67,9 @@ class Qwen2VLAdapter(Adapter):
             for h in handles:
                 h.remove()
 
-    def _received(self, block: int, x: Tensor, kw: dict, grid_thw: Tensor) -> Tensor:
-        """(n_units_total,) attention received per merge unit, in raster order (images concatenated)."""
+    def _block(self, block: int, x: Tensor, kw: dict, grid_thw: Tensor) -> PackedViTBlock:
+        """q/k of vision block ``block`` recomputed from its captured input with its own ``qkv``
+        projection and vision rotary function, and its attention segments."""
         blk = self.vit_blocks()[block]
         attn = blk.attn
         h = blk.norm1(x)
@@ -81,50 +79,41 @@ class Qwen2VLAdapter(Adapter):
         mod = sys.modules[type(attn).__module__]
         cos, sin = kw["position_embeddings"]
         q, k = mod.apply_rotary_pos_emb_vision(q, k, cos, sin)
-        cu = kw["cu_seqlens"].tolist()
-        scores = torch.zeros(n, dtype=torch.float32, device=x.device)
-        for s, e in zip(cu[:-1], cu[1:]):
-            if e <= s:
-                continue
-            qs = q[s:e].transpose(0, 1)[None]  # (1, H, T, hd)
-            ks = k[s:e].transpose(0, 1)[None]
-            probs = attention_probs(qs, ks, attn.scaling, chunk_heads=4)
-            scores[s:e] = probs[0].mean(0).sum(0)
-        m = self.config.vision_config.spatial_merge_size ** 2
-        unit = scores.view(-1, m).mean(-1)
-        widx = self.window_index(grid_thw)
-        if widx is not None:
-            unit = unit[torch.argsort(widx.to(unit.device))]
-        return unit
+        return PackedViTBlock(q=q, k=k, scale=attn.scaling, cu_seqlens=kw["cu_seqlens"].tolist(),
+                              unit=self.config.vision_config.spatial_merge_size ** 2,
+                              window_index=self.window_index(grid_thw))
 
     #: (modality, pixel key, grid key, inner-model feature function); images first, then videos
     MODALITIES = (("image", "pixel_values", "image_grid_thw", "get_image_features"),
                   ("video", "pixel_values_videos", "video_grid_thw", "get_video_features"))
+    image_input_keys = ("pixel_values", "pixel_values_videos")
 
     def visual_token_ids(self) -> dict[str, int]:
-        """Placeholder token id of each modality (``"image"``, ``"video"``)."""
         return {"image": int(self.config.image_token_id), "video": int(self.config.video_token_id)}
 
     def has_images(self, kwargs) -> bool:
         return any(kwargs.get(pix) is not None for _, pix, _, _ in self.MODALITIES)
 
-    def encode(self, kwargs, signals, vision_policies, ctx):
+    def encode(self, kwargs, signals, vision_policies, ctx) -> Encoded:
         """One ``ImageTokens`` per image, then one per video (request order within each modality).
 
-        A video is one item whose views are its temporal slices (frames after the temporal patch
-        merge, ``grid_shapes`` one per frame); ``extra["modality"]`` says which placeholder it fills.
+        A video is one item (``modality="video"``) whose views are its temporal patches
+        (``grid_shapes`` one per frame); its placeholders are the video token's.
         """
         if vision_policies:
             raise ValueError(
                 f"stage-V (in-encoder) policies are not supported on {self.family} (packed ViT); "
                 "use the stage-P variant of the method"
             )
-        blocks = {}
+        blocks: dict[str, tuple[str, int]] = {}
         for name in signals:
-            kind, _, layer = name.partition("@")
-            if kind != "vit_received":
-                raise ValueError(f"unknown Qwen vision signal {name!r}; supported: vit_received@BLOCK")
-            blocks[name] = self.resolve_vit_layer(int(layer))
+            kind, layer = parse_signal(name)
+            if kind not in PACKED_VIT_SIGNALS:
+                raise ValueError(
+                    f"unknown Qwen vision signal {name!r}; supported: "
+                    + ", ".join(f"{k}@BLOCK" for k in PACKED_VIT_SIGNALS)
+                )
+            blocks[name] = (kind, self.resolve_vit_layer(layer))
         images, sched = [], []
         for modality, pix_key, grid_key, fn in self.MODALITIES:
             if kwargs.get(pix_key) is None:
@@ -134,17 +123,20 @@ class Qwen2VLAdapter(Adapter):
                 it.image_index = len(images)
                 images.append(it)
             sched += s
-        return images, sched
+        return Encoded(images, sched)
 
     def _item_extras(self, out, index: int) -> dict:
         """Adapter-private per-item data taken from the encoder output (Qwen3-VL: DeepStack rows)."""
         return {}
 
-    def _encode_modality(self, modality: str, pixels: Tensor, grid_thw: Tensor, fn: str, blocks: dict):
-        with self._capture(set(blocks.values())) as got:
+    def _encode_modality(self, modality: str, pixels: Tensor, grid_thw: Tensor, fn: str,
+                         blocks: dict[str, tuple[str, int]]) -> tuple[list[ImageTokens], list[list[int]]]:
+        """Items and per-item encoder schedule of one modality (the model's own feature function)."""
+        with self._capture({b for _, b in blocks.values()}) as got:
             out = getattr(self.model.model, fn)(pixels, grid_thw, return_dict=True)
         feats = list(out.pooler_output)
-        sig_all = {name: self._received(b, *got[b], grid_thw) for name, b in blocks.items()}
+        sig_all = {name: PACKED_VIT_SIGNALS[kind](self._block(b, *got[b], grid_thw))
+                   for name, (kind, b) in blocks.items()}
         merge = self.config.vision_config.spatial_merge_size
         images, start = [], 0
         n_blocks = len(self.vit_blocks())
@@ -158,7 +150,9 @@ class Qwen2VLAdapter(Adapter):
             j = torch.arange(n)
             grid = torch.stack([(j % (gh * gw)) // gw, j % gw], -1)
             sig = {name: s[start : start + n] for name, s in sig_all.items()}
-            extra = {"source": j, "modality": modality, **self._item_extras(out, i)}
+            # attention segments (whole frames or windows) each block used for this item's patches
+            patch1 = patch0 + t * hh * ww
+            windows = [[e - s for s, e in zip(c[:-1], c[1:]) if patch0 <= s < patch1 and e > s] for c in cu]
             images.append(
                 ImageTokens(
                     features=f,
@@ -167,14 +161,13 @@ class Qwen2VLAdapter(Adapter):
                     grid=grid,
                     grid_shapes=[(gh, gw)] * t,
                     signals=sig,
-                    extra=extra,
+                    source=j,
+                    vision_windows=windows,
+                    modality=modality,
+                    extra=self._item_extras(out, i),
                 )
             )
             sched.append([t * hh * ww] * n_blocks)
-            # attention segments (whole frames or windows) each block used for this item's patches
-            patch1 = patch0 + t * hh * ww
-            images[-1].extra["vision_windows"] = [
-                [e - s for s, e in zip(c[:-1], c[1:]) if patch0 <= s < patch1 and e > s] for c in cu]
             patch0 = patch1
             start += n
         return images, sched
@@ -215,34 +208,31 @@ class Qwen2VLAdapter(Adapter):
             "positions='renumber' is not defined for Qwen M-RoPE positions; use positions='original' (default)"
         )
 
-    def build_inputs(self, kwargs, new):
-        out = dict(kwargs)
-        for _, pix, _, _ in self.MODALITIES:
-            out.pop(pix, None)
-        out["input_ids"] = new["input_ids"]
-        out["attention_mask"] = new["attention_mask"]
-        out["position_ids"] = new["position_ids"]
+    def build_inputs(self, kwargs, new: ShortInputs):
+        out = super().build_inputs(kwargs, new)
         if kwargs.get("mm_token_type_ids") is not None:
-            out["mm_token_type_ids"] = new["gather"](kwargs["mm_token_type_ids"], 0)
+            out["mm_token_type_ids"] = new.gather(kwargs["mm_token_type_ids"], 0)
         enc = {}
         for modality, *_ in self.MODALITIES:
-            sel = [k for k, it in enumerate(new["items"]) if it.extra["modality"] == modality]
+            sel = [k for k, it in enumerate(new.items) if it.modality == modality]
             if sel:
-                enc[modality] = self._encoder_output([new["items"][k] for k in sel],
-                                                     [new["features"][k] for k in sel],
-                                                     [new["kept_index"][k] for k in sel])
+                enc[modality] = self._encoder_output([new.items[k] for k in sel], [new.features[k] for k in sel],
+                                                     [new.kept_index[k] for k in sel])
         out["mm_encoder_outputs"] = enc
         return out
 
-    def _encoder_output(self, items: list, features: list[Tensor], kept: list[Tensor]):
+    def _encoder_output(self, items: list[ImageTokens], features: list[Tensor], kept: list[Tensor]):
         """The precomputed encoder output of one modality for the shortened sequence."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         return BaseModelOutputWithPooling(pooler_output=features)
 
     def decode_positions(self, pos: Tensor) -> Tensor:
         return pos[None].expand(3, -1, -1)
 
     def after_prefill(self, state) -> None:
-        """``rope_deltas`` so that cache-length-based decode positions continue the unpruned numbering."""
+        """``rope_deltas`` so that cache-length-based decode positions continue the unpruned numbering
+        (``state``: the request's :class:`~vtprune.state.PrefillState`)."""
         pos = state.positions  # (3|4, B, L') kept positions
         mask = state.mask
         p3 = pos[-3:] if pos.dim() == 3 else pos

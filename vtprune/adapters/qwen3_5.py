@@ -42,9 +42,6 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
 
         return BaseModelOutputWithPooling(pooler_output=features)
 
-    def install_hooks(self) -> list:
-        return []
-
     # ------------------------------------------------------------ hybrid layers
     def layer_types(self) -> list[str]:
         return list(self.language_model.config.layer_types)
@@ -79,7 +76,8 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         dec = self.llm_layers()[layer]
         return dec.linear_attn if self.layer_types()[layer] == "linear_attention" else dec.self_attn
 
-    def _qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def attention_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Qwen3.5 attention: ``q_proj`` emits (query, gate) per head; q/k norms."""
         b, r, _ = h_rows.shape
         hd = attn.head_dim
         q = attn.q_proj(h_rows).view(b, r, -1, 2 * hd)[..., :hd]  # (query, gate) per head

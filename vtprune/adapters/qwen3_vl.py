@@ -24,18 +24,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..attention import attention_probs
 from .qwen2_vl import Qwen2VLAdapter
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_types = ("qwen3_vl",)
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self._state = None
-        self._deepstack: tuple[Tensor, list[Tensor]] | None = None
 
     def num_deepstack_levels(self) -> int:
         return len(self.config.vision_config.deepstack_visual_indexes)
@@ -55,72 +49,68 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return BaseModelOutputWithDeepstackFeatures(pooler_output=features, deepstack_features=levels)
 
     # ------------------------------------------------------------ LLM attention rows
-    def _qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, H, R, hd) queries of the rows and (B, Hkv, L, hd) keys, before rotary."""
+    def attention_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Qwen3 attention: ``q_norm`` / ``k_norm`` on each head after the projections."""
         b, r, _ = h_rows.shape
         hd = attn.head_dim
         q = attn.q_norm(attn.q_proj(h_rows).view(b, r, -1, hd)).transpose(1, 2)
         k = attn.k_norm(attn.k_proj(h).view(b, h.shape[1], -1, hd)).transpose(1, 2)
         return q, k
 
-    def llm_attention_rows(self, layer_idx, hidden, position_embeddings, rows, key_mask):
-        layer = self.llm_layers()[layer_idx]
-        attn = layer.self_attn
-        h = layer.input_layernorm(hidden)
-        b = h.shape[0]
-        h_rows = torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1]))
-        q, k = self._qk(attn, h_rows, h)
-        cos, sin = position_embeddings
-        cos = cos.expand(b, *cos.shape[1:])
-        sin = sin.expand(b, *sin.shape[1:])
-        cos_r = torch.gather(cos, -2, rows[..., None].expand(-1, -1, cos.shape[-1]))
-        sin_r = torch.gather(sin, -2, rows[..., None].expand(-1, -1, sin.shape[-1]))
-        rot = self.rotary_fn(layer)
-        q, _ = rot(q, q, cos_r, sin_r)
-        k, _ = rot(k, k, cos, sin)
-        return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows)
-
     # ------------------------------------------------------------ DeepStack inside the LLM
-    def after_prefill(self, state) -> None:
-        super().after_prefill(state)
-        self._state = state
-
-    def install_hooks(self) -> list:
-        n = self.num_deepstack_levels()
-        handles = [self.language_model.register_forward_pre_hook(self._take_deepstack, with_kwargs=True),
-                   self.language_model.register_forward_hook(self._drop_deepstack)]
-        layers = self.llm_layers()
-        for i in range(min(n, len(layers))):
-            handles.append(layers[i].register_forward_hook(lambda m, a, out, i=i: self._add_deepstack(i, out)))
+    def install_hooks(self, state) -> list:
+        """A pre-hook on the language model takes DeepStack over for the request; forward hooks on the
+        first ``n_levels`` decoder layers add each level to the visual tokens still present."""
+        n = min(self.num_deepstack_levels(), self.num_llm_layers())
+        if n == 0:
+            return []
+        run = _DeepStack(self.language_model, state)
+        handles = [self.language_model.register_forward_pre_hook(run.take, with_kwargs=True),
+                   self.language_model.register_forward_hook(run.drop)]
+        for i in range(n):
+            handles.append(self.llm_layers()[i].register_forward_hook(lambda m, a, out, i=i: run.add(i, out)))
         return handles
 
-    def _take_deepstack(self, module, args, kwargs):
-        self._deepstack = None
+
+class _DeepStack:
+    """DeepStack run by the patch on the current (possibly shortened) sequence of one request."""
+
+    def __init__(self, language_model: nn.Module, state):
+        self.lm = language_model
+        self.state = state  # the patch's RequestState (read only)
+        self.taken: tuple[Tensor, list[Tensor]] | None = None
+
+    def take(self, module, args, kwargs):
+        """Language-model pre-hook: keep ``visual_pos_masks`` (B, L') and the per-level rows
+        (n_visual, D) of a patched prefill; the model itself then adds nothing."""
+        self.taken = None
         embeds = kwargs.get("deepstack_visual_embeds")
-        if embeds is None or self._state is None or not self._state.active:
+        if embeds is None or not self.state.active:
             return None
-        self._deepstack = (kwargs["visual_pos_masks"], list(embeds))
+        self.taken = (kwargs["visual_pos_masks"], list(embeds))
         kwargs["deepstack_visual_embeds"] = None
         kwargs["visual_pos_masks"] = None
         return args, kwargs
 
-    def _drop_deepstack(self, module, args, output):
-        self._deepstack = None
+    def drop(self, module, args, output):
+        self.taken = None
         return None
 
-    def _add_deepstack(self, level: int, hidden: Tensor):
-        if self._deepstack is None:
+    def add(self, level: int, hidden: Tensor):
+        """Forward hook of decoder layer ``level``: the model's own ``_deepstack_process`` at the visual
+        tokens present in that layer (``DecoderState.cur_index`` after a stage-D prune)."""
+        if self.taken is None:
             return None
-        vis, embeds = self._deepstack
-        st = self._state
+        vis, embeds = self.taken
         emb = embeds[level]
-        if st.cur_index is not None:  # the sequence was shortened inside the LLM: the surviving visual rows
-            vis = vis.to(st.cur_index.device)
+        dec = self.state.decoder
+        if dec.cur_index is not None:
+            vis = vis.to(dec.cur_index.device)
             row = (vis.flatten().long().cumsum(0) - 1).view(vis.shape)  # row of each visual position in emb
-            cur_vis = torch.gather(vis, 1, st.cur_index) & st.cur_keymask
-            emb = emb[torch.gather(row, 1, st.cur_index)[cur_vis].to(emb.device)]
+            cur_vis = torch.gather(vis, 1, dec.cur_index) & dec.cur_keymask
+            emb = emb[torch.gather(row, 1, dec.cur_index)[cur_vis].to(emb.device)]
             vis = cur_vis
-        return self.language_model._deepstack_process(hidden, vis, emb)
+        return self.lm._deepstack_process(hidden, vis, emb)
 
 
 class Qwen3VLMoeAdapter(Qwen3VLAdapter):

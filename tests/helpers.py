@@ -1,8 +1,12 @@
-"""Shared helpers of the model-level policy tests (HiPrune, VisionZip, ToDRE) on tiny random models.
+"""Shared fixtures and oracles of the model-level tests (hook layer, conformance, every method).
 
-The independent references here use *eager* encoders and ``output_attentions`` / captured eager
-attention weights and the pure kernels, never the adapter's recomputed signals; the sequence-level
-oracle (the unpatched model fed an explicitly shortened input) is ``tests/oracles.py``.
+* fixtures: cached tiny random models (:func:`tiny`), left-padded request batches (:func:`batch`);
+* runs: :func:`patched_run` (logits, new tokens, stats, policies of a patched forward + generate);
+* oracles: :func:`assert_batch_equals_alone` (a batch with left padding == each sample alone, the one
+  copy every test uses), :func:`assert_sdpa_equals_eager`, :func:`assert_matches_shortened` (the
+  unpatched model on the explicitly shortened input, ``tests/oracles.py``);
+* independent references built from *eager* encoders and the pure kernels, never the adapter's
+  recomputed signals: :func:`eager_clip`, :class:`qwen_eager_attention`, :func:`qwen_received`.
 """
 from __future__ import annotations
 
@@ -13,43 +17,69 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
-from vtprune.testing import BUILDERS, make_inputs, tiny_images
+from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
 
 from oracles import last_logits, shortened_inputs
 
 QUESTIONS = ["what is it?", "a longer question about the picture here?", "and the colour?"]
-SIZES = {
-    "llava": None,
-    "llava_next": [(56, 56), (70, 112), (112, 84)],
-    "qwen2_vl": [(112, 112), (84, 112), (56, 84)],
-    "qwen2_5_vl": [(112, 112), (84, 112), (56, 84)],
-}
+#: image sizes per family (None: the processor's fixed size)
+SIZES = {"llava": None, **{f: [(56, 56), (70, 112), (112, 84)] for f in FAMILIES if f != "llava"}}
+#: larger Qwen images for the score-based selection tests (HiPrune, VisionZip, ToDRE): every image has
+#: at least 12 merged tokens, so budgets, anchors and pivots have room
+SCORE_SIZES = {**SIZES, **{f: [(112, 112), (84, 112), (56, 84)] for f in FAMILIES if f.startswith("qwen")}}
 GEN = dict(max_new_tokens=10, do_sample=False)
 ATOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @functools.lru_cache(maxsize=None)
 def tiny(family: str, attn: str = "sdpa"):
+    """(model, processor) of the family's tiny random model, built once per session."""
     return BUILDERS[family](attn_implementation=attn)
 
 
-def batch(family: str, n: int = 2, attn: str = "sdpa", first: int = 0):
-    """A left-padded batch of ``n`` prompts with images ``first .. first + n - 1``."""
+def vtprune_hooks(model) -> list:
+    """Forward (pre-)hooks defined by vtprune code anywhere in the model (HF adds its own lazily)."""
+    found = []
+    for name, m in model.named_modules():
+        for fn in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]:
+            mod = getattr(fn, "__module__", "") or getattr(getattr(fn, "__func__", None), "__module__", "")
+            if mod.startswith(("vtprune", "methods")):
+                found.append((name, fn))
+    return found
+
+
+def no_vtprune_hooks(model) -> bool:
+    """No vtprune hook and no vtprune attribute left on the model."""
+    return not vtprune_hooks(model) and not any(
+        k.startswith("_vtprune") or k == "_supports_mm_encoder_outputs" for k in vars(model))
+
+
+def batch(family: str, n: int = 2, attn: str = "sdpa", first: int = 0, sizes: dict | None = None):
+    """(model, processor outputs) of ``n`` prompts with images ``first .. first + n - 1`` (left padded)."""
     model, proc = tiny(family, attn)
-    sizes = SIZES[family]
-    imgs = tiny_images(first + n, sizes=sizes[: first + n] if sizes else None)[first:]
+    fam_sizes = (sizes or SIZES)[family]
+    imgs = tiny_images(first + n, sizes=fam_sizes[: first + n] if fam_sizes else None)[first:]
     return model, make_inputs(family, proc, QUESTIONS[first : first + n], imgs)
 
 
-def patched_run(model, inp, spec: str, *, generate: bool = True):
-    """(last-position logits, generated new tokens or None, stats, policies) of a patched run."""
-    with vtprune.patch(model, spec) as h:
+def score_batch(family: str, n: int = 2, attn: str = "sdpa", first: int = 0):
+    """:func:`batch` with :data:`SCORE_SIZES`."""
+    return batch(family, n, attn, first, sizes=SCORE_SIZES)
+
+
+def new_tokens(gen: torch.Tensor, n_prompt: int) -> list[list[int]]:
+    return gen[:, n_prompt:].tolist()
+
+
+def patched_run(model, inp, method, *, generate: bool = True, seed: int = 0, gen: dict = GEN, **params):
+    """(last-position logits (fp32), generated new tokens or None, stats, policies) of a patched run."""
+    with vtprune.patch(model, method, seed=seed, **params) as h:
         with torch.no_grad():
             logits = model(**inp).logits
             stats = h.stats
-            gen = model.generate(**inp, **GEN) if generate else None
+            out = model.generate(**inp, **gen) if generate else None
         policies = h.policies
-    new = gen[:, inp["input_ids"].shape[1]:] if gen is not None else None
+    new = out[:, inp["input_ids"].shape[1]:] if out is not None else None
     return last_logits(logits), new, stats, policies
 
 
@@ -79,23 +109,37 @@ def assert_matches_shortened(model, family, inp, logits, new_tokens, kept, featu
         assert torch.equal(new_tokens, gref)
 
 
-def assert_batch_equals_alone(family: str, spec: str, n: int = 2):
-    model, inp = batch(family, n)
-    logits, gen, stats, _ = patched_run(model, inp, spec)
-    for i in range(n):
-        _, one = batch(family, 1, first=i)
-        l1, g1, s1, _ = patched_run(model, one, spec)
+def assert_inputs_batch_equals_alone(model, inp, singles: list, method, *, seed: int = 0, gen: dict = GEN,
+                                     **params) -> None:
+    """The batch oracle: ``inp`` (a left-padded batch) patched == each of ``singles`` (its samples, in
+    order) patched alone: last logits, generated tokens, visual tokens and kept indices per image, and
+    the per-layer visual-token schedule of each sample."""
+    assert (inp["attention_mask"] == 0).any(), "the batch must contain left padding"
+    logits, out, stats, _ = patched_run(model, inp, method, seed=seed, gen=gen, **params)
+    assert len(singles) == inp["input_ids"].shape[0]
+    for i, one in enumerate(singles):
+        l1, o1, s1, _ = patched_run(model, one, method, seed=seed, gen=gen, **params)
         torch.testing.assert_close(logits[i : i + 1], l1, rtol=1e-4, atol=1e-5)
-        assert gen[i].tolist() == g1[0].tolist()
-        assert stats.visual_tokens_per_image[i] == s1.visual_tokens_per_image[0]
+        assert out[i].tolist() == o1[0].tolist()
+        assert s1.visual_tokens_per_image == [stats.visual_tokens_per_image[i]]
         assert torch.equal(stats.kept_index_per_image[i], s1.kept_index_per_image[0])
+        assert s1.schedules[0].visual_tokens_per_layer == stats.schedules[i].visual_tokens_per_layer
 
 
-def assert_sdpa_equals_eager(family: str, spec: str):
+def assert_batch_equals_alone(family: str, method, *, attn: str = "sdpa", n: int = 2, first: int = 0,
+                              sizes: dict | None = None, **params) -> None:
+    """:func:`assert_inputs_batch_equals_alone` on :func:`batch` fixtures (images ``first ..``)."""
+    model, inp = batch(family, n, attn, first, sizes)
+    singles = [batch(family, 1, attn, first + i, sizes)[1] for i in range(n)]
+    assert_inputs_batch_equals_alone(model, inp, singles, method, **params)
+
+
+def assert_sdpa_equals_eager(family: str, method, *, sizes: dict | None = None, **params) -> None:
+    """The same kept tokens, logits (1e-4) and generated ids under SDPA and eager attention."""
     res = {}
     for attn in ("sdpa", "eager"):
-        model, inp = batch(family, attn=attn)
-        res[attn] = patched_run(model, inp, spec)
+        model, inp = batch(family, attn=attn, sizes=sizes)
+        res[attn] = patched_run(model, inp, method, **params)
     (ls, gs, ss, _), (le, ge, se, _) = res["sdpa"], res["eager"]
     assert all(torch.equal(a, b) for a, b in zip(ss.kept_index_per_image, se.kept_index_per_image))
     torch.testing.assert_close(ls, le, rtol=1e-4, atol=1e-5)
@@ -195,6 +239,7 @@ def qwen_received(family: str, inp, block: int) -> list[torch.Tensor]:
 
 
 def image_features(family: str, inp) -> list[torch.Tensor]:
+    """The unpatched model's per-image features (``oracles.image_features`` on the cached tiny model)."""
     from oracles import image_features as feats
 
     model, _ = tiny(family)
