@@ -1,8 +1,10 @@
 """Tiny randomly initialised VLMs of every supported family, built from config objects (no downloads).
 
 Used by the test suite and the demo. Each builder returns ``(model, processor)`` with a real
-processor (``LlavaProcessor``, ``LlavaNextProcessor``, ``Qwen2VLProcessor``) and a byte-level
-tokenizer that needs no files.
+processor (``LlavaProcessor``, ``LlavaNextProcessor``, ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``,
+``Qwen3VLProcessor`` for Qwen3-VL and Qwen3.5) and a byte-level tokenizer that needs no files.
+:func:`make_inputs` builds image prompts (several images per prompt with ``images_per_prompt``),
+:func:`make_video_inputs` video prompts (Qwen families) from :func:`tiny_videos`.
 """
 from __future__ import annotations
 
