@@ -11,10 +11,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from vtprune.policy import ImageTokens
+from vtprune.policy import ImageTokens, split_proportional  # noqa: F401  (re-exported for the methods)
 
 LLAVA_FAMILIES = ("llava", "llava_next")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+#: families whose vision tower is a plain ViT reached through ``adapter.vit_layers()`` (CLIP, SigLIP,
+#: DINOv2; ``vision_feature_layer`` names the feature layer)
+PLAIN_VIT_FAMILIES = LLAVA_FAMILIES + ("llava_onevision",)
+#: families whose vision tower is a packed native-resolution ViT reached through ``adapter.vit_blocks()``
+#: (no CLS token offered; 2x2 merged tokens)
+PACKED_VIT_FAMILIES = QWEN_FAMILIES + ("llava_onevision1_5",)
+#: families whose LLM takes 1-D positions (renumbered by default, as LLaVA), not M-RoPE
+ONE_D_POSITION_FAMILIES = PLAIN_VIT_FAMILIES + ("llava_onevision1_5",)
 
 
 def score_dtype(t: Tensor, dtype: torch.dtype | None = None) -> torch.dtype:

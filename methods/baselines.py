@@ -29,6 +29,8 @@ from vtprune.policy import (
 )
 from vtprune.registry import register
 
+from ._common import split_proportional
+
 
 @register
 @dataclass
@@ -171,7 +173,7 @@ class Pool(MergePolicy):
         views = image.view[cand]
         ids = sorted(set(views.tolist()))
         counts = [int((views == v).sum()) for v in ids]
-        shares = _split(n_keep, counts)
+        shares = split_proportional(n_keep, counts)
         feats, reps = [], []
         for v, share in zip(ids, shares):
             idx = cand[views == v]
@@ -186,22 +188,3 @@ class Pool(MergePolicy):
             feats.append(f)
             reps.append(idx[tl])
         return torch.cat(feats), torch.cat(reps)
-
-
-def _split(total: int, counts: list[int]) -> list[int]:
-    """Split ``total`` proportionally to ``counts`` (largest remainder), at least 1 each."""
-    n = sum(counts)
-    raw = [total * c / n for c in counts]
-    base = [max(1, int(x)) for x in raw]
-    rest = total - sum(base)
-    order = sorted(range(len(counts)), key=lambda i: (-(raw[i] - int(raw[i])), i))
-    for i in order:
-        if rest <= 0:
-            break
-        base[i] += 1
-        rest -= 1
-    while rest < 0:
-        i = max(range(len(base)), key=lambda j: base[j])
-        base[i] -= 1
-        rest += 1
-    return base

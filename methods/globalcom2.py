@@ -87,7 +87,18 @@ from torch import Tensor
 from vtprune.policy import Context, ImageTokens, TokenPolicy
 from vtprune.registry import register
 
-from ._common import QWEN_FAMILIES, ViewGrid, check_choice, score_dtype, stable_topk, view_grids
+from ._common import (
+    PACKED_VIT_FAMILIES,
+    ViewGrid,
+    check_choice,
+    llava_feature_layer,
+    score_dtype,
+    stable_topk,
+    view_grids,
+)
+
+#: families without a CLS token: only the experimental region-adaptive variant (received attention)
+_NO_CLS_FAMILIES = PACKED_VIT_FAMILIES + ("llava_onevision",)
 
 __all__ = [
     "NEWLINE",
@@ -497,9 +508,12 @@ class GlobalCom2(TokenPolicy):
     ``allow_experimental`` (Qwen region-adaptive variant); ``region_tokens`` (Qwen virtual crop side
     in merged tokens, 12 ~ 336 px); ``positions`` (stage-P convention).
 
-    Extensions: LLaVA-1.5 thumbnail-only compression (not a published setting); Qwen2/2.5-VL
-    region-adaptive variant (experimental; ``ValueError`` unless ``allow_experimental=True``; results
-    must not be reported as GlobalCom²). Deviations: no reference layout (P3/P4 bugs); per image
+    Extensions: LLaVA-1.5 thumbnail-only compression (not a published setting); Qwen2/2.5-VL and
+    LLaVA-OneVision region-adaptive variant (experimental; ``ValueError`` unless
+    ``allow_experimental=True``; results must not be reported as GlobalCom²). LLaVA-OneVision has no CLS
+    token (SigLIP): the score is the attention each patch receives in the feature layer
+    (``vit_received``, bilinearly resized with the canvas), and each view (base view, AnyRes canvas,
+    video frame) is compressed region-adaptively on its own grid. Deviations: no reference layout (P3/P4 bugs); per image
     batching (P5 fixed); model dtype (no float16 cast); ties by the lowest index.
     """
 
@@ -526,7 +540,15 @@ class GlobalCom2(TokenPolicy):
                 "LLaVA-1.5 model has a single view (no thumbnail + crops layout). Use a LLaVA-NeXT model, or "
                 "pass allow_single_view=True for the thumbnail-only extension (not a published GlobalCom² setting)"
             )
-        if family in QWEN_FAMILIES and not self.allow_experimental:
+        if family == "llava_onevision" and not self.allow_experimental:
+            raise ValueError(
+                "globalcom2 ranks LLaVA-NeXT crops by the CLS-attention logits of a CLIP tower; LLaVA-OneVision's "
+                "SigLIP tower has no CLS token and its anyres_max canvas is resized (the crops mix), and the "
+                "paper's no-CLS fallback is not published in code. Use hiprune or visionzip (received-attention "
+                "scores), or pass allow_experimental=True for the region-adaptive variant on received attention "
+                "(its results must not be reported as GlobalCom²)"
+            )
+        if family in PACKED_VIT_FAMILIES and not self.allow_experimental:
             raise ValueError(
                 f"globalcom2 is defined for LLaVA-NeXT AnyRes images (and LLaVA-1.5 thumbnail-only); on {family!r} "
                 "only the experimental region-adaptive variant exists: pass allow_experimental=True "
@@ -546,8 +568,9 @@ class GlobalCom2(TokenPolicy):
                 "available as the kernel assemble_reference)"
             )
         check_choice("globalcom2", "next_layout", self.next_layout, ("native",))
-        if family in QWEN_FAMILIES and self.crop_score != "logits":
-            raise ValueError("globalcom2 (Qwen, experimental): crop_score does not apply (received attention is used)")
+        if family in _NO_CLS_FAMILIES and self.crop_score != "logits":
+            raise ValueError(f"globalcom2 ({family}, experimental): crop_score does not apply (received attention "
+                             "is used)")
         if int(self.region_tokens) < 1:
             raise ValueError(f"globalcom2: region_tokens={self.region_tokens} must be >= 1")
         self._signal = self._signal_name(adapter)
@@ -558,8 +581,10 @@ class GlobalCom2(TokenPolicy):
         return self.thumbnail_order != "score"
 
     def _signal_name(self, adapter: Any) -> str:
-        if adapter.family in QWEN_FAMILIES:
+        if adapter.family in PACKED_VIT_FAMILIES:
             return f"vit_received@{adapter.full_attention_blocks()[-1]}"
+        if adapter.family == "llava_onevision":  # the feature layer's received attention (no CLS)
+            return f"vit_received@{llava_feature_layer(adapter, self.name, 'layer')}"
         return "vit_cls@-1" if self.crop_score == "probs" else "vit_cls_logits@-1"
 
     def required_signals(self, adapter: Any) -> dict[str, Any]:
@@ -600,9 +625,9 @@ class GlobalCom2(TokenPolicy):
         r = float(self.keep)
         score = self._score(image)
         grids = view_grids(image, family, method="globalcom2")
-        if family in QWEN_FAMILIES:
+        if family in _NO_CLS_FAMILIES:
             kept = []
-            for vg in grids:  # one temporal slice at a time
+            for vg in grids:  # one temporal slice / OneVision view (base, AnyRes canvas, frame) at a time
                 local, _ = region_adaptive_select(vg.scatter(score[vg.index]).view(vg.rows, vg.cols), r,
                                                   self.tau, int(self.region_tokens))
                 kept.append(vg.tokens_of(local))

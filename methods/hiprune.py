@@ -79,17 +79,18 @@ from typing import Any, ClassVar, Literal, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from vtprune.policy import Context, ImageTokens, TokenPolicy, resolve_budget
+from vtprune.policy import FAMILIES, Context, ImageTokens, TokenPolicy, resolve_budget
 from vtprune.registry import register
 
 from ._common import (
-    LLAVA_FAMILIES,
+    PLAIN_VIT_FAMILIES,
     QWEN_FAMILIES,
     check_choice,
     llava_feature_layer,
     resolve_layer,
     scaled_default_layer,
     score_dtype,
+    split_proportional,
     stable_topk,
     view_grids,
 )
@@ -380,7 +381,8 @@ def hiprune_select(
 # The policy
 # --------------------------------------------------------------------------------------------------
 #: paper budgets, the first of each family's evaluated list (spec section 4)
-HIPRUNE_DEFAULT_KEEP = {"llava": 192, "llava_next": 640, **{f: 0.334 for f in QWEN_FAMILIES}}
+HIPRUNE_DEFAULT_KEEP = {"llava": 192, "llava_next": 640, **{f: 0.334 for f in QWEN_FAMILIES},
+                        "llava_onevision": 0.334, "llava_onevision1_5": 0.334}  # OneVision, Qwen3: not paper settings
 
 
 @register
@@ -434,7 +436,7 @@ class HiPrune(TokenPolicy):
     description: ClassVar[str] = (
         "HiPrune: anchors (object-layer attention) + buffers + registers (deep-layer attention), stage P"
     )
-    families: ClassVar[tuple[str, ...]] = LLAVA_FAMILIES + QWEN_FAMILIES
+    families: ClassVar[tuple[str, ...]] = FAMILIES
 
     keep: int | float | None = None
     alpha: float = 0.1
@@ -474,7 +476,7 @@ class HiPrune(TokenPolicy):
         self._signal_names = self._signals_for(family, adapter)
 
     def _signals_for(self, family: str, adapter: Any) -> tuple[str, str]:
-        if family in LLAVA_FAMILIES:
+        if family in PLAIN_VIT_FAMILIES:
             depth = len(adapter.vit_layers())
             if self.object_layer is None:
                 lo = scaled_default_layer(9, 24, depth)
@@ -489,7 +491,8 @@ class HiPrune(TokenPolicy):
             kind = "vit_received" if self.score == "received" else "vit_cls"
             return f"{kind}@{lo}", f"{kind}@{ld}"
         if self.score != "received":
-            raise ValueError("hiprune: score='cls' needs a CLS token; Qwen vision towers have none (use 'received')")
+            raise ValueError("hiprune: score='cls' needs a CLS token; Qwen vision towers have none, nor does the "
+                             "packed tower of LLaVA-OneVision-1.5 offer one (use 'received')")
         depth = len(adapter.vit_blocks())
         if self.object_layer is None:
             lo = scaled_default_layer(16, 32, depth)
@@ -525,6 +528,11 @@ class HiPrune(TokenPolicy):
             if self.next_budget_split == "global":
                 return grids, [total]
             budgets = budget_per_view(total, len(grids), self.next_budget_split)
+        elif family == "llava_onevision":
+            total = resolve_budget(keep, image.num_candidates)
+            if self._joint(image):
+                return grids, [total]
+            budgets = split_proportional(total, [g.index.numel() for g in grids])
         else:  # Qwen: per image, per temporal slice for video
             budgets = [resolve_budget(keep, g.index.numel(), clamp=True) for g in grids]
         budgets = [min(b, g.index.numel()) for b, g in zip(budgets, grids)]
@@ -532,6 +540,13 @@ class HiPrune(TokenPolicy):
 
     def budget(self, image: ImageTokens) -> int:
         return sum(self._view_budgets(image)[1])
+
+    def _joint(self, image: ImageTokens) -> bool:
+        """Registers ranked over all views at once: NeXT ``next_budget_split="global"``, and a whole
+        LLaVA-OneVision video (``quota="video"``: anchors and buffers per frame, registers jointly)."""
+        if self._family == "llava_next":
+            return self.next_budget_split == "global"
+        return self._family == "llava_onevision" and image.modality == "video"
 
     # ------------------------------------------------------------ selection
     def _select_global(self, image: ImageTokens, grids, total: int, s_o_tok: Tensor, s_d_tok: Tensor) -> Tensor:
@@ -562,7 +577,7 @@ class HiPrune(TokenPolicy):
         s_o_tok = image.signals[name_o].float().cpu()
         s_d_tok = image.signals[name_d].float().cpu()
         grids, budgets = self._view_budgets(image)
-        if self._family == "llava_next" and self.next_budget_split == "global":
+        if self._joint(image):
             return self._select_global(image, grids, budgets[0], s_o_tok, s_d_tok)
         kept = []
         for g, nv in zip(grids, budgets):

@@ -104,7 +104,7 @@ from torch import Tensor
 from vtprune.policy import Context, ImageTokens, MergePolicy, VisionPolicy, resolve_budget
 from vtprune.registry import register
 
-from ._common import QWEN_FAMILIES, check_choice, score_dtype
+from ._common import PACKED_VIT_FAMILIES, QWEN_FAMILIES, check_choice, score_dtype
 
 __all__ = [
     "MergeResult",
@@ -676,11 +676,13 @@ class PiToMe(VisionPolicy):
         return super().__new__(cls)
 
     def validate(self, family: str, adapter: Any) -> None:
-        if family in QWEN_FAMILIES or family == "llava_next":
+        if family in PACKED_VIT_FAMILIES or family in ("llava_next", "llava_onevision"):
             raise ValueError(
                 f"pitome: stage-V merging is not supported on {family!r} "
                 + ("(packed, windowed ViT); use at='P' (or 'pitome-p'), the post-merger variant"
-                   if family in QWEN_FAMILIES else
+                   if family in PACKED_VIT_FAMILIES else
+                   "(SigLIP tower; stage V needs a CLIP tower); use at='P' (or 'pitome-p'), the post-merger "
+                   "variant" if family == "llava_onevision" else
                    "(per-view merging without newlines is not implemented); supported: llava, open_clip ViT")
             )
         super().validate(family, adapter)
@@ -774,7 +776,9 @@ class PiToMePost(MergePolicy):
     "PiToMe-post-merger"; not validated): repeated PiToMe steps without a CLS token on the image's
     projected tokens (:func:`post_merger_merge`) down to ``keep`` tokens; each output token takes the
     slot (and, on Qwen, the original M-RoPE position) of its representative (its B destination, or
-    itself if protected). Families: LLaVA-1.5 (``pitome:at=P``), Qwen2-VL, Qwen2.5-VL.
+    itself if protected). Families: LLaVA-1.5 (``pitome:at=P``), Qwen2-VL, Qwen2.5-VL,
+    LLaVA-OneVision (the candidate tokens of all views of an image, base view and AnyRes canvas, are
+    merged as one set; newlines kept; a video with ``quota="video"`` is merged across its frames).
 
     Fields: ``keep`` (tokens per image or a fraction, default 0.25), ``mode`` (``"mean"`` / ``"wavg"``),
     ``positions`` (stage-P convention; ``"auto"``).
@@ -782,7 +786,7 @@ class PiToMePost(MergePolicy):
 
     name: ClassVar[str] = "pitome-p"
     description: ClassVar[str] = "PiToMe post-merger: energy-based merging of the projected tokens (stage P)"
-    families: ClassVar[tuple[str, ...]] = ("llava",) + QWEN_FAMILIES
+    families: ClassVar[tuple[str, ...]] = ("llava",) + QWEN_FAMILIES + ("llava_onevision", "llava_onevision1_5")
     keep: int | float = 0.25
     mode: str = "mean"
     margin: float = 0.9

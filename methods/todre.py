@@ -55,10 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, Policy, TokenPolicy
+from vtprune.policy import FAMILIES, Context, DecoderPolicy, DecoderView, ImageTokens, Policy, TokenPolicy
 from vtprune.registry import register
 
-from ._common import LLAVA_FAMILIES, QWEN_FAMILIES, check_choice, llava_feature_layer, resolve_layer, score_dtype
+from ._common import LLAVA_FAMILIES, PLAIN_VIT_FAMILIES, check_choice, llava_feature_layer, resolve_layer, score_dtype
 
 __all__ = [
     "cls_attention",
@@ -378,7 +378,7 @@ class ToDRE(TokenPolicy):
         "ToDRE: greedy k-center diversity from a CLS pivot (stage P), then all visual tokens dropped after "
         "layer round(7L/8) if the text ignores them (stage D; relevance=off: P only)"
     )
-    families: ClassVar[tuple[str, ...]] = LLAVA_FAMILIES + QWEN_FAMILIES
+    families: ClassVar[tuple[str, ...]] = FAMILIES
 
     keep: int | float = 0.25
     diversity: str = "kcenter"
@@ -425,7 +425,7 @@ class ToDRE(TokenPolicy):
         if pivot == "auto":
             pivot = "cls" if family in LLAVA_FAMILIES else "farthest"
         signal = None
-        if family in LLAVA_FAMILIES:
+        if family in PLAIN_VIT_FAMILIES:
             depth = len(adapter.vit_layers())
             if pivot in ("cls", "attention"):
                 if pivot == "cls" and not adapter.vit_has_cls():
@@ -436,7 +436,8 @@ class ToDRE(TokenPolicy):
         else:
             if pivot == "cls":
                 raise ValueError(
-                    "todre: pivot='cls' needs a CLS token; Qwen vision towers have none "
+                    "todre: pivot='cls' needs a CLS token; Qwen vision towers have none, nor does LLaVA-OneVision-1.5 "
+                    "offer one "
                     "(use 'farthest' (default), 'center', 'random' or 'attention')"
                 )
             if pivot == "attention":
@@ -457,7 +458,8 @@ class ToDRE(TokenPolicy):
     def _pivot_index(self, image: ImageTokens, cand: Tensor, x: Tensor) -> int:
         if self._pivot in ("cls", "attention"):
             s = image.signals[self._signal].float().cpu()[cand]
-            n_base = int((image.view.cpu()[cand] == 0).sum()) if self._family == "llava_next" else None
+            multi_view = self._family in ("llava_next", "llava_onevision")  # base view first
+            n_base = int((image.view.cpu()[cand] == 0).sum()) if multi_view else None
             return cls_pivot(s, n_base=n_base or None)
         if self._pivot == "farthest":
             return farthest_pivot(x)
@@ -509,7 +511,7 @@ class ToDRERelevance(DecoderPolicy):
     description: ClassVar[str] = (
         "ToDRE stage 2: drop all visual tokens after layer round(7L/8) when the text ignores them, stage D"
     )
-    families: ClassVar[tuple[str, ...]] = LLAVA_FAMILIES + QWEN_FAMILIES
+    families: ClassVar[tuple[str, ...]] = FAMILIES
     signal_kind: ClassVar[str] = "post_visual_rows"
 
     tau: float = 0.10

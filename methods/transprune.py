@@ -93,7 +93,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, Policy
 from vtprune.registry import register
 
-from ._common import score_dtype, stable_topk
+from ._common import ONE_D_POSITION_FAMILIES, score_dtype, stable_topk
 
 __all__ = [
     "HIGH_RATIOS",
@@ -376,7 +376,7 @@ class TransPrune(DecoderPolicy):
                 raise ValueError(f"transprune: {field_name}={value!r}; choose one of {choices}")
         if self.positions not in ("auto", "original", "renumber"):
             raise ValueError(f"transprune: positions={self.positions!r}; choose one of ('auto', 'original', 'renumber')")
-        if self.positions == "renumber" and family not in ("llava", "llava_next"):
+        if self.positions == "renumber" and family not in ONE_D_POSITION_FAMILIES:
             raise ValueError(
                 f"transprune: positions='renumber' is defined for LLaVA/LLaVA-NeXT only; {family!r} uses 3-D "
                 "M-RoPE positions (contiguous renumbering is ill-defined there): use positions='original' or 'auto'"
@@ -386,7 +386,7 @@ class TransPrune(DecoderPolicy):
         """``"renumber"`` (LLaVA/LLaVA-NeXT, reference) or ``"original"`` (Qwen) for ``"auto"``."""
         if self.positions != "auto":
             return self.positions
-        return "renumber" if family in ("llava", "llava_next") else "original"
+        return "renumber" if family in ONE_D_POSITION_FAMILIES else "original"
 
     def pruning_layers(self, num_layers: int) -> list[int]:
         """0-based layers whose input is pruned: pruning after 1-based layer p = before 0-based layer p."""

@@ -58,11 +58,12 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from vtprune.policy import Context, ImageTokens, MergePolicy, check_keep_value, resolve_budget
+from vtprune.policy import FAMILIES, Context, ImageTokens, MergePolicy, check_keep_value, resolve_budget
 from vtprune.registry import register
 
 from ._common import (
     LLAVA_FAMILIES,
+    PLAIN_VIT_FAMILIES,
     QWEN_FAMILIES,
     check_choice,
     llava_feature_layer,
@@ -316,7 +317,8 @@ def visionzip_qwen(
 # The policy
 # --------------------------------------------------------------------------------------------------
 #: default budgets: LLaVA tokens per view (54 + 10, the README example), Qwen fraction (about 64/576)
-VISIONZIP_DEFAULT_KEEP = {"llava": 64, "llava_next": 64, **{f: 0.112 for f in QWEN_FAMILIES}}
+VISIONZIP_DEFAULT_KEEP = {"llava": 64, "llava_next": 64, **{f: 0.112 for f in QWEN_FAMILIES},
+                          "llava_onevision": 0.112, "llava_onevision1_5": 0.112}
 
 
 def llava_split(n_keep: int) -> tuple[int, int]:
@@ -381,7 +383,7 @@ class VisionZip(MergePolicy):
 
     name: ClassVar[str] = "visionzip"
     description: ClassVar[str] = "VisionZip: CLS-attended dominant tokens + merged contextual tokens, stage P"
-    families: ClassVar[tuple[str, ...]] = LLAVA_FAMILIES + QWEN_FAMILIES
+    families: ClassVar[tuple[str, ...]] = FAMILIES
 
     keep: int | float | None = None
     dominant: int | None = None
@@ -438,6 +440,13 @@ class VisionZip(MergePolicy):
                 "cls": f"vit_cls@{layer}", "keys": f"vit_keys@{layer}", "hidden": f"vit_hidden@{layer}",
                 "projector": "projector",
             }
+        elif family in PLAIN_VIT_FAMILIES:  # LLaVA-OneVision: SigLIP, no CLS token -> the Qwen (no-CLS) rule
+            depth = len(adapter.vit_layers())
+            if self.layer is None:
+                layer = llava_feature_layer(adapter, self.name, "layer")
+            else:
+                layer = resolve_layer(self.layer, depth, method=self.name, knob="layer")
+            self._signal_names = {"score": f"vit_received@{layer}"}
         else:
             depth = len(adapter.vit_blocks())
             if self.layer is None:

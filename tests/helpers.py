@@ -17,16 +17,30 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
-from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
+from vtprune.testing import BUILDERS, QWEN3_FAMILIES, make_inputs, tiny_images
 
 from oracles import last_logits, shortened_inputs
 
 QUESTIONS = ["what is it?", "a longer question about the picture here?", "and the colour?"]
 #: image sizes per family (None: the processor's fixed size)
-SIZES = {"llava": None, **{f: [(56, 56), (70, 112), (112, 84)] for f in FAMILIES if f != "llava"}}
+SIZES = {
+    "llava": None,
+    "llava_next": [(56, 56), (70, 112), (112, 84)],
+    "qwen2_vl": [(56, 56), (70, 112), (112, 84)],
+    "qwen2_5_vl": [(56, 56), (70, 112), (112, 84)],
+    "llava_onevision": [(56, 56), (70, 112), (150, 160)],  # the last two canvases resized (anyres_max_2)
+    "llava_onevision1_5": [(56, 56), (70, 112), (112, 84)],
+    **{f: [(56, 56), (70, 112), (112, 84)] for f in QWEN3_FAMILIES},
+}
 #: larger Qwen images for the score-based selection tests (HiPrune, VisionZip, ToDRE): every image has
 #: at least 12 merged tokens, so budgets, anchors and pivots have room
-SCORE_SIZES = {**SIZES, **{f: [(112, 112), (84, 112), (56, 84)] for f in FAMILIES if f.startswith("qwen")}}
+SCORE_SIZES = {
+    **SIZES,
+    "qwen2_vl": [(112, 112), (84, 112), (56, 84)],
+    "qwen2_5_vl": [(112, 112), (84, 112), (56, 84)],
+    "llava_onevision1_5": [(112, 112), (84, 112), (56, 84)],
+    **{f: [(112, 112), (84, 112), (56, 84)] for f in QWEN3_FAMILIES},
+}
 GEN = dict(max_new_tokens=10, do_sample=False)
 ATOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -16,24 +16,49 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
-def encoder_output(model, family: str, inputs):
+def _image_output(model, family: str, inputs):
     inner = model.model
     if family == "llava":
         return inner.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
     if family == "llava_next":
         return inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
+    if family == "llava_onevision":
+        return inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                        batch_num_images=inputs.get("batch_num_images"), return_dict=True)
     return inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
 
 
+def _video_output(model, family: str, inputs):
+    if family == "llava_onevision":
+        return model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
+    return model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
+
+
 def image_features(model, family: str, inputs) -> list[torch.Tensor]:
-    return list(encoder_output(model, family, inputs).pooler_output)
+    if inputs.get("pixel_values") is None:
+        return []
+    return list(_image_output(model, family, inputs).pooler_output)
 
 
-def deepstack_levels(model, family: str, inputs) -> list[list[torch.Tensor]] | None:
-    """Qwen3-VL: per DeepStack level, the per-image features; None for other families."""
-    if not family.startswith("qwen3_vl"):
-        return None
-    return [list(level) for level in encoder_output(model, family, inputs).deepstack_features]
+def video_features(model, family: str, inputs) -> list[torch.Tensor]:
+    """Per video, the features the model scatters into its video placeholders."""
+    if inputs.get("pixel_values_videos") is None:
+        return []
+    return list(_video_output(model, family, inputs).pooler_output)
+
+
+def visual_items(model, family: str, inputs) -> list[tuple[str, torch.Tensor, list[torch.Tensor] | None]]:
+    """(modality, features, Qwen3-VL DeepStack rows per level or None) of every image, then every video,
+    in request order."""
+    items = []
+    for modality, key, run in (("image", "pixel_values", _image_output), ("video", "pixel_values_videos", _video_output)):
+        if inputs.get(key) is None:
+            continue
+        out = run(model, family, inputs)
+        levels = getattr(out, "deepstack_features", None)  # Qwen3-VL only
+        items += [(modality, f, None if levels is None else [lvl[i] for lvl in levels])
+                  for i, f in enumerate(out.pooler_output)]
+    return items
 
 
 def full_positions(model, family: str, inputs) -> torch.Tensor:
@@ -49,39 +74,22 @@ def full_positions(model, family: str, inputs) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-def _items(model, family: str, inputs) -> list[tuple[str, torch.Tensor, list[torch.Tensor] | None]]:
-    """(modality, features, DeepStack rows per level or None) of every image, then every video."""
-    out = []
-    if inputs.get("pixel_values") is not None:
-        enc = encoder_output(model, family, inputs)
-        levels = deepstack_levels(model, family, inputs)
-        out += [("image", f, None if levels is None else [lvl[i] for lvl in levels])
-                for i, f in enumerate(enc.pooler_output)]
-    if inputs.get("pixel_values_videos") is not None:
-        enc = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
-        levels = getattr(enc, "deepstack_features", None)
-        out += [("video", f, None if levels is None else [lvl[i] for lvl in levels])
-                for i, f in enumerate(enc.pooler_output)]
-    return out
-
-
 def shortened_inputs(model, family: str, inputs, kept: list[torch.Tensor], *, positions: str):
-    """Build the explicitly shortened batch: same prompts, only the kept image / video tokens.
+    """Build the explicitly shortened batch: same prompts, only the kept image (and video) tokens.
 
-    ``kept[i]``: indices (into item i's native tokens; items = the images, then the videos, in request
-    order) of the tokens kept, in order. Each modality fills its own placeholders in order. Returns
-    kwargs for ``model(...)`` / ``model.generate(...)``, left padded.
+    ``kept[i]``: indices (into item i's native tokens) of the tokens kept, in order; items are the
+    images, then the videos, of the request (:func:`visual_items`); each modality fills its own
+    placeholders in order, and Qwen3-VL's DeepStack levels keep the same rows as the features.
+    Returns kwargs for ``model(...)`` / ``model.generate(...)``, left padded.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    tok = {"image": model.config.image_token_id}
-    if family.startswith("qwen"):
-        tok["video"] = model.config.video_token_id
-    items = _items(model, family, inputs)
+    tok = {"image": model.config.image_token_id, "video": getattr(model.config, "video_token_id", -1)}
+    items = visual_items(model, family, inputs)
     pos = full_positions(model, family, inputs)
     rows = []
     queues = {m: [k for k, it in enumerate(items) if it[0] == m] for m in tok}
     taken = {m: 0 for m in tok}
-    visual = torch.isin(ids, torch.tensor(list(tok.values())))
+    visual = torch.isin(ids, torch.tensor(list(tok.values()), dtype=ids.dtype))
     for b in range(ids.shape[0]):
         valid = torch.nonzero(mask[b]).flatten()
         keep_cols = []
@@ -113,13 +121,15 @@ def shortened_inputs(model, family: str, inputs, kept: list[torch.Tensor], *, po
         if not sel:
             continue
         feats = [items[k][1][kept[k]] for k in sel]
-        if items[sel[0]][2] is None:
-            enc[m] = BaseModelOutputWithPooling(pooler_output=feats)
-        else:  # the same rows of every DeepStack level
+        if items[sel[0]][2] is not None:  # the same rows of every DeepStack level
             from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
             levels = [[items[k][2][lvl][kept[k]] for k in sel] for lvl in range(len(items[sel[0]][2]))]
             enc[m] = BaseModelOutputWithDeepstackFeatures(pooler_output=feats, deepstack_features=levels)
+        elif m == "video" and family == "llava_onevision":  # it scatters ``pooler_output.flatten(0, 1)``
+            enc[m] = BaseModelOutputWithPooling(pooler_output=torch.cat(feats)[None])
+        else:
+            enc[m] = BaseModelOutputWithPooling(pooler_output=feats)
     out = {"input_ids": new_ids, "attention_mask": new_mask, "mm_encoder_outputs": enc}
     if positions == "original":
         out["position_ids"] = new_pos

@@ -48,11 +48,17 @@ UNSUPPORTED = {
     ("globalcom2", "llava"): "single view",
     ("globalcom2", "qwen2_vl"): "defined for LLaVA-NeXT",
     ("globalcom2", "qwen2_5_vl"): "defined for LLaVA-NeXT",
+    ("pitome", "llava_onevision"): "use at='P'",
+    ("globalcom2", "llava_onevision"): "no CLS token.*allow_experimental=True",
+    ("pitome", "llava_onevision1_5"): "use at='P'",
+    ("globalcom2", "llava_onevision1_5"): "allow_experimental=True",
     **{("pitome", f): "use at='P'" for f in QWEN3_FAMILIES},
     **{("globalcom2", f): "defined for LLaVA-NeXT" for f in QWEN3_FAMILIES},
 }
 QUESTIONS = ["what is it?", "a longer question about the picture here?"]
-SIZES = {"llava": None, **{f: [(70, 112), (112, 84)] for f in FAMILIES if f != "llava"}}
+SIZES = {"llava": None, "llava_next": [(70, 112), (112, 84)], "qwen2_vl": [(70, 112), (112, 84)],
+         "qwen2_5_vl": [(70, 112), (112, 84)], "llava_onevision": [(70, 112), (150, 160)],
+         "llava_onevision1_5": [(70, 112), (112, 84)], **{f: [(70, 112), (112, 84)] for f in QWEN3_FAMILIES}}
 GEN = dict(max_new_tokens=10, do_sample=False)
 SUPPORTED = [(m, f) for m in SPECS for f in FAMILIES if (m, f) not in UNSUPPORTED]
 

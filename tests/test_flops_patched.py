@@ -60,11 +60,11 @@ def test_reported_flops_equal_counted_flops(family, spec):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5_moe"])
 def test_reported_flops_equal_counted_flops_with_video(family, spec):
     """An image and a video in one prompt: vision per frame, merger (and DeepStack), LLM all counted."""
-    from vtprune.testing import make_video_inputs, tiny_videos
+    from vtprune.testing import make_video_inputs, tiny_video
 
     model, proc = BUILDERS[family]()
     model.requires_grad_(False)
-    inp = make_video_inputs(family, proc, ["what happens here?"], tiny_videos(1, shapes=[(6, 84, 56)]),
+    inp = make_video_inputs(family, proc, ["what happens here?"], [tiny_video(6, 1, (84, 56))],
                             images=tiny_images(1, sizes=[(70, 112)]))
     with vtprune.patch(model, spec) as h:
         with torch.no_grad(), flop_counter.FlopCounterMode(display=False) as fc:

@@ -8,13 +8,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtprune
-from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
+from vtprune.testing import BUILDERS, FAMILIES, QWEN3_FAMILIES, make_inputs, tiny_images
 
 from helpers import assert_inputs_batch_equals_alone, no_vtprune_hooks as _no_hooks, vtprune_hooks as _vtprune_hooks
 from oracles import last_logits, shortened_inputs, stage_d_reference
 
 QUESTIONS = ["what is it?", "a longer question about the picture here?", "and the colour?"]
-SIZES = {"llava": None, **{f: [(56, 56), (70, 112), (112, 84)] for f in FAMILIES if f != "llava"}}
+SIZES = {"llava": None, "llava_next": [(56, 56), (70, 112), (112, 84)],
+         "qwen2_vl": [(56, 56), (70, 112), (112, 84)], "qwen2_5_vl": [(56, 56), (70, 112), (112, 84)],
+         "llava_onevision": [(56, 56), (70, 112), (150, 160)], "llava_onevision1_5": [(56, 56), (70, 112), (112, 84)],
+         **{f: [(56, 56), (70, 112), (112, 84)] for f in QWEN3_FAMILIES}}
 GEN = dict(max_new_tokens=20, do_sample=False)
 
 
@@ -179,7 +182,7 @@ def test_fastv_selection_hand_example():
 
 def test_fastv_last_row_equals_eager_attention():
     """The recomputed last-token row equals output_attentions of an eager run (recompute oracle)."""
-    for family in ("llava", "qwen2_vl"):
+    for family in ("llava", "qwen2_vl", "llava_onevision1_5"):  # Qwen3: q/k norms
         model, inp = batch(family, n=1, attn="eager")
         captured = {}
         adapter = vtprune.adapters.get_adapter(model)

@@ -15,8 +15,8 @@ import torch
 
 import vtprune
 from vtprune.policy import TokenPolicy
-from vtprune.quota import split_budget
-from vtprune.testing import BUILDERS, make_inputs, make_video_inputs, tiny_images, tiny_videos
+from vtprune.policy import split_proportional
+from vtprune.testing import BUILDERS, make_inputs, make_video_inputs, tiny_images, tiny_video
 
 from oracles import last_logits, set_features, shortened_inputs, stage_d_reference
 
@@ -35,7 +35,7 @@ def _model(family: str):
 
 def _inputs(family: str, idx=(0, 1), with_images: bool = True):
     model, proc = _model(family)
-    vids = [tiny_videos(2, shapes=VIDEOS)[i] for i in idx]
+    vids = [tiny_video(VIDEOS[i][0], i, VIDEOS[i][1:]) for i in idx]
     imgs = [tiny_images(2, sizes=IMAGES)[i] for i in idx] if with_images else None
     return model, make_video_inputs(family, proc, [QUESTIONS[i] for i in idx], vids, images=imgs, fps=4.0)
 
@@ -146,24 +146,21 @@ def test_quota_frame_gives_each_frame_its_share_and_video_ranks_jointly(family):
 
 
 def test_quota_int_budget_is_split_over_frames():
-    assert split_budget(5, [6, 6, 6]) == [2, 2, 1]
-    assert split_budget(9, [6, 6, 6]) == [3, 3, 3]
-    assert split_budget(7, [2, 6]) == [2, 5]
-    assert split_budget(3, [1, 1, 8]) == [1, 1, 1]
-    with pytest.raises(ValueError, match="at least one per frame"):
-        split_budget(2, [6, 6, 6])
+    assert split_proportional(5, [6, 6, 6]) == [2, 2, 1]
+    assert split_proportional(9, [6, 6, 6]) == [3, 3, 3]
+    assert split_proportional(3, [1, 1, 8]) == [1, 1, 1]
     model, inp = _inputs("qwen2_vl", with_images=False)
     with vtprune.patch(model, _FirstTokens(keep=5, quota="frame")) as h, torch.no_grad():
         model(**inp)
     assert [_per_frame(k, 6, n) for k, n in zip(h.stats.kept_index_per_image, (2, 3))] == [[3, 2], [2, 2, 1]]
-    with pytest.raises(ValueError, match="quota='video'"):
+    with pytest.raises(ValueError, match="cannot give each of the 3 frames a token; use quota='video'"):
         with vtprune.patch(model, _FirstTokens(keep=2, quota="frame")), torch.no_grad():
             model(**inp)
 
 
 def test_bad_quota_is_refused():
     model, _ = _inputs("qwen2_vl")
-    with pytest.raises(ValueError, match="choose 'video'.*or 'frame'"):
+    with pytest.raises(ValueError, match=r"quota='clip'; choose one of \('video', 'frame'\)"):
         vtprune.patch(model, "random:keep=0.5,quota=clip")
     assert not hasattr(model, "_vtprune_patch")
 
@@ -220,7 +217,8 @@ def test_video_timestamps_keep_their_tokens_and_positions(family):
 def test_several_images_per_prompt_have_per_image_quotas(family):
     model, proc = _model(family)
     sizes = [(56, 56), (70, 112), (112, 84), (56, 84)]
-    inp = make_inputs(family, proc, QUESTIONS, tiny_images(4, sizes=sizes), images_per_prompt=2)
+    imgs = tiny_images(4, sizes=sizes)
+    inp = make_inputs(family, proc, QUESTIONS, [imgs[:2], imgs[2:]])
     logits, gen, stats, _ = _run(model, inp, "random:keep=0.5")
     assert stats.visual_tokens_in_per_image == [4, 8, 12, 6]
     assert stats.visual_tokens_per_image == [2, 4, 6, 3]  # each image keeps its own half
@@ -232,8 +230,7 @@ def test_several_images_per_prompt_have_per_image_quotas(family):
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(gen, gref)
     for i in range(2):  # == each sample alone
-        one = make_inputs(family, proc, [QUESTIONS[i]], tiny_images(4, sizes=sizes)[2 * i : 2 * i + 2],
-                          images_per_prompt=2)
+        one = make_inputs(family, proc, [QUESTIONS[i]], [imgs[2 * i : 2 * i + 2]])
         l1, g1, _, _ = _run(model, one, "random:keep=0.5")
         torch.testing.assert_close(logits[i : i + 1], l1, rtol=1e-4, atol=1e-5)
         assert gen[i].tolist() == g1[0].tolist()

@@ -22,7 +22,6 @@ from .adapters import get_adapter
 from .adapters.base import ShortInputs
 from .decoder import DecoderController
 from .policy import Context, DecoderPolicy, ImageTokens, Policy, TokenPolicy, VisionPolicy
-from .quota import apply_with_quota
 from .schedule import TokenSchedule
 from .state import PrefillState, RequestState, SampleAccounting
 
@@ -234,6 +233,7 @@ class Patch:
             position_ids=new_pos,
             features=sel.features,
             gather=packed.gather,
+            modalities=[img.modality for img in images],
             items=images,
             kept_index=sel.kept_index,
         ))
@@ -286,7 +286,7 @@ class Patch:
             clamped = False
             for p in self.token_policies:
                 clamped |= p.budget_clamped(cur, ctx.family)
-                o, feats = apply_with_quota(p, cur, ctx)
+                o, feats = p.run(cur, ctx)  # per frame of a video with quota="frame"
                 cur = cur.subset(o, feats)
                 order = order[o]
             slot = img.placeholder_index  # stage V: which placeholder each token fills
@@ -389,36 +389,38 @@ class Patch:
         return mode
 
     def _image_spans(self, ids: Tensor, mask: Tensor, images: list[ImageTokens]) -> list[tuple[int, Tensor]]:
-        """Assign each item its placeholder columns: (sample index, (n_i,) columns), aligned with ``images``.
+        """Assign each image (or video) its placeholder columns: (sample index, (n_i,) columns).
 
-        Each modality (``ImageTokens.modality``: image, video) fills its own placeholder token
-        (``Adapter.visual_token_ids``), in request order: an item takes the next ``n`` placeholders of
-        its modality in its sample, contiguous or not (Qwen3-VL writes a timestamp before every frame).
+        Each modality fills its own placeholder token in order, as the model scatters its features:
+        the k-th image of the request takes the next image placeholders, videos likewise
+        (``Adapter.visual_token_ids``).
         """
         spans: list = [None] * len(images)
-        for modality, tok in self.adapter.visual_token_ids().items():
+        for modality, token_id in self.adapter.visual_token_ids().items():
             queue = [k for k, img in enumerate(images) if img.modality == modality]
-            is_tok = (ids == tok) & mask.bool()
-            q = 0
+            n_items = len(queue)
+            is_tok = (ids == token_id) & mask.bool()
             for i in range(ids.shape[0]):
                 cols = torch.nonzero(is_tok[i]).flatten()
                 start = 0
                 while start < cols.numel():
-                    if q >= len(queue):
+                    if not queue:
                         raise ValueError(f"more {modality} placeholder tokens than {modality} features; "
                                          "check the processor output")
-                    k = queue[q]
+                    k = queue.pop(0)
                     n = images[k].n_placeholders if images[k].n_placeholders is not None else images[k].num_tokens
                     if start + n > cols.numel():
                         raise ValueError(
-                            f"{modality} {q} has {n} features but sample {i} has only {cols.numel() - start} "
+                            f"{modality} {k} has {n} features but sample {i} has only {cols.numel() - start} "
                             "placeholders left; check the processor output"
                         )
                     spans[k] = (i, cols[start : start + n])
                     start += n
-                    q += 1
-            if q != len(queue):
-                raise ValueError(f"{len(queue)} {modality} inputs but placeholders for {q}; check the processor output")
+            if queue:
+                raise ValueError(f"{n_items} {modality}s but placeholders for {n_items - len(queue)}; "
+                                 "check the processor output")
+        if any(s is None for s in spans):
+            raise ValueError("an encoded item has a modality without placeholders; check the adapter")
         return spans
 
     def _finish_stats(self) -> None:
@@ -485,7 +487,7 @@ class Patch:
 
 
 def _visual_mask(ids: Tensor, adapter) -> Tensor:
-    """(B, L) bool: placeholder tokens of any visual modality of the adapter's family."""
+    """(B, L) bool: placeholder tokens of any visual modality."""
     vis = torch.tensor(list(adapter.visual_token_ids().values()), dtype=ids.dtype, device=ids.device)
     return torch.isin(ids, vis)
 

@@ -75,9 +75,9 @@ CONVENTION = (
     "decode per token at actual cache lengths, LM head separate (§5)"
 )
 
-_LLAVA_TYPES = ("llava", "llava_next")
+_LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
 _QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-_QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl") + _QWEN3_TYPES
+_QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision1_5") + _QWEN3_TYPES
 GDN_CHUNK = 64  # chunk of transformers' (and FLA's) chunked gated delta rule
 
 
@@ -360,18 +360,31 @@ def qwen_vision_segments(model_or_config: Any, grid_thw: Sequence[Sequence[int]]
     return [list(full) if b in fullatt else list(windows) for b in range(depth)]
 
 
-def _qwen_vision_flops(config: Any, schedule: TokenSchedule) -> float:
-    """2 x MACs of the Qwen2-VL / Qwen2.5-VL ViT blocks that ran plus the Conv3d patch embedding."""
+def _packed_vit_dims(config: Any) -> tuple[int, int, int, int]:
+    """(width, MLP MACs per token, patch-embedding inputs per patch, CLS tokens per frame) of a packed ViT."""
     vc = config.vision_config
-    qwen25 = config.model_type == "qwen2_5_vl"
+    mt = config.model_type
+    if mt == "llava_onevision1_5":  # RICE-ViT: GELU MLP, Conv2d patches, one CLS token per frame
+        c = int(vc.hidden_size)
+        return c, 2 * c * int(vc.intermediate_size), int(vc.in_channels) * int(vc.patch_size) ** 2, 1
+    if mt in _QWEN3_TYPES:  # Qwen3-VL / Qwen3.5: 2-matrix MLP, Conv3d patches
+        c = int(vc.hidden_size)
+        return c, 2 * c * int(vc.intermediate_size), int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2, 0
+    qwen25 = mt == "qwen2_5_vl"
     c = int(vc.hidden_size if qwen25 else vc.embed_dim)
     mlp = 3 * c * int(vc.intermediate_size) if qwen25 else 2 * c * int(c * vc.mlp_ratio)
-    patch_in = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
+    return c, mlp, int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2, 0
+
+
+def _qwen_vision_flops(config: Any, schedule: TokenSchedule) -> float:
+    """2 x MACs of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (LLaVA-OneVision-1.5) ViT blocks that
+    ran plus the patch embedding."""
+    c, mlp, patch_in, cls = _packed_vit_dims(config)
     views = schedule.vision_tokens_per_layer
     mac = 0
     for layers in views:
         if layers:
-            mac += layers[0] * patch_in * c
+            mac += (layers[0] - cls) * patch_in * c
         for p in layers:
             mac += 4 * p * c * c + p * mlp
     segs = schedule.vision_windows
@@ -380,28 +393,6 @@ def _qwen_vision_flops(config: Any, schedule: TokenSchedule) -> float:
             mac += sum(2 * s * s * c for s in block)
     else:  # full attention within each view
         for layers in views:
-            mac += sum(2 * p * p * c for p in layers)
-    return 2.0 * mac
-
-
-def _qwen3_vision_flops(config: Any, schedule: TokenSchedule) -> float:
-    """2 x MACs of the Qwen3-VL / Qwen3.5 ViT blocks that ran (2-matrix MLP) plus the Conv3d patch
-    embedding; attention over ``schedule.vision_windows`` (each frame), else full per view."""
-    vc = config.vision_config
-    c = int(vc.hidden_size)
-    mlp = 2 * c * int(vc.intermediate_size)
-    patch_in = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
-    mac = 0
-    for layers in schedule.vision_tokens_per_layer:
-        if layers:
-            mac += layers[0] * patch_in * c
-        for p in layers:
-            mac += 4 * p * c * c + p * mlp
-    if schedule.vision_windows:
-        for block in schedule.vision_windows:
-            mac += sum(2 * s * s * c for s in block)
-    else:
-        for layers in schedule.vision_tokens_per_layer:
             mac += sum(2 * p * p * c for p in layers)
     return 2.0 * mac
 
@@ -417,9 +408,8 @@ def _projector_flops(config: Any, tokens: int) -> float:
         return 2.0 * tokens * (int(config.vision_config.hidden_size) * n_feat * d + d * d)
     if mt in _QWEN_TYPES:
         vc = config.vision_config
-        qwen2 = mt == "qwen2_vl"
-        c = int(vc.embed_dim if qwen2 else vc.hidden_size)
-        out = int(vc.hidden_size if qwen2 else vc.out_hidden_size)
+        c = _packed_vit_dims(config)[0]
+        out = int(vc.hidden_size if mt == "qwen2_vl" else vc.out_hidden_size)
         h = c * int(vc.spatial_merge_size) ** 2
         mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or [])  # Qwen3-VL DeepStack mergers
         return 2.0 * tokens * mergers * (h * h + h * out)
@@ -432,8 +422,6 @@ def _vision_flops(config: Any, schedule: TokenSchedule) -> float:
         return 0.0
     if mt in _LLAVA_TYPES:
         return _vit_flops(config.vision_config, schedule.vision_tokens_per_layer)
-    if mt in _QWEN3_TYPES:
-        return _qwen3_vision_flops(config, schedule)
     if mt in _QWEN_TYPES:
         return _qwen_vision_flops(config, schedule)
     if mt.startswith(("clip", "siglip", "dinov2")):  # a bare vision config
@@ -578,7 +566,8 @@ def nominal_schedule(
         grid = [tuple(int(x) for x in g) for g in image_grid_thw]
         nl = vision_layers if vision_layers is not None else int(vc.depth)
         # one view per frame: full attention and the Conv3d patch embedding act per frame
-        s.vision_tokens_per_layer = [[h * w] * nl for t, h, w in grid for _ in range(t)]
+        cls = _packed_vit_dims(config)[3]  # LLaVA-OneVision-1.5: a CLS token per frame
+        s.vision_tokens_per_layer = [[h * w + cls] * nl for t, h, w in grid for _ in range(t)]
         if mt == "qwen2_5_vl":
             s.vision_windows = qwen_vision_segments(config, grid)[:nl]
         merged = [t * h * w // (ms * ms) for t, h, w in grid]

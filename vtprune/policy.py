@@ -13,6 +13,7 @@ tokens of LLaVA-NeXT are always kept outside the budget. Methods never touch a m
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -23,10 +24,11 @@ from torch import Tensor
 
 STAGES = ("V", "P", "D")
 POSITION_MODES = ("auto", "original", "renumber")
-#: how a stage-P budget spreads over a video's frames (``TokenPolicy.quota``, ``vtprune/quota.py``)
+#: how a stage-P budget applies to a video: ranked over all frames, or each frame keeps its share
 QUOTAS = ("video", "frame")
 #: the VLM families of ``vtprune.adapters`` (``Adapter.family``); a policy supports all unless it narrows
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_onevision1_5",
+            "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 T = TypeVar("T")
 
 
@@ -46,11 +48,8 @@ class ImageTokens:
         grid_shapes: per view, (rows, cols) of its token grid.
         signals: per-token evidence requested by the policies, each a tensor whose first dim is n
             (e.g. ``"vit_received@8"`` (n,)), plus per-view entries under other names.
-        image_index: index of the item in the request: the images, then the videos (all samples
-            flattened).
+        image_index: index of the image in the request (all samples flattened).
         sample_index: index of the sample the image belongs to.
-        modality: ``"image"`` or ``"video"`` (a video's views are its frames: temporal patches), i.e.
-            which placeholder token of the prompt the item fills.
         index_in_sample: index of the image within its sample (the key of per-image random draws, so
             that a sample gives the same draw alone or in a batch). Set by the patch.
         source: (n,) long, encoder-token index of each token (-1 for newlines), or None.
@@ -60,6 +59,8 @@ class ImageTokens:
         n_views: encoder views of this image (LLaVA-NeXT: base + crops).
         projector_tokens: tokens that went through the projector / merger; None: ``n``.
         vision_windows: Qwen2.5-VL: per vision block, the attention segment lengths of this image.
+        modality: ``"image"``, ``"video"`` (views = frames; the item fills the model's video
+            placeholders) or ``"frame"`` (one frame of a video handed alone, ``quota="frame"``).
         extra: adapter-private bookkeeping; policies never read it.
     """
 
@@ -292,9 +293,13 @@ class TokenPolicy(Policy):
             subclass may default it to None and give per-family defaults in ``default_keep``.
         positions: ``"auto"`` (the family's reference convention: LLaVA renumbers, Qwen keeps the
             original M-RoPE positions), ``"original"`` or ``"renumber"``.
-        quota: how a video's budget is spread over its frames: ``"video"`` (the whole video at once,
-            ranked jointly) or ``"frame"`` (each frame an image of its own with its share); see
-            ``vtprune/quota.py``. Images are not affected.
+        quota: videos only; ``keep`` is the budget of the whole video either way. ``"video"`` (None,
+            the default): the policy gets the whole video (its views are the frames) and ranks the
+            tokens of all frames jointly; a method defined on a view's grid keeps its own per-view
+            rule. ``"frame"``: every frame is handed to the policy as an image of its own that keeps
+            its share: a float ``keep`` is applied to each frame (the policy's own budget rule per
+            frame), an int ``keep`` is split over the frames in proportion to their candidate tokens
+            (largest remainder, at least one each). Images are one unit each, whatever the quota.
 
     An int ``keep`` larger than the model's fixed tokens per image (LLaVA-1.5) is a ``ValueError`` at
     ``patch()``. On dynamic-resolution models (LLaVA-NeXT, Qwen, DINOv2 towers) an image may have fewer
@@ -307,7 +312,7 @@ class TokenPolicy(Policy):
     default_keep: ClassVar[dict[str, int | float]] = {}
     keep: int | float = 64
     positions: str = "auto"
-    quota: str = "video"
+    quota: str | None = None
 
     def keep_for(self, family: str) -> int | float:
         """``keep``, or the family's entry of ``default_keep`` when ``keep`` is None."""
@@ -321,9 +326,8 @@ class TokenPolicy(Policy):
         super().validate(family, adapter)
         self.validate_keep(family, adapter)
         self.validate_positions(family, adapter)
-        if self.quota not in QUOTAS:
-            raise ValueError(f"{self.name}: quota={self.quota!r}; choose 'video' (budget shared by the frames, "
-                             "ranked jointly) or 'frame' (each frame keeps its share)")
+        if self.quota is not None and self.quota not in QUOTAS:
+            raise ValueError(f"{self.name}: quota={self.quota!r}; choose one of {QUOTAS} (how a video's budget applies)")
 
     def validate_keep(self, family: str, adapter: Any) -> None:
         """The budget's type and range; an int must fit a fixed-resolution model's tokens per image.
@@ -355,6 +359,42 @@ class TokenPolicy(Policy):
         keep = self.keep_for(family)
         return isinstance(keep, int) and not isinstance(keep, bool) and keep > image.num_candidates
 
+    def _with_keep(self, keep: int) -> "TokenPolicy":
+        """A shallow copy whose budget is ``keep`` (the state resolved by :meth:`validate` is shared)."""
+        out = copy.copy(self)
+        out.keep = keep
+        return out
+
+    def run(self, image: ImageTokens, ctx: Context) -> tuple[Tensor, Tensor | None]:
+        """:meth:`apply` on each quota unit of ``image`` (one per video frame with ``quota="frame"``,
+        else the whole image), combined into one ``(order, features)`` over the image's tokens."""
+        if self.quota != "frame" or image.modality != "video":
+            return self.apply(image, ctx)
+        view = image.view.cpu()
+        frames = sorted(set(view[view >= 0].tolist()))
+        index = [torch.nonzero(view == f).flatten() for f in frames]
+        policies = [self] * len(frames)
+        if isinstance(self.keep, int) and not isinstance(self.keep, bool):  # the video's count, shared out
+            counts = [int(image.candidate.cpu()[i].sum()) for i in index]
+            if self.keep < len(frames):
+                raise ValueError(f"{self.name}: keep={self.keep} cannot give each of the {len(frames)} frames a "
+                                 "token; use quota='video' or a larger keep")
+            policies = [self._with_keep(k) for k in split_proportional(min(self.keep, sum(counts)), counts)]
+        orders, feats, merged = [], [], False
+        for f, idx, pol in zip(frames, index, policies):
+            unit = frame_unit(image, idx, f)
+            o, ft = pol.apply(unit, ctx)
+            orders.append(idx[o])
+            feats.append(unit.features[o.to(unit.features.device)] if ft is None else ft)
+            merged |= ft is not None
+        rest = torch.nonzero(image.view.cpu() < 0).flatten()  # newline tokens of no frame: always kept
+        if bool(image.candidate.cpu()[rest].any()):
+            raise RuntimeError("a video token outside every frame is a candidate")
+        order = torch.cat(orders + [rest])
+        if not merged:
+            return order, None
+        return order, torch.cat(feats + [image.features[rest.to(image.features.device)]])
+
     def select(self, image: ImageTokens, n_keep: int, ctx: Context) -> Tensor:  # pragma: no cover
         """Return (n_keep,) long indices into ``image`` tokens; each must be a candidate."""
         raise NotImplementedError
@@ -378,6 +418,49 @@ class TokenPolicy(Policy):
         order = slots.clone()
         order[image.candidate.cpu()[slots]] = idx
         return order, None
+
+
+def split_proportional(total: int, counts: list[int]) -> list[int]:
+    """Split ``total`` proportionally to ``counts`` (largest remainder, ties to the first), at least 1
+    each (so ``total`` must be >= ``len(counts)``)."""
+    n = sum(counts)
+    raw = [total * c / n for c in counts]
+    base = [max(1, int(x)) for x in raw]
+    rest = total - sum(base)
+    order = sorted(range(len(counts)), key=lambda i: (-(raw[i] - int(raw[i])), i))
+    for i in order:
+        if rest <= 0:
+            break
+        base[i] += 1
+        rest -= 1
+    while rest < 0:
+        i = max(range(len(base)), key=lambda j: base[j])
+        base[i] -= 1
+        rest += 1
+    return base
+
+
+def frame_unit(image: ImageTokens, index: Tensor, frame: int) -> ImageTokens:
+    """The tokens ``index`` (all of frame ``frame``) of a video as a single-view image (view 0).
+
+    Per-token tensors are gathered; per-view tensors (first dim = frames, e.g. ``vit_hidden`` (F, N,
+    C)) are cut to the frame; ``index_in_sample`` becomes a per-frame key for seeded draws.
+    """
+    frames = len(image.grid_shapes)
+    unit = image.subset(index)
+
+    def per_view(v):
+        return v[frame : frame + 1] if torch.is_tensor(v) and v.dim() == 3 and v.shape[0] == frames else v
+
+    return dataclasses.replace(
+        unit,
+        view=torch.zeros(index.numel(), dtype=torch.long),
+        grid_shapes=[image.grid_shapes[frame]],
+        signals={k: per_view(v) for k, v in unit.signals.items()},
+        index_in_sample=(image.index_in_sample + 1) * 100_003 + frame,
+        n_views=1,
+        modality="frame",
+    )
 
 
 def _check_selection(name: str, idx: Tensor, image: ImageTokens, n_keep: int) -> None:

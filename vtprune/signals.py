@@ -72,22 +72,24 @@ class ViTLayer:
 @dataclass(frozen=True)
 class ViTSignal:
     """A plain-ViT signal kind: ``fn(layer) -> (V, N) | (V, N, C)``; ``reads`` is ``"qk"`` (the layer's
-    input projections) or ``"output"`` (the layer output)."""
+    input projections) or ``"output"`` (the layer output); ``needs_cls``: the kind reads token 0 as the
+    CLS token (a tower without one, SigLIP, refuses it)."""
 
     fn: Callable[[ViTLayer], Tensor]
     reads: str = "qk"
+    needs_cls: bool = False
 
 
 VIT_SIGNALS: dict[str, ViTSignal] = {}
 
 
-def register_vit_signal(kind: str, *, reads: str = "qk"):
+def register_vit_signal(kind: str, *, reads: str = "qk", needs_cls: bool = False):
     """Decorator: register ``fn(layer: ViTLayer) -> Tensor`` as the plain-ViT signal ``kind``."""
     if reads not in ("qk", "output"):
         raise ValueError(f"reads={reads!r}; choose 'qk' or 'output'")
 
     def deco(fn):
-        VIT_SIGNALS[kind] = ViTSignal(fn, reads)
+        VIT_SIGNALS[kind] = ViTSignal(fn, reads, needs_cls)
         return fn
     return deco
 
@@ -106,14 +108,14 @@ def _vit_received_sum(layer: ViTLayer) -> Tensor:
     return received_attention(attention_probs(q, k, scale, chunk_heads=4), "sum")
 
 
-@register_vit_signal("vit_cls")
+@register_vit_signal("vit_cls", needs_cls=True)
 def _vit_cls(layer: ViTLayer) -> Tensor:
     """(V, N) head-mean softmax row of the CLS query (token 0) over all keys."""
     q, k, scale = layer.qk()
     return attention_probs(q[:, :, :1], k, scale).mean(1)[:, 0]
 
 
-@register_vit_signal("vit_cls_logits")
+@register_vit_signal("vit_cls_logits", needs_cls=True)
 def _vit_cls_logits(layer: ViTLayer) -> Tensor:
     """(V, N) head-mean pre-softmax logits of the CLS query over all keys (fp32)."""
     q, k, scale = layer.qk()
@@ -144,6 +146,8 @@ class PackedViTBlock:
         cu_seqlens: the attention segments (windows or whole images) as cumulative lengths.
         unit: patches per merge unit (``spatial_merge_size ** 2``).
         window_index: (P / unit,) the tower's window permutation of merge units, or None (raster).
+        prefix: tokens at the start of every segment that are not patches (LLaVA-OneVision-1.5: the
+            frame's CLS token); they attend and are attended to, and get no value of their own.
     """
 
     q: Tensor
@@ -152,6 +156,7 @@ class PackedViTBlock:
     cu_seqlens: list[int]
     unit: int
     window_index: Tensor | None
+    prefix: int = 0
 
 
 PACKED_VIT_SIGNALS: dict[str, Callable[[PackedViTBlock], Tensor]] = {}
@@ -168,18 +173,18 @@ def register_packed_vit_signal(kind: str):
 @register_packed_vit_signal("vit_received")
 def _packed_received(block: PackedViTBlock) -> Tensor:
     """(n_units,) attention received per merge unit, raster order: per attention segment head mean,
-    sum over query rows; mean over the unit's patches; un-permuted from window order."""
-    n = block.q.shape[0]
-    scores = torch.zeros(n, dtype=torch.float32, device=block.q.device)
+    sum over query rows (prefix rows included, prefix keys dropped); mean over the unit's patches;
+    un-permuted from window order."""
+    scores = []
     cu = block.cu_seqlens
-    for s, e in zip(cu[:-1], cu[1:]):
-        if e <= s:
+    for s, e in zip(cu[:-1], cu[1:]):  # the segments cover the packed sequence in order
+        if e - s <= block.prefix:
             continue
         qs = block.q[s:e].transpose(0, 1)[None]  # (1, H, T, hd)
         ks = block.k[s:e].transpose(0, 1)[None]
         probs = attention_probs(qs, ks, block.scale, chunk_heads=4)
-        scores[s:e] = probs[0].mean(0).sum(0)
-    unit = scores.view(-1, block.unit).mean(-1)
+        scores.append(probs[0].mean(0).sum(0)[block.prefix :])
+    unit = torch.cat(scores).view(-1, block.unit).mean(-1)
     if block.window_index is not None:
         unit = unit[torch.argsort(block.window_index.to(unit.device))]
     return unit

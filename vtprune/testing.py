@@ -2,9 +2,9 @@
 
 Used by the test suite and the demo. Each builder returns ``(model, processor)`` with a real
 processor (``LlavaProcessor``, ``LlavaNextProcessor``, ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``,
-``Qwen3VLProcessor`` for Qwen3-VL and Qwen3.5) and a byte-level tokenizer that needs no files.
-:func:`make_inputs` builds image prompts (several images per prompt with ``images_per_prompt``),
-:func:`make_video_inputs` video prompts (Qwen families) from :func:`tiny_videos`.
+``LlavaOnevisionProcessor`` with its image and video processors, ``Qwen3VLProcessor`` for Qwen3-VL and
+Qwen3.5) and a byte-level tokenizer that needs no files. :func:`make_inputs` builds prompts with images
+(several per prompt) and videos; :func:`make_video_inputs` Qwen video prompts with frame timestamps.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_onevision1_5", "qwen3_vl",
+            "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 #: families whose LLM mixes Gated DeltaNet (linear attention) layers with full attention
 HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 
@@ -26,6 +27,12 @@ def byte_tokenizer(specials: list[str]):
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<eos>", pad_token="<pad>")
     tok.add_special_tokens({"additional_special_tokens": specials})
     return tok
+
+
+def tiny_video(frames: int = 4, seed: int = 0, size: tuple[int, int] = (56, 56)) -> np.ndarray:
+    """A random RGB video, (frames, H, W, 3) uint8."""
+    rng = np.random.default_rng(1000 + seed)
+    return rng.integers(0, 255, (frames, *size, 3), dtype=np.uint8)
 
 
 def tiny_images(n: int = 3, seed: int = 0, sizes=None) -> list[Image.Image]:
@@ -124,6 +131,76 @@ def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, dtype=torc
     return model, proc
 
 
+def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    """LLaVA-OneVision-shaped model: a tiny SigLIP (56 px, patch 14 -> 4x4 patches, no CLS, strategy
+    'full') + tiny Qwen2 (4 layers); AnyRes pinpoints up to 168 px and ``anyres_max_2``, so that a
+    square image of 112 px or more is resized down (the AnyRes-max branch) and smaller ones are not;
+    videos pooled to 2x2 tokens per frame."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tok = byte_tokenizer(["<image>", "<video>"])
+    pins = [[56, 56], [56, 112], [112, 56], [112, 112], [112, 168], [168, 112]]
+    vcfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=56, patch_size=14, vision_use_head=False)
+    tcfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048, pad_token_id=0,
+                       rms_norm_eps=1e-6)
+    cfg = LlavaOnevisionConfig(
+        vision_config=vcfg,
+        text_config=tcfg,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pins,
+        vision_aspect_ratio="anyres_max_2",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).to(dtype).eval()
+    model.set_attn_implementation(attn_implementation)
+    ip = LlavaOnevisionImageProcessor(size={"height": 56, "width": 56}, image_grid_pinpoints=pins)
+    vp = LlavaOnevisionVideoProcessor(size={"height": 56, "width": 56})
+    proc = LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, num_image_tokens=16,
+                                   vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2")
+    return model, proc
+
+
+def tiny_llava_onevision1_5(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    """LLaVA-OneVision-1.5-shaped model: a tiny RICE-ViT (3 blocks, a CLS token per frame, 2x2 merger)
+    + tiny Qwen3 (4 layers, 1-D positions), with the checkpoint's processor classes (Qwen2-VL image
+    and video processors without temporal patches, the Exaone-4.5 processor)."""
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import Qwen2VLVideoProcessor
+    from transformers.models.exaone4_5.processing_exaone4_5 import Exaone4_5_Processor
+
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = byte_tokenizer(specials)
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    text = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=len(tok), max_position_embeddings=2048, pad_token_id=0,
+                rms_norm_eps=1e-6)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, in_channels=3)
+    cfg = LlavaOnevision15Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                                 video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                                 vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = LlavaOnevision15ForConditionalGeneration(cfg).to(dtype).eval()
+    model.set_attn_implementation(attn_implementation)
+    pix = dict(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=1)
+    proc = Exaone4_5_Processor(image_processor=Qwen2VLImageProcessor(**pix), tokenizer=tok,
+                               video_processor=Qwen2VLVideoProcessor(**pix, cap_pixels_per_frame=True))
+    return model, proc
+
+
 def _qwen(kind: str, attn_implementation: str, seed: int, dtype):
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
 
@@ -179,33 +256,37 @@ def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torc
     return _qwen("qwen2_5_vl", attn_implementation, seed, dtype)
 
 
-BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
-# (the Qwen3 families are added at the end of this module)
+BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl,
+            "llava_onevision": tiny_llava_onevision, "llava_onevision1_5": tiny_llava_onevision1_5}
 
 
-def prompt_for(family: str, question: str, n_images: int = 1) -> str:
-    """A prompt with ``n_images`` image placeholders in the family's processor syntax."""
-    if family.startswith("qwen"):
+def prompt_for(family: str, question: str, n_images: int = 1, n_videos: int = 0) -> str:
+    """A prompt with ``n_images`` image and ``n_videos`` video placeholders in the family's syntax."""
+    if family.startswith("qwen") or family == "llava_onevision1_5":
         img = "<|vision_start|><|image_pad|><|vision_end|>"
+        vid = "<|vision_start|><|video_pad|><|vision_end|>"
     else:
-        img = "<image>"
-    return "USER: " + img * n_images + "\n" + question + " ASSISTANT:"
+        img, vid = "<image>", "<video>"
+    return "USER: " + vid * n_videos + img * n_images + "\n" + question + " ASSISTANT:"
 
 
-def make_inputs(family: str, proc, questions: list[str], images: list[Image.Image], padding_side: str = "left",
-                images_per_prompt: int = 1):
-    """Processor outputs for a batch (``images_per_prompt`` images per prompt, taken in order), padded on
-    ``padding_side``."""
+def make_inputs(family: str, proc, questions: list[str], images: list, padding_side: str = "left", videos=None):
+    """Processor outputs for a batch, padded on ``padding_side``.
+
+    ``images[i]`` is the image of prompt ``i``, or a list of images (several placeholders; ``[]``:
+    none); ``videos[i]`` (optional) a video array, a list of them, or None.
+    """
     proc.tokenizer.padding_side = padding_side
-    texts = [prompt_for(family, q, images_per_prompt) for q in questions]
-    return proc(text=texts, images=images, return_tensors="pt", padding=True)
-
-
-def tiny_videos(n: int = 2, seed: int = 0, shapes=None) -> list[np.ndarray]:
-    """``n`` random videos, each a (frames, height, width, 3) uint8 array (default 4 frames of 56 x 84)."""
-    rng = np.random.default_rng(seed)
-    shapes = shapes or [(4, 56, 84)] * n
-    return [rng.integers(0, 255, (t, h, w, 3), dtype=np.uint8) for (t, h, w) in shapes[:n]]
+    per = [im if isinstance(im, (list, tuple)) else [im] for im in images]
+    vids = [[] if v is None else (list(v) if isinstance(v, (list, tuple)) else [v]) for v in (videos or [None] * len(per))]
+    texts = [prompt_for(family, q, len(p), len(v)) for q, p, v in zip(questions, per, vids)]
+    kw = {}
+    if any(per):
+        # the LLaVA-OneVision processor takes one list per prompt (it decides AnyRes vs single view)
+        kw["images"] = [p for p in per if p] if family == "llava_onevision" else [im for p in per for im in p]
+    if any(vids):
+        kw["videos"] = [v for vs in vids for v in vs]
+    return proc(text=texts, return_tensors="pt", padding=True, **kw)
 
 
 def make_video_inputs(family: str, proc, questions: list[str], videos: list[np.ndarray], images=None,

@@ -36,7 +36,7 @@ from oracles import last_logits, masked_run
 
 ATTN = ["sdpa", "eager"]
 TINY = dict(prune_layers=(1, 2, 3), keep_ratios=(0.75, 0.5, 0.25))
-LLAVA = ("llava", "llava_next")
+LLAVA = ("llava", "llava_next", "llava_onevision", "llava_onevision1_5")  # 1-D positions, renumbered by default
 
 
 def oracle_keeps(family: str, inp, *, prune=(1, 2, 3), ratios=(0.75, 0.5, 0.25), accum=(1, 2, 3),

@@ -19,7 +19,7 @@ family, registered in ``vtprune.adapters.ADAPTERS`` by ``model_types``. The cont
 
 At decode: :meth:`Adapter.decode_positions`. Stage D: :meth:`Adapter.llm_layers`,
 :meth:`Adapter.rotary`, :meth:`Adapter.llm_attention_rows` (recomputed attention rows, fp32, from
-:meth:`Adapter.attention_qk`), and for LLMs whose layers differ (hybrid Qwen3.5):
+:meth:`Adapter.llm_qk`), and for LLMs whose layers differ (hybrid Qwen3.5):
 :meth:`Adapter.attention_layer_for` (which layer's rows stand for a layer's),
 :meth:`Adapter.layer_attention_mask` (the mask a layer takes) and :meth:`Adapter.token_mixer`.
 Several visual modalities (Qwen: images and videos): :meth:`Adapter.visual_token_ids`.
@@ -63,6 +63,8 @@ class ShortInputs:
         features: per image, (n_out, D) features in sequence order.
         gather: ``(t (…, B, L), pad) -> (…, B, L')``: any per-column tensor of the caller's input at the
             kept columns (e.g. Qwen's ``mm_token_type_ids``).
+        modalities: per image, its :attr:`~vtprune.policy.ImageTokens.modality` (``"image"`` /
+            ``"video"``); empty: all images.
         items: the encoded items (:meth:`Adapter.encode`'s images), aligned with ``features``.
         kept_index: per item, the native token index of each emitted token (aligned with
             ``features``): what an adapter gathers its own per-token data with (Qwen3-VL DeepStack).
@@ -73,6 +75,7 @@ class ShortInputs:
     position_ids: Any
     features: list[Tensor]
     gather: Callable[[Tensor, Any], Tensor]
+    modalities: list[str] = field(default_factory=list)
     items: list[ImageTokens] = field(default_factory=list)
     kept_index: list[Tensor] = field(default_factory=list)
 
@@ -112,7 +115,7 @@ class Adapter:
         return int(self.config.image_token_id)
 
     def visual_token_ids(self) -> dict[str, int]:
-        """Placeholder token id of each visual modality the family takes (``{"image": id}``)."""
+        """``{modality: placeholder token id}`` of the visual inputs this family takes (image, video)."""
         return {"image": self.image_token_id}
 
     def nominal_visual_tokens(self) -> int | None:
@@ -162,16 +165,26 @@ class Adapter:
     def build_inputs(self, kwargs: dict[str, Any], new: ShortInputs) -> dict[str, Any]:
         """The kwargs for the model forward on the shortened sequence: the caller's kwargs without the
         image inputs, with the new ids, mask and positions and the features as ``mm_encoder_outputs``."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         out = dict(kwargs)
         for key in self.image_input_keys:
             out.pop(key, None)
         out["input_ids"] = new.input_ids
         out["attention_mask"] = new.attention_mask
         out["position_ids"] = new.position_ids
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=new.features)}
+        kinds = new.modalities or ["image"] * len(new.features)
+        mm = {}
+        for modality in dict.fromkeys(kinds):  # each modality's features, in request order
+            feats = [f for f, k in zip(new.features, kinds) if k == modality]
+            mm[modality] = self.encoder_output(modality, feats)
+        out["mm_encoder_outputs"] = mm
         return out
+
+    def encoder_output(self, modality: str, features: list[Tensor]):
+        """The precomputed ``mm_encoder_outputs[modality]`` the model takes for these per-item features
+        (default: ``pooler_output`` = the list, as LLaVA and Qwen take images)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=features)
 
     def decode_positions(self, pos: Tensor) -> Tensor:
         """(B, q) positions of new tokens in the model's native position-id format."""
@@ -231,15 +244,6 @@ class Adapter:
         mod = sys.modules[type(layer.self_attn).__module__]
         return mod.apply_rotary_pos_emb
 
-    def attention_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries (B, H, R, hd) of the normed rows ``h_rows`` (B, R, D) and keys (B, Hkv, L, hd) of the
-        normed sequence ``h`` (B, L, D), before rotary, with the attention module's own projections."""
-        b, r, _ = h_rows.shape
-        hd = attn.head_dim
-        q = attn.q_proj(h_rows).view(b, r, -1, hd).transpose(1, 2)
-        k = attn.k_proj(h).view(b, h.shape[1], -1, hd).transpose(1, 2)
-        return q, k
-
     def llm_attention_rows(
         self,
         layer_idx: int,
@@ -263,7 +267,7 @@ class Adapter:
         h = layer.input_layernorm(hidden)
         b = h.shape[0]
         h_rows = torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1]))
-        q, k = self.attention_qk(attn, h_rows, h)
+        q, k = self.llm_qk(attn, h_rows, h)
         cos, sin = position_embeddings
         cos = cos.expand(b, *cos.shape[1:])
         sin = sin.expand(b, *sin.shape[1:])
@@ -273,6 +277,15 @@ class Adapter:
         q, _ = rot(q, q, cos_r, sin_r)
         k, _ = rot(k, k, cos, sin)
         return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows)
+
+
+    def llm_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, H, R, hd) queries of the rows ``h_rows`` (B, R, D) and (B, Hkv, L, hd) keys of ``h`` (B, L, D),
+        before rotary, from a decoder layer's attention module (Llama / Qwen2: plain projections)."""
+        hd = attn.head_dim
+        q = attn.q_proj(h_rows).view(*h_rows.shape[:2], -1, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(*h.shape[:2], -1, hd).transpose(1, 2)
+        return q, k
 
 
 def vit_layer_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module, int, float]:

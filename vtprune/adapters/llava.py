@@ -125,6 +125,11 @@ class LlavaAdapter(Adapter):
             kind, layer = parse_signal(name)
             if kind not in VIT_SIGNALS:
                 raise ValueError(f"unknown vision signal {name!r}; kinds: {', '.join(VIT_SIGNALS)}")
+            if VIT_SIGNALS[kind].needs_cls and not self.vit_has_cls():
+                raise ValueError(
+                    f"signal {name!r} needs a CLS token; this model's {self.config.vision_config.model_type!r} tower "
+                    "has none (use the per-patch 'vit_received')"
+                )
             layer = self.resolve_vit_layer(layer)
             (outs if VIT_SIGNALS[kind].reads == "output" else ins).add(layer)
         return ins, outs

@@ -212,20 +212,7 @@ class Qwen2VLAdapter(Adapter):
         out = super().build_inputs(kwargs, new)
         if kwargs.get("mm_token_type_ids") is not None:
             out["mm_token_type_ids"] = new.gather(kwargs["mm_token_type_ids"], 0)
-        enc = {}
-        for modality, *_ in self.MODALITIES:
-            sel = [k for k, it in enumerate(new.items) if it.modality == modality]
-            if sel:
-                enc[modality] = self._encoder_output([new.items[k] for k in sel], [new.features[k] for k in sel],
-                                                     [new.kept_index[k] for k in sel])
-        out["mm_encoder_outputs"] = enc
         return out
-
-    def _encoder_output(self, items: list[ImageTokens], features: list[Tensor], kept: list[Tensor]):
-        """The precomputed encoder output of one modality for the shortened sequence."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return BaseModelOutputWithPooling(pooler_output=features)
 
     def decode_positions(self, pos: Tensor) -> Tensor:
         return pos[None].expand(3, -1, -1)

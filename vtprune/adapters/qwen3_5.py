@@ -37,11 +37,6 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     def _item_extras(self, out, index: int) -> dict:
         return {}
 
-    def _encoder_output(self, items, features, kept):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return BaseModelOutputWithPooling(pooler_output=features)
-
     # ------------------------------------------------------------ hybrid layers
     def layer_types(self) -> list[str]:
         return list(self.language_model.config.layer_types)
@@ -76,7 +71,7 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         dec = self.llm_layers()[layer]
         return dec.linear_attn if self.layer_types()[layer] == "linear_attention" else dec.self_attn
 
-    def attention_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def llm_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """Qwen3.5 attention: ``q_proj`` emits (query, gate) per head; q/k norms."""
         b, r, _ = h_rows.shape
         hd = attn.head_dim

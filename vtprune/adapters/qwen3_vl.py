@@ -39,17 +39,24 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         levels = out.deepstack_features
         return {"deepstack": torch.stack([lvl[index] for lvl in levels], 1)}  # (n, levels, D)
 
-    def _encoder_output(self, items, features, kept):
+    def build_inputs(self, kwargs, new):
+        """Every modality's output also carries the kept rows of each DeepStack level (the rows of the
+        emitted tokens: ``new.kept_index``; a merged token takes its representative's)."""
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-        levels = [
-            [it.extra["deepstack"][k.to(it.extra["deepstack"].device), lvl] for it, k in zip(items, kept)]
-            for lvl in range(self.num_deepstack_levels())
-        ]
-        return BaseModelOutputWithDeepstackFeatures(pooler_output=features, deepstack_features=levels)
+        out = super().build_inputs(kwargs, new)
+        if not self.num_deepstack_levels():
+            return out
+        for modality, enc in out["mm_encoder_outputs"].items():
+            sel = [k for k, m in enumerate(new.modalities) if m == modality]
+            levels = [[new.items[k].extra["deepstack"][new.kept_index[k].to(new.items[k].extra["deepstack"].device), lvl]
+                       for k in sel] for lvl in range(self.num_deepstack_levels())]
+            out["mm_encoder_outputs"][modality] = BaseModelOutputWithDeepstackFeatures(
+                pooler_output=enc.pooler_output, deepstack_features=levels)
+        return out
 
     # ------------------------------------------------------------ LLM attention rows
-    def attention_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def llm_qk(self, attn: nn.Module, h_rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """Qwen3 attention: ``q_norm`` / ``k_norm`` on each head after the projections."""
         b, r, _ = h_rows.shape
         hd = attn.head_dim
