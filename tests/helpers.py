@@ -17,7 +17,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
-from vtprune.testing import BUILDERS, make_inputs, tiny_images
+from vtprune.testing import BUILDERS, QWEN3_FAMILIES, make_inputs, tiny_images
 
 from oracles import last_logits, shortened_inputs
 
@@ -30,6 +30,7 @@ SIZES = {
     "qwen2_5_vl": [(56, 56), (70, 112), (112, 84)],
     "llava_onevision": [(56, 56), (70, 112), (150, 160)],  # the last two canvases resized (anyres_max_2)
     "llava_onevision1_5": [(56, 56), (70, 112), (112, 84)],
+    **{f: [(56, 56), (70, 112), (112, 84)] for f in QWEN3_FAMILIES},
 }
 #: larger Qwen images for the score-based selection tests (HiPrune, VisionZip, ToDRE): every image has
 #: at least 12 merged tokens, so budgets, anchors and pivots have room
@@ -38,6 +39,7 @@ SCORE_SIZES = {
     "qwen2_vl": [(112, 112), (84, 112), (56, 84)],
     "qwen2_5_vl": [(112, 112), (84, 112), (56, 84)],
     "llava_onevision1_5": [(112, 112), (84, 112), (56, 84)],
+    **{f: [(112, 112), (84, 112), (56, 84)] for f in QWEN3_FAMILIES},
 }
 GEN = dict(max_new_tokens=10, do_sample=False)
 ATOL = dict(rtol=1e-5, atol=1e-5)

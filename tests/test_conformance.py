@@ -6,7 +6,9 @@ with padding} x {forward, generate with 10 new tokens} against the hook layer's 
 * stage-P merges and stage V: the unpatched model fed the shortened input with the features the patch
   produced (checks ids, masks, positions and the cache; the merge maths is tested per method);
 * stage D with one pruning layer: the unpatched model with the dropped keys hidden by the mask from
-  that layer on (multi-stage TransPrune has its own stage-by-stage mask oracle in tests/methods).
+  that layer on; on hybrid LLMs (Qwen3.5) the unpatched model's layers run one sample at a time with the
+  sequence physically shortened from that layer on (multi-stage TransPrune has its own stage-by-stage
+  mask oracle in tests/methods).
 Every unsupported combination must raise a ValueError that names what is supported.
 """
 from __future__ import annotations
@@ -19,10 +21,10 @@ import torch
 import vtprune
 from vtprune.policy import DecoderPolicy, MergePolicy, VisionPolicy
 from vtprune.registry import registered
-from vtprune.testing import BUILDERS, FAMILIES, make_inputs, tiny_images
+from vtprune.testing import BUILDERS, FAMILIES, QWEN3_FAMILIES, make_inputs, tiny_images
 
 from helpers import assert_inputs_batch_equals_alone
-from oracles import last_logits, masked_run, shortened_inputs
+from oracles import last_logits, set_features, shortened_inputs, stage_d_reference
 
 SPECS = {
     "none": "none",
@@ -31,7 +33,7 @@ SPECS = {
     "fastv": "fastv:layer=2,keep=0.5",
     "dart": "dart:layer=2,keep=0.5,pivot_image=2,pivot_text=2",
     "pyramiddrop": "pyramiddrop:layer_list=1|2|3,ratios=0.5|0.25|0.125",
-    "sparsevlm": "sparsevlm:layers=0|1|2",
+    "sparsevlm": "sparsevlm:layers=1|2,schedule=300|110",  # layer 1: the tiny hybrid Qwen3.5's first full-attention layer
     "hiprune": "hiprune:keep=0.5",
     "visionzip": "visionzip:keep=0.5",
     "todre": "todre:keep=0.5,relevance_layer=1",
@@ -56,11 +58,13 @@ UNSUPPORTED = {
     ("globalcom2", "llava_onevision"): "no CLS token.*allow_experimental=True",
     ("pitome", "llava_onevision1_5"): "use at='P'",
     ("globalcom2", "llava_onevision1_5"): "allow_experimental=True",
+    **{("pitome", f): "use at='P'" for f in QWEN3_FAMILIES},
+    **{("globalcom2", f): "defined for LLaVA-NeXT" for f in QWEN3_FAMILIES},
 }
 QUESTIONS = ["what is it?", "a longer question about the picture here?"]
 SIZES = {"llava": None, "llava_next": [(70, 112), (112, 84)], "qwen2_vl": [(70, 112), (112, 84)],
          "qwen2_5_vl": [(70, 112), (112, 84)], "llava_onevision": [(70, 112), (150, 160)],
-         "llava_onevision1_5": [(70, 112), (112, 84)]}
+         "llava_onevision1_5": [(70, 112), (112, 84)], **{f: [(70, 112), (112, 84)] for f in QWEN3_FAMILIES}}
 GEN = dict(max_new_tokens=10, do_sample=False)
 SUPPORTED = [(m, f) for m in SPECS for f in FAMILIES if (m, f) not in UNSUPPORTED]
 
@@ -108,28 +112,21 @@ def _oracle(model, family, inp, stats, feats, policies):
     short = shortened_inputs(model, family, inp, kept, positions=positions)
     merged = any(isinstance(p, (MergePolicy, VisionPolicy)) for p in before)
     if merged:  # the features the patch produced, placed through the slow path
-        short["mm_encoder_outputs"]["image"].pooler_output = feats
-    ctx = None
-    if stage_d:
-        layer = stage_d[0].pruning_layers(n)[0]
-        keep = torch.zeros_like(short["attention_mask"], dtype=torch.bool)
-        idx = stats.llm_kept_index
-        if idx is None:  # nothing was dropped in the LLM
-            keep = short["attention_mask"].bool()
-        else:
-            for b in range(idx.shape[0]):
-                keep[b, idx[b][idx[b] >= 0]] = True
-        ctx = masked_run(model, layer, keep)
-    with torch.no_grad():
-        if ctx is not None:
-            ctx.__enter__()
-        try:
+        set_features(short, feats)
+    if not stage_d:
+        with torch.no_grad():
             logits = last_logits(model(**short).logits)
             gen = model.generate(**short, **GEN)[:, short["input_ids"].shape[1]:]
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
-    return logits, gen
+        return logits, gen
+    layer = stage_d[0].pruning_layers(n)[0]
+    keep = torch.zeros_like(short["attention_mask"], dtype=torch.bool)
+    idx = stats.llm_kept_index
+    if idx is None:  # nothing was dropped in the LLM
+        keep = short["attention_mask"].bool()
+    else:
+        for b in range(idx.shape[0]):
+            keep[b, idx[b][idx[b] >= 0]] = True
+    return stage_d_reference(model, family, short, layer, keep, GEN["max_new_tokens"])
 
 
 @pytest.mark.parametrize("n", [1, 2])
