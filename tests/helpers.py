@@ -97,6 +97,29 @@ def patched_run(model, inp, method, *, generate: bool = True, seed: int = 0, gen
     return last_logits(logits), new, stats, policies
 
 
+def layer_inputs(model, inp, layers, **kwargs) -> tuple[dict[int, torch.Tensor], object]:
+    """``({layer: (B, L, D) hidden states decoder layer ``layer`` receives}, output)`` of an unpatched
+    forward (``kwargs`` go to the model, e.g. ``output_attentions=True``). ``output.hidden_states[l]`` is
+    layer ``l - 1``'s output, which on Qwen3-VL lacks the DeepStack level the model adds after it; this is
+    what the layer really gets."""
+    seen: dict[int, torch.Tensor] = {}
+    decoder = model.model.language_model.layers
+
+    def capture(module, args, kw, layer):
+        if layer not in seen:  # the prefill (generate's later steps are ignored)
+            seen[layer] = (args[0] if args else kw["hidden_states"]).clone()
+
+    hooks = [decoder[l].register_forward_pre_hook(lambda m, a, k, l=l: capture(m, a, k, l), with_kwargs=True)
+             for l in layers]
+    try:
+        with torch.no_grad():
+            out = model(**inp, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
 def captured_features(model, inp, spec: str) -> list[torch.Tensor]:
     """The per-image features a patched prefill hands to the model (``mm_encoder_outputs``)."""
     cap = {}

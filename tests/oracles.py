@@ -210,7 +210,8 @@ def _lm_inputs(model, inputs) -> dict:
     return cap
 
 
-def physically_shortened_run(model, inputs, layer: int | dict, keep: torch.Tensor | None, max_new_tokens: int):
+def physically_shortened_run(model, inputs, layer: int | dict, keep: torch.Tensor | None, max_new_tokens: int,
+                             *, replace: dict | None = None, observe=None):
     """Greedy generation with the sequence physically shortened from decoder layer ``layer`` on.
 
     ``keep`` (B, L) bool over the LLM input (the model's own input here) says which tokens enter
@@ -218,8 +219,15 @@ def physically_shortened_run(model, inputs, layer: int | dict, keep: torch.Tenso
     Each sample runs alone without padding through the model's own decoder layers,
     rotary module, norm, head and cache; positions are the model's own M-RoPE positions of the full
     sequence (gathered at the kept tokens), new tokens continue after the largest one. Qwen3-VL's
-    DeepStack features are added after the first layers at the visual tokens still present. Returns
-    ``(last prompt logits (B, V) fp32, generated ids (B, max_new_tokens))``.
+    DeepStack features are added after the first layers at the visual tokens still present (a token
+    whose state was replaced gets the row of its column).
+
+    ``replace = {layer: fn}`` replaces hidden states at a stage (recycled tokens at their slots):
+    ``fn(b, h (n, D), cols (n,))`` gets sample ``b``'s input of that layer *before* its cut and the
+    LLM-input columns of its rows, and returns ``{column: (D,) state}`` for columns alive after the cut.
+    ``observe(layer, b, h (n, D), cols (n,), (cos, sin))`` is called with the input each layer runs on
+    (after its cut and replacements), so a staged oracle can read the run's own attention.
+    Returns ``(last prompt logits (B, V) fp32, generated ids (B, max_new_tokens))``.
     """
     from transformers import DynamicCache
 
@@ -248,6 +256,7 @@ def physically_shortened_run(model, inputs, layer: int | dict, keep: torch.Tenso
             cache = DynamicCache(config=cfg)
             alive = valid.clone()  # LLM-input columns still present
             for i, dec in enumerate(lm.layers):
+                fill = replace[i](b, h[0], torch.nonzero(alive).flatten()) if replace and i in replace else {}
                 if i in stages:
                     sel = stages[i][b, alive]
                     assert bool(sel.any()), "every stage keeps some tokens"
@@ -256,6 +265,13 @@ def physically_shortened_run(model, inputs, layer: int | dict, keep: torch.Tenso
                     if levels:
                         ds = [x[sel[vis]] for x in ds]
                         vis = vis[sel]
+                if fill:
+                    cols = torch.nonzero(alive).flatten().tolist()
+                    h = h.clone()
+                    for col, value in fill.items():
+                        h[0, cols.index(int(col))] = value.to(h.dtype)
+                if observe is not None:
+                    observe(i, b, h[0], torch.nonzero(alive).flatten(), (cos, sin))
                 n = h.shape[1]
                 am = None
                 if types[i] != "linear_attention":

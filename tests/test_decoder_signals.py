@@ -21,7 +21,7 @@ from vtprune.signals import DECODER_SIGNALS
 from vtprune.policy import DecoderPolicy
 from vtprune.testing import FAMILIES
 
-from helpers import batch
+from helpers import batch, layer_inputs
 
 @dataclass
 class Recorder(DecoderPolicy):
@@ -42,24 +42,12 @@ class Recorder(DecoderPolicy):
 
 
 def _unpatched(model, inp, layer):
-    """L1 norms of the keys the unpatched model caches in layer ``layer - 1`` and the input that decoder layer
-    ``layer`` receives, through the final norm. The input is captured by a pre-hook: ``hidden_states[layer]``
-    is the previous layer's output, which on Qwen3-VL lacks the DeepStack level the model adds after it."""
-    lm = model.model.language_model
-    seen = {}
-
-    def capture(module, args, kwargs):
-        seen["x"] = (args[0] if args else kwargs["hidden_states"]).clone()
-
-    hook = lm.layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            out = model(**inp, use_cache=True)
-    finally:
-        hook.remove()
+    """L1 norms of the keys the unpatched model caches in layer ``layer - 1`` and the input decoder layer
+    ``layer`` receives (on Qwen3-VL with the DeepStack level added after layer ``layer - 1``), final-normed."""
+    inputs, out = layer_inputs(model, inp, [layer], use_cache=True)
     keys = out.past_key_values.layers[layer - 1].keys[0].float()  # (Hkv, L, hd)
     key_l1 = keys.permute(1, 0, 2).reshape(keys.shape[1], -1).abs().sum(-1)
-    final = lm.norm(seen["x"])[0]
+    final = model.model.language_model.norm(inputs[layer])[0]
     return key_l1, final
 
 
