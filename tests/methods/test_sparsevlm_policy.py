@@ -11,8 +11,9 @@ Oracles, one per position convention:
 * Original positions (Qwen; LLaVA option): the *unpatched* model where, at each pruning layer's input,
   the hidden state of a recycled token's slot is replaced by the recycled token and every other dropped
   key is masked from that layer on (``masked_run``), the decisions computed stage by stage on the eager
-  model run with the earlier stages' replacements and masks (``output_attentions``,
-  ``output_hidden_states``).
+  model run with the earlier stages' replacements and masks (``output_attentions`` and the inputs the
+  layers really receive, ``helpers.layer_inputs``: on Qwen3-VL with DeepStack, whose later levels the
+  model adds at a recycled token's slot as the patch does).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from vtprune.policy import Context
 from vtprune.methods._common import ONE_D_POSITION_FAMILIES
 from vtprune.testing import FAMILIES
 
-from helpers import GEN, assert_batch_equals_alone, batch, tiny
+from helpers import GEN, assert_batch_equals_alone, batch, layer_inputs, tiny
 from _staged_oracle import Decision, attention_weights, explicit_run, no_cache_generate, replaced_rows
 from oracles import last_logits, masked_run
 
@@ -139,10 +140,10 @@ def masked_oracle_stages(family, inp, version="1.5", rank_scale=1.0, rank_bias=0
     raters = None
     alive = torch.ones_like(visual)
     for s, p in enumerate(PRUNE):
-        with applied(model, stages), torch.no_grad():
-            out = model(**inp, output_attentions=True, output_hidden_states=True)
+        with applied(model, stages):
+            states, out = layer_inputs(model, inp, [0, p], output_attentions=True)
         if raters is None:
-            raters = raters_of(visual, out.hidden_states[0][0].float())
+            raters = raters_of(visual, states[0][0].float())
         w = out.attentions[p - 1][0].float()  # (H, L, L)
         relation = SV.relation_scores(w[:, raters])
         vis = torch.nonzero(visual & alive).flatten()
@@ -157,7 +158,7 @@ def masked_oracle_stages(family, inp, version="1.5", rank_scale=1.0, rank_bias=0
         dropped = torch.ones(vis.numel(), dtype=torch.bool)
         dropped[local] = False
         dropped = torch.nonzero(dropped).flatten()
-        merged, slot_local = recycle(family, p, relation[vis], dropped, out.hidden_states[p][0][vis])
+        merged, slot_local = recycle(family, p, relation[vis], dropped, states[p][0][vis])
         new = alive & ~visual
         new[vis[local]] = True
         slots = vis[slot_local]
