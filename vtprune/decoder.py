@@ -32,7 +32,9 @@ decoder signal registry (``vtprune/signals.py``: ``last_row``, ``post_visual_row
 and the hooked ``attn_io``/``mlp_io`` reduced by the policy's ``reduce_io``); unknown kinds are a
 ``ValueError`` at ``patch()``. Attention-row kinds (``DecoderSignal.attention``) asked for layer ``l``
 are computed at the input of ``Adapter.attention_layer_for(l)`` (hybrid LLMs: the last full-attention
-layer at or before ``l``; none is a ``ValueError`` at ``patch()``) and stored under ``l``. Aligned kinds
+layer at or before ``l``; none is a ``ValueError`` at ``patch()``) and stored under ``l``; read at an
+earlier layer they are that layer's attention as it runs, i.e. after its own pruning (asked for the
+layer itself, the kind's own timing below holds). Aligned kinds
 are stored in LLM-input coordinates and gathered at each token's LLM-input index when a policy
 selects, so the view always gets the values of its own tokens.
 Signals are computed in the layer's pre-hook before its own pruning, except the ``after_prune`` kinds
@@ -348,7 +350,8 @@ class DecoderController:
     def _signals(self, layer: int, hidden: Tensor, kwargs: dict, *, after_prune: bool) -> None:
         for kind, asked in self.signal_at.get(layer, []):
             sig = DECODER_SIGNALS[kind]
-            if sig.after_prune == after_prune:
+            # rows asked for a later layer stand for the attention this layer computes: after its own cut
+            if (sig.after_prune or asked != layer) == after_prune:
                 self.dec.signals[(asked, kind)] = sig.fn(
                     self._signal_input(layer, hidden, kwargs, self.signal_owner.get((asked, kind))))
 

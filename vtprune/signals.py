@@ -19,7 +19,8 @@ transformers' ``AttentionInterface``): a new kind is one decorated function, not
   ``Adapter.token_mixer``; a Gated DeltaNet layer's ``linear_attn``) and reduced by the policy's
   :meth:`~vtprune.policy.DecoderPolicy.reduce_io`. ``attention`` kinds read attention rows: asked for
   layer ``l`` they are computed at ``Adapter.attention_layer_for(l)`` (``l`` itself, or on a hybrid
-  LLM the last full-attention layer at or before it) and stored under ``l``.
+  LLM the last full-attention layer at or before it) and stored under ``l``; read at an earlier layer
+  they are computed after that layer's own pruning (the attention it really computes).
 * :data:`TEXT_SIGNALS` -- the sample's prompt, for stage-P policies conditioned on the instruction
   (CDPruner). Named without a layer (``"instruction_embeds"``) in ``required_signals``; the hook layer
   calls ``fn(text: SampleText)`` once per sample and puts the :class:`TextTokens` into

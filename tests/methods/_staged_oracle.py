@@ -149,3 +149,33 @@ def no_cache_generate(model, inp, decisions, prune_layers, *, positions: str = "
         logits.append(lg)
         tokens.append(int(lg.argmax(-1)))
     return tokens, logits
+
+
+# ------------------------------------------------------------------------------ hybrid LLMs (Qwen3.5)
+def last_full_attention_layer(model, layer: int) -> int:
+    """The last full-attention decoder layer at or before ``layer`` (from ``layer_types``; every layer of
+    an attention-only LLM): where the rows asked for ``layer`` are read on a hybrid LLM."""
+    types = getattr(model.model.language_model.config, "layer_types", None)
+    full = [i for i in range(layer + 1) if types is None or types[i] != "linear_attention"]
+    assert full, f"no full-attention layer at or before {layer}"
+    return full[-1]
+
+
+def shortened_attention(model, inp, stages: dict, layer: int, replace: dict | None = None):
+    """The physically shortened run (``oracles.physically_shortened_run``; ``inp`` one unpadded sample,
+    ``model`` eager) with ``stages`` ``{layer: (1, L) keep}`` and ``replace`` applied: ``(probs (H, n, n)
+    eager attention of full-attention ``layer`` on the input it runs on, cols (n,) LLM-input columns
+    of its rows, h (n, D) that input)``."""
+    from oracles import physically_shortened_run
+
+    got = {}
+    dec = model.model.language_model.layers[layer]
+
+    def grab(i, b, h, cols, rope):
+        if i == layer:
+            mask = causal_mask(model, h.shape[0], h.dtype)
+            got["probs"] = attention_weights(dec, h[None], rope, mask).float()
+            got["cols"], got["h"] = cols, h
+
+    physically_shortened_run(model, inp, stages, None, 1, replace=replace, observe=grab)
+    return got["probs"], got["cols"], got["h"]
