@@ -340,9 +340,10 @@ def _qwen3_processor(tok):
     return Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp)
 
 
-def _qwen3(kind: str, attn_implementation: str, seed: int, dtype):
+def _qwen3(kind: str, attn_implementation: str, seed: int, dtype, num_layers: int = 4):
     """Tiny Qwen3-VL / Qwen3.5 (dense or MoE): 3-block ViT (DeepStack from blocks 0 and 1 on Qwen3-VL),
-    4-layer LLM (Qwen3.5: Gated DeltaNet layers 0 and 2, full attention at 1 and 3)."""
+    4-layer LLM (Qwen3.5: Gated DeltaNet layers 0 and 2, full attention at 1 and 3; ``num_layers`` (even)
+    repeats that pair)."""
     import transformers
 
     specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -352,7 +353,7 @@ def _qwen3(kind: str, attn_implementation: str, seed: int, dtype):
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, in_channels=3)
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, vocab_size=len(tok), max_position_embeddings=2048,
                 pad_token_id=0, initializer_range=0.05)
     if kind.startswith("qwen3_vl"):
@@ -362,7 +363,7 @@ def _qwen3(kind: str, attn_implementation: str, seed: int, dtype):
     else:  # Qwen3.5: partial rotary (half the head dim here), hybrid layers
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1],
                                    "mrope_interleaved": True, "partial_rotary_factor": 0.5}
-        text.update(layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
+        text.update(layer_types=["linear_attention", "full_attention"] * (num_layers // 2), linear_conv_kernel_dim=4,
                     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                     linear_num_value_heads=4)
     if kind.endswith("moe"):
@@ -389,12 +390,12 @@ def tiny_qwen3_vl_moe(attn_implementation: str = "sdpa", seed: int = 0, dtype=to
     return _qwen3("qwen3_vl_moe", attn_implementation, seed, dtype)
 
 
-def tiny_qwen3_5(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
-    return _qwen3("qwen3_5", attn_implementation, seed, dtype)
+def tiny_qwen3_5(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32, num_layers: int = 4):
+    return _qwen3("qwen3_5", attn_implementation, seed, dtype, num_layers)
 
 
-def tiny_qwen3_5_moe(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
-    return _qwen3("qwen3_5_moe", attn_implementation, seed, dtype)
+def tiny_qwen3_5_moe(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32, num_layers: int = 4):
+    return _qwen3("qwen3_5_moe", attn_implementation, seed, dtype, num_layers)
 
 
 BUILDERS.update({"qwen3_vl": tiny_qwen3_vl, "qwen3_vl_moe": tiny_qwen3_vl_moe, "qwen3_5": tiny_qwen3_5,

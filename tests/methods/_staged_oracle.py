@@ -161,21 +161,26 @@ def last_full_attention_layer(model, layer: int) -> int:
     return full[-1]
 
 
-def shortened_attention(model, inp, stages: dict, layer: int, replace: dict | None = None):
-    """The physically shortened run (``oracles.physically_shortened_run``; ``inp`` one unpadded sample,
-    ``model`` eager) with ``stages`` ``{layer: (1, L) keep}`` and ``replace`` applied: ``(probs (H, n, n)
-    eager attention of full-attention ``layer`` on the input it runs on, cols (n,) LLM-input columns
-    of its rows, h (n, D) that input)``."""
+def shortened_layer_inputs(model, inp, stages: dict, layers, replace: dict | None = None) -> dict:
+    """The physically shortened run (``oracles.physically_shortened_run``; ``inp`` one unpadded sample) with
+    ``stages`` ``{layer: (1, L) keep}`` and ``replace`` applied: ``{layer: (h (n, D) the input the layer
+    runs on, cols (n,) LLM-input columns of its rows, (cos, sin))}`` for each of ``layers``."""
     from oracles import physically_shortened_run
 
     got = {}
-    dec = model.model.language_model.layers[layer]
 
     def grab(i, b, h, cols, rope):
-        if i == layer:
-            mask = causal_mask(model, h.shape[0], h.dtype)
-            got["probs"] = attention_weights(dec, h[None], rope, mask).float()
-            got["cols"], got["h"] = cols, h
+        if i in layers:
+            got[i] = (h, cols, rope)
 
     physically_shortened_run(model, inp, stages, None, 1, replace=replace, observe=grab)
-    return got["probs"], got["cols"], got["h"]
+    return got
+
+
+def shortened_attention(model, inp, stages: dict, layer: int, replace: dict | None = None):
+    """``(probs (H, n, n), cols (n,), h (n, D))``: the eager attention (``model`` eager) of full-attention
+    ``layer`` on the input it runs on in the physically shortened run (:func:`shortened_layer_inputs`)."""
+    h, cols, rope = shortened_layer_inputs(model, inp, stages, [layer], replace)[layer]
+    dec = model.model.language_model.layers[layer]
+    probs = attention_weights(dec, h[None], rope, causal_mask(model, h.shape[0], h.dtype)).float()
+    return probs, cols, h
