@@ -194,6 +194,14 @@ def dart_budget(n_visual: int, n_text: int, *, pivot_image: int = 4, pivot_text:
     return min(n_visual, n_img + sum(picks))
 
 
+def _own_attention(adapter: Any, layer: int) -> bool:
+    """Whether decoder ``layer`` has attention rows and keys of its own (not a Gated DeltaNet layer)."""
+    try:
+        return adapter.attention_layer_for(layer) == layer
+    except ValueError:
+        return False
+
+
 # ------------------------------------------------------------------------------------ policy
 @register
 @dataclass
@@ -235,6 +243,15 @@ class DART(DecoderPolicy):
         check_choice("dart", "budget_rule", self.budget_rule, BUDGET_RULES)
         check_choice("dart", "similarity", self.similarity, SIMILARITIES)
         check_keep_value(self.keep)
+        try:  # hybrid LLMs (Qwen3.5): keys are read at the last full-attention layer at or before K-1
+            adapter.attention_layer_for(self.layer - 1)
+        except ValueError:
+            first = next(l for l in range(adapter.num_llm_layers()) if _own_attention(adapter, l))
+            raise ValueError(
+                f"dart: the key norms of layer K-1 = {self.layer - 1} are read at the last full-attention layer at "
+                f"or before it (Gated DeltaNet layers cache no keys) and this LLM has none there (the first is "
+                f"{first}): use layer >= {first + 1}"
+            ) from None
 
     def signal_layers(self, num_layers: int) -> dict[int, str | tuple[str, ...]]:
         out: dict[int, str | tuple[str, ...]] = {self.layer - 1: "key_l1"}

@@ -312,8 +312,14 @@ def test_released_qwen3_5_layout_needs_fastv_layer_4():
         vtprune.patch(model, "fastv")  # default K=2
     with pytest.raises(ValueError, match="first full-attention layer is 3"):
         vtprune.patch(model, "todre-relevance:relevance_layer=2")
+    with pytest.raises(ValueError, match=r"dart: .*\(the first is 3\): use layer >= 4"):
+        vtprune.patch(model, "dart")  # default K=2: keys of layer 1
+    with pytest.raises(ValueError, match=r"sparsevlm: ranking layer 2 has no attention rows.*layers=3"):
+        vtprune.patch(model, "sparsevlm:layers=2|4|5,schedule=3|2|1")
     vtprune.patch(model, "fastv:layer=4,keep=0.5").remove()
     vtprune.patch(model, "transprune:prune_layers=4|5|6,keep_ratios=0.75|0.5|0.25").remove()
+    vtprune.patch(model, "dart:layer=4").remove()
+    vtprune.patch(model, "sparsevlm:layers=3|5,schedule=3|2,recycle=False").remove()  # rows of 3 and 3
 
 
 # ------------------------------------------------------------------ the demo

@@ -118,3 +118,26 @@ def test_bad_settings_raise(params, match):
     with pytest.raises(ValueError, match=match):
         vtprune.patch(model, "dart", **params)
     assert not hasattr(model, "_vtprune_patch")
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_hybrid_needs_a_full_attention_layer_at_or_before_k_minus_1(family):
+    """Tiny Qwen3.5 layers: [linear, full, linear, full]. K=3 reads layer 1's keys (as K=2 does); K=1 would
+    read layer 0's, a Gated DeltaNet layer with no full-attention layer before it: refused, naming K >= 2."""
+    model, inp = batch(family, n=1, first=1)
+    with pytest.raises(ValueError, match=r"dart: the key norms of layer K-1 = 0 .*\(the first is 1\): use layer >= 2"):
+        vtprune.patch(model, "dart", layer=1)
+    assert not hasattr(model, "_vtprune_patch")
+    seen = {}
+    for k in (2, 3):
+        pol = D.DART(layer=k, keep=0.5, pivot_image=2, pivot_text=2)
+        select = pol.select
+
+        def recording(layer, view, ctx, k=k, select=select):
+            seen[k] = view.signals[f"key_l1@{k - 1}"].clone()
+            return select(layer, view, ctx)
+
+        pol.select = recording
+        with vtprune.patch(model, pol), torch.no_grad():
+            model(**inp)
+    torch.testing.assert_close(seen[3], seen[2])
