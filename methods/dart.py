@@ -68,8 +68,10 @@ vtprune deviations (batching, numerics):
 * Ties (equal norms or similarities): the earliest candidate in the reference's list order wins
   (reference: ``torch.topk`` order, unspecified).
 
-Policy: :class:`DART` (``"dart"``), stage D on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision
-and LLaVA-OneVision-1.5 (whose Qwen3 keys include its k norm: the adapter's ``llm_qk``).
+Policy: :class:`DART` (``"dart"``), stage D on all ten families (Qwen3 keys include the k norm: the
+adapter's ``llm_qk``; Qwen3-VL's layer-K input includes its DeepStack level; on the hybrid Qwen3.5 the
+keys of layer K-1 are read at the last full-attention layer at or before it, and a K with none there
+is a ``ValueError`` naming the first K that works).
 """
 from __future__ import annotations
 

@@ -84,9 +84,15 @@ vtprune deviations:
   with H != 32 heads: ``round(14 * H / 32)`` (at least 1; reference: 14, for 32 heads).
 * Reference bugs not reproduced: ``.cuda()`` and CUDA events in the forward (CPU runs fail), FLOP
   counters and prints.
+* Qwen3-VL: a recycled token takes its slot's DeepStack rows at the levels added after its pruning layer
+  (the stage-P rule for merged tokens).
+* Qwen3.5 (hybrid LLM): the relation of ranking layer ``l`` is read at the last full-attention layer at or
+  before ``l`` (after that layer's own cut); a ranking layer with none is a ``ValueError``, and so is one
+  read before the previous stage's pruning layer when that stage's recycled tokens (or v1.0's rank) need
+  it (``recycle=False`` or other layers).
 
-Policy: :class:`SparseVLM` (``"sparsevlm"``), stage D on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision
-and LLaVA-OneVision-1.5 (renumbered positions by default on every family with 1-D positions).
+Policy: :class:`SparseVLM` (``"sparsevlm"``), stage D on all ten families (renumbered positions by default
+on every family with 1-D positions).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DART policy (stage D) on tiny models of all four families.
+"""DART policy (stage D) on tiny models of every family.
 
 Independent reference: the *unpatched* model run once with its KV cache and hidden states (as the
 reference port reads them: layer K-1's cached keys, layer K's input through the final norm), the

@@ -1,4 +1,4 @@
-"""PyramidDrop policy (stage D, 3 stages) on tiny models of all four families (4-layer LLMs, so the tests
+"""PyramidDrop policy (stage D, 3 stages) on tiny models of every family (4-layer LLMs, so the tests
 pass explicit stages: after 1-based layers 1, 2, 3).
 
 Oracles, one per position convention:
@@ -10,7 +10,11 @@ Oracles, one per position convention:
 * ``positions="original"`` (Qwen default; LLaVA option): the *unpatched* model with the dropped keys
   hidden from each pruning layer on (``oracles.masked_run``, one per stage); the dropped sets are
   computed stage by stage on the eager model run with the earlier stages' masks
-  (``output_attentions`` of the pruning layer).
+  (``output_attentions`` of the pruning layer). Attention-only LLMs (Qwen3-VL included).
+* Hybrid Qwen3.5 (a mask cannot hide a token from a Gated DeltaNet layer): the unpatched model's own
+  layers with the sequence physically shortened at each stage (``oracles.physically_shortened_run``),
+  each stage ranked with the eager attention of the last full-attention layer at or before its layer
+  in the run of the earlier stages; the patch's scores are compared too.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SparseVLM policy (stage D, 3 stages, token recycling) on tiny models of all four families (4-layer LLMs:
+"""SparseVLM policy (stage D, 3 stages, token recycling) on tiny models of every family (4-layer LLMs:
 ranking layers 0, 1, 2, pruning at the inputs of layers 1, 2, 3).
 
 Oracles, one per position convention:
@@ -13,7 +13,9 @@ Oracles, one per position convention:
   key is masked from that layer on (``masked_run``), the decisions computed stage by stage on the eager
   model run with the earlier stages' replacements and masks (``output_attentions`` and the inputs the
   layers really receive, ``helpers.layer_inputs``: on Qwen3-VL with DeepStack, whose later levels the
-  model adds at a recycled token's slot as the patch does).
+  model adds at a recycled token's slot as the patch does). Attention-only LLMs.
+* Hybrid Qwen3.5: the physically shortened run with the recycled states put in their slots, on an
+  8-layer tiny model (see the section below), decisions from the eager attention of that run.
 """
 from __future__ import annotations
 
