@@ -13,7 +13,8 @@ frames). What is new:
   language model takes ``visual_pos_masks`` / ``deepstack_visual_embeds`` (the model gets None), and a
   forward hook on each of the first ``n_levels`` decoder layers calls the model's own
   ``_deepstack_process`` with the visual positions and rows that survive in that layer. With nothing
-  pruned this is the model's own computation on the same tensors (bit-identical).
+  pruned this is the model's own computation on the same tensors (bit-identical). A recycled token
+  (stage D, ``DecoderSelection``) takes its slot's LLM-input index, so it gets the slot's rows.
 * **Video timestamps.** Qwen3-VL writes ``<t seconds>`` text before every frame; those are text
   tokens (never dropped) and the M-RoPE positions of the unpruned sequence are gathered, so every
   kept frame token and timestamp keeps its place.
