@@ -120,6 +120,19 @@ def layer_inputs(model, inp, layers, **kwargs) -> tuple[dict[int, torch.Tensor],
     return seen, out
 
 
+def recorded_views(policy) -> list:
+    """Wrap ``policy.select`` (in place) to log ``(layer, view)`` of every call; returns the log."""
+    seen: list = []
+    select = policy.select
+
+    def recording(layer, view, ctx):
+        seen.append((layer, view))
+        return select(layer, view, ctx)
+
+    policy.select = recording
+    return seen
+
+
 def captured_features(model, inp, spec: str) -> list[torch.Tensor]:
     """The per-image features a patched prefill hands to the model (``mm_encoder_outputs``)."""
     cap = {}

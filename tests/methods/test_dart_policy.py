@@ -16,7 +16,7 @@ import vtprune
 from vtprune.methods import dart as D
 from vtprune.testing import FAMILIES
 
-from helpers import GEN, assert_batch_equals_alone, batch, layer_inputs
+from helpers import GEN, assert_batch_equals_alone, batch, layer_inputs, recorded_views
 from oracles import last_logits, stage_d_reference
 
 ATTN = ["sdpa", "eager"]
@@ -128,16 +128,11 @@ def test_hybrid_needs_a_full_attention_layer_at_or_before_k_minus_1(family):
     with pytest.raises(ValueError, match=r"dart: the key norms of layer K-1 = 0 .*\(the first is 1\): use layer >= 2"):
         vtprune.patch(model, "dart", layer=1)
     assert not hasattr(model, "_vtprune_patch")
-    seen = {}
+    key_l1 = {}
     for k in (2, 3):
         pol = D.DART(layer=k, keep=0.5, pivot_image=2, pivot_text=2)
-        select = pol.select
-
-        def recording(layer, view, ctx, k=k, select=select):
-            seen[k] = view.signals[f"key_l1@{k - 1}"].clone()
-            return select(layer, view, ctx)
-
-        pol.select = recording
+        seen = recorded_views(pol)
         with vtprune.patch(model, pol), torch.no_grad():
             model(**inp)
-    torch.testing.assert_close(seen[3], seen[2])
+        key_l1[k] = seen[0][1].signals[f"key_l1@{k - 1}"]
+    torch.testing.assert_close(key_l1[3], key_l1[2])

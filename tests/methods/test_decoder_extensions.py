@@ -54,15 +54,10 @@ class MeanRecycler(DecoderPolicy):
                                 after=vis[-1:] if self.anchor else None)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_recycled_token_at_its_slot_equals_replaced_and_masked_run(family, attn):
-    model, inp = batch(family, n=2, attn=attn, first=1)
-    assert (inp["attention_mask"] == 0).any()
-    with vtprune.patch(model, MeanRecycler()) as h, torch.no_grad():
-        out = model(**inp).logits
-        gen = model.generate(**inp, **GEN)
-        sched = h.stats.schedules
+def mean_recycler_plan(model, inp):
+    """What :class:`MeanRecycler` does to ``inp``: ``(keep (B, L) bool: text, the first half of the visual
+    tokens and the recycled token's slot; slots[b]: that slot, the sample's last visual token;
+    dropped[b]: the visual tokens averaged into it)``."""
     ids, mask = inp["input_ids"], inp["attention_mask"].bool()
     visual = (ids == model.config.image_token_id) & mask
     keep = mask & ~visual
@@ -74,7 +69,22 @@ def test_recycled_token_at_its_slot_equals_replaced_and_masked_run(family, attn)
         keep[b, vis[-1]] = True  # the recycled token's slot
         slots.append(int(vis[-1]))
         dropped.append(vis[k:])
-        assert sched[b].visual_tokens_per_layer[2:] == [k + 1, k + 1]
+    return keep, slots, dropped
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recycled_token_at_its_slot_equals_replaced_and_masked_run(family, attn):
+    model, inp = batch(family, n=2, attn=attn, first=1)
+    assert (inp["attention_mask"] == 0).any()
+    with vtprune.patch(model, MeanRecycler()) as h, torch.no_grad():
+        out = model(**inp).logits
+        gen = model.generate(**inp, **GEN)
+        sched = h.stats.schedules
+    keep, slots, dropped = mean_recycler_plan(model, inp)
+    for b in range(keep.shape[0]):  # half the visual tokens + the recycled one
+        n_visual = int((inp["input_ids"][b] == model.config.image_token_id).sum())
+        assert sched[b].visual_tokens_per_layer[2:] == [n_visual // 2 + 1] * 2
     if family in HYBRID_FAMILIES:  # a mask cannot hide a token from a Gated DeltaNet layer: physical removal
         def means(b, hid, cols):
             rows = [int(torch.nonzero(cols == c)) for c in dropped[b]]
@@ -129,17 +139,7 @@ def test_recycled_token_gets_its_slots_deepstack_rows(family):
     with vtprune.patch(model, MeanRecycler(layer=1)), torch.no_grad():
         out = last_logits(model(**inp).logits)
         gen = model.generate(**inp, **GEN)
-    ids, mask = inp["input_ids"], inp["attention_mask"].bool()
-    visual = (ids == model.config.image_token_id) & mask
-    keep = mask & ~visual
-    slots, dropped = [], []
-    for b in range(ids.shape[0]):
-        vis = torch.nonzero(visual[b]).flatten()
-        k = vis.numel() // 2
-        keep[b, vis[:k]] = True
-        keep[b, vis[-1]] = True
-        slots.append(int(vis[-1]))
-        dropped.append(vis[k:])
+    keep, slots, dropped = mean_recycler_plan(model, inp)
     fill = lambda hid: [(b, s, hid[b, d].mean(0)) for b, (s, d) in enumerate(zip(slots, dropped))]
     with replaced_rows(model, 1, fill), masked_run(model, 1, keep), torch.no_grad():
         ref = last_logits(model(**inp).logits)

@@ -28,7 +28,7 @@ from vtprune.methods import pyramiddrop as PD
 from vtprune.methods._common import ONE_D_POSITION_FAMILIES
 from vtprune.testing import FAMILIES, HYBRID_FAMILIES
 
-from helpers import GEN, assert_batch_equals_alone, batch, tiny
+from helpers import GEN, assert_batch_equals_alone, batch, recorded_views, tiny
 from _staged_oracle import (Decision, attention_weights, explicit_run, last_full_attention_layer, no_cache_generate,
                             shortened_attention)
 from oracles import last_logits, masked_run, physically_shortened_run
@@ -144,9 +144,8 @@ def test_hybrid_stages_equal_physically_shortened_run(family, attn):
     with the rows of layers 1, 1 (after stage 1's cut, as layer 1 runs) and 3; the patched model ==
     the unpatched model's own layers with the sequence physically shortened at each stage."""
     model, inp = batch(family, n=1, attn=attn, first=1)
-    pol, seen = PD.PyramidDrop(**TINY), []
-    select = pol.select
-    pol.select = lambda layer, view, ctx: seen.append((layer, view)) or select(layer, view, ctx)
+    pol = PD.PyramidDrop(**TINY)
+    seen = recorded_views(pol)
     with vtprune.patch(model, pol) as h, torch.no_grad():
         out = last_logits(model(**inp).logits)
         gen = model.generate(**inp, **GEN)[:, inp["input_ids"].shape[1]:]

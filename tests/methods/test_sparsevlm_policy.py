@@ -32,7 +32,7 @@ from vtprune.methods._common import ONE_D_POSITION_FAMILIES
 from vtprune.testing import BUILDERS, FAMILIES, HYBRID_FAMILIES, make_inputs, tiny_images
 
 from helpers import (GEN, QUESTIONS, SIZES, assert_batch_equals_alone, assert_inputs_batch_equals_alone, batch,
-                     layer_inputs, tiny)
+                     layer_inputs, recorded_views, tiny)
 from _staged_oracle import (Decision, attention_weights, causal_mask, explicit_run, last_full_attention_layer,
                             no_cache_generate, replaced_rows, shortened_layer_inputs)
 from oracles import last_logits, masked_run, physically_shortened_run
@@ -279,9 +279,8 @@ def physical_oracle_stages(family, inp, layers=HYBRID["layers"], scores: list | 
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)
 def test_hybrid_stages_with_recycling_equal_physically_shortened_run(family, attn):
     model, inp = hybrid_batch(family, 1, attn, first=1)
-    pol, seen = SV.SparseVLM(**HYBRID), []
-    select = pol.select
-    pol.select = lambda layer, view, ctx: seen.append((layer, view)) or select(layer, view, ctx)
+    pol = SV.SparseVLM(**HYBRID)
+    seen = recorded_views(pol)
     with vtprune.patch(model, pol) as h, torch.no_grad():
         out = last_logits(model(**inp).logits)
         gen = model.generate(**inp, **GEN)[:, inp["input_ids"].shape[1]:]
