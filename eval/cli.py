@@ -14,7 +14,9 @@ import argparse
 import sys
 import time
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_onevision1_5"]
+#: vtprune.policy.FAMILIES, spelled out so that the CLI imports no torch before a command runs
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_onevision1_5", "qwen3_vl",
+            "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
 
 #: demo budgets are fractions, valid for every family's tiny model (4 to 70 visual tokens per image)
 DEMO_METHODS = ["none", "random:keep=0.5", "pool:keep=0.25", "fastv:layer=2,keep=0.5",

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 
 #: Fields every stage-P method has, left out of the table's "main parameters" (shown by ``methods NAME``).
-_COMMON = ("positions",)
+_COMMON = ("positions", "quota")
 
 
 @dataclass
@@ -71,8 +71,9 @@ def all_methods() -> list[MethodInfo]:
 
 
 def _families(fams: tuple) -> str:
-    every = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-    return "all four" if tuple(fams) == every else ", ".join(fams)
+    from vtprune.policy import FAMILIES
+
+    return "all" if set(fams) == set(FAMILIES) else ", ".join(fams)
 
 
 def format_table(infos: list[MethodInfo]) -> str:

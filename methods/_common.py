@@ -15,7 +15,7 @@ from torch import Tensor
 from vtprune.policy import DecoderView, ImageTokens, resolve_budget, split_proportional  # noqa: F401  (re-exported)
 
 LLAVA_FAMILIES = ("llava", "llava_next")
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 #: families whose vision tower is a plain ViT reached through ``adapter.vit_layers()`` (CLIP, SigLIP,
 #: DINOv2; ``vision_feature_layer`` names the feature layer)
 PLAIN_VIT_FAMILIES = LLAVA_FAMILIES + ("llava_onevision",)

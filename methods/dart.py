@@ -68,8 +68,10 @@ vtprune deviations (batching, numerics):
 * Ties (equal norms or similarities): the earliest candidate in the reference's list order wins
   (reference: ``torch.topk`` order, unspecified).
 
-Policy: :class:`DART` (``"dart"``), stage D on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision
-and LLaVA-OneVision-1.5 (whose Qwen3 keys include its k norm: the adapter's ``llm_qk``).
+Policy: :class:`DART` (``"dart"``), stage D on all ten families (Qwen3 keys include the k norm: the
+adapter's ``llm_qk``; Qwen3-VL's layer-K input includes its DeepStack level; on the hybrid Qwen3.5 the
+keys of layer K-1 are read at the last full-attention layer at or before it, and a K with none there
+is a ``ValueError`` naming the first K that works).
 """
 from __future__ import annotations
 
@@ -194,6 +196,14 @@ def dart_budget(n_visual: int, n_text: int, *, pivot_image: int = 4, pivot_text:
     return min(n_visual, n_img + sum(picks))
 
 
+def _own_attention(adapter: Any, layer: int) -> bool:
+    """Whether decoder ``layer`` has attention rows and keys of its own (not a Gated DeltaNet layer)."""
+    try:
+        return adapter.attention_layer_for(layer) == layer
+    except ValueError:
+        return False
+
+
 # ------------------------------------------------------------------------------------ policy
 @register
 @dataclass
@@ -235,6 +245,15 @@ class DART(DecoderPolicy):
         check_choice("dart", "budget_rule", self.budget_rule, BUDGET_RULES)
         check_choice("dart", "similarity", self.similarity, SIMILARITIES)
         check_keep_value(self.keep)
+        try:  # hybrid LLMs (Qwen3.5): keys are read at the last full-attention layer at or before K-1
+            adapter.attention_layer_for(self.layer - 1)
+        except ValueError:
+            first = next(l for l in range(adapter.num_llm_layers()) if _own_attention(adapter, l))
+            raise ValueError(
+                f"dart: the key norms of layer K-1 = {self.layer - 1} are read at the last full-attention layer at "
+                f"or before it (Gated DeltaNet layers cache no keys) and this LLM has none there (the first is "
+                f"{first}): use layer >= {first + 1}"
+            ) from None
 
     def signal_layers(self, num_layers: int) -> dict[int, str | tuple[str, ...]]:
         out: dict[int, str | tuple[str, ...]] = {self.layer - 1: "key_l1"}

@@ -79,11 +79,12 @@ from typing import Any, ClassVar, Literal, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from vtprune.policy import Context, ImageTokens, TokenPolicy, resolve_budget
+from vtprune.policy import FAMILIES, Context, ImageTokens, TokenPolicy, resolve_budget
 from vtprune.registry import register
 
 from ._common import (
     PLAIN_VIT_FAMILIES,
+    QWEN_FAMILIES,
     check_choice,
     llava_feature_layer,
     resolve_layer,
@@ -380,8 +381,8 @@ def hiprune_select(
 # The policy
 # --------------------------------------------------------------------------------------------------
 #: paper budgets, the first of each family's evaluated list (spec section 4)
-HIPRUNE_DEFAULT_KEEP = {"llava": 192, "llava_next": 640, "qwen2_vl": 0.334, "qwen2_5_vl": 0.334,
-                        "llava_onevision": 0.334, "llava_onevision1_5": 0.334}  # OneVision: not a paper setting
+HIPRUNE_DEFAULT_KEEP = {"llava": 192, "llava_next": 640, **{f: 0.334 for f in QWEN_FAMILIES},
+                        "llava_onevision": 0.334, "llava_onevision1_5": 0.334}  # OneVision, Qwen3: not paper settings
 
 
 @register
@@ -435,8 +436,7 @@ class HiPrune(TokenPolicy):
     description: ClassVar[str] = (
         "HiPrune: anchors (object-layer attention) + buffers + registers (deep-layer attention), stage P"
     )
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
-                                           "llava_onevision1_5")
+    families: ClassVar[tuple[str, ...]] = FAMILIES
 
     keep: int | float | None = None
     alpha: float = 0.1

@@ -52,7 +52,8 @@ vtprune deviations:
   reference's 1.6 evaluation does the same: its span is the whole image feature incl. newlines).
 * Ties: lowest index (reference ``topk`` order unspecified).
 
-Policy: :class:`PyramidDrop` (``"pyramiddrop"``), stage D on all four families.
+Policy: :class:`PyramidDrop` (``"pyramiddrop"``), stage D on all ten families (on the hybrid Qwen3.5 a stage
+ranks with the row of the last full-attention layer at or before its ranking layer, as that layer runs).
 """
 from __future__ import annotations
 

@@ -84,9 +84,15 @@ vtprune deviations:
   with H != 32 heads: ``round(14 * H / 32)`` (at least 1; reference: 14, for 32 heads).
 * Reference bugs not reproduced: ``.cuda()`` and CUDA events in the forward (CPU runs fail), FLOP
   counters and prints.
+* Qwen3-VL: a recycled token takes its slot's DeepStack rows at the levels added after its pruning layer
+  (the stage-P rule for merged tokens).
+* Qwen3.5 (hybrid LLM): the relation of ranking layer ``l`` is read at the last full-attention layer at or
+  before ``l`` (after that layer's own cut); a ranking layer with none is a ``ValueError``, and so is one
+  read before the previous stage's pruning layer when that stage's recycled tokens (or v1.0's rank) need
+  it (``recycle=False`` or other layers).
 
-Policy: :class:`SparseVLM` (``"sparsevlm"``), stage D on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision
-and LLaVA-OneVision-1.5 (renumbered positions by default on every family with 1-D positions).
+Policy: :class:`SparseVLM` (``"sparsevlm"``), stage D on all ten families (renumbered positions by default
+on every family with 1-D positions).
 """
 from __future__ import annotations
 
@@ -291,6 +297,40 @@ class SparseVLM(DecoderPolicy):
             raise ValueError(f"sparsevlm: priority_heads={self.priority_heads} must be >= 1")
         check_decoder_positions("sparsevlm", self.positions, family)
         check_choice("sparsevlm", "recycle_placement", self.recycle_placement, ("auto", "after_visual", "slot"))
+        self._check_attention_sources(adapter, ls)
+
+    def _check_attention_sources(self, adapter: Any, ls: tuple[int, ...]) -> None:
+        """On a hybrid LLM (Qwen3.5) a ranking layer's attention is read at the last full-attention layer at
+        or before it (``Adapter.attention_layer_for``). There must be one; and when the relation must cover
+        the previous stage's recycled tokens (or v1.0 takes the rank over the visual tokens present), it
+        must lie at or after the previous stage's pruning layer, where they join the sequence."""
+        n = adapter.num_llm_layers()
+
+        def source(layer: int) -> int | None:
+            try:
+                return adapter.attention_layer_for(layer)
+            except ValueError:
+                return None
+
+        own = [l for l in range(n - 1) if source(l) == l]  # ranking layers whose attention is their own
+        for s, l in enumerate(ls):
+            src = source(l)
+            if src is None:
+                raise ValueError(
+                    f"sparsevlm: ranking layer {l} has no attention rows in this LLM (Gated DeltaNet layers have "
+                    f"none, and no full-attention layer comes at or before it); choose layers among the "
+                    f"full-attention layers {own}, e.g. layers={'/'.join(map(str, own[:3]))}"
+                )
+            prev = ls[s - 1] + 1 if s else None
+            if prev is not None and src < prev and (self.recycles() or self.version == "1.0"):
+                what = "its recycled tokens join" if self.recycles() else "its visual tokens leave"
+                raise ValueError(
+                    f"sparsevlm: the attention of ranking layer {l} would be read at full-attention layer {src}, "
+                    f"before the previous stage prunes at layer {prev}, where {what}: that relation does not "
+                    f"exist there. Choose ranking layers with a full-attention layer at or after each earlier "
+                    f"stage's pruning layer (full-attention layers: {own})"
+                    + (", or recycle=False" if self.recycles() and self.version != "1.0" else "")
+                )
 
     def _layers(self) -> tuple[int, ...]:
         return self.layers if self.layers is not None else DEFAULT_LAYERS.get(self.version, DEFAULT_LAYERS["1.5"])

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.policy import Context, DecoderPolicy, DecoderView, ImageTokens, Policy, TokenPolicy
+from vtprune.policy import FAMILIES, Context, DecoderPolicy, DecoderView, ImageTokens, Policy, TokenPolicy
 from vtprune.registry import register
 
 from ._common import (LLAVA_FAMILIES, PLAIN_VIT_FAMILIES, check_choice, first_argmax, llava_feature_layer,
@@ -370,8 +370,7 @@ class ToDRE(TokenPolicy):
         "ToDRE: greedy k-center diversity from a CLS pivot (stage P), then all visual tokens dropped after "
         "layer round(7L/8) if the text ignores them (stage D; relevance=off: P only)"
     )
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
-                                           "llava_onevision1_5")
+    families: ClassVar[tuple[str, ...]] = FAMILIES
 
     keep: int | float = 0.25
     diversity: str = "kcenter"
@@ -504,8 +503,7 @@ class ToDRERelevance(DecoderPolicy):
     description: ClassVar[str] = (
         "ToDRE stage 2: drop all visual tokens after layer round(7L/8) when the text ignores them, stage D"
     )
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
-                                           "llava_onevision1_5")
+    families: ClassVar[tuple[str, ...]] = FAMILIES
     signal_kind: ClassVar[str] = "post_visual_rows"
 
     tau: float = 0.10

@@ -53,8 +53,9 @@ Reference vs paper vs library (spec section 5):
 
 Scores are computed in fp32 (float64 stays float64).
 
-Policy (:class:`TransPrune`, registered ``"transprune"``; stage D on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and
-Qwen2.5-VL). Hook-layer signals (``vtprune/decoder.py``): ``attn_io``/``mlp_io`` forward hooks on the
+Policy (:class:`TransPrune`, registered ``"transprune"``; stage D on all ten families; on the hybrid Qwen3.5
+the IGA rows are those of the last full-attention layer at or before the pruning layer, as it runs, and
+the attention TTV of a Gated DeltaNet layer is measured across its ``linear_attn``). Hook-layer signals (``vtprune/decoder.py``): ``attn_io``/``mlp_io`` forward hooks on the
 accumulation layers' ``self_attn`` and ``mlp`` (reduced at once to the (B, L) TTV by
 :meth:`TransPrune.reduce_io`), ``post_visual_rows`` (IGA rows: every prompt row after the last visual
 token, head mean, averaged over the rows, recomputed with the pruning layer's own norm/q/k, GQA keys

@@ -58,12 +58,13 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from vtprune.policy import Context, ImageTokens, MergePolicy, check_keep_value, resolve_budget
+from vtprune.policy import FAMILIES, Context, ImageTokens, MergePolicy, check_keep_value, resolve_budget
 from vtprune.registry import register
 
 from ._common import (
     LLAVA_FAMILIES,
     PLAIN_VIT_FAMILIES,
+    QWEN_FAMILIES,
     check_choice,
     llava_feature_layer,
     resolve_layer,
@@ -316,7 +317,7 @@ def visionzip_qwen(
 # The policy
 # --------------------------------------------------------------------------------------------------
 #: default budgets: LLaVA tokens per view (54 + 10, the README example), Qwen fraction (about 64/576)
-VISIONZIP_DEFAULT_KEEP = {"llava": 64, "llava_next": 64, "qwen2_vl": 0.112, "qwen2_5_vl": 0.112,
+VISIONZIP_DEFAULT_KEEP = {"llava": 64, "llava_next": 64, **{f: 0.112 for f in QWEN_FAMILIES},
                           "llava_onevision": 0.112, "llava_onevision1_5": 0.112}
 
 
@@ -382,8 +383,7 @@ class VisionZip(MergePolicy):
 
     name: ClassVar[str] = "visionzip"
     description: ClassVar[str] = "VisionZip: CLS-attended dominant tokens + merged contextual tokens, stage P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
-                                           "llava_onevision1_5")
+    families: ClassVar[tuple[str, ...]] = FAMILIES
 
     keep: int | float | None = None
     dominant: int | None = None

@@ -17,7 +17,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
-from vtprune.testing import BUILDERS, make_inputs, tiny_images
+from vtprune.testing import BUILDERS, QWEN3_FAMILIES, make_inputs, tiny_images
 
 from oracles import last_logits, shortened_inputs
 
@@ -30,6 +30,7 @@ SIZES = {
     "qwen2_5_vl": [(56, 56), (70, 112), (112, 84)],
     "llava_onevision": [(56, 56), (70, 112), (150, 160)],  # the last two canvases resized (anyres_max_2)
     "llava_onevision1_5": [(56, 56), (70, 112), (112, 84)],
+    **{f: [(56, 56), (70, 112), (112, 84)] for f in QWEN3_FAMILIES},
 }
 #: larger Qwen images for the score-based selection tests (HiPrune, VisionZip, ToDRE): every image has
 #: at least 12 merged tokens, so budgets, anchors and pivots have room
@@ -38,6 +39,7 @@ SCORE_SIZES = {
     "qwen2_vl": [(112, 112), (84, 112), (56, 84)],
     "qwen2_5_vl": [(112, 112), (84, 112), (56, 84)],
     "llava_onevision1_5": [(112, 112), (84, 112), (56, 84)],
+    **{f: [(112, 112), (84, 112), (56, 84)] for f in QWEN3_FAMILIES},
 }
 GEN = dict(max_new_tokens=10, do_sample=False)
 ATOL = dict(rtol=1e-5, atol=1e-5)
@@ -93,6 +95,42 @@ def patched_run(model, inp, method, *, generate: bool = True, seed: int = 0, gen
         policies = h.policies
     new = out[:, inp["input_ids"].shape[1]:] if out is not None else None
     return last_logits(logits), new, stats, policies
+
+
+def layer_inputs(model, inp, layers, **kwargs) -> tuple[dict[int, torch.Tensor], object]:
+    """``({layer: (B, L, D) hidden states decoder layer ``layer`` receives}, output)`` of an unpatched
+    forward (``kwargs`` go to the model, e.g. ``output_attentions=True``). ``output.hidden_states[l]`` is
+    layer ``l - 1``'s output, which on Qwen3-VL lacks the DeepStack level the model adds after it; this is
+    what the layer really gets."""
+    seen: dict[int, torch.Tensor] = {}
+    decoder = model.model.language_model.layers
+
+    def capture(module, args, kw, layer):
+        if layer not in seen:  # the prefill (generate's later steps are ignored)
+            seen[layer] = (args[0] if args else kw["hidden_states"]).clone()
+
+    hooks = [decoder[l].register_forward_pre_hook(lambda m, a, k, l=l: capture(m, a, k, l), with_kwargs=True)
+             for l in layers]
+    try:
+        with torch.no_grad():
+            out = model(**inp, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+def recorded_views(policy) -> list:
+    """Wrap ``policy.select`` (in place) to log ``(layer, view)`` of every call; returns the log."""
+    seen: list = []
+    select = policy.select
+
+    def recording(layer, view, ctx):
+        seen.append((layer, view))
+        return select(layer, view, ctx)
+
+    policy.select = recording
+    return seen
 
 
 def captured_features(model, inp, spec: str) -> list[torch.Tensor]:

@@ -4,7 +4,8 @@ own tensors.
 A recording stage-D policy requests the kinds and keeps every token (it selects all visual
 positions), so the patched run equals the unpatched one and the signals can be compared with what
 the unpatched model computes: its KV cache (``key_l1``: L1 norm of the cached keys of the layer) and
-its hidden states (``final_norm``: the layer's input through the final norm), per sample alone, for
+the input its layer receives (``final_norm``: through the final norm; on Qwen3-VL that input
+includes the DeepStack level added after the previous layer), per sample alone, for
 a left-padded batch, at ``forward`` and at ``generate``'s prefill.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from vtprune.signals import DECODER_SIGNALS
 from vtprune.policy import DecoderPolicy
 from vtprune.testing import FAMILIES
 
-from helpers import batch
+from helpers import batch, layer_inputs
 
 @dataclass
 class Recorder(DecoderPolicy):
@@ -41,11 +42,12 @@ class Recorder(DecoderPolicy):
 
 
 def _unpatched(model, inp, layer):
-    with torch.no_grad():
-        out = model(**inp, use_cache=True, output_hidden_states=True)
+    """L1 norms of the keys the unpatched model caches in layer ``layer - 1`` and the input decoder layer
+    ``layer`` receives (on Qwen3-VL with the DeepStack level added after layer ``layer - 1``), final-normed."""
+    inputs, out = layer_inputs(model, inp, [layer], use_cache=True)
     keys = out.past_key_values.layers[layer - 1].keys[0].float()  # (Hkv, L, hd)
     key_l1 = keys.permute(1, 0, 2).reshape(keys.shape[1], -1).abs().sum(-1)
-    final = model.model.language_model.norm(out.hidden_states[layer])[0]
+    final = model.model.language_model.norm(inputs[layer])[0]
     return key_l1, final
 
 

@@ -42,7 +42,8 @@ class PatchStats:
         schedules: per sample, the tokens each stage processed (what ``count_flops`` reads).
         select_ms / vision_ms: wall time of the stage-P selection / of the vision side.
         visual_tokens_per_image / visual_tokens_in_per_image: per image, visual tokens at the LLM
-            input with / without the patch.
+            input with / without the patch (items in request order: the images, then the videos;
+            ``modality_per_image`` says which).
         vision_tokens_per_layer: per encoder view, the tokens entering each encoder layer.
         kept_index_per_image: per image, the kept native token indices in emission order.
         llm_kept_index: (B, L_last) LLM-input index of the tokens in the last decoder layers (-1 on
@@ -50,6 +51,7 @@ class PatchStats:
         budget_clamped: per image, True when an int stage-P budget exceeded the image's candidate
             tokens (dynamic-resolution models), so the image kept all of them.
         decoder_budget_clamped: per sample, True when an int stage-D budget exceeded its visual tokens.
+        modality_per_image: per item, ``"image"`` or ``"video"``.
     """
 
     schedules: list[TokenSchedule] = field(default_factory=list)
@@ -62,6 +64,7 @@ class PatchStats:
     llm_kept_index: Tensor | None = None
     budget_clamped: list[bool] = field(default_factory=list)
     decoder_budget_clamped: list[bool] = field(default_factory=list)
+    modality_per_image: list[str] = field(default_factory=list)
 
     @property
     def llm_tokens_per_layer(self) -> list[list[int]]:
@@ -171,13 +174,13 @@ class Patch:
                 kwargs[name] = value
             args = ()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None else 0
+        past = int(cache.get_seq_length()) if cache is not None else 0  # hybrid caches return a 0-d tensor
         st = self._state
         if past == 0:
             st.reset()
             if not self.adapter.has_images(kwargs):
                 mm = kwargs.get("mm_encoder_outputs") or {}
-                if mm.get("image") is not None:
+                if mm.get("image") is not None or mm.get("video") is not None:
                     raise ValueError(
                         "a vtprune-patched model needs the raw image inputs (pixel_values), not pre-encoded "
                         "`mm_encoder_outputs`: pass the processor output to the model / generate()"
@@ -234,6 +237,8 @@ class Patch:
             features=sel.features,
             gather=packed.gather,
             modalities=[img.modality for img in images],
+            items=images,
+            kept_index=sel.kept_index,
         ))
         self._record_prefill(ids, mask, pos_full, packed, new_ids, new_mask, new_pos, mode, sel, ctx)
         self._record_accounting(images, spans, vision_sched, ids.shape[0])
@@ -244,6 +249,7 @@ class Patch:
             visual_tokens_in_per_image=sel.n_in,
             kept_index_per_image=sel.kept_index,
             budget_clamped=sel.clamped,
+            modality_per_image=[img.modality for img in images],
         )
         return out
 

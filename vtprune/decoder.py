@@ -30,8 +30,13 @@ Signals (``DecoderPolicy.signal_layers`` maps a layer to one kind or a tuple of 
 decoder signal registry (``vtprune/signals.py``: ``last_row``, ``post_visual_rows``,
 ``image_tokens_in``, ``key_l1``, ``final_norm``, the per-policy ``hidden_reduce`` / ``policy_rows``,
 and the hooked ``attn_io``/``mlp_io`` reduced by the policy's ``reduce_io``); unknown kinds are a
-``ValueError`` at ``patch()``. Aligned kinds are stored in LLM-input coordinates and gathered at each
-token's LLM-input index when a policy selects, so the view always gets the values of its own tokens.
+``ValueError`` at ``patch()``. Attention-row kinds (``DecoderSignal.attention``) asked for layer ``l``
+are computed at the input of ``Adapter.attention_layer_for(l)`` (hybrid LLMs: the last full-attention
+layer at or before ``l``; none is a ``ValueError`` at ``patch()``) and stored under ``l``; read at an
+earlier layer they are that layer's attention as it runs, i.e. after its own pruning (asked for the
+layer itself, the kind's own timing below holds). Aligned kinds
+are stored in LLM-input coordinates and gathered at each token's LLM-input index when a policy
+selects, so the view always gets the values of its own tokens.
 Signals are computed in the layer's pre-hook before its own pruning, except the ``after_prune`` kinds
 (``policy_rows``), computed on the sequence the layer runs on. The budget of a sample is
 ``DecoderPolicy.budget_view(view, layer)``.
@@ -43,10 +48,14 @@ right after an anchor position the policy names (sequence order, then renumberin
 it is a visual token of the later layers like any other and its row of the shortened cache holds its
 own keys and values.
 
+Masks: each layer gets ``Adapter.layer_attention_mask(layer, key_mask, q, dtype)``: the 4-D mask of
+the survivors, or for a Gated DeltaNet layer (Qwen3.5) its 2-D padding mask; such a layer's
+convolution and recurrent states are then those of the shortened sequence, at prefill and decode.
+
 State: the controller reads the patch's :class:`~vtprune.state.RequestState` (handed over at
 construction) and writes only its :class:`~vtprune.state.DecoderState`.
 
-``install()`` also installs the adapter's ``install_hooks()`` handles and removes them with its own:
+``install()`` also installs the adapter's ``install_hooks(state)`` handles and removes them with its own:
 the install/remove seam of adapters without an LLM (``clip_vit``: open_clip ViTs), whose work is done
 by their own hooks rather than the VLM prefill path.
 """
@@ -120,7 +129,8 @@ class DecoderController:
         self.config = adapter.language_model.config
         n = adapter.num_llm_layers()
         self.prune_at: dict[int, list[DecoderPolicy]] = {}
-        self.signal_at: dict[int, list[str]] = {}
+        # source layer -> [(kind, asked layer)]: attention rows may be read at an earlier layer (hybrid LLMs)
+        self.signal_at: dict[int, list[tuple[str, int]]] = {}
         self.io_at: dict[tuple[int, str], DecoderPolicy] = {}
         self.signal_owner: dict[tuple[int, str], DecoderPolicy] = {}
         for p in policies:
@@ -137,14 +147,14 @@ class DecoderController:
                         other = self.io_at.setdefault((l, kind), p)
                         if other is not p:
                             raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
-                    elif sig.per_policy:  # computed by the policy's own hooks: one owner per layer
-                        other = self.signal_owner.setdefault((l, kind), p)
-                        if other is not p:
-                            raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
-                        if kind not in self.signal_at.setdefault(l, []):
-                            self.signal_at[l].append(kind)
-                    elif kind not in self.signal_at.setdefault(l, []):
-                        self.signal_at[l].append(kind)
+                    else:
+                        if sig.per_policy:  # computed by the policy's own hooks: one owner per layer
+                            other = self.signal_owner.setdefault((l, kind), p)
+                            if other is not p:
+                                raise ValueError(f"two policies request the {kind!r} signal of decoder layer {l}")
+                        src = adapter.attention_layer_for(l) if sig.attention else l
+                        if (kind, l) not in self.signal_at.setdefault(src, []):
+                            self.signal_at[src].append((kind, l))
         self.first_prune = min(self.prune_at) if self.prune_at else None
         self.renumber_at = self._position_handling(n)
         self.handles = []
@@ -175,13 +185,14 @@ class DecoderController:
                 layer.register_forward_pre_hook(lambda m, a, k, i=i: self._pre(i, a, k), with_kwargs=True)
             )
         for (i, kind) in self.io_at:
-            module = getattr(layers[i], DECODER_SIGNALS[kind].module)
+            name = DECODER_SIGNALS[kind].module
+            module = self.adapter.token_mixer(i) if name == "self_attn" else getattr(layers[i], name)
             self.handles.append(
                 module.register_forward_hook(
                     lambda m, a, k, out, i=i, kind=kind: self._io(i, kind, a, k, out), with_kwargs=True
                 )
             )
-        self.handles.extend(self.adapter.install_hooks())  # adapters of plain ViTs (clip_vit)
+        self.handles.extend(self.adapter.install_hooks(self.state))  # clip_vit; Qwen3-VL DeepStack
 
     def remove(self) -> None:
         for h in self.handles:
@@ -200,7 +211,7 @@ class DecoderController:
             return self._decode(layer, hidden, args, kwargs)
         return None
 
-    def _substitute(self, kwargs: dict) -> None:
+    def _substitute(self, layer: int, kwargs: dict) -> None:
         """Replace the full-length tables of this layer by those of the surviving tokens."""
         dec = self.dec
         idx = dec.cur_index
@@ -216,7 +227,7 @@ class DecoderController:
                 pid = dec.full_pid
             if pid is not None and pid.shape[-1] == dec.full_len:
                 kwargs["position_ids"] = gather_seq(pid, idx, pid.dim() - 1)
-        kwargs["attention_mask"] = build_mask(self.config, dec.cur_keymask, idx.shape[1], dec.dtype)
+        kwargs["attention_mask"] = self.adapter.layer_attention_mask(layer, dec.cur_keymask, idx.shape[1], dec.dtype)
 
     def _full_positions(self, hidden: Tensor, kwargs: dict) -> Tensor:
         """(B, L) positions of the layer-0 input (the model's own ``position_ids``, else arange)."""
@@ -263,7 +274,7 @@ class DecoderController:
         if layer == 0:
             self._start_prefill(hidden, kwargs)
         if dec.cur_index is not None:
-            self._substitute(kwargs)
+            self._substitute(layer, kwargs)
             changed = True
         self._signals(layer, hidden, kwargs, after_prune=False)
         if layer in self.prune_at:
@@ -278,7 +289,7 @@ class DecoderController:
             hidden = self._prune(layer, hidden)
             if prev_pos is not None and (layer in self.renumber_at or dec.cur_pos is not None):
                 self._renumber(layer, hidden, prev_pos)
-            self._substitute(kwargs)
+            self._substitute(layer, kwargs)
             changed = True
         self._signals(layer, hidden, kwargs, after_prune=True)
         if dec.cur_pos is not None:
@@ -302,7 +313,7 @@ class DecoderController:
         q = hidden.shape[1]
         tail = self.state.decode_tail(q)
         full = torch.cat([keymask, tail.to(keymask.dtype)], dim=1)
-        kwargs["attention_mask"] = build_mask(self.config, full, q, hidden.dtype)
+        kwargs["attention_mask"] = self.adapter.layer_attention_mask(layer, full, q, hidden.dtype)
         shift = dec.layer_pos_shift.get(layer)
         if shift is not None:  # renumbered layer: the model's position minus the tokens removed before it
             pid = kwargs.get("position_ids")
@@ -337,11 +348,12 @@ class DecoderController:
         return out[:, :-1]
 
     def _signals(self, layer: int, hidden: Tensor, kwargs: dict, *, after_prune: bool) -> None:
-        for kind in self.signal_at.get(layer, []):
+        for kind, asked in self.signal_at.get(layer, []):
             sig = DECODER_SIGNALS[kind]
-            if sig.after_prune == after_prune:
-                self.dec.signals[(layer, kind)] = sig.fn(
-                    self._signal_input(layer, hidden, kwargs, self.signal_owner.get((layer, kind))))
+            # rows asked for a later layer stand for the attention this layer computes: after its own cut
+            if (sig.after_prune or asked != layer) == after_prune:
+                self.dec.signals[(asked, kind)] = sig.fn(
+                    self._signal_input(layer, hidden, kwargs, self.signal_owner.get((asked, kind))))
 
     def _aligned_current(self) -> dict[str, Tensor]:
         """The aligned signals computed so far, gathered to the current sequence (``"kind@layer"``)."""

@@ -31,6 +31,23 @@ Conventions (the report's ``convention`` string names the primary one):
   prefill); the mean is over those steps (the first step when ``T <= 1``).
 * **KV cache** (§5): ``sum_l 2*c_l*kv_heads*head_dim*dtype_bytes``; end of prefill ``c_l = n_l``, end of
   generation ``c_l = n_l + max(T-1, 0)`` (the last generated token is never fed back).
+
+Qwen3 families (same conventions, layer by layer):
+
+* **Qwen3-VL / Qwen3.5 attention**: Qwen3.5's ``q_proj`` also emits the output gate
+  (``n*d*(2*d_q + 2*d_kv)``); q/k norms and the partial rotary are not matmuls.
+* **MoE FFN** (``*_moe``): router ``n*d*E`` + ``top_k`` experts ``3*d*m_moe`` per token (+ Qwen3.5-MoE's
+  shared expert ``3*d*m_shared`` and its gate ``d``); Qwen3-VL-MoE's ``mlp_only_layers`` are dense.
+* **Gated DeltaNet layers** (Qwen3.5 ``linear_attention``), as transformers runs them at prefill:
+  projections ``n*d*(2*d_k + 2*d_v + 2*H_v) + n*d_v*d`` (qkv, z, a, b, out), the depthwise causal
+  convolution ``conv_dim*k*(n + k - 1)``, and the chunked gated delta rule with chunk ``C = 64`` on the
+  sequence padded to a multiple of ``C``, per value head and chunk ``2*C^2*d_hk + C^2*d_hv +
+  3*C*d_hk*d_hv`` (UT system, intra-chunk q.k, intra-chunk output, state read/write) plus the two
+  unit-triangular solves ``C*(C-1)/2*(d_hk + d_hv)``. No key/value cache: decode costs the projections,
+  ``conv_dim*k`` and the recurrent step ``3*d_hk*d_hv`` per value head, and the layer's state
+  (``conv_dim*k + H_v*d_hk*d_hv`` elements, constant) is counted in the KV bytes.
+* **Vision** (Qwen3-VL / Qwen3.5): Qwen2-VL-style blocks with a 2-matrix MLP, full attention per frame;
+  **projector**: the merger plus Qwen3-VL's DeepStack mergers (same shape), on every merged token.
 """
 from __future__ import annotations
 
@@ -59,7 +76,9 @@ CONVENTION = (
 )
 
 _LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
-_QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision1_5")
+_QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+_QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision1_5") + _QWEN3_TYPES
+GDN_CHUNK = 64  # chunk of transformers' (and FLA's) chunked gated delta rule
 
 
 # ----------------------------------------------------------------------------------------- config access
@@ -185,16 +204,81 @@ class FlopsReport:
 
 
 # -------------------------------------------------------------------------------------------------- LLM
-def _prefill_mac(dims: LLMDims, n: int) -> int:
-    """Primary MACs of one decoder layer with ``n`` tokens (queries = keys = n)."""
-    d, dq, dkv, m = dims.d, dims.d_q, dims.d_kv, dims.m
-    return n * d * (dq + 2 * dkv) + n * dq * d + 2 * n * n * dq + 3 * n * d * m
+def _layer_types(tc: Any) -> list[str]:
+    """Per decoder layer ``"full_attention"`` or ``"linear_attention"`` (Gated DeltaNet)."""
+    types = getattr(tc, "layer_types", None)
+    n = int(tc.num_hidden_layers)
+    return ["linear_attention" if t == "linear_attention" else "full_attention" for t in types] if types else \
+        ["full_attention"] * n
 
 
-def _decode_mac(dims: LLMDims, c: int) -> int:
-    """MACs of one decoder layer for one new token with cache length ``c`` (new token included)."""
-    d, dq, dkv, m = dims.d, dims.d_q, dims.d_kv, dims.m
-    return d * (dq + 2 * dkv) + dq * d + 2 * c * dq + 3 * d * m
+def _ffn_mac_per_token(tc: Any, dims: LLMDims, layer: int) -> int:
+    """FFN MACs of one token in decoder layer ``layer`` (dense SwiGLU or the routed MoE block)."""
+    experts = int(getattr(tc, "num_experts", 0) or 0)
+    if experts:
+        dense = layer in (getattr(tc, "mlp_only_layers", None) or [])
+        step = int(getattr(tc, "decoder_sparse_step", 1) or 1)
+        if not dense and (layer + 1) % step == 0:
+            d = dims.d
+            mac = d * experts + int(tc.num_experts_per_tok) * 3 * d * int(tc.moe_intermediate_size)
+            shared = int(getattr(tc, "shared_expert_intermediate_size", 0) or 0)
+            if shared:
+                mac += 3 * d * shared + d
+            return mac
+    return 3 * dims.d * dims.m
+
+
+def _attn_proj_mac_per_token(tc: Any, dims: LLMDims) -> int:
+    """q/k/v/o projection MACs of one token (Qwen3.5's q_proj also emits the output gate)."""
+    gated = getattr(tc, "model_type", "").startswith("qwen3_5")
+    return dims.d * ((2 if gated else 1) * dims.d_q + 2 * dims.d_kv) + dims.d_q * dims.d
+
+
+def _gdn_dims(tc: Any) -> tuple[int, int, int, int, int, int]:
+    """(value heads, key head dim, value head dim, key dim, value dim, conv kernel) of a Gated DeltaNet."""
+    hv, dk, dv = int(tc.linear_num_value_heads), int(tc.linear_key_head_dim), int(tc.linear_value_head_dim)
+    return hv, dk, dv, int(tc.linear_num_key_heads) * dk, hv * dv, int(tc.linear_conv_kernel_dim)
+
+
+def _gdn_proj_mac_per_token(tc: Any, d: int) -> int:
+    hv, _, _, kd, vd, _ = _gdn_dims(tc)
+    return d * (2 * kd + 2 * vd + 2 * hv) + vd * d
+
+
+def _gdn_prefill_mac(tc: Any, d: int, n: int) -> int:
+    """MACs of a Gated DeltaNet layer's token mixer on ``n`` tokens at prefill (module docstring)."""
+    if n <= 0:
+        return 0
+    hv, dk, dv, kd, vd, k = _gdn_dims(tc)
+    c = GDN_CHUNK
+    chunks = -(-n // c)
+    core = 2 * c * c * dk + c * c * dv + 3 * c * dk * dv + c * (c - 1) // 2 * (dk + dv)
+    return n * _gdn_proj_mac_per_token(tc, d) + (2 * kd + vd) * k * (n + k - 1) + hv * chunks * core
+
+
+def _layer_prefill_mac(tc: Any, dims: LLMDims, kind: str, layer: int, n: int) -> int:
+    """Primary MACs of decoder layer ``layer`` of kind ``kind`` with ``n`` tokens."""
+    ffn = n * _ffn_mac_per_token(tc, dims, layer)
+    if kind == "linear_attention":
+        return _gdn_prefill_mac(tc, dims.d, n) + ffn
+    return n * _attn_proj_mac_per_token(tc, dims) + 2 * n * n * dims.d_q + ffn
+
+
+def _layer_decode_mac(tc: Any, dims: LLMDims, kind: str, layer: int, c: int) -> int:
+    """MACs of decoder layer ``layer`` for one new token with cache length ``c`` (new token included)."""
+    ffn = _ffn_mac_per_token(tc, dims, layer)
+    if kind == "linear_attention":
+        hv, dk, dv, kd, vd, k = _gdn_dims(tc)
+        return _gdn_proj_mac_per_token(tc, dims.d) + (2 * kd + vd) * k + 3 * hv * dk * dv + ffn
+    return _attn_proj_mac_per_token(tc, dims) + 2 * c * dims.d_q + ffn
+
+
+def _layer_state_elements(tc: Any, dims: LLMDims, kind: str, c: int) -> int:
+    """Cached elements of one layer: K and V of ``c`` tokens, or a Gated DeltaNet's fixed state."""
+    if kind == "linear_attention":
+        hv, dk, dv, kd, vd, k = _gdn_dims(tc)
+        return (2 * kd + vd) * k + hv * dk * dv
+    return 2 * c * dims.kv_heads * dims.head_dim
 
 
 def _fastv_f(dims: LLMDims, n: int) -> int:
@@ -283,6 +367,9 @@ def _packed_vit_dims(config: Any) -> tuple[int, int, int, int]:
     if mt == "llava_onevision1_5":  # RICE-ViT: GELU MLP, Conv2d patches, one CLS token per frame
         c = int(vc.hidden_size)
         return c, 2 * c * int(vc.intermediate_size), int(vc.in_channels) * int(vc.patch_size) ** 2, 1
+    if mt in _QWEN3_TYPES:  # Qwen3-VL / Qwen3.5: 2-matrix MLP, Conv3d patches
+        c = int(vc.hidden_size)
+        return c, 2 * c * int(vc.intermediate_size), int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2, 0
     qwen25 = mt == "qwen2_5_vl"
     c = int(vc.hidden_size if qwen25 else vc.embed_dim)
     mlp = 3 * c * int(vc.intermediate_size) if qwen25 else 2 * c * int(c * vc.mlp_ratio)
@@ -290,7 +377,8 @@ def _packed_vit_dims(config: Any) -> tuple[int, int, int, int]:
 
 
 def _qwen_vision_flops(config: Any, schedule: TokenSchedule) -> float:
-    """2 x MACs of the Qwen2-VL / Qwen2.5-VL (LLaVA-OneVision-1.5) ViT blocks that ran plus the patch embedding."""
+    """2 x MACs of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (LLaVA-OneVision-1.5) ViT blocks that
+    ran plus the patch embedding."""
     c, mlp, patch_in, cls = _packed_vit_dims(config)
     views = schedule.vision_tokens_per_layer
     mac = 0
@@ -323,7 +411,8 @@ def _projector_flops(config: Any, tokens: int) -> float:
         c = _packed_vit_dims(config)[0]
         out = int(vc.hidden_size if mt == "qwen2_vl" else vc.out_hidden_size)
         h = c * int(vc.spatial_merge_size) ** 2
-        return 2.0 * tokens * (h * h + h * out)
+        mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or [])  # Qwen3-VL DeepStack mergers
+        return 2.0 * tokens * mergers * (h * h + h * out)
     return 0.0
 
 
@@ -368,7 +457,9 @@ def count_flops(
     if len(vis) != len(n):
         raise ValueError("visual_tokens_per_layer and llm_tokens_per_layer differ in length")
 
-    per_layer = [2.0 * _prefill_mac(dims, x) for x in n]
+    tc = _text_config(config)
+    kinds = _layer_types(tc)
+    per_layer = [2.0 * _layer_prefill_mac(tc, dims, kinds[l], l, x) for l, x in enumerate(n)]
 
     if n:
         n0 = n[0] - vis[0] + int(schedule.visual_tokens_in)  # unpruned prompt length
@@ -379,16 +470,16 @@ def count_flops(
     pdrop = float(sum(_pdrop_mac(dims, v) for v in vis))
 
     steps = max(int(schedule.new_tokens) - 1, 0)
-    decode_first = 2.0 * sum(_decode_mac(dims, x + 1) for x in n)
+    decode_first = 2.0 * sum(_layer_decode_mac(tc, dims, kinds[l], l, x + 1) for l, x in enumerate(n))
     if steps >= 1:
-        decode_mean = 2.0 * sum(_decode_mac(dims, x + j) for x in n for j in range(1, steps + 1)) / steps
+        decode_mean = 2.0 * sum(_layer_decode_mac(tc, dims, kinds[l], l, x + j)
+                                for l, x in enumerate(n) for j in range(1, steps + 1)) / steps
     else:
         decode_mean = decode_first
     lm_head = 2.0 * dims.d * dims.vocab
 
-    kv_per_token = 2 * dims.kv_heads * dims.head_dim * dtype_bytes
-    kv_prefill = float(sum(n) * kv_per_token)
-    kv_end = float((sum(n) + steps * len(n)) * kv_per_token)
+    kv_prefill = float(sum(_layer_state_elements(tc, dims, kinds[l], x) for l, x in enumerate(n)) * dtype_bytes)
+    kv_end = float(sum(_layer_state_elements(tc, dims, kinds[l], x + steps) for l, x in enumerate(n)) * dtype_bytes)
 
     return FlopsReport(
         llm_prefill_flops=sum(per_layer),

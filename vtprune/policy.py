@@ -26,6 +26,9 @@ STAGES = ("V", "P", "D")
 POSITION_MODES = ("auto", "original", "renumber")
 #: how a stage-P budget applies to a video: ranked over all frames, or each frame keeps its share
 QUOTAS = ("video", "frame")
+#: the VLM families of ``vtprune.adapters`` (``Adapter.family``); a policy supports all unless it narrows
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_onevision1_5",
+            "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 T = TypeVar("T")
 
 
@@ -137,8 +140,7 @@ class Context:
     """What a policy may know about the request besides its own image (one per request).
 
     Attributes:
-        family: model family (``"llava"``, ``"llava_next"``, ``"qwen2_vl"``, ``"qwen2_5_vl"``,
-            ``"clip_vit"``).
+        family: model family (one of :data:`FAMILIES`, or ``"clip_vit"``).
         seed: the patch seed; :meth:`rng` derives per-image generators from it.
         view_keys: stage V, models with a fixed token count per view: for each encoder view of the
             request, the index of its image within its sample (the key for :meth:`rng`), so that a
@@ -235,8 +237,7 @@ class Policy:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     stage: ClassVar[str] = "P"
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision",
-                                           "llava_onevision1_5")
+    families: ClassVar[tuple[str, ...]] = FAMILIES
     #: old parameter spellings -> their current names (the registry refuses the old ones, naming the new)
     renamed: ClassVar[dict[str, str]] = {}
 

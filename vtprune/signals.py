@@ -15,8 +15,12 @@ transformers' ``AttentionInterface``): a new kind is one decorated function, not
   :meth:`~vtprune.policy.DecoderPolicy.signal_layers` and reads ``view.signals["kind@layer"]``.
   ``aligned`` kinds are stored in LLM-input coordinates (so they stay aligned across earlier
   prunes); the others index the sequence entering the layer. Kinds with a ``module`` are produced by
-  a forward hook on that sub-module of the layer and reduced by the policy's
-  :meth:`~vtprune.policy.DecoderPolicy.reduce_io`.
+  a forward hook on that sub-module of the layer (``"self_attn"``: the layer's token mixer,
+  ``Adapter.token_mixer``; a Gated DeltaNet layer's ``linear_attn``) and reduced by the policy's
+  :meth:`~vtprune.policy.DecoderPolicy.reduce_io`. ``attention`` kinds read attention rows: asked for
+  layer ``l`` they are computed at ``Adapter.attention_layer_for(l)`` (``l`` itself, or on a hybrid
+  LLM the last full-attention layer at or before it) and stored under ``l``; read at an earlier layer
+  they are computed after that layer's own pruning (the attention it really computes).
 * :data:`TEXT_SIGNALS` -- the sample's prompt, for stage-P policies conditioned on the instruction
   (CDPruner). Named without a layer (``"instruction_embeds"``) in ``required_signals``; the hook layer
   calls ``fn(text: SampleText)`` once per sample and puts the :class:`TextTokens` into
@@ -241,13 +245,16 @@ class DecoderSignal:
     sub-module and the requesting policy's ``reduce_io`` instead of ``fn``. ``per_policy``: computed
     by hooks of the requesting policy (``inp.policy``; one requesting policy per layer).
     ``after_prune``: computed after the layer's own pruning, on the sequence the layer runs on (the
-    others are computed before it: a policy pruning at that layer selects with them)."""
+    others are computed before it: a policy pruning at that layer selects with them). ``attention``:
+    reads the layer's attention rows or keys, so on a hybrid LLM it is computed at
+    ``Adapter.attention_layer_for(layer)``."""
 
     fn: Callable[[DecoderSignalInput], Tensor] | None
     aligned: bool = False
     module: str | None = None
     per_policy: bool = False
     after_prune: bool = False
+    attention: bool = False
 
 
 DECODER_SIGNALS: dict[str, DecoderSignal] = {
@@ -257,24 +264,27 @@ DECODER_SIGNALS: dict[str, DecoderSignal] = {
 
 
 def register_decoder_signal(kind: str, *, aligned: bool = False, per_policy: bool = False,
-                            after_prune: bool = False):
-    """Decorator: register ``fn(inp: DecoderSignalInput) -> Tensor`` as the decoder signal ``kind``."""
+                            after_prune: bool = False, attention: bool = False):
+    """Decorator: register ``fn(inp: DecoderSignalInput) -> Tensor`` as the decoder signal ``kind``
+    (``attention=True``: it reads the layer's attention rows or keys)."""
     def deco(fn):
-        DECODER_SIGNALS[kind] = DecoderSignal(fn, aligned, per_policy=per_policy, after_prune=after_prune)
+        DECODER_SIGNALS[kind] = DecoderSignal(fn, aligned, per_policy=per_policy, after_prune=after_prune,
+                                              attention=attention)
         return fn
     return deco
 
 
-@register_decoder_signal("last_row")
+@register_decoder_signal("last_row", aligned=True, attention=True)
 def _last_row(inp: DecoderSignalInput) -> Tensor:
-    """(B, L) head-mean attention row of each sample's last real token over the current keys."""
+    """Head-mean attention row of each sample's last real token over the current keys, in LLM-input
+    coordinates (aligned: it may be read at a later layer after a prune)."""
     km = inp.key_mask
     n = km.shape[1]
     last = (km.long() * torch.arange(n, device=km.device)).argmax(-1)  # last valid token
-    return inp.attention_rows(last[:, None]).mean(1)[:, 0]
+    return inp.to_input_coords(inp.attention_rows(last[:, None]).mean(1)[:, 0])
 
 
-@register_decoder_signal("post_visual_rows", aligned=True)
+@register_decoder_signal("post_visual_rows", aligned=True, attention=True)
 def _post_visual_rows(inp: DecoderSignalInput) -> Tensor:
     """Head-mean attention of every prompt row after the sample's last visual token, averaged over
     those rows (zeros when there is none); LLM-input coordinates."""
@@ -364,7 +374,7 @@ def _instruction_embeds(text: SampleText) -> TextTokens:
 def _text_embeds(text: SampleText) -> TextTokens:
     """Every valid non-image token of the sample (system prompt and template included)."""
     return text.tokens(torch.nonzero(text.valid & (text.ids != text.image_token_id)).flatten())
-@register_decoder_signal("key_l1", aligned=True)
+@register_decoder_signal("key_l1", aligned=True, attention=True)
 def _key_l1(inp: DecoderSignalInput) -> Tensor:
     """L1 norm, in fp32, of each token's key in the layer (rotary applied, all KV heads: what the
     layer's cache holds), 0 on padding; LLM-input coordinates. The L1 norm is not rotation invariant,
@@ -386,7 +396,7 @@ def _hidden_reduce(inp: DecoderSignalInput) -> Tensor:
     return inp.to_input_coords(inp.policy.reduce_hidden(inp.layer, inp.hidden, inp.key_mask, inp.visual))
 
 
-@register_decoder_signal("policy_rows", aligned=True, per_policy=True, after_prune=True)
+@register_decoder_signal("policy_rows", aligned=True, per_policy=True, after_prune=True, attention=True)
 def _policy_rows(inp: DecoderSignalInput) -> Tensor:
     """The requesting policy's ``reduce_rows(layer, RowAttention)`` of the head-wise attention of the
     rows its ``query_rows(layer, aligned signals so far, key_mask, visual)`` picks; LLM-input

@@ -1,9 +1,10 @@
 """Tiny randomly initialised VLMs of every supported family, built from config objects (no downloads).
 
 Used by the test suite and the demo. Each builder returns ``(model, processor)`` with a real
-processor (``LlavaProcessor``, ``LlavaNextProcessor``, ``Qwen2VLProcessor``,
-``LlavaOnevisionProcessor`` with its image and video processors) and a byte-level tokenizer that
-needs no files.
+processor (``LlavaProcessor``, ``LlavaNextProcessor``, ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``,
+``LlavaOnevisionProcessor`` with its image and video processors, ``Qwen3VLProcessor`` for Qwen3-VL and
+Qwen3.5) and a byte-level tokenizer that needs no files. :func:`make_inputs` builds prompts with images
+(several per prompt) and videos; :func:`make_video_inputs` Qwen video prompts with frame timestamps.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_onevision1_5")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_onevision1_5", "qwen3_vl",
+            "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+#: families whose LLM mixes Gated DeltaNet (linear attention) layers with full attention
+HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 
 
 def byte_tokenizer(specials: list[str]):
@@ -226,14 +230,22 @@ def _qwen(kind: str, attn_implementation: str, seed: int, dtype):
     model.set_attn_implementation(attn_implementation)
     ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
                                temporal_patch_size=2)
-    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=_video_processor())
+    if kind == "qwen2_vl":
+        proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=_video_processor())
+    else:  # Qwen2.5-VL's own processor also returns second_per_grid_ts for videos (temporal M-RoPE)
+        from transformers import Qwen2_5_VLProcessor
+
+        proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=_video_processor())
     return model, proc
 
 
 def _video_processor():
+    """Qwen2-VL's video processor: small frames (at most 112 x 112 px), frames taken as given."""
     from transformers import Qwen2VLVideoProcessor
 
-    return Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+    return Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, do_sample_frames=False,
+                                 cap_pixels_per_frame=False,
+                                 size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112 * 4})
 
 
 def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
@@ -277,6 +289,20 @@ def make_inputs(family: str, proc, questions: list[str], images: list, padding_s
     return proc(text=texts, return_tensors="pt", padding=True, **kw)
 
 
+def make_video_inputs(family: str, proc, questions: list[str], videos: list[np.ndarray], images=None,
+                      padding_side: str = "left", fps: float = 2.0):
+    """Processor outputs for a batch of Qwen prompts with one video each (and, with ``images``, one image
+    before the video), frames taken as given at ``fps`` frames per second."""
+    if not family.startswith("qwen"):
+        raise ValueError(f"make_video_inputs: video prompts are built for the Qwen families, not {family!r}")
+    proc.tokenizer.padding_side = padding_side
+    img = "<|vision_start|><|image_pad|><|vision_end|>" if images is not None else ""
+    texts = [f"USER: {img}<|vision_start|><|video_pad|><|vision_end|>\n{q} ASSISTANT:" for q in questions]
+    meta = [{"fps": fps, "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v in videos]
+    kwargs = {"images": images} if images is not None else {}
+    return proc(text=texts, videos=videos, video_metadata=meta, return_tensors="pt", padding=True, **kwargs)
+
+
 def tiny_open_clip(seed: int = 0):
     """A tiny open_clip CLIP (ViT 56 px, patch 8 -> 49 patches + CLS, width 32, 4 blocks) and its
     tokenizer, random weights, no download."""
@@ -295,3 +321,82 @@ def tiny_open_clip(seed: int = 0):
     finally:
         logging.disable(logging.NOTSET)
     return model.eval(), open_clip.get_tokenizer("ViT-B-32", context_length=16)
+
+
+# ---------------------------------------------------------------------------- Qwen3-VL and Qwen3.5
+QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
+def _qwen3_processor(tok):
+    """A real ``Qwen3VLProcessor`` (Qwen3-VL and Qwen3.5 share it): 14 px patches, 2x2 merge, frames
+    taken as given (no resampling), one timestamp per temporal patch."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                               temporal_patch_size=2)
+    vp = Qwen3VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, do_sample_frames=False,
+                               cap_pixels_per_frame=False,
+                               size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112 * 4})
+    return Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp)
+
+
+def _qwen3(kind: str, attn_implementation: str, seed: int, dtype, num_layers: int = 4):
+    """Tiny Qwen3-VL / Qwen3.5 (dense or MoE): 3-block ViT (DeepStack from blocks 0 and 1 on Qwen3-VL),
+    4-layer LLM (Qwen3.5: Gated DeltaNet layers 0 and 2, full attention at 1 and 3; ``num_layers`` (even)
+    repeats that pair)."""
+    import transformers
+
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = byte_tokenizer(specials)
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, in_channels=3)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=len(tok), max_position_embeddings=2048,
+                pad_token_id=0, initializer_range=0.05)
+    if kind.startswith("qwen3_vl"):
+        vision["deepstack_visual_indexes"] = [0, 1]
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3],
+                                   "mrope_interleaved": True}
+    else:  # Qwen3.5: partial rotary (half the head dim here), hybrid layers
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1],
+                                   "mrope_interleaved": True, "partial_rotary_factor": 0.5}
+        text.update(layer_types=["linear_attention", "full_attention"] * (num_layers // 2), linear_conv_kernel_dim=4,
+                    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                    linear_num_value_heads=4)
+    if kind.endswith("moe"):
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        if kind == "qwen3_5_moe":
+            text["shared_expert_intermediate_size"] = 32
+        else:
+            text["decoder_sparse_step"] = 1
+    names = {"qwen3_vl": "Qwen3VL", "qwen3_vl_moe": "Qwen3VLMoe", "qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe"}
+    cfg_cls = getattr(transformers, names[kind] + "Config")
+    model_cls = getattr(transformers, names[kind] + "ForConditionalGeneration")
+    cfg = cfg_cls(text_config=text, vision_config=vision, **common)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(dtype).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model, _qwen3_processor(tok)
+
+
+def tiny_qwen3_vl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    return _qwen3("qwen3_vl", attn_implementation, seed, dtype)
+
+
+def tiny_qwen3_vl_moe(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    return _qwen3("qwen3_vl_moe", attn_implementation, seed, dtype)
+
+
+def tiny_qwen3_5(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32, num_layers: int = 4):
+    return _qwen3("qwen3_5", attn_implementation, seed, dtype, num_layers)
+
+
+def tiny_qwen3_5_moe(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32, num_layers: int = 4):
+    return _qwen3("qwen3_5_moe", attn_implementation, seed, dtype, num_layers)
+
+
+BUILDERS.update({"qwen3_vl": tiny_qwen3_vl, "qwen3_vl_moe": tiny_qwen3_vl_moe, "qwen3_5": tiny_qwen3_5,
+                 "qwen3_5_moe": tiny_qwen3_5_moe})

@@ -149,3 +149,38 @@ def no_cache_generate(model, inp, decisions, prune_layers, *, positions: str = "
         logits.append(lg)
         tokens.append(int(lg.argmax(-1)))
     return tokens, logits
+
+
+# ------------------------------------------------------------------------------ hybrid LLMs (Qwen3.5)
+def last_full_attention_layer(model, layer: int) -> int:
+    """The last full-attention decoder layer at or before ``layer`` (from ``layer_types``; every layer of
+    an attention-only LLM): where the rows asked for ``layer`` are read on a hybrid LLM."""
+    types = getattr(model.model.language_model.config, "layer_types", None)
+    full = [i for i in range(layer + 1) if types is None or types[i] != "linear_attention"]
+    assert full, f"no full-attention layer at or before {layer}"
+    return full[-1]
+
+
+def shortened_layer_inputs(model, inp, stages: dict, layers, replace: dict | None = None) -> dict:
+    """The physically shortened run (``oracles.physically_shortened_run``; ``inp`` one unpadded sample) with
+    ``stages`` ``{layer: (1, L) keep}`` and ``replace`` applied: ``{layer: (h (n, D) the input the layer
+    runs on, cols (n,) LLM-input columns of its rows, (cos, sin))}`` for each of ``layers``."""
+    from oracles import physically_shortened_run
+
+    got = {}
+
+    def grab(i, b, h, cols, rope):
+        if i in layers:
+            got[i] = (h, cols, rope)
+
+    physically_shortened_run(model, inp, stages, None, 1, replace=replace, observe=grab)
+    return got
+
+
+def shortened_attention(model, inp, stages: dict, layer: int, replace: dict | None = None):
+    """``(probs (H, n, n), cols (n,), h (n, D))``: the eager attention (``model`` eager) of full-attention
+    ``layer`` on the input it runs on in the physically shortened run (:func:`shortened_layer_inputs`)."""
+    h, cols, rope = shortened_layer_inputs(model, inp, stages, [layer], replace)[layer]
+    dec = model.model.language_model.layers[layer]
+    probs = attention_weights(dec, h[None], rope, causal_mask(model, h.shape[0], h.dtype)).float()
+    return probs, cols, h

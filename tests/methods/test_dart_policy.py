@@ -1,9 +1,11 @@
-"""DART policy (stage D) on tiny models of all four families.
+"""DART policy (stage D) on tiny models of every family.
 
 Independent reference: the *unpatched* model run once with its KV cache and hidden states (as the
 reference port reads them: layer K-1's cached keys, layer K's input through the final norm), the
 pure kernel :func:`dart_select` on those, then the unpatched model with the dropped keys masked from
-layer K on (``oracles.masked_run``): logits and cached ``generate`` must match the patched model.
+layer K on (``oracles.masked_run``), or on the hybrid Qwen3.5 with the sequence physically shortened
+from layer K on (``oracles.physically_shortened_run``: a mask cannot hide a token from a Gated DeltaNet
+layer): logits and cached ``generate`` must match the patched model.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import vtprune
 from vtprune.methods import dart as D
 from vtprune.testing import FAMILIES
 
-from helpers import GEN, assert_batch_equals_alone, batch
-from oracles import last_logits, masked_run
+from helpers import GEN, assert_batch_equals_alone, batch, layer_inputs, recorded_views
+from oracles import last_logits, stage_d_reference
 
 ATTN = ["sdpa", "eager"]
 SPEC = dict(layer=2, keep=0.5, pivot_image=2, pivot_text=2)
@@ -23,12 +25,11 @@ SPEC = dict(layer=2, keep=0.5, pivot_image=2, pivot_text=2)
 
 def reference_keep(model, inp, *, layer=2, **params) -> torch.Tensor:
     """(L,) bool over the LLM input of one unpadded sample: tokens DART keeps, from the unpatched model."""
-    with torch.no_grad():
-        out = model(**inp, use_cache=True, output_hidden_states=True)
+    inputs, out = layer_inputs(model, inp, [layer], use_cache=True)
     keys = out.past_key_values.layers[layer - 1].keys[0]  # (Hkv, L, hd), rotary applied
     L = keys.shape[1]
     key_norm = keys.float().permute(1, 0, 2).reshape(L, -1).abs().sum(-1)
-    states = model.model.language_model.norm(out.hidden_states[layer])[0]  # input of layer K, final norm
+    states = model.model.language_model.norm(inputs[layer])[0]  # input of layer K (Qwen3-VL: with DeepStack), final norm
     ids = inp["input_ids"][0]
     visual = ids == model.config.image_token_id
     vis = torch.nonzero(visual).flatten()
@@ -56,11 +57,9 @@ def test_physical_removal_equals_cache_reference_and_mask_run(family, attn):
     n_text_after = int(keep.numel() - 1 - int(torch.nonzero(inp["input_ids"][0] == model.config.image_token_id).max()))
     budget = D.dart_budget(n_vis, n_text_after, **params)
     assert sched.visual_tokens_per_layer == [n_vis] * layer + [budget] * (4 - layer)
-    with masked_run(model, layer, keep[None]), torch.no_grad():
-        ref = model(**inp).logits
-        gref = model.generate(**inp, **GEN)
-    torch.testing.assert_close(last_logits(logits), last_logits(ref), rtol=1e-5, atol=1e-5)
-    assert torch.equal(gen, gref)
+    ref, gref = stage_d_reference(model, family, inp, layer, keep[None], GEN["max_new_tokens"])
+    torch.testing.assert_close(last_logits(logits), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen[:, inp["input_ids"].shape[1]:], gref)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -119,3 +118,21 @@ def test_bad_settings_raise(params, match):
     with pytest.raises(ValueError, match=match):
         vtprune.patch(model, "dart", **params)
     assert not hasattr(model, "_vtprune_patch")
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_hybrid_needs_a_full_attention_layer_at_or_before_k_minus_1(family):
+    """Tiny Qwen3.5 layers: [linear, full, linear, full]. K=3 reads layer 1's keys (as K=2 does); K=1 would
+    read layer 0's, a Gated DeltaNet layer with no full-attention layer before it: refused, naming K >= 2."""
+    model, inp = batch(family, n=1, first=1)
+    with pytest.raises(ValueError, match=r"dart: the key norms of layer K-1 = 0 .*\(the first is 1\): use layer >= 2"):
+        vtprune.patch(model, "dart", layer=1)
+    assert not hasattr(model, "_vtprune_patch")
+    key_l1 = {}
+    for k in (2, 3):
+        pol = D.DART(layer=k, keep=0.5, pivot_image=2, pivot_text=2)
+        seen = recorded_views(pol)
+        with vtprune.patch(model, pol), torch.no_grad():
+            model(**inp)
+        key_l1[k] = seen[0][1].signals[f"key_l1@{k - 1}"]
+    torch.testing.assert_close(key_l1[3], key_l1[2])

@@ -2,9 +2,11 @@
 
 * recycled tokens (``DecoderSelection``): a recycled token takes the slot of a dropped visual token;
   - at its slot, original positions: oracle = the *unpatched* model where that slot's hidden state is
-    replaced at the pruning layer and the other dropped keys are masked from that layer on (every
-    family, SDPA and eager, batch of 2 with left padding, cached ``generate``);
+    replaced at the pruning layer and the other dropped keys are masked from that layer on, or on the
+    hybrid Qwen3.5 the physically shortened run with the slot's state replaced (every family, SDPA and
+    eager, batch of 2 with left padding, cached ``generate``);
   - after an anchor with renumbered positions (LLaVA): oracle = the explicit layer-by-layer run;
+  - on Qwen3-VL it gets its slot's DeepStack rows at the levels added after the pruning layer;
 * the policy-defined signal kinds: ``hidden_reduce`` sees the layer input; ``policy_rows`` gives the
   head-wise attention of the chosen rows (== eager ``output_attentions``) and is computed on the
   sequence the layer runs on, after that layer's own pruning.
@@ -19,11 +21,11 @@ import torch
 
 import vtprune
 from vtprune.policy import DecoderPolicy, DecoderSelection
-from vtprune.testing import FAMILIES
+from vtprune.testing import FAMILIES, HYBRID_FAMILIES
 
 from helpers import GEN, batch, tiny
 from _staged_oracle import Decision, explicit_run, replaced_rows
-from oracles import last_logits, masked_run
+from oracles import last_logits, masked_run, physically_shortened_run
 
 
 @dataclass
@@ -52,15 +54,10 @@ class MeanRecycler(DecoderPolicy):
                                 after=vis[-1:] if self.anchor else None)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_recycled_token_at_its_slot_equals_replaced_and_masked_run(family, attn):
-    model, inp = batch(family, n=2, attn=attn, first=1)
-    assert (inp["attention_mask"] == 0).any()
-    with vtprune.patch(model, MeanRecycler()) as h, torch.no_grad():
-        out = model(**inp).logits
-        gen = model.generate(**inp, **GEN)
-        sched = h.stats.schedules
+def mean_recycler_plan(model, inp):
+    """What :class:`MeanRecycler` does to ``inp``: ``(keep (B, L) bool: text, the first half of the visual
+    tokens and the recycled token's slot; slots[b]: that slot, the sample's last visual token;
+    dropped[b]: the visual tokens averaged into it)``."""
     ids, mask = inp["input_ids"], inp["attention_mask"].bool()
     visual = (ids == model.config.image_token_id) & mask
     keep = mask & ~visual
@@ -72,13 +69,86 @@ def test_recycled_token_at_its_slot_equals_replaced_and_masked_run(family, attn)
         keep[b, vis[-1]] = True  # the recycled token's slot
         slots.append(int(vis[-1]))
         dropped.append(vis[k:])
-        assert sched[b].visual_tokens_per_layer[2:] == [k + 1, k + 1]
-    means = replaced_rows(model, 2, lambda hid: [(b, s, hid[b, d].mean(0)) for b, (s, d) in enumerate(zip(slots, dropped))])
-    with means, masked_run(model, 2, keep), torch.no_grad():
-        ref = model(**inp).logits
+    return keep, slots, dropped
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recycled_token_at_its_slot_equals_replaced_and_masked_run(family, attn):
+    model, inp = batch(family, n=2, attn=attn, first=1)
+    assert (inp["attention_mask"] == 0).any()
+    with vtprune.patch(model, MeanRecycler()) as h, torch.no_grad():
+        out = model(**inp).logits
+        gen = model.generate(**inp, **GEN)
+        sched = h.stats.schedules
+    keep, slots, dropped = mean_recycler_plan(model, inp)
+    for b in range(keep.shape[0]):  # half the visual tokens + the recycled one
+        n_visual = int((inp["input_ids"][b] == model.config.image_token_id).sum())
+        assert sched[b].visual_tokens_per_layer[2:] == [n_visual // 2 + 1] * 2
+    if family in HYBRID_FAMILIES:  # a mask cannot hide a token from a Gated DeltaNet layer: physical removal
+        def means(b, hid, cols):
+            rows = [int(torch.nonzero(cols == c)) for c in dropped[b]]
+            return {slots[b]: hid[rows].mean(0)}
+
+        ref, gref = physically_shortened_run(model, inp, 2, keep, GEN["max_new_tokens"], replace={2: means})
+    else:
+        means = replaced_rows(model, 2, lambda hid: [(b, s, hid[b, d].mean(0)) for b, (s, d) in enumerate(zip(slots, dropped))])
+        with means, masked_run(model, 2, keep), torch.no_grad():
+            ref = last_logits(model(**inp).logits)
+            gref = model.generate(**inp, **GEN)[:, inp["input_ids"].shape[1]:]
+    torch.testing.assert_close(last_logits(out), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen[:, inp["input_ids"].shape[1]:], gref)
+
+
+class slot_without_deepstack:
+    """Context manager: the unpatched Qwen3-VL gets zeros instead of DeepStack level ``level``'s rows at the
+    LLM-input positions ``cols[b]`` of each sample (a pre-hook on its language model)."""
+
+    def __init__(self, model, level: int, cols: list[int]):
+        self.lm, self.level, self.cols = model.model.language_model, level, cols
+
+    def _hook(self, module, args, kwargs):
+        vis, embeds = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
+        if embeds is None:
+            return None
+        row = (vis.flatten().long().cumsum(0) - 1).view(vis.shape)  # row of each visual position in a level
+        embeds = list(embeds)
+        embeds[self.level] = embeds[self.level].clone()
+        for b, c in enumerate(self.cols):
+            embeds[self.level][row[b, c]] = 0
+        kwargs["deepstack_visual_embeds"] = embeds
+        return args, kwargs
+
+    def __enter__(self):
+        self.handle = self.lm.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_recycled_token_gets_its_slots_deepstack_rows(family):
+    """Qwen3-VL: a recycled token is a merged visual token that takes its slot's identity, so the DeepStack
+    levels added after the pruning layer add the slot's rows to it (as a stage-P merge takes its
+    representative's rows). Pruning at layer 1 (the tiny model adds levels after layers 0 and 1): the
+    oracle is the unpatched model with the slot's state replaced and the other dropped keys masked, where
+    the model itself adds level 1 at the slot; giving the slot no level-1 row instead changes the run."""
+    model, inp = batch(family, n=2, first=1)
+    assert len(model.config.vision_config.deepstack_visual_indexes) == 2
+    with vtprune.patch(model, MeanRecycler(layer=1)), torch.no_grad():
+        out = last_logits(model(**inp).logits)
+        gen = model.generate(**inp, **GEN)
+    keep, slots, dropped = mean_recycler_plan(model, inp)
+    fill = lambda hid: [(b, s, hid[b, d].mean(0)) for b, (s, d) in enumerate(zip(slots, dropped))]
+    with replaced_rows(model, 1, fill), masked_run(model, 1, keep), torch.no_grad():
+        ref = last_logits(model(**inp).logits)
         gref = model.generate(**inp, **GEN)
-    torch.testing.assert_close(last_logits(out), last_logits(ref), rtol=1e-5, atol=1e-5)
+        with slot_without_deepstack(model, 1, slots):
+            other = last_logits(model(**inp).logits)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(gen, gref)
+    assert not torch.allclose(out, other, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])

@@ -1,4 +1,4 @@
-"""PyramidDrop policy (stage D, 3 stages) on tiny models of all four families (4-layer LLMs, so the tests
+"""PyramidDrop policy (stage D, 3 stages) on tiny models of every family (4-layer LLMs, so the tests
 pass explicit stages: after 1-based layers 1, 2, 3).
 
 Oracles, one per position convention:
@@ -10,7 +10,11 @@ Oracles, one per position convention:
 * ``positions="original"`` (Qwen default; LLaVA option): the *unpatched* model with the dropped keys
   hidden from each pruning layer on (``oracles.masked_run``, one per stage); the dropped sets are
   computed stage by stage on the eager model run with the earlier stages' masks
-  (``output_attentions`` of the pruning layer).
+  (``output_attentions`` of the pruning layer). Attention-only LLMs (Qwen3-VL included).
+* Hybrid Qwen3.5 (a mask cannot hide a token from a Gated DeltaNet layer): the unpatched model's own
+  layers with the sequence physically shortened at each stage (``oracles.physically_shortened_run``),
+  each stage ranked with the eager attention of the last full-attention layer at or before its layer
+  in the run of the earlier stages; the patch's scores are compared too.
 """
 from __future__ import annotations
 
@@ -22,11 +26,12 @@ import torch
 import vtprune
 from vtprune.methods import pyramiddrop as PD
 from vtprune.methods._common import ONE_D_POSITION_FAMILIES
-from vtprune.testing import FAMILIES
+from vtprune.testing import FAMILIES, HYBRID_FAMILIES
 
-from helpers import GEN, assert_batch_equals_alone, batch, tiny
-from _staged_oracle import Decision, attention_weights, explicit_run, no_cache_generate
-from oracles import last_logits, masked_run
+from helpers import GEN, assert_batch_equals_alone, batch, recorded_views, tiny
+from _staged_oracle import (Decision, attention_weights, explicit_run, last_full_attention_layer, no_cache_generate,
+                            shortened_attention)
+from oracles import last_logits, masked_run, physically_shortened_run
 
 TINY = dict(layer_list=(1, 2, 3), ratios=(0.5, 0.25, 0.125))
 LLAVA = ONE_D_POSITION_FAMILIES  # renumbered by default (LLaVA-style 1-D positions)
@@ -103,9 +108,67 @@ def masked_oracle_keeps(family, inp, ratios=TINY["ratios"], layers=TINY["layer_l
     return keeps
 
 
+def physical_oracle_keeps(family, inp, ratios=TINY["ratios"], layers=TINY["layer_list"],
+                          scores: list | None = None) -> list[torch.Tensor]:
+    """Hybrid LLMs: per stage, the (L,) bool mask of the LLM-input tokens alive after it (batch size 1).
+    Stage ``s`` ranks with the eager attention of the last full-attention layer at or before its layer,
+    read in the physically shortened run of the earlier stages (the attention that layer computes
+    there: after its own cut when an earlier stage cut at it). ``scores`` collects each stage's
+    (candidate LLM-input indices, their scores)."""
+    model, _ = tiny(family, "eager")
+    visual = inp["input_ids"][0] == model.config.image_token_id
+    n0 = int(visual.sum())
+    keeps: list[torch.Tensor] = []
+    for s, l in enumerate(layers):
+        stages = {layers[t]: keeps[t][None] for t in range(s)}
+        probs, cols, _ = shortened_attention(model, inp, stages, last_full_attention_layer(model, l))
+        alive = keeps[-1] if keeps else torch.ones_like(visual)
+        img = torch.nonzero(visual & alive).flatten()
+        at = torch.searchsorted(cols, img)
+        assert torch.equal(cols[at], img)  # every candidate is present where its row is read
+        quota = PD.stage_counts(n0, (ratios[s],))[1]
+        row = probs.mean(0)[-1, at]
+        if scores is not None:
+            scores.append((img, row))
+        new = alive.clone()
+        new[img] = False
+        new[img[PD.rank_drop(row, quota)]] = True
+        keeps.append(new)
+    return keeps
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_original_positions_equal_masked_stages(family, attn):
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_hybrid_stages_equal_physically_shortened_run(family, attn):
+    """Qwen3.5 (tiny: Gated DeltaNet layers 0, 2; full attention 1, 3): stages after layers 1, 2, 3 rank
+    with the rows of layers 1, 1 (after stage 1's cut, as layer 1 runs) and 3; the patched model ==
+    the unpatched model's own layers with the sequence physically shortened at each stage."""
+    model, inp = batch(family, n=1, attn=attn, first=1)
+    pol = PD.PyramidDrop(**TINY)
+    seen = recorded_views(pol)
+    with vtprune.patch(model, pol) as h, torch.no_grad():
+        out = last_logits(model(**inp).logits)
+        gen = model.generate(**inp, **GEN)[:, inp["input_ids"].shape[1]:]
+        kept = h.stats.llm_kept_index[0]
+        sched = h.stats.schedules[0]
+    scores: list = []
+    keeps = physical_oracle_keeps(family, inp, scores=scores)
+    assert [layer for layer, _ in seen[:3]] == list(TINY["layer_list"])
+    for (layer, view), (img, row) in zip(seen[:3], scores):  # the scores themselves, not only the ranking
+        assert view.original_index[view.visual].tolist() == img.tolist()
+        torch.testing.assert_close(view.signals[f"last_row@{layer}"][view.visual].float(), row, rtol=1e-4, atol=1e-7)
+    n0 = int((inp["input_ids"] == model.config.image_token_id).sum())
+    assert sched.visual_tokens_per_layer == list(PD.stage_counts(n0, TINY["ratios"]))
+    assert kept.tolist() == torch.nonzero(keeps[-1]).flatten().tolist()
+    stages = {l: k[None] for l, k in zip(TINY["layer_list"], keeps)}
+    ref, gref = physically_shortened_run(model, inp, stages, None, GEN["max_new_tokens"])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, gref)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in HYBRID_FAMILIES])  # a mask cannot hide a
+def test_original_positions_equal_masked_stages(family, attn):  # token from a Gated DeltaNet layer (above)
     model, inp = batch(family, n=1, attn=attn, first=1)
     params = dict(TINY, positions="original") if family in LLAVA else TINY
     with vtprune.patch(model, "pyramiddrop", **params) as h, torch.no_grad():

@@ -1,4 +1,4 @@
-"""SparseVLM policy (stage D, 3 stages, token recycling) on tiny models of all four families (4-layer LLMs:
+"""SparseVLM policy (stage D, 3 stages, token recycling) on tiny models of every family (4-layer LLMs:
 ranking layers 0, 1, 2, pruning at the inputs of layers 1, 2, 3).
 
 Oracles, one per position convention:
@@ -11,12 +11,16 @@ Oracles, one per position convention:
 * Original positions (Qwen; LLaVA option): the *unpatched* model where, at each pruning layer's input,
   the hidden state of a recycled token's slot is replaced by the recycled token and every other dropped
   key is masked from that layer on (``masked_run``), the decisions computed stage by stage on the eager
-  model run with the earlier stages' replacements and masks (``output_attentions``,
-  ``output_hidden_states``).
+  model run with the earlier stages' replacements and masks (``output_attentions`` and the inputs the
+  layers really receive, ``helpers.layer_inputs``: on Qwen3-VL with DeepStack, whose later levels the
+  model adds at a recycled token's slot as the patch does). Attention-only LLMs.
+* Hybrid Qwen3.5: the physically shortened run with the recycled states put in their slots, on an
+  8-layer tiny model (see the section below), decisions from the eager attention of that run.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -25,15 +29,18 @@ import vtprune
 from vtprune.methods import sparsevlm as SV
 from vtprune.policy import Context
 from vtprune.methods._common import ONE_D_POSITION_FAMILIES
-from vtprune.testing import FAMILIES
+from vtprune.testing import BUILDERS, FAMILIES, HYBRID_FAMILIES, make_inputs, tiny_images
 
-from helpers import GEN, assert_batch_equals_alone, batch, tiny
-from _staged_oracle import Decision, attention_weights, explicit_run, no_cache_generate, replaced_rows
-from oracles import last_logits, masked_run
+from helpers import (GEN, QUESTIONS, SIZES, assert_batch_equals_alone, assert_inputs_batch_equals_alone, batch,
+                     layer_inputs, recorded_views, tiny)
+from _staged_oracle import (Decision, attention_weights, causal_mask, explicit_run, last_full_attention_layer,
+                            no_cache_generate, replaced_rows, shortened_layer_inputs)
+from oracles import last_logits, masked_run, physically_shortened_run
 
 TINY = dict(layers=(0, 1, 2))
 PRUNE = (1, 2, 3)
 LLAVA = ONE_D_POSITION_FAMILIES  # renumbered by default (LLaVA-style 1-D positions)
+NOT_HYBRID = [f for f in FAMILIES if f not in HYBRID_FAMILIES]
 
 
 def raters_of(visual: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -139,10 +146,10 @@ def masked_oracle_stages(family, inp, version="1.5", rank_scale=1.0, rank_bias=0
     raters = None
     alive = torch.ones_like(visual)
     for s, p in enumerate(PRUNE):
-        with applied(model, stages), torch.no_grad():
-            out = model(**inp, output_attentions=True, output_hidden_states=True)
+        with applied(model, stages):
+            states, out = layer_inputs(model, inp, [0, p], output_attentions=True)
         if raters is None:
-            raters = raters_of(visual, out.hidden_states[0][0].float())
+            raters = raters_of(visual, states[0][0].float())
         w = out.attentions[p - 1][0].float()  # (H, L, L)
         relation = SV.relation_scores(w[:, raters])
         vis = torch.nonzero(visual & alive).flatten()
@@ -157,7 +164,7 @@ def masked_oracle_stages(family, inp, version="1.5", rank_scale=1.0, rank_bias=0
         dropped = torch.ones(vis.numel(), dtype=torch.bool)
         dropped[local] = False
         dropped = torch.nonzero(dropped).flatten()
-        merged, slot_local = recycle(family, p, relation[vis], dropped, out.hidden_states[p][0][vis])
+        merged, slot_local = recycle(family, p, relation[vis], dropped, states[p][0][vis])
         new = alive & ~visual
         new[vis[local]] = True
         slots = vis[slot_local]
@@ -183,7 +190,7 @@ def assert_equals_masked_stages(model, inp, pol, stages):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", NOT_HYBRID)  # a mask cannot hide a token from a Gated DeltaNet layer (below)
 def test_original_positions_equal_masked_run_with_replaced_slots(family, attn):
     model, inp = batch(family, n=1, attn=attn, first=1)
     params = dict(TINY, positions="original") if family in LLAVA else TINY
@@ -201,10 +208,123 @@ def test_version_1_rank_rule_equals_masked_run(family):
     assert_equals_masked_stages(model, inp, pol, masked_oracle_stages(family, inp, version="1.0", rank_scale=1.0))
 
 
-@pytest.mark.parametrize("family,version", [(f, "1.5") for f in FAMILIES] + [("llava", "2.0"), ("qwen2_vl", "2.0"),
-                                                                             ("llava", "1.0")])
+@pytest.mark.parametrize("family,version", [(f, "1.5") for f in NOT_HYBRID] + [("llava", "2.0"), ("qwen2_vl", "2.0"),
+                                                                                ("llava", "1.0")])
 def test_batch_equals_each_alone(family, version):
     assert_batch_equals_alone(family, "sparsevlm", attn="sdpa", first=1, **TINY, version=version)
+
+
+# ---------------------------------------------------------------------------------- hybrid LLMs (Qwen3.5)
+# The 4-layer tiny Qwen3.5 has full attention at 1 and 3 only: a ranking layer needs a full-attention layer
+# at or before it, and with recycling one at or after the previous stage's pruning layer, so two
+# recycling stages need more layers. The 8-layer tiny model (full attention at 1, 3, 5, 7) ranks at layers
+# 1, 4 and 6 (rows of layers 1, 3 and 5; layer 5 after its own cut, with stage 2's recycled tokens) and
+# prunes at the inputs of layers 2, 5 and 7.
+HYBRID = dict(layers=(1, 4, 6))
+
+
+@functools.lru_cache(maxsize=None)
+def hybrid8(family: str, attn: str):
+    return BUILDERS[family](attn_implementation=attn, num_layers=8)
+
+
+def hybrid_batch(family: str, n: int, attn: str = "sdpa", first: int = 0):
+    model, proc = hybrid8(family, attn)
+    imgs = tiny_images(first + n, sizes=SIZES[family][: first + n])[first:]
+    return model, make_inputs(family, proc, QUESTIONS[first : first + n], imgs)
+
+
+def physical_oracle_stages(family, inp, layers=HYBRID["layers"], scores: list | None = None):
+    """``(stages {pruning layer: (1, L) keep}, replace {pruning layer: fn})`` of SparseVLM v1.5 on the
+    8-layer hybrid model, computed stage by stage in the physically shortened run of the earlier stages:
+    raters from the LLM input, the relation from the eager attention of the last full-attention layer
+    at or before each ranking layer as it runs there, DPC-kNN on the pruning layer's input, recycled
+    tokens at their centres' slots. ``scores`` collects (candidate columns, relation) per stage."""
+    model, _ = hybrid8(family, "eager")
+    visual = inp["input_ids"][0] == model.config.image_token_id
+    n0 = int(visual.sum())
+    stages, fills, raters = {}, {}, None
+    alive = torch.ones_like(visual)
+    for s, l in enumerate(layers):
+        p, src = l + 1, last_full_attention_layer(model, l)
+        got = shortened_layer_inputs(model, inp, stages, {0, src, p}, replace=fills)
+        if raters is None:
+            raters = raters_of(visual, got[0][0].float())
+        h_src, cols_src, rope = got[src]
+        w = attention_weights(model.model.language_model.layers[src], h_src[None], rope,
+                              causal_mask(model, h_src.shape[0], h_src.dtype)).float()
+        relation = SV.relation_scores(w[:, raters[cols_src]])  # over the columns of layer src
+        h_p, cols_p, _ = got[p]
+        vis = cols_p[visual[cols_p]]  # the visual tokens entering the pruning layer (recycled ones included)
+        at = torch.searchsorted(cols_src, vis)
+        assert torch.equal(cols_src[at], vis)  # each of them is present where its relation is read
+        rel = relation[at]
+        if scores is not None:
+            scores.append((vis, rel))
+        local = SV.stage_keep(rel, SV.schedule_counts(n0)[s])
+        dropped = torch.ones(vis.numel(), dtype=torch.bool)
+        dropped[local] = False
+        merged, slot_local = recycle(family, p, rel, torch.nonzero(dropped).flatten(),
+                                     h_p[torch.searchsorted(cols_p, vis)])
+        new = alive & ~visual
+        new[vis[local]] = True
+        new[vis[slot_local]] = True
+        stages[p] = new[None]
+        fills[p] = lambda b, h, cols, slots=vis[slot_local].tolist(), m=merged: dict(zip(slots, m))
+        alive = new
+    return stages, fills
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_hybrid_stages_with_recycling_equal_physically_shortened_run(family, attn):
+    model, inp = hybrid_batch(family, 1, attn, first=1)
+    pol = SV.SparseVLM(**HYBRID)
+    seen = recorded_views(pol)
+    with vtprune.patch(model, pol) as h, torch.no_grad():
+        out = last_logits(model(**inp).logits)
+        gen = model.generate(**inp, **GEN)[:, inp["input_ids"].shape[1]:]
+        kept = h.stats.llm_kept_index[0]
+    scores: list = []
+    stages, fills = physical_oracle_stages(family, inp, scores=scores)
+    assert [layer for layer, _ in seen[:3]] == [2, 5, 7]
+    for (layer, view), (vis, rel) in zip(seen[:3], scores):  # the relation itself, recycled tokens included
+        assert view.original_index[view.visual].tolist() == vis.tolist()
+        torch.testing.assert_close(view.signals[f"policy_rows@{layer - 1}"][view.visual].float(), rel,
+                                   rtol=1e-4, atol=1e-7)
+    assert kept.tolist() == torch.nonzero(stages[7][0]).flatten().tolist()
+    ref, gref = physically_shortened_run(model, inp, stages, None, GEN["max_new_tokens"], replace=fills)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, gref)
+    # without the recycled states the run differs: the replacement matters
+    plain, _ = physically_shortened_run(model, inp, stages, None, 1)
+    assert not torch.allclose(plain, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_hybrid_batch_equals_each_alone(family):
+    model, inp = hybrid_batch(family, 2, first=1)
+    singles = [hybrid_batch(family, 1, first=1 + i)[1] for i in range(2)]
+    assert_inputs_batch_equals_alone(model, inp, singles, "sparsevlm", **HYBRID)
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        (TINY, "ranking layer 0 has no attention rows.*full-attention layers \\[1\\]"),
+        (dict(layers=(1, 2), schedule=(3, 2)), "read at full-attention layer 1, before the previous stage prunes at "
+                                               "layer 2, where its recycled tokens join.*or recycle=False"),
+        (dict(layers=(1, 2), version="1.0"), "before the previous stage prunes at layer 2, where its recycled"),
+    ],
+)
+def test_hybrid_ranking_layers_without_their_attention_raise(params, match):
+    model, _ = batch("qwen3_5", n=1)
+    with pytest.raises(ValueError, match=match):
+        vtprune.patch(model, "sparsevlm", **params)
+    assert not hasattr(model, "_vtprune_patch")
+    if "schedule" in params:  # without recycling the later relation exists (read at layer 1) and it runs
+        with vtprune.patch(model, "sparsevlm", **params, recycle=False):
+            pass
 
 
 def test_version_2_masked_run_without_recycling():

@@ -27,9 +27,9 @@ import torch
 
 import vtprune
 from vtprune.methods import transprune as TP
-from vtprune.testing import FAMILIES, make_inputs, prompt_for, tiny_images
+from vtprune.testing import FAMILIES, HYBRID_FAMILIES, make_inputs, prompt_for, tiny_images
 
-from _staged_oracle import causal_mask, layer0_input
+from _staged_oracle import causal_mask, last_full_attention_layer, layer0_input, shortened_attention
 from helpers import GEN, assert_batch_equals_alone, batch, tiny
 from oracles import last_logits, masked_run
 
@@ -221,8 +221,8 @@ def recording(pol: TP.TransPrune, log: list) -> TP.TransPrune:
 
 
 @pytest.mark.parametrize("attn", ATTN)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_physical_removal_equals_mask_run(family, attn):
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in HYBRID_FAMILIES])  # a mask cannot hide a
+def test_physical_removal_equals_mask_run(family, attn):  # token from a Gated DeltaNet layer (see test_conformance)
     """Original positions (Qwen default; LLaVA option) == the unpatched model with masked keys."""
     model, inp = batch(family, n=1, attn=attn, first=1)
     log: list = []
@@ -251,6 +251,42 @@ def test_physical_removal_equals_mask_run(family, attn):
         ref = model(**inp).logits
         gref = model.generate(**inp, **GEN)
     torch.testing.assert_close(last_logits(out), last_logits(ref), rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, gref)
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_hybrid_physical_removal_equals_physically_shortened_stages(family):
+    """Qwen3.5 (Gated DeltaNet + full attention): the three stages == the unpatched model's own layers run
+    with the sequence physically shortened at each stage (a mask cannot hide a token from a linear
+    layer). IGA rows come from the last full-attention layer at or before each pruning layer, as it runs
+    (checked against its eager attention in the physically shortened run of the earlier stages)."""
+    from oracles import physically_shortened_run
+
+    model, inp = batch(family, n=1, first=1)
+    log: list = []
+    with vtprune.patch(model, recording(TP.TransPrune(**TINY), log)) as h:
+        with torch.no_grad():
+            out = last_logits(model(**inp).logits)
+            gen = model.generate(**inp, **GEN)[:, inp["input_ids"].shape[1]:]
+    assert [entry[0] for entry in log[:3]] == [1, 2, 3]
+    n0 = int((inp["input_ids"] == model.config.image_token_id).sum())
+    assert h.stats.schedules[0].visual_tokens_per_layer == list(TP.stage_counts(n0, TINY["keep_ratios"]))
+    text = inp["attention_mask"][0].bool() & (inp["input_ids"][0] != model.config.image_token_id)
+    stages = {}
+    eager, _ = tiny(family, "eager")
+    for layer, img, _, iga, kept in log[:3]:
+        # IGA == the eager attention of the last full-attention layer at or before this one, as it runs in
+        # the physically shortened run of the earlier stages (after its own cut when it is itself one)
+        probs, cols, _ = shortened_attention(eager, inp, dict(stages), last_full_attention_layer(eager, layer))
+        visual = inp["input_ids"][0, cols] == model.config.image_token_id
+        rows = torch.arange(cols.numel()) > int(torch.nonzero(visual).max())
+        want = probs.mean(0)[rows].mean(0)[torch.searchsorted(cols, img)]
+        torch.testing.assert_close(iga.float(), want, rtol=1e-4, atol=1e-7)
+        keep = text.clone()
+        keep[kept] = True
+        stages[layer] = keep[None]
+    ref, gref = physically_shortened_run(model, inp, stages, None, GEN["max_new_tokens"])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(gen, gref)
 
 

@@ -7,11 +7,13 @@ from .llava import LlavaAdapter, LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .llava_onevision1_5 import LlavaOnevision15Adapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
+from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.model_types[0]: cls
     for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaOnevisionAdapter,
-                LlavaOnevision15Adapter)
+                LlavaOnevision15Adapter, Qwen3VLAdapter, Qwen3VLMoeAdapter, Qwen3_5Adapter, Qwen3_5MoeAdapter)
 }
 
 
@@ -27,7 +29,9 @@ def get_adapter(model) -> Adapter:
             "LlavaForConditionalGeneration (llava), LlavaNextForConditionalGeneration (llava_next), "
             "Qwen2VLForConditionalGeneration (qwen2_vl), Qwen2_5_VLForConditionalGeneration (qwen2_5_vl), "
             "LlavaOnevisionForConditionalGeneration (llava_onevision), "
-            "LlavaOnevision15ForConditionalGeneration (llava_onevision1_5) "
+            "LlavaOnevision15ForConditionalGeneration (llava_onevision1_5), "
+            "Qwen3VLForConditionalGeneration (qwen3_vl), Qwen3VLMoeForConditionalGeneration (qwen3_vl_moe), "
+            "Qwen3_5ForConditionalGeneration (qwen3_5), Qwen3_5MoeForConditionalGeneration (qwen3_5_moe) "
             "and open_clip VisionTransformer (pass open_clip_model.visual)"
         )
     if not hasattr(model, "model") or not hasattr(model.model, "language_model"):

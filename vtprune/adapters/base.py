@@ -18,10 +18,14 @@ family, registered in ``vtprune.adapters.ADAPTERS`` by ``model_types``. The cont
    ``rope_deltas``).
 
 At decode: :meth:`Adapter.decode_positions`. Stage D: :meth:`Adapter.llm_layers`,
-:meth:`Adapter.rotary`, :meth:`Adapter.llm_attention_rows` (recomputed attention rows, fp32).
+:meth:`Adapter.rotary`, :meth:`Adapter.llm_attention_rows` (recomputed attention rows, fp32, from
+:meth:`Adapter.llm_qk`), and for LLMs whose layers differ (hybrid Qwen3.5):
+:meth:`Adapter.attention_layer_for` (which layer's rows stand for a layer's),
+:meth:`Adapter.layer_attention_mask` (the mask a layer takes) and :meth:`Adapter.token_mixer`.
+Several visual modalities (Qwen: images and videos): :meth:`Adapter.visual_token_ids`.
 Vision towers: :meth:`Adapter.vit_layers` and :meth:`Adapter.resolve_vit_layer` (what methods use to
-name signal layers). Adapters without an LLM (open_clip ViTs) install their own hooks through
-:meth:`Adapter.install_hooks`.
+name signal layers). Hooks of their own (open_clip ViTs: the whole work; Qwen3-VL: DeepStack inside
+the LLM) come from :meth:`Adapter.install_hooks`.
 """
 from __future__ import annotations
 
@@ -62,6 +66,9 @@ class ShortInputs:
             kept columns (e.g. Qwen's ``mm_token_type_ids``).
         modalities: per image, its :attr:`~vtprune.policy.ImageTokens.modality` (``"image"`` /
             ``"video"``); empty: all images.
+        items: the encoded items (:meth:`Adapter.encode`'s images), aligned with ``features``.
+        kept_index: per item, the native token index of each emitted token (aligned with
+            ``features``): what an adapter gathers its own per-token data with (Qwen3-VL DeepStack).
     """
 
     input_ids: Tensor
@@ -70,6 +77,8 @@ class ShortInputs:
     features: list[Tensor]
     gather: Callable[[Tensor, Any], Tensor]
     modalities: list[str] = field(default_factory=list)
+    items: list[ImageTokens] = field(default_factory=list)
+    kept_index: list[Tensor] = field(default_factory=list)
 
 
 class Adapter:
@@ -132,9 +141,11 @@ class Adapter:
             raise ValueError(f"vision layer {layer} out of range for a {n}-layer vision tower")
         return layer % n
 
-    def install_hooks(self) -> list:
+    def install_hooks(self, state) -> list:
         """Extra hook handles installed with the patch and removed with it (default: none). Adapters
-        without an LLM (open_clip ViTs) do their whole work in such hooks."""
+        without an LLM (open_clip ViTs) do their whole work in such hooks; Qwen3-VL runs DeepStack on
+        the sequence stage D shortened. ``state`` is the patch's :class:`~vtprune.state.RequestState`
+        (hooks read it, never write it)."""
         return []
 
     # ---------------------------------------------------------------- requests
@@ -206,6 +217,23 @@ class Adapter:
                     sources = torch.gather(sources, 1, s.to(sources.device))
                     changed = True
         return x, sources, changed
+
+    # ---------------------------------------------------------------- LLM layers (stage D)
+    def attention_layer_for(self, layer: int) -> int:
+        """The decoder layer whose attention rows stand for those of ``layer`` (itself here; hybrid
+        models map to a full-attention layer or raise ``ValueError`` naming the fix)."""
+        return layer
+
+    def layer_attention_mask(self, layer: int, key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Any:
+        """The ``attention_mask`` decoder layer ``layer`` gets for ``q_len`` queries at the end of the
+        keys ``key_mask`` (B, kv) bool (4-D, in the model's attention implementation's format)."""
+        from ..decoder import build_mask
+
+        return build_mask(self.language_model.config, key_mask, q_len, dtype)
+
+    def token_mixer(self, layer: int) -> nn.Module:
+        """The module of decoder layer ``layer`` that mixes tokens (``attn_io`` signals hook it)."""
+        return self.llm_layers()[layer].self_attn
 
     # ---------------------------------------------------------------- LLM attention rows
     def rotary(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:

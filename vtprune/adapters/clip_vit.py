@@ -86,7 +86,7 @@ class OpenClipViTAdapter(Adapter):
         return getattr(self.model, "_vtprune_patch", None)
 
     # ---------------------------------------------------------------- hooks
-    def install_hooks(self) -> list:
+    def install_hooks(self, state) -> list:
         handles = [
             self.model.register_forward_pre_hook(self._start),
             self.model.register_forward_hook(self._finish),

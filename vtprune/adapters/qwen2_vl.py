@@ -83,10 +83,26 @@ class Qwen2VLAdapter(Adapter):
                               unit=self.config.vision_config.spatial_merge_size ** 2,
                               window_index=self.window_index(grid_thw))
 
+    #: (modality, pixel key, grid key, inner-model feature function); images first, then videos
+    MODALITIES = (("image", "pixel_values", "image_grid_thw", "get_image_features"),
+                  ("video", "pixel_values_videos", "video_grid_thw", "get_video_features"))
+    image_input_keys = ("pixel_values", "pixel_values_videos")
+
+    def visual_token_ids(self) -> dict[str, int]:
+        return {"image": int(self.config.image_token_id), "video": int(self.config.video_token_id)}
+
+    def has_images(self, kwargs) -> bool:
+        return any(kwargs.get(pix) is not None for _, pix, _, _ in self.MODALITIES)
+
     def encode(self, kwargs, signals, vision_policies, ctx) -> Encoded:
+        """One ``ImageTokens`` per image, then one per video (request order within each modality).
+
+        A video is one item (``modality="video"``) whose views are its temporal patches
+        (``grid_shapes`` one per frame); its placeholders are the video token's.
+        """
         if vision_policies:
             raise ValueError(
-                "stage-V (in-encoder) policies are not supported on Qwen2-VL/Qwen2.5-VL (packed, windowed ViT); "
+                f"stage-V (in-encoder) policies are not supported on {self.family} (packed ViT); "
                 "use the stage-P variant of the method"
             )
         blocks: dict[str, tuple[str, int]] = {}
@@ -98,9 +114,26 @@ class Qwen2VLAdapter(Adapter):
                     + ", ".join(f"{k}@BLOCK" for k in PACKED_VIT_SIGNALS)
                 )
             blocks[name] = (kind, self.resolve_vit_layer(layer))
-        grid_thw = kwargs["image_grid_thw"]
+        images, sched = [], []
+        for modality, pix_key, grid_key, fn in self.MODALITIES:
+            if kwargs.get(pix_key) is None:
+                continue
+            items, s = self._encode_modality(modality, kwargs[pix_key], kwargs[grid_key], fn, blocks)
+            for it in items:
+                it.image_index = len(images)
+                images.append(it)
+            sched += s
+        return Encoded(images, sched)
+
+    def _item_extras(self, out, index: int) -> dict:
+        """Adapter-private per-item data taken from the encoder output (Qwen3-VL: DeepStack rows)."""
+        return {}
+
+    def _encode_modality(self, modality: str, pixels: Tensor, grid_thw: Tensor, fn: str,
+                         blocks: dict[str, tuple[str, int]]) -> tuple[list[ImageTokens], list[list[int]]]:
+        """Items and per-item encoder schedule of one modality (the model's own feature function)."""
         with self._capture({b for _, b in blocks.values()}) as got:
-            out = self.model.model.get_image_features(kwargs["pixel_values"], grid_thw, return_dict=True)
+            out = getattr(self.model.model, fn)(pixels, grid_thw, return_dict=True)
         feats = list(out.pooler_output)
         sig_all = {name: PACKED_VIT_SIGNALS[kind](self._block(b, *got[b], grid_thw))
                    for name, (kind, b) in blocks.items()}
@@ -117,26 +150,27 @@ class Qwen2VLAdapter(Adapter):
             j = torch.arange(n)
             grid = torch.stack([(j % (gh * gw)) // gw, j % gw], -1)
             sig = {name: s[start : start + n] for name, s in sig_all.items()}
-            # attention segments (whole frames or windows) each block used for this image's patches
+            # attention segments (whole frames or windows) each block used for this item's patches
             patch1 = patch0 + t * hh * ww
             windows = [[e - s for s, e in zip(c[:-1], c[1:]) if patch0 <= s < patch1 and e > s] for c in cu]
             images.append(
                 ImageTokens(
                     features=f,
                     candidate=torch.ones(n, dtype=torch.bool),
-                    view=j // (gh * gw),  # temporal slice
+                    view=j // (gh * gw),  # temporal slice (frame)
                     grid=grid,
                     grid_shapes=[(gh, gw)] * t,
                     signals=sig,
-                    image_index=i,
                     source=j,
                     vision_windows=windows,
+                    modality=modality,
+                    extra=self._item_extras(out, i),
                 )
             )
             sched.append([t * hh * ww] * n_blocks)
             patch0 = patch1
             start += n
-        return Encoded(images, sched)
+        return images, sched
 
     # ------------------------------------------------------------ positions and inputs
     def full_positions(self, kwargs, input_ids, mask):
@@ -147,6 +181,9 @@ class Qwen2VLAdapter(Adapter):
         saved = inner.rope_deltas
         inner.rope_deltas = None
         try:
+            extra = {}
+            if kwargs.get("second_per_grid_ts") is not None:  # Qwen2.5-VL video: seconds per temporal patch
+                extra["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
             pos = inner.compute_3d_position_ids(
                 input_ids=input_ids,
                 inputs_embeds=torch.empty(*input_ids.shape, 0),
@@ -155,6 +192,7 @@ class Qwen2VLAdapter(Adapter):
                 attention_mask=kwargs.get("attention_mask"),
                 cache=None,
                 mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+                **extra,
             )
         finally:
             inner.rope_deltas = saved
