@@ -86,18 +86,6 @@ def encode_sequence(scene: G.Scene, rng: np.random.Generator, vocab: dict, img_i
     return ids, labels
 
 
-def kept_tokens(scene: G.Scene, rng: np.random.Generator, drop_p: float) -> list[int]:
-    """Training-time augmentation: with probability ``drop_p`` drop a random share (uniform in [0, 1]) of the
-    *background* tokens (object tokens always stay, so every answer stays true). The language model then
-    cannot read an object's place from its index in the sequence, nor counts from the number of tokens."""
-    if rng.random() >= drop_p:
-        return list(range(M.N_IMAGE_TOKENS))
-    obj = scene.object_tokens()
-    bg = np.setdiff1d(np.arange(M.N_IMAGE_TOKENS), obj)
-    keep_bg = rng.choice(bg, size=int(round(rng.random() * len(bg))), replace=False)
-    return sorted(obj + keep_bg.tolist())
-
-
 def batch_tensors(seqs, pad_id):
     L = max(len(s[0]) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
@@ -120,14 +108,14 @@ def patch_targets(scene: G.Scene, vocab: dict, bg_word: str = ".") -> tuple[list
     return col, shp
 
 
-def forward_loss(model, feats, kept, ids, lab, mask, aux=None, aux_weight=0.0):
+def forward_loss(model, feats, ids, lab, mask, aux=None, aux_weight=0.0):
     """Answer loss (+ optional training-only auxiliary loss: at each visual token, the LM head should name
     the colour and the shape of the object on that patch, or the background word).
 
-    ``feats``: (B, 64, 384) standardised tower features; ``kept[b]``: the visual tokens sequence b keeps;
+    ``feats``: (B, 64, 384) standardised tower features (every sequence keeps all of its visual tokens);
     ``aux``: (colour targets, shape targets), each (B, L) aligned with the sequence, -100 off image tokens."""
     proj = model.model.multi_modal_projector(feats)
-    pooled = [proj[b, k] for b, k in enumerate(kept)]
+    pooled = list(proj)
     out = model(input_ids=ids, attention_mask=mask,
                 mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=pooled)})
     logits = out.logits.float()
@@ -178,8 +166,8 @@ def main(argv=None):
                     help="train on per-dimension standardised tower features; folded into linear_1 at the end")
     ap.add_argument("--aux-weight", type=float, default=0.3,
                     help="weight of the training-only per-patch naming loss (0 disables)")
-    ap.add_argument("--drop-p", type=float, default=0.5,
-                    help="share of training sequences that drop a random part of their background tokens")
+    ap.add_argument("--layers", type=int, default=M.TEXT_KW["num_hidden_layers"], help="language-model layers")
+    ap.add_argument("--heads", type=int, default=M.TEXT_KW["num_attention_heads"], help="attention heads (= KV heads)")
     ap.add_argument("--width", type=int, default=M.TEXT_KW["hidden_size"])
     ap.add_argument("--ffn", type=int, default=M.TEXT_KW["intermediate_size"])
     ap.add_argument("--bf16", type=int, default=1, help="bf16 autocast for the trained part (AMX)")
@@ -196,7 +184,10 @@ def main(argv=None):
     processor = M.build_processor(tok)
     cfg = M.build_config(tok)
     cfg.vision_feature_layer = args.layer
-    cfg.text_config.hidden_size, cfg.text_config.intermediate_size = args.width, args.ffn
+    tc = cfg.text_config
+    tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers = args.width, args.ffn, args.layers
+    tc.num_attention_heads = tc.num_key_value_heads = args.heads
+    tc.head_dim = args.width // args.heads
     model = LlavaForConditionalGeneration(cfg)
     tower = build_dinov2()
     model.model.vision_tower.load_state_dict(tower.state_dict())
@@ -244,19 +235,18 @@ def main(argv=None):
     history, step, ema = [], 0, None
     for step in range(1, args.steps + 1):
         idx = rng.choice(len(tr_scenes), size=args.batch, replace=False)
-        kept = [kept_tokens(tr_scenes[i], rng, args.drop_p) for i in idx]
-        seqs = [encode_sequence(tr_scenes[i], rng, vocab, img_id, eos_id, len(k)) for i, k in zip(idx, kept)]
+        seqs = [encode_sequence(tr_scenes[i], rng, vocab, img_id, eos_id, M.N_IMAGE_TOKENS) for i in idx]
         ids, lab, mask = batch_tensors(seqs, pad_id)
         feats = norm(tr_feats[torch.from_numpy(idx)])
         aux = None
         if args.aux_weight > 0:
             aux = torch.full((2,) + ids.shape, -100, dtype=torch.long)
-            for b, (i, k) in enumerate(zip(idx, kept)):
+            for b, i in enumerate(idx):
                 col, shp = patch_targets(tr_scenes[i], vocab)
-                aux[0, b, :len(k)] = torch.tensor(col)[k]
-                aux[1, b, :len(k)] = torch.tensor(shp)[k]
+                aux[0, b, :M.N_IMAGE_TOKENS] = torch.tensor(col)
+                aux[1, b, :M.N_IMAGE_TOKENS] = torch.tensor(shp)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            loss = forward_loss(model, feats, kept, ids, lab, mask, aux, args.aux_weight)
+            loss = forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -298,7 +288,8 @@ def main(argv=None):
         "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
         "schedule": "linear warm-up then cosine to 0", "clip": 1.0, "optimizer": "AdamW(0.9, 0.98)",
         "bf16_autocast": bool(args.bf16), "seed": args.seed, "data_seed": args.data_seed, "val_seed": args.val_seed,
-        "aux_weight": args.aux_weight, "drop_p": args.drop_p, "text_width": args.width, "text_ffn": args.ffn,
+        "aux_weight": args.aux_weight, "token_dropping": False, "text_width": args.width, "text_ffn": args.ffn,
+        "text_layers": args.layers, "text_heads": args.heads,
         "standardize": bool(args.standardize), "n_train_images": args.n_train, "n_val_images": args.n_val, "vision_feature_layer": args.layer,
         "trainable_parameters": n_trainable, "train_wall_s": round(train_wall, 1),
         "feature_wall_s": round(t_feat_tr + t_feat_va, 1), "history": history, "save_dtype": args.save_dtype,
