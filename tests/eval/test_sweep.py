@@ -362,6 +362,18 @@ def test_method_restricted_to_some_models(bench):
         load_config(config_for(bench, methods=[{"name": "none", "models": ["tiny-llava"]}]))
 
 
+def test_benchmark_restricted_to_some_models(bench):
+    """A benchmark with ``models:`` pairs only with those models (each embedded model has its own split)."""
+    two = [{"name": "tiny-llava", "builtin": "tiny-llava"}, {"name": "tiny-qwen", "builtin": "tiny-qwen2_vl"}]
+    benches = [{"name": "jsonl", "path": str(bench), "label": "a", "models": ["tiny-llava"]},
+               {"name": "jsonl", "path": str(bench), "label": "b"}]
+    cfg = load_config(config_for(bench, models=two, benchmarks=benches, methods=[]))
+    pairs = {(c.model.name, c.bench.label) for c in plan_cells(cfg)}
+    assert pairs == {("tiny-llava", "a"), ("tiny-llava", "b"), ("tiny-qwen", "b")}
+    with pytest.raises(ValueError, match=r"benchmarks\[0\].models: unknown model 'nope'"):
+        load_config(config_for(bench, benchmarks=[dict(benches[0], models=["nope"])]))
+
+
 def test_a_failing_cell_does_not_stop_the_sweep(full_run, bench, tmp_path, monkeypatch, capsys):
     """One cell raises on its second batch: the error names the cell and the samples, the later cells
     still run, nothing is stored for the failed cell, and the next run retries only that cell and ends
