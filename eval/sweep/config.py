@@ -21,7 +21,7 @@ BASELINES = ("none", "random")
 _TOP_KEYS = {"name", "models", "benchmarks", "methods", "budgets", "max_new_tokens", "batch_size", "seed", "limit",
              "dtype", "device", "store", "variables", "baselines", "published"}
 _MODEL_KEYS = {"name", "path", "builtin", "open_clip", "hub", "dtype", "prompt"}
-_BENCH_KEYS = {"name", "path", "label", "options", "models"}
+_BENCH_KEYS = {"name", "path", "label", "options", "models", "limit"}
 _METHOD_KEYS = {"name", "spec", "params", "label", "budget_param", "budgets", "models"}
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -54,6 +54,7 @@ class BenchEntry:
     label: str
     options: dict = field(default_factory=dict, hash=False)
     models: tuple | None = None  # the model names it is run with (None: every model)
+    limit: int | None = None  # its first N samples (None: the config's ``limit``)
 
     def runs_on(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -273,7 +274,10 @@ def load_config(config: Mapping | str | os.PathLike, variables: Mapping[str, str
             raise _err(f"{where}.label", f"duplicate benchmark label {label!r} (give each a distinct 'label')")
         seen.add(label)
         only = _model_subset(b.get("models"), models, where)
-        benches.append(BenchEntry(name=name, path=path, label=label, options=dict(opts), models=only))
+        blimit = b.get("limit")
+        if blimit is not None and (isinstance(blimit, bool) or not isinstance(blimit, int) or blimit < 1):
+            raise _err(f"{where}.limit", f"must be a positive integer (its first N samples), got {blimit!r}")
+        benches.append(BenchEntry(name=name, path=path, label=label, options=dict(opts), models=only, limit=blimit))
 
     from .clip import CLIP_LOADERS as clip_loaders
 
@@ -395,6 +399,14 @@ def load_config(config: Mapping | str | os.PathLike, variables: Mapping[str, str
     )
 
 
+def bench_limit(cfg: SweepConfig, bench: BenchEntry, limit: int | None = None) -> int | None:
+    """The number of samples of ``bench`` a sweep evaluates (None: all)."""
+    for value in (limit, bench.limit, cfg.limit):
+        if value is not None:
+            return value
+    return None
+
+
 def _model_subset(only, models: list[ModelEntry], where: str) -> tuple | None:
     """A ``models:`` restriction (of a method or a benchmark) checked against the config's model names."""
     if only is None:
@@ -409,13 +421,15 @@ def _model_subset(only, models: list[ModelEntry], where: str) -> tuple | None:
 
 
 def plan_cells(cfg: SweepConfig, limit: int | None = None) -> list[Cell]:
-    """The cells in run order: per model, per benchmark, ``none`` first, then methods x budgets."""
-    lim = limit if limit is not None else cfg.limit
+    """The cells in run order: per model, per benchmark, ``none`` first, then methods x budgets.
+
+    ``limit`` (e.g. from the command line) overrides a benchmark's own ``limit``, which overrides the config's."""
     cells = []
     for m in cfg.models:
         for b in cfg.benchmarks:
             if not b.runs_on(m.name):
                 continue
+            lim = bench_limit(cfg, b, limit)
             for meth in cfg.methods:
                 if not meth.runs_on(m.name):
                     continue
