@@ -685,12 +685,7 @@ class PiToMe(VisionPolicy):
                    "variant" if family == "llava_onevision" else
                    "(per-view merging without newlines is not implemented); supported: llava, open_clip ViT")
             )
-        super().validate(family, adapter)
-        if family == "llava" and adapter.config.vision_config.model_type != "clip_vision_model":
-            raise ValueError(
-                f"pitome: stage-V merging needs a CLIP vision tower; this model's tower is "
-                f"{adapter.config.vision_config.model_type!r}"
-            )
+        super().validate(family, adapter)  # the tower runs stage V (LLaVA: CLIP or DINOv2, else ValueError)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 0:
             raise ValueError(f"pitome: ratio={self.ratio!r} must be a float > 0 (per-layer keep ratio; >= 1: no-op)")
         if self.keep is not None:

@@ -521,6 +521,10 @@ class VisionPolicy(Policy):
     stage: ClassVar[str] = "V"
     families: ClassVar[tuple[str, ...]] = ("llava",)
 
+    def validate(self, family: str, adapter: Any) -> None:
+        super().validate(family, adapter)
+        adapter.check_stage_v()  # the tower can run layer by layer (LLaVA: CLIP, DINOv2)
+
     def layers(self, num_layers: int) -> list[int]:  # pragma: no cover
         """0-based encoder layers after which :meth:`after_layer` is called."""
         raise NotImplementedError

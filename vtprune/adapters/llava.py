@@ -78,6 +78,28 @@ class LlavaAdapter(Adapter):
         side = vc.image_size // vc.patch_size
         return side * side + (1 if self.vit_has_cls() else 0) - self.feature_offset()
 
+    #: vision towers whose encoder layers stage-V policies can run one by one (``config.model_type``)
+    STAGE_V_TOWERS = ("clip_vision_model", "dinov2")
+
+    def check_stage_v(self) -> None:
+        kind = self.config.vision_config.model_type
+        if kind not in self.STAGE_V_TOWERS:
+            raise ValueError(
+                f"stage-V (in-encoder) policies support {' and '.join(self.STAGE_V_TOWERS)} vision towers; "
+                f"this model's tower is {kind!r} (use a stage-P method, e.g. 'pitome-p')"
+            )
+
+    def vit_embed(self, pixel_values: Tensor) -> Tensor:
+        """(V, 3, H, W) pixels -> (V, N, C) the input of the first encoder layer, with the tower's own
+        modules: CLIP ``pre_layrnorm(embeddings)``; DINOv2 ``embeddings`` (CLS token, position table
+        interpolated to the actual grid). The layers' outputs are then ``hidden_states[l + 1]`` of the
+        unpatched tower (no final norm), which is what the features are selected from."""
+        self.check_stage_v()
+        tower = self.vision_tower
+        kind = self.config.vision_config.model_type
+        x = tower.embeddings(pixel_values.to(tower.dtype))
+        return tower.pre_layrnorm(x) if kind == "clip_vision_model" else x
+
     def project(self, hidden: Tensor) -> Tensor:
         """The model's ``multi_modal_projector`` applied to vision hidden states (..., C) -> (..., D)."""
         return self.model.model.multi_modal_projector(hidden)
@@ -179,17 +201,11 @@ class LlavaAdapter(Adapter):
 
     def _run_vision_stage_v(self, pixel_values, vkw, signals, policies, ctx, ins, outs) -> VisionRun:
         """Stage V: run the encoder layer by layer, letting policies shrink the sequence."""
-        if self.config.vision_config.model_type != "clip_vision_model":
-            raise ValueError(
-                "stage-V (in-encoder) policies support CLIP vision towers only; "
-                f"this model's tower is {self.config.vision_config.model_type!r}"
-            )
         if not isinstance(vkw["vision_feature_layer"], int):
             raise ValueError("stage-V policies need a single integer vision_feature_layer")
-        tower = self.vision_tower
         vit = self.vit_layers()
         feat_layer = self.resolve_vit_layer(vkw["vision_feature_layer"])
-        x = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))
+        x = self.vit_embed(pixel_values)
         v, n, _ = x.shape
         src = torch.arange(n, device=x.device)[None].expand(v, -1)
         got: dict[tuple[str, int], Tensor] = {}
@@ -239,6 +255,8 @@ class LlavaAdapter(Adapter):
                 if torch.unique(slots).numel() != slots.numel() or bool((slots < 0).any()):
                     raise RuntimeError("a stage-V policy gave two output tokens the same representative source")
                 n_slots = self.nominal_visual_tokens()
+                if n_slots is None:  # DINOv2: the grid the tower actually ran at
+                    n_slots = sched[i][0] - self.feature_offset()
             images.append(
                 ImageTokens(
                     features=f,
