@@ -46,6 +46,7 @@ SPECS = {
     "divprune": "divprune:keep=0.5",
     "vispruner": "vispruner:keep=0.5",
     "cdpruner": "cdpruner:keep=0.5",
+    "downsample": "downsample:keep=0.25",
 }
 #: the 4-layer tiny Qwen3.5 has full attention at layers 1 and 3 only, so SparseVLM's second ranking layer (2)
 #: reads layer 1's attention, before stage 1's recycled tokens join: a ValueError with recycling. Here it runs
@@ -65,6 +66,7 @@ UNSUPPORTED = {
     ("pitome", "llava_onevision1_5"): "use at='P'",
     ("globalcom2", "llava_onevision1_5"): "allow_experimental=True",
     **{("pitome", f): "use at='P'" for f in QWEN3_FAMILIES},
+    **{("downsample", f): "defined for LLaVA-1.5.*use 'pool'" for f in FAMILIES if f != "llava"},
     **{("globalcom2", f): "defined for LLaVA-NeXT" for f in QWEN3_FAMILIES},
 }
 QUESTIONS = ["what is it?", "a longer question about the picture here?"]
