@@ -123,3 +123,6 @@ class Downsample(VisionPolicy):
 
     def resize(self, pixel_values: Tensor, size: tuple[int, int]) -> Tensor:
         return resize_pixels(pixel_values, size, self.mode)
+
+    def input_slots(self, rows: int, cols: int, out: tuple[int, int]) -> Tensor:
+        return downsample_slots(rows, cols, out)

@@ -132,6 +132,21 @@ def test_keep_all_equals_unpatched_and_remove_restores(vision):
         torch.testing.assert_close(model(**inp).logits, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("vision", ["clip", "siglip", "dinov2"])
+def test_each_token_takes_its_cells_top_left_placeholder(vision):
+    from vtprune.adapters import get_adapter
+    from vtprune.policy import Context
+
+    model, inp = _inputs(vision, n=1)
+    ad = get_adapter(model)
+    with torch.no_grad():
+        images, sched = ad.encode(dict(inp), {}, [D.Downsample(keep=9)], Context("llava"))
+    assert images[0].n_placeholders == 16 and images[0].num_tokens == 9
+    assert images[0].placeholder_index.tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10]  # 4 -> 3: rows/cols 0, 1, 2
+    assert images[0].grid_shapes == [(3, 3)]
+    assert sched == [[9 + (0 if vision == "siglip" else 1)] * 3]
+
+
 @pytest.mark.parametrize("tower", ["llava", "llava_dinov2"])
 def test_batch_equals_each_alone(tower):
     assert_batch_equals_alone(tower, "downsample", keep=0.25)

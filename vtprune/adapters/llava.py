@@ -118,24 +118,22 @@ class LlavaAdapter(Adapter):
 
         Returns ``(pixels, native_index, native_tokens)``: the (possibly smaller) pixels; when resized,
         (N',) the native encoder index whose placeholder each encoder token of the smaller run takes
-        (the patch at its cell's top-left; the CLS token keeps 0) and the native encoder tokens per view.
+        (the policy's ``input_slots``; the CLS token keeps 0) and the native encoder tokens per view.
         """
         p = int(self.config.vision_config.patch_size)
         rows, cols = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
-        grid = (rows, cols)
+        grid, patches = (rows, cols), None  # patches: native raster index of each patch of ``grid``
         for pol in policies:
             new = pol.input_grid(*grid, ctx)
             if new is not None and tuple(new) != grid:
                 pixel_values = pol.resize(pixel_values, (new[0] * p, new[1] * p))
+                slots = pol.input_slots(*grid, tuple(new)).long()
+                patches = slots if patches is None else patches[slots]
                 grid = tuple(new)
-        if grid == (rows, cols):
+        if patches is None:
             return pixel_values, None, None
-        r, c = grid
         cls = 1 if self.vit_has_cls() else 0
-        starts_r = torch.arange(r) * rows // r  # cell (i, j) starts at native (floor(i*rows/r), floor(j*cols/c))
-        starts_c = torch.arange(c) * cols // c
-        patches = (starts_r[:, None] * cols + starts_c[None, :]).flatten() + cls
-        native = torch.cat([torch.zeros(cls, dtype=torch.long), patches]).to(pixel_values.device)
+        native = torch.cat([torch.zeros(cls, dtype=torch.long), patches + cls]).to(pixel_values.device)
         return pixel_values, native, rows * cols + cls
 
     def project(self, hidden: Tensor) -> Tensor:
