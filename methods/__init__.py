@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     cdpruner,
     dart,
     divprune,
+    downsample,
     fastv,
     globalcom2,
     hiprune,

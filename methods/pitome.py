@@ -63,7 +63,7 @@ Library extensions and decisions (spec sections 4 and 6):
 * Scores (cosines, energies) are computed in at least fp32 (float64 stays float64); merging runs in
   the dtype of ``x``.
 
-Policies (registered): ``"pitome"`` (:class:`PiToMe`, stage V inside the CLIP tower of LLaVA-1.5 and
+Policies (registered): ``"pitome"`` (:class:`PiToMe`, stage V inside the CLIP or DINOv2 tower of LLaVA-1.5 and
 inside an open_clip ``VisionTransformer``; ``at="P"`` dispatches to the post-projector variant) and
 ``"pitome-p"`` (:class:`PiToMePost`, stage P after the projector / Qwen merger; label results
 "PiToMe-post-merger"). Policy-level deviations from the reference:
@@ -619,7 +619,7 @@ class _PiToMeRequest:
 @dataclass
 class PiToMe(VisionPolicy):
     """PiToMe (Tran et al., NeurIPS 2024, arXiv 2405.16148): stage V, energy-based token merging after
-    every encoder layer (CLIP tower of LLaVA-1.5; open_clip ``VisionTransformer``).
+    every encoder layer (CLIP or DINOv2 tower of LLaVA-1.5; open_clip ``VisionTransformer``).
 
     Fields:
         ratio: per-layer keep ratio rho (``r = floor(T - T*rho)`` per layer; reference LLaVA sweep
@@ -646,7 +646,7 @@ class PiToMe(VisionPolicy):
     """
 
     name: ClassVar[str] = "pitome"
-    description: ClassVar[str] = "PiToMe: energy-based token merging inside the CLIP vision encoder (stage V; at=P: pitome-p)"
+    description: ClassVar[str] = "PiToMe: energy-based token merging inside the CLIP / DINOv2 vision encoder (stage V; at=P: pitome-p)"
     families: ClassVar[tuple[str, ...]] = ("llava", "clip_vit")
     ratio: float = 0.9
     keep: int | float | None = None
@@ -681,16 +681,11 @@ class PiToMe(VisionPolicy):
                 f"pitome: stage-V merging is not supported on {family!r} "
                 + ("(packed, windowed ViT); use at='P' (or 'pitome-p'), the post-merger variant"
                    if family in PACKED_VIT_FAMILIES else
-                   "(SigLIP tower; stage V needs a CLIP tower); use at='P' (or 'pitome-p'), the post-merger "
-                   "variant" if family == "llava_onevision" else
+                   "(SigLIP tower without a CLS token; stage V needs a CLIP or DINOv2 tower); use at='P' "
+                   "(or 'pitome-p'), the post-merger variant" if family == "llava_onevision" else
                    "(per-view merging without newlines is not implemented); supported: llava, open_clip ViT")
             )
-        super().validate(family, adapter)
-        if family == "llava" and adapter.config.vision_config.model_type != "clip_vision_model":
-            raise ValueError(
-                f"pitome: stage-V merging needs a CLIP vision tower; this model's tower is "
-                f"{adapter.config.vision_config.model_type!r}"
-            )
+        super().validate(family, adapter)  # the tower runs stage V (LLaVA: CLIP or DINOv2, else ValueError)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 0:
             raise ValueError(f"pitome: ratio={self.ratio!r} must be a float > 0 (per-layer keep ratio; >= 1: no-op)")
         if self.keep is not None:

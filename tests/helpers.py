@@ -25,6 +25,7 @@ QUESTIONS = ["what is it?", "a longer question about the picture here?", "and th
 #: image sizes per family (None: the processor's fixed size)
 SIZES = {
     "llava": None,
+    "llava_dinov2": None,
     "llava_next": [(56, 56), (70, 112), (112, 84)],
     "qwen2_vl": [(56, 56), (70, 112), (112, 84)],
     "qwen2_5_vl": [(56, 56), (70, 112), (112, 84)],

@@ -1,4 +1,4 @@
-"""Conformance matrix: every registered method x every model family x {SDPA, eager} x {batch 1, batch 2
+"""Conformance matrix: every registered method x every model family (and LLaVA-1.5 with a DINOv2 tower) x {SDPA, eager} x {batch 1, batch 2
 with padding} x {forward, generate with 10 new tokens} against the hook layer's oracles.
 
 * stage-P selections: the unpatched model fed the explicitly shortened input (kept features in the
@@ -22,7 +22,7 @@ import torch
 import vtprune
 from vtprune.policy import DecoderPolicy, MergePolicy, VisionPolicy
 from vtprune.registry import registered
-from vtprune.testing import BUILDERS, FAMILIES, HYBRID_FAMILIES, QWEN3_FAMILIES, make_inputs, tiny_images
+from vtprune.testing import BUILDERS, FAMILIES, HYBRID_FAMILIES, QWEN3_FAMILIES, VARIANTS, make_inputs, tiny_images
 
 from helpers import assert_inputs_batch_equals_alone
 from oracles import last_logits, set_features, shortened_inputs, stage_d_reference
@@ -46,6 +46,7 @@ SPECS = {
     "divprune": "divprune:keep=0.5",
     "vispruner": "vispruner:keep=0.5",
     "cdpruner": "cdpruner:keep=0.5",
+    "downsample": "downsample:keep=0.25",
 }
 #: the 4-layer tiny Qwen3.5 has full attention at layers 1 and 3 only, so SparseVLM's second ranking layer (2)
 #: reads layer 1's attention, before stage 1's recycled tokens join: a ValueError with recycling. Here it runs
@@ -57,6 +58,7 @@ UNSUPPORTED = {
     ("pitome", "qwen2_5_vl"): "use at='P'",
     ("pitome-p", "llava_next"): "LLaVA-NeXT is not supported",
     ("globalcom2", "llava"): "single view",
+    ("globalcom2", "llava_dinov2"): "single view",
     ("globalcom2", "qwen2_vl"): "defined for LLaVA-NeXT",
     ("globalcom2", "qwen2_5_vl"): "defined for LLaVA-NeXT",
     ("pitome", "llava_onevision"): "use at='P'",
@@ -64,14 +66,17 @@ UNSUPPORTED = {
     ("pitome", "llava_onevision1_5"): "use at='P'",
     ("globalcom2", "llava_onevision1_5"): "allow_experimental=True",
     **{("pitome", f): "use at='P'" for f in QWEN3_FAMILIES},
+    **{("downsample", f): "defined for LLaVA-1.5.*use 'pool'" for f in FAMILIES if f != "llava"},
     **{("globalcom2", f): "defined for LLaVA-NeXT" for f in QWEN3_FAMILIES},
 }
 QUESTIONS = ["what is it?", "a longer question about the picture here?"]
-SIZES = {"llava": None, "llava_next": [(70, 112), (112, 84)], "qwen2_vl": [(70, 112), (112, 84)],
+#: the rows: every family's tiny model, plus LLaVA-1.5 with a DINOv2 tower (the embedded default's layout)
+MODELS = FAMILIES + tuple(VARIANTS)
+SIZES = {"llava": None, "llava_dinov2": None, "llava_next": [(70, 112), (112, 84)], "qwen2_vl": [(70, 112), (112, 84)],
          "qwen2_5_vl": [(70, 112), (112, 84)], "llava_onevision": [(70, 112), (150, 160)],
          "llava_onevision1_5": [(70, 112), (112, 84)], **{f: [(70, 112), (112, 84)] for f in QWEN3_FAMILIES}}
 GEN = dict(max_new_tokens=10, do_sample=False)
-SUPPORTED = [(m, f) for m in SPECS for f in FAMILIES if (m, f) not in UNSUPPORTED]
+SUPPORTED = [(m, f) for m in SPECS for f in MODELS if (m, f) not in UNSUPPORTED]
 
 
 def spec(method: str, family: str) -> str:
@@ -91,7 +96,7 @@ def _inputs(family: str, attn: str, n: int, first: int = 0):
     model, proc = _model(family, attn)
     sizes = SIZES[family]
     imgs = tiny_images(2, sizes=sizes)[first : first + n]
-    return model, make_inputs(family, proc, QUESTIONS[first : first + n], imgs)
+    return model, make_inputs(VARIANTS.get(family, family), proc, QUESTIONS[first : first + n], imgs)
 
 
 def _run(model, inp, spec):
@@ -111,6 +116,7 @@ def _run(model, inp, spec):
 
 def _oracle(model, family, inp, stats, feats, policies):
     """Logits and generated ids of the slow, obviously-correct computation for these policies."""
+    family = VARIANTS.get(family, family)
     stage_d = [p for p in policies if isinstance(p, DecoderPolicy)]
     before = [p for p in policies if not isinstance(p, DecoderPolicy)]
     n = model.model.language_model.config.num_hidden_layers

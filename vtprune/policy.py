@@ -520,6 +520,30 @@ class VisionPolicy(Policy):
 
     stage: ClassVar[str] = "V"
     families: ClassVar[tuple[str, ...]] = ("llava",)
+    #: True for a policy that only changes the tower's input (:meth:`input_grid`, e.g. ``downsample``):
+    #: the tower then runs unchanged on the smaller image, so any tower that interpolates its position
+    #: table takes it; False: :meth:`after_layer` runs between the layers (CLIP and DINOv2 towers)
+    input_only: ClassVar[bool] = False
+
+    def validate(self, family: str, adapter: Any) -> None:
+        super().validate(family, adapter)
+        if not self.input_only:
+            adapter.check_stage_v()  # the tower can run layer by layer (LLaVA: CLIP, DINOv2)
+
+    def input_grid(self, rows: int, cols: int, ctx: Context) -> tuple[int, int] | None:
+        """Before the tower: the patch grid ``(rows', cols')`` a view whose native grid is ``rows x cols``
+        runs at (None: unchanged, the default). The adapter then calls :meth:`resize` and
+        :meth:`input_slots`."""
+        return None
+
+    def resize(self, pixel_values: Tensor, size: tuple[int, int]) -> Tensor:
+        """(V, 3, H, W) preprocessed pixels -> (V, 3, h, w) with ``(h, w) = size`` (for :meth:`input_grid`)."""
+        raise NotImplementedError(f"{type(self).__name__} declares an input grid but no resize")
+
+    def input_slots(self, rows: int, cols: int, out: tuple[int, int]) -> Tensor:
+        """(r*c,) long: for each patch of the ``out = (r, c)`` grid (raster order), the raster index of the
+        native ``rows x cols`` patch whose placeholder it takes (for :meth:`input_grid`)."""
+        raise NotImplementedError(f"{type(self).__name__} declares an input grid but no placeholder slots")
 
     def layers(self, num_layers: int) -> list[int]:  # pragma: no cover
         """0-based encoder layers after which :meth:`after_layer` is called."""

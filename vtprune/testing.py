@@ -256,8 +256,18 @@ def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torc
     return _qwen("qwen2_5_vl", attn_implementation, seed, dtype)
 
 
+def tiny_llava_dinov2(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    """LLaVA-1.5 with a tiny DINOv2 tower, laid out as the embedded default (CLS token, layer scale,
+    feature layer -1, strategy ``default``): 56 px, patch 14 -> 16 patch tokens + CLS."""
+    return tiny_llava(attn_implementation, seed, vision="dinov2", dtype=dtype)
+
+
 BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl,
-            "llava_onevision": tiny_llava_onevision, "llava_onevision1_5": tiny_llava_onevision1_5}
+            "llava_onevision": tiny_llava_onevision, "llava_onevision1_5": tiny_llava_onevision1_5,
+            "llava_dinov2": tiny_llava_dinov2}
+#: builders that are another vision tower of a family, not a family of their own: name -> the family
+#: (its adapter, prompts and oracles)
+VARIANTS = {"llava_dinov2": "llava"}
 
 
 def prompt_for(family: str, question: str, n_images: int = 1, n_videos: int = 0) -> str:

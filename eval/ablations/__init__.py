@@ -19,6 +19,7 @@ the ablation table.
 | globalcom2 | with vs without the thumbnail's global guidance (runs on `embedded-anyres`, the AnyRes embedded model, by default) |
 | pitome | energy margin, inside the vision encoder (stage V) and after the projector (pitome-p) |
 | visionzip | how the contextual tokens are merged (reference vs mean) |
+| downsample | resampling filter of the smaller image (bilinear, bicubic, area, nearest); the budget sets the grid side round(sqrt(keep)) |
 | fastv | layer K x keep ratio R |
 | dart | pivot split (image + text of 8) and pivot visiting order |
 | pyramiddrop | lambda (image tokens kept after stage s = lambda^s), as the budget |
@@ -79,6 +80,14 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         ] + [
             {"name": "pitome-p", "params": {"margin": m}, "label": f"pitome-p margin {m}"}
             for m in (0.3, 0.5, 0.7, 0.9)
+        ],
+        "budgets": [0.25, 0.125],
+    },
+    "downsample": {
+        "about": "downsample: the resampling filter of the smaller image the tower runs on",
+        "methods": [
+            {"name": "downsample", "params": {"mode": m}, "label": f"downsample {m}"}
+            for m in ("bilinear", "bicubic", "area", "nearest")
         ],
         "budgets": [0.25, 0.125],
     },

@@ -355,7 +355,7 @@ def test_method_restricted_to_some_models(bench):
                                                               "budgets": [0.9], "models": ["tiny-llava"]}]))
     cells = plan_cells(cfg)
     assert [(c.model.name, c.method.label) for c in cells if c.method.name == "pitome"] == [("tiny-llava", "pitome")]
-    validate_cells(cfg, cells)  # pitome (stage V) runs on the CLIP tower of LLaVA only
+    validate_cells(cfg, cells)  # pitome (stage V) runs on the CLIP or DINOv2 tower of LLaVA-1.5 only
     with pytest.raises(ValueError, match=r"methods\[0\].models: unknown model 'nope'"):
         load_config(config_for(bench, methods=[{"name": "fastv", "models": ["nope"]}]))
     with pytest.raises(ValueError, match="runs on every model"):

@@ -1,5 +1,5 @@
-"""PiToMe policies on tiny models: stage V inside the CLIP tower of LLaVA-1.5 and of an open_clip
-``VisionTransformer``, stage P (post-merger) on LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL.
+"""PiToMe policies on tiny models: stage V inside the CLIP and DINOv2 towers of LLaVA-1.5 and of an
+open_clip ``VisionTransformer``, stage P (post-merger) on LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL.
 
 Oracles: stage V == running the encoder layers by hand with the pure kernels applied after each
 layer, the tokens then in the kernels' own order (``order="reference"``, the default) or sorted by the
@@ -17,25 +17,33 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import vtprune
 from vtprune.methods import pitome as P
 
-from helpers import GEN, assert_batch_equals_alone, batch, new_tokens
+from helpers import GEN, assert_batch_equals_alone, batch, new_tokens, no_vtprune_hooks
 from oracles import image_features, last_logits, shortened_inputs
 
 ATTN = ["sdpa", "eager"]
+#: the LLaVA-1.5 builders whose towers run stage V: CLIP (feature layer -2) and DINOv2 (-1, layer scale)
+TOWERS = ["llava", "llava_dinov2"]
 
 
-# ------------------------------------------------------------------ stage V (LLaVA-1.5 CLIP)
+# ------------------------------------------------------------------ stage V (LLaVA-1.5 CLIP / DINOv2)
 def explicit_stage_v(model, inp, *, ratio=None, keep=None, bsm_layers=(0,), mode="mean", prop_attn=False,
                      order="reference"):
-    """Run the tiny CLIP (3 layers, feature layer 1) by hand with the kernels after each layer.
+    """Run the tiny tower (3 layers; CLIP: ``pre_layrnorm(embeddings)``, feature layer 1; DINOv2:
+    ``embeddings`` with its CLS token, feature layer 2) by hand, its own layers one by one with the
+    kernels after each layer.
 
     Returns (projected features per image, kept placeholder indices per image (in the features'
     order), per-layer counts).
     """
     tower = model.model.vision_tower
-    layers = tower.encoder.layers
-    depth, last = len(layers), 1
+    dino = model.config.vision_config.model_type == "dinov2"
+    layers = tower.encoder.layer if dino else tower.encoder.layers
+    depth = len(layers)
+    last = model.config.vision_feature_layer % depth
+    assert last == (2 if dino else 1)
     margins = P.default_margins("llava", depth)
-    x = tower.pre_layrnorm(tower.embeddings(inp["pixel_values"]))
+    emb = tower.embeddings(inp["pixel_values"])
+    x = emb if dino else tower.pre_layrnorm(emb)
     v, n, _ = x.shape
     if keep is None:
         plan = P.reference_schedule(ratio, n, depth, last, bsm_layers=bsm_layers, margin=margins)
@@ -71,8 +79,9 @@ def explicit_stage_v(model, inp, *, ratio=None, keep=None, bsm_layers=(0,), mode
      dict(ratio=0.8, bsm_layers=1, mode="wavg", prop_attn=True)],
     ids=["bsm+pitome", "pitome-only", "budget", "wavg+prop_attn"],
 )
-def test_stage_v_equals_explicit_encoder_run(attn, order, params):
-    model, inp = batch("llava", n=1, attn=attn)
+@pytest.mark.parametrize("tower", TOWERS)
+def test_stage_v_equals_explicit_encoder_run(tower, attn, order, params):
+    model, inp = batch(tower, n=1, attn=attn)
     extra = {} if order == "reference" else {"order": order}  # reference order is the default
     with vtprune.patch(model, "pitome", **params, **extra) as h:
         with torch.no_grad():
@@ -129,8 +138,9 @@ def test_default_schedule_is_the_reference_on_24_layers():
 
 
 @pytest.mark.parametrize("attn", ATTN)
-def test_stage_v_ratio_one_equals_unpatched(attn):
-    model, inp = batch("llava", n=2, attn=attn)
+@pytest.mark.parametrize("tower", TOWERS)
+def test_stage_v_ratio_one_equals_unpatched(tower, attn):
+    model, inp = batch(tower, n=2, attn=attn)
     with torch.no_grad():
         ref = model(**inp).logits
         gref = model.generate(**inp, **GEN)
@@ -138,14 +148,35 @@ def test_stage_v_ratio_one_equals_unpatched(attn):
             out = model(**inp).logits
             gen = model.generate(**inp, **GEN)
     assert h.stats.visual_tokens_per_image == [16, 16]
+    assert h.stats.vision_tokens_per_layer == [[17] * (model.config.vision_feature_layer % 3 + 1)] * 2
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(gen, gref)
 
 
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("order", ["reference", "source"])
-def test_stage_v_batch_equals_each_alone(attn, order):
-    assert_batch_equals_alone("llava", "pitome", attn=attn, first=1, ratio=0.8, bsm_layers=1, order=order)
+@pytest.mark.parametrize("tower", TOWERS)
+def test_stage_v_batch_equals_each_alone(tower, attn, order):
+    assert_batch_equals_alone(tower, "pitome", attn=attn, first=1, ratio=0.8, bsm_layers=1, order=order)
+
+
+def test_stage_v_on_dinov2_merges_and_remove_restores():
+    """DINOv2 tower: merging changes the logits, the tokens shrink layer by layer, and after remove()
+    the model is the unpatched one again (same logits, no hook or attribute left)."""
+    model, inp = batch("llava_dinov2", n=2)
+    with torch.no_grad():
+        ref = model(**inp).logits
+    h = vtprune.patch(model, "pitome", keep=4)
+    with torch.no_grad():
+        out = model(**inp).logits
+    assert h.stats.visual_tokens_per_image == [4, 4]
+    counts = h.stats.vision_tokens_per_layer[0]
+    assert counts[0] == 17 and all(b < a for a, b in zip(counts, counts[1:]))
+    assert out.shape[1] == ref.shape[1] - 12  # 16 -> 4 visual tokens in each sample
+    h.remove()
+    assert no_vtprune_hooks(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inp).logits, ref, rtol=0, atol=0)
 
 
 def test_stage_v_features_reach_the_llm_in_kernel_order():
@@ -238,12 +269,14 @@ def test_unsupported_settings_raise(family, method, params, match):
     assert not hasattr(model, "_vtprune_patch")
 
 
-def test_non_clip_tower_raises():
+@pytest.mark.parametrize("spec", ["pitome", "random:at=V"])
+def test_siglip_tower_raises_naming_the_alternative(spec):
     from vtprune.testing import tiny_llava
 
     model, _ = tiny_llava(vision="siglip")
-    with pytest.raises(ValueError, match="needs a CLIP vision tower"):
-        vtprune.patch(model, "pitome")
+    with pytest.raises(ValueError, match="clip_vision_model and dinov2 .*'siglip_vision_model'.*pitome-p"):
+        vtprune.patch(model, spec)
+    assert not hasattr(model, "_vtprune_patch")
 
 
 # ------------------------------------------------------------------ open_clip VisionTransformer

@@ -200,6 +200,10 @@ class Adapter:
         :class:`~vtprune.state.PrefillState`. Default: nothing."""
 
     # ---------------------------------------------------------------- stage V
+    def check_stage_v(self) -> None:
+        """Raise ``ValueError`` naming an alternative when this model's vision tower cannot run stage-V
+        policies layer by layer (called by ``VisionPolicy.validate``; default: it can)."""
+
     @staticmethod
     def run_vision_policies(layer: int, n_layers: int, x: Tensor, sources: Tensor,
                             policies: list[VisionPolicy], ctx: Context) -> tuple[Tensor, Tensor, bool]:

@@ -42,6 +42,10 @@ class VisionRun(NamedTuple):
     signals: dict[str, Any]
     sources: list[Tensor] | None
     schedule: list[list[int]]
+    #: after an input-only policy shrank the image (``downsample``): (N,) native encoder index whose
+    #: placeholder each encoder token of the run takes, and the native encoder tokens per view
+    native_index: Tensor | None = None
+    native_tokens: int | None = None
 
 
 class LlavaAdapter(Adapter):
@@ -77,6 +81,60 @@ class LlavaAdapter(Adapter):
             return None
         side = vc.image_size // vc.patch_size
         return side * side + (1 if self.vit_has_cls() else 0) - self.feature_offset()
+
+    #: vision towers whose encoder layers stage-V policies can run one by one (``config.model_type``)
+    STAGE_V_TOWERS = ("clip_vision_model", "dinov2")
+
+    def check_stage_v(self) -> None:
+        kind = self.config.vision_config.model_type
+        if kind not in self.STAGE_V_TOWERS:
+            raise ValueError(
+                f"stage-V (in-encoder) policies support {' and '.join(self.STAGE_V_TOWERS)} vision towers; "
+                f"this model's tower is {kind!r} (use a stage-P method, e.g. 'pitome-p')"
+            )
+
+    def vit_embed(self, pixel_values: Tensor, interpolate: bool = False) -> Tensor:
+        """(V, 3, H, W) pixels -> (V, N, C) the input of the first encoder layer, with the tower's own
+        modules: CLIP ``pre_layrnorm(embeddings)`` (position table interpolated when ``interpolate``);
+        DINOv2 ``embeddings`` (CLS token, position table interpolated to the actual grid). The layers'
+        outputs are then ``hidden_states[l + 1]`` of the unpatched tower (no final norm), which is what
+        the features are selected from."""
+        self.check_stage_v()
+        tower = self.vision_tower
+        pixel_values = pixel_values.to(tower.dtype)
+        if self.config.vision_config.model_type == "dinov2":
+            return tower.embeddings(pixel_values)
+        return tower.pre_layrnorm(tower.embeddings(pixel_values, interpolate_pos_encoding=interpolate))
+
+    def _tower_kwargs(self, resized: bool) -> dict[str, Any]:
+        """Extra tower kwargs for a resized input: CLIP / SigLIP interpolate their position table only
+        when asked; DINOv2 always does (and takes no such argument)."""
+        if resized and self.config.vision_config.model_type != "dinov2":
+            return {"interpolate_pos_encoding": True}
+        return {}
+
+    def _resize_input(self, pixel_values: Tensor, policies, ctx) -> tuple[Tensor, Tensor | None, int | None]:
+        """Apply the input-only stage-V policies (``downsample``) to (V, 3, H, W) pixels.
+
+        Returns ``(pixels, native_index, native_tokens)``: the (possibly smaller) pixels; when resized,
+        (N',) the native encoder index whose placeholder each encoder token of the smaller run takes
+        (the policy's ``input_slots``; the CLS token keeps 0) and the native encoder tokens per view.
+        """
+        p = int(self.config.vision_config.patch_size)
+        rows, cols = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
+        grid, patches = (rows, cols), None  # patches: native raster index of each patch of ``grid``
+        for pol in policies:
+            new = pol.input_grid(*grid, ctx)
+            if new is not None and tuple(new) != grid:
+                pixel_values = pol.resize(pixel_values, (new[0] * p, new[1] * p))
+                slots = pol.input_slots(*grid, tuple(new)).long()
+                patches = slots if patches is None else patches[slots]
+                grid = tuple(new)
+        if patches is None:
+            return pixel_values, None, None
+        cls = 1 if self.vit_has_cls() else 0
+        native = torch.cat([torch.zeros(cls, dtype=torch.long), patches + cls]).to(pixel_values.device)
+        return pixel_values, native, rows * cols + cls
 
     def project(self, hidden: Tensor) -> Tensor:
         """The model's ``multi_modal_projector`` applied to vision hidden states (..., C) -> (..., D)."""
@@ -165,31 +223,30 @@ class LlavaAdapter(Adapter):
         ins, outs = self._signal_layers(signals)
         pixel_values = kwargs["pixel_values"]
         vkw = self._vision_kwargs(kwargs)
-        if vision_policies:
-            return self._run_vision_stage_v(pixel_values, vkw, signals, vision_policies, ctx, ins, outs)
+        pixel_values, native, n_native = self._resize_input(
+            pixel_values, [p for p in vision_policies if p.input_only], ctx)
+        resized = native is not None
+        if any(not p.input_only for p in vision_policies):
+            run = self._run_vision_stage_v(pixel_values, vkw, signals, vision_policies, ctx, ins, outs, resized)
+            return run._replace(native_index=native, native_tokens=n_native)
         with self._capture(ins, outs) as got:
-            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vkw)
+            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vkw,
+                                                      **self._tower_kwargs(resized))
         feats = list(out.pooler_output)
         n_enc = out.last_hidden_state.shape[1]
         view_sig = self._view_signals(signals, got)
         n_layers = len(self.vit_layers())
         sched = [[n_enc] * n_layers for _ in range(pixel_values.shape[0])]
         sources = [torch.arange(f.shape[0]) + self.feature_offset() for f in feats]
-        return VisionRun(feats, view_sig, sources, sched)
+        return VisionRun(feats, view_sig, sources, sched, native, n_native)
 
-    def _run_vision_stage_v(self, pixel_values, vkw, signals, policies, ctx, ins, outs) -> VisionRun:
+    def _run_vision_stage_v(self, pixel_values, vkw, signals, policies, ctx, ins, outs, resized=False) -> VisionRun:
         """Stage V: run the encoder layer by layer, letting policies shrink the sequence."""
-        if self.config.vision_config.model_type != "clip_vision_model":
-            raise ValueError(
-                "stage-V (in-encoder) policies support CLIP vision towers only; "
-                f"this model's tower is {self.config.vision_config.model_type!r}"
-            )
         if not isinstance(vkw["vision_feature_layer"], int):
             raise ValueError("stage-V policies need a single integer vision_feature_layer")
-        tower = self.vision_tower
         vit = self.vit_layers()
         feat_layer = self.resolve_vit_layer(vkw["vision_feature_layer"])
-        x = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))
+        x = self.vit_embed(pixel_values, interpolate=resized)
         v, n, _ = x.shape
         src = torch.arange(n, device=x.device)[None].expand(v, -1)
         got: dict[tuple[str, int], Tensor] = {}
@@ -218,7 +275,8 @@ class LlavaAdapter(Adapter):
         return VisionRun(list(feats), self._view_signals(signals, got), list(src), sched)
 
     def encode(self, kwargs, signals, vision_policies, ctx) -> Encoded:
-        feats, view_sig, sources, sched = self.run_vision(kwargs, signals, vision_policies, ctx)
+        run = self.run_vision(kwargs, signals, vision_policies, ctx)
+        feats, view_sig, sources, sched = run[:4]
         images = []
         for i, (f, src) in enumerate(zip(feats, sources)):
             cls = 1 if self.vit_has_cls() else 0
@@ -234,11 +292,14 @@ class LlavaAdapter(Adapter):
                     continue
                 sig[name] = t[i] if t.dim() == 3 else t[i][src.to(t.device)]
             slots, n_slots = None, None
-            if vision_policies:  # the sequence shrank inside the encoder: tokens fill some placeholders
-                slots = (src - self.feature_offset()).cpu()  # the representative's placeholder
+            if vision_policies:  # the sequence shrank in (or before) the encoder: tokens fill some placeholders
+                native = src if run.native_index is None else run.native_index[src.to(run.native_index.device)]
+                slots = (native - self.feature_offset()).cpu()  # the representative's placeholder
                 if torch.unique(slots).numel() != slots.numel() or bool((slots < 0).any()):
                     raise RuntimeError("a stage-V policy gave two output tokens the same representative source")
                 n_slots = self.nominal_visual_tokens()
+                if n_slots is None:  # DINOv2: the grid the processor chose (before any downsampling)
+                    n_slots = (run.native_tokens or sched[i][0]) - self.feature_offset()
             images.append(
                 ImageTokens(
                     features=f,
@@ -305,7 +366,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def encode(self, kwargs, signals, vision_policies, ctx) -> Encoded:
         from transformers.models.llava_next import modeling_llava_next as mln
 
-        feats, view_sig, _, enc_sched = self.run_vision(kwargs, signals, vision_policies, ctx)
+        feats, view_sig, _, enc_sched = self.run_vision(kwargs, signals, vision_policies, ctx)[:4]
         image_sizes, vkw = kwargs["image_sizes"], self._vision_kwargs(kwargs)
         n_enc = enc_sched[0][0]
         cfg = self.config
