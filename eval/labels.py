@@ -5,9 +5,11 @@ nor the points.
 
 Each label goes to the first free candidate position around its point: 8 directions (north-east
 first) at growing distances; a label moved away from its point gets a thin leader line. A candidate is
-free when its box (display pixels) overlaps no label placed before, no point marker of the set, and
-stays inside the axes. When no candidate is free, the one with the least overlap is taken and counted
-in :attr:`Placement.overlaps`. Labels are placed in a fixed order (by point position, then text), so the
+free when its box (display pixels) overlaps no label placed before, no point marker of the set, stays
+inside the axes and crosses none of the given ``lines``. Labels, markers and the frame are hard
+obstacles, lines soft ones: when no candidate is free, the one with the least overlap of labels and
+markers (then the fewest lines crossed) is taken, and a label that still overlaps a label or marker is
+counted in :attr:`Placement.overlaps`. Labels are placed in a fixed order (by point position, then text), so the
 result depends only on the input.
 """
 from __future__ import annotations
@@ -39,11 +41,32 @@ def overlap_area(a: Sequence[float], b: Sequence[float]) -> float:
     return w * h if w > 0 and h > 0 else 0.0
 
 
-def place_labels(ax, items: Sequence[tuple[float, float, str, object]], *, fontsize: float = 7.0,
-                 marker_pt: float = 7.0, pad_pt: float = 1.0) -> Placement:
+def _crosses(p, q, box) -> bool:
+    """Whether the segment ``p``-``q`` passes through the inside of ``box`` (Liang-Barsky clipping)."""
+    (x0, y0), (x1, y1) = p, q
+    dx, dy = x1 - x0, y1 - y0
+    lo, hi = 0.0, 1.0
+    for d, a in ((-dx, x0 - box[0]), (dx, box[2] - x0), (-dy, y0 - box[1]), (dy, box[3] - y0)):
+        if d == 0:
+            if a < 0:
+                return False
+            continue
+        t = a / d
+        if d < 0:
+            lo = max(lo, t)
+        else:
+            hi = min(hi, t)
+        if lo > hi:
+            return False
+    return True
+
+
+def place_labels(ax, items: Sequence[tuple[float, float, str, object]], *, lines: Sequence[Sequence] = (),
+                 fontsize: float = 7.0, marker_pt: float = 7.0, pad_pt: float = 1.0) -> Placement:
     """Place ``items`` = ``(x, y, text, color)`` (data coordinates) as annotations of ``ax``.
 
-    Call it last, once limits and layout are final (it draws the figure to measure text). ``marker_pt``:
+    Call it last, once limits and layout are final (it draws the figure to measure text). ``lines``:
+    polylines (sequences of ``(x, y)`` in data coordinates) that labels should not cross; ``marker_pt``:
     the size of the point markers to keep clear of; ``pad_pt``: extra margin around each box.
     """
     fig = ax.figure
@@ -54,6 +77,10 @@ def place_labels(ax, items: Sequence[tuple[float, float, str, object]], *, fonts
     half = marker_pt * px / 2 + pad
     frame = ax.get_window_extent(renderer)
     anchors = [tuple(ax.transData.transform((x, y))) for x, y, _, _ in items]
+    segments = []
+    for line in lines:
+        pts = [tuple(ax.transData.transform(p)) for p in line]
+        segments += list(zip(pts[:-1], pts[1:]))
     markers = [(ax_ - half, ay - half, ax_ + half, ay + half) for ax_, ay in anchors]
     sizes = []
     for _, _, text, _ in items:
@@ -74,18 +101,19 @@ def place_labels(ax, items: Sequence[tuple[float, float, str, object]], *, fonts
                 cy = ay + dy * (half + r * px + h / 2) if dy else ay
                 box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
                 inside = (box[0] >= frame.x0 and box[2] <= frame.x1 and box[1] >= frame.y0 and box[3] <= frame.y1)
-                cost = sum(overlap_area(box, b) for b in placed) + sum(
+                hard = sum(overlap_area(box, b) for b in placed) + sum(
                     overlap_area(box, m) for j, m in enumerate(markers) if j != i)
                 if not inside:
-                    cost += w * h
+                    hard += w * h
+                cost = (hard, sum(_crosses(p, q, box) for p, q in segments))
                 if best is None or cost < best[0]:
                     best = (cost, box, r)
-                if cost == 0:
+                if cost == (0, 0):
                     break
-            if best[0] == 0:
+            if best[0] == (0, 0):
                 break
-        cost, box, r = best
-        out.overlaps += cost > 0
+        (hard, _), box, r = best
+        out.overlaps += hard > 0
         placed.append(box)
         out.boxes[i] = box
         x, y, text, color = items[i]

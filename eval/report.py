@@ -181,10 +181,12 @@ def _plt():
 
 def _method_styles(methods: Sequence[str]) -> dict[str, dict]:
     plt = _plt()
-    cmap = plt.get_cmap("tab10")
+    # tab10 without its grey (random's colour), then the light tab20 shades
+    palette = [plt.get_cmap("tab10")(i) for i in range(10) if i != 7] + [plt.get_cmap("tab20")(i) for i in range(1, 20, 2)
+                                                                         if i != 15]
     styles = {}
     for i, m in enumerate(sorted(methods, key=lambda m: (m != "random", m))):
-        styles[m] = {"color": cmap(i % 10), "marker": _MARKERS[i % len(_MARKERS)]}
+        styles[m] = {"color": palette[i % len(palette)], "marker": _MARKERS[i % len(_MARKERS)]}
     if "random" in styles:
         styles["random"] = {"color": "0.45", "marker": "x", "linestyle": "--"}
     return styles
@@ -208,12 +210,16 @@ def _n_text(rows: Sequence[Mapping]) -> str:
     return f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]} per cell"
 
 
-def _finish(fig, ax, path: Path, labels: list[tuple[float, float, str, object]]):
-    """Legend outside the axes, final layout, labels placed without overlaps (:func:`.labels.place_labels`), save."""
+def _finish(fig, ax, path: Path, labels: list[tuple[float, float, str, object]], lines: list,
+            hlines: Sequence[float] = ()):
+    """Legend outside the axes, final layout, labels placed clear of each other, the points and (where
+    possible) the lines (:func:`.labels.place_labels`), save."""
     plt = _plt()
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, framealpha=0.9, borderaxespad=0.0)
     fig.tight_layout()
-    placement = place_labels(ax, labels)
+    lo, hi = ax.get_xlim()
+    lines = lines + [[(lo, y), (hi, y)] for y in hlines]
+    placement = place_labels(ax, labels, lines=lines)
     fig.savefig(path)
     plt.close(fig)
     return placement
@@ -226,7 +232,7 @@ def _plot_pareto(rows: Sequence[Mapping], model: str, bench: str, path: Path, st
     scale, ylabel = _acc_scale(rows)
     fig, ax = plt.subplots(figsize=(9.0, 5.6), dpi=130)
     ref = next((r for r in rows if _is_ref(r)), None)
-    pts, labels = [], []
+    pts, labels, lines, hlines = [], [], [], []
     for method in sorted({r["method"] for r in rows if not _is_ref(r)}, key=lambda m: (m != "random", m)):
         rs = sorted((r for r in rows if r["method"] == method and r.get(key) is not None), key=lambda r: r[key])
         if not rs:
@@ -238,10 +244,12 @@ def _plot_pareto(rows: Sequence[Mapping], model: str, bench: str, path: Path, st
         ax.plot(xs, ys, color=st["color"], marker=st["marker"], linestyle=st.get("linestyle", "-"), linewidth=1.8,
                 markersize=7, label=method, zorder=3)
         labels += [(x_, y_, _budget_str(r.get("budget"), False), st["color"]) for x_, y_, r in zip(xs, ys, rs)]
+        lines.append(list(zip(xs, ys)))
     if ref is not None and ref.get(key) is not None:
         x0, y0 = ref[key], ref["accuracy"] * scale
         pts.append((x0, y0))
         ax.axhline(y0, color="goldenrod", linestyle=":", linewidth=1, zorder=1)
+        hlines = [y0]
         ax.scatter([x0], [y0], marker="*", s=320, color="gold", edgecolor="black", linewidth=0.8, zorder=5,
                    label="none (vanilla, all tokens)")
         if x == "total":
@@ -261,7 +269,7 @@ def _plot_pareto(rows: Sequence[Mapping], model: str, bench: str, path: Path, st
     ax.set_title(f"{bench} on {model} ({_n_text(rows)} questions): accuracy vs prefill FLOPs\n"
                  "(up and to the left is better; labels are budgets)", fontsize=11)
     ax.grid(True, alpha=0.3)
-    return _finish(fig, ax, path, labels)
+    return _finish(fig, ax, path, labels, lines, hlines)
 
 
 def _plot_relative(rows: Sequence[Mapping], model: str, path: Path, styles: dict, x: str = "llm"):
@@ -271,7 +279,7 @@ def _plot_relative(rows: Sequence[Mapping], model: str, path: Path, styles: dict
     key = "llm_flops_ratio" if x == "llm" else "flops_ratio"
     benches = sorted({r["benchmark"] for r in rows})
     fig, ax = plt.subplots(figsize=(9.0, 5.6), dpi=130)
-    drawn, labels = 0, []
+    drawn, labels, lines = 0, [], []
     for method in sorted({r["method"] for r in rows if not _is_ref(r)}, key=lambda m: (m != "random", m)):
         by_budget: dict[Any, list[Mapping]] = defaultdict(list)
         for r in rows:
@@ -287,6 +295,7 @@ def _plot_relative(rows: Sequence[Mapping], model: str, path: Path, styles: dict
         st = styles[method]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=st["color"], marker=st["marker"],
                 linestyle=st.get("linestyle", "-"), linewidth=1.8, markersize=7, label=method, zorder=3)
+        lines.append([(p[0], p[1]) for p in pts])
         for px_, py_, b, n in pts:
             note = _budget_str(b, False) + ("" if n == len(benches) else f" ({n}/{len(benches)})")
             labels.append((px_, py_, note, st["color"]))
@@ -302,7 +311,7 @@ def _plot_relative(rows: Sequence[Mapping], model: str, path: Path, styles: dict
                  fontsize=11)
     ax.margins(x=0.08, y=0.12)
     ax.grid(True, alpha=0.3)
-    return drawn, _finish(fig, ax, path, labels)
+    return drawn, _finish(fig, ax, path, labels, lines, [100.0])
 
 
 # ----------------------------------------------------------------------------------------------------
