@@ -14,10 +14,11 @@ result depends only on the input.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from itertools import pairwise
 
-__all__ = ["Placement", "place_labels", "overlap_area"]
+__all__ = ["Placement", "overlap_area", "place_labels"]
 
 # direction unit vectors, north-east first, then the other diagonals and the axes
 _DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (0, 1), (-1, 0), (0, -1))
@@ -80,7 +81,7 @@ def place_labels(ax, items: Sequence[tuple[float, float, str, object]], *, lines
     segments = []
     for line in lines:
         pts = [tuple(ax.transData.transform(p)) for p in line]
-        segments += list(zip(pts[:-1], pts[1:]))
+        segments += list(pairwise(pts))
     markers = [(ax_ - half, ay - half, ax_ + half, ay + half) for ax_, ay in anchors]
     sizes = []
     for _, _, text, _ in items:
@@ -118,8 +119,8 @@ def place_labels(ax, items: Sequence[tuple[float, float, str, object]], *, lines
         out.boxes[i] = box
         x, y, text, color = items[i]
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        arrow = dict(arrowstyle="-", color=color, linewidth=0.5, alpha=0.7, shrinkA=0, shrinkB=3) \
-            if r > _RADII_PT[0] else None
+        arrow = ({"arrowstyle": "-", "color": color, "linewidth": 0.5, "alpha": 0.7, "shrinkA": 0, "shrinkB": 3}
+                 if r > _RADII_PT[0] else None)
         out.texts[i] = ax.annotate(text, (x, y), xytext=((cx - ax_) / px, (cy - ay) / px), textcoords="offset points",
                                    ha="center", va="center", fontsize=fontsize, color=color, arrowprops=arrow,
                                    annotation_clip=False, zorder=6)

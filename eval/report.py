@@ -365,8 +365,8 @@ def _fill_ratios(rows: Sequence[dict]) -> None:
 def breakdowns(rows: Sequence[Mapping]) -> list[dict]:
     """Accuracy per group of every breakdown the benchmark scores (``score["by_type"]`` of the embedded
     benchmark, ``by_answer_type``, ``by_category``, ...), one dict per (cell, breakdown, group) with
-    :data:`BREAKDOWN_COLUMNS`; ``n`` from ``score["n_<breakdown>"]`` (``None`` in older stores),
-    ``rel_accuracy`` against the ``none`` cell's accuracy on the same group."""
+    :data:`BREAKDOWN_COLUMNS` and ``ref`` (the cell is ``none``); ``n`` from ``score["n_<breakdown>"]``
+    (``None`` in older stores), ``rel_accuracy`` against the ``none`` cell's accuracy on the same group."""
     out = []
     refs = {(r.get("model"), r.get("benchmark")): r for r in _ok(rows) if _is_ref(r)}
     for r in _ok(rows):
@@ -382,7 +382,7 @@ def breakdowns(rows: Sequence[Mapping]) -> list[dict]:
                 racc = (ref.get(name) or {}).get(g)
                 out.append({"model": r.get("model"), "benchmark": r.get("benchmark"), "method": r.get("method"),
                             "budget": r.get("budget"), "breakdown": name, "group": g, "n": ns.get(g), "accuracy": acc,
-                            "rel_accuracy": acc / racc if racc else None, "_ref": _is_ref(r)})
+                            "rel_accuracy": acc / racc if racc else None, "ref": _is_ref(r)})
     return out
 
 
@@ -395,7 +395,7 @@ def _breakdown_md(rows: Sequence[Mapping], parts: Sequence[Mapping]) -> list[str
         groups = sorted({p["group"] for p in mine})
         cell: dict[tuple, dict] = defaultdict(dict)
         for p in mine:
-            cell[(p["method"], p["budget"], p["_ref"])][p["group"]] = p
+            cell[(p["method"], p["budget"], p["ref"])][p["group"]] = p
         what = name[3:].replace("_", " ")
         unit = "%" if scale == 100 else "points"
         md += [f"### {bench}: accuracy by {what}", "",
@@ -612,11 +612,7 @@ def make_report(results: str | os.PathLike, out_dir: str | os.PathLike,
         md += section
     if comparisons:
         paths["published"] = out / "published.csv"
-        with open(paths["published"], "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(PUBLISHED_COLUMNS)
-            for r in comparisons:
-                w.writerow(["" if r.get(c) is None else r.get(c) for c in PUBLISHED_COLUMNS])
+        _write_csv(comparisons, paths["published"], PUBLISHED_COLUMNS)
     for model in models:
         mrows = sorted([r for r in ok if r["model"] == model], key=lambda r: (str(r["benchmark"]),) + _sort_key(r))
         md += [f"## {model}", ""]

@@ -6,7 +6,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-
 from vtprune.eval.embedded import dinov2_from_onnx as D
 
 torch.set_num_threads(1)

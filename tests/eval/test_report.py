@@ -2,7 +2,7 @@
 import csv
 
 import pytest
-
+from vtprune.eval.labels import overlap_area
 from vtprune.eval.report import CSV_COLUMNS, load_rows, make_report, ranking
 from vtprune.eval.store import ResultsStore, cell_key
 
@@ -97,8 +97,6 @@ def test_report_missing_or_empty(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # The main job's report: x axis, n, labels, question types, clamped budgets, several models
-
-from vtprune.eval.labels import overlap_area  # noqa: E402
 
 TYPES = ("color", "count", "exists", "position", "shape", "size")
 # the embedded model's methods; stage-P methods share the LLM FLOPs of a budget, so their points stack
@@ -207,7 +205,6 @@ def test_label_placement_is_deterministic_and_counts_what_it_cannot_place():
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-
     from vtprune.eval.labels import place_labels
 
     def run(n):
