@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_sweep)
 
     p = sub.add_parser("report", help="tables and accuracy-vs-FLOPs plots of a results store",
-                       description="Writes results.md, results.csv and one accuracy-vs-FLOPs plot per model x "
-                                   "benchmark from a results store. When the sweep's config carries published "
+                       description="Writes results.md (per model: a table with n per cell, the ranking, accuracy "
+                                   "by question type), results.csv, by_type.csv and one accuracy-vs-FLOPs plot per "
+                                   "model x benchmark from a results store. When the sweep's config carries published "
                                    "numbers (a 'published' block, saved next to the store by the sweep, or "
                                    "--config), adds them beside the measured ones with the difference and a "
                                    "measured-vs-published plot.")
