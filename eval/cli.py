@@ -156,7 +156,7 @@ def _cmd_report(args) -> int:
     from vtprune.eval.report import make_report
 
     try:
-        paths = make_report(args.results, args.out, config=args.config)
+        paths = make_report(args.results, args.out, config=args.config, x=args.x)
     except (ValueError, FileNotFoundError) as exc:
         print(f"vtprune report: error: {exc}", file=sys.stderr)
         return 2
@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_sweep)
 
     p = sub.add_parser("report", help="tables and accuracy-vs-FLOPs plots of a results store",
-                       description="Writes results.md, results.csv and one accuracy-vs-FLOPs plot per model x "
-                                   "benchmark from a results store. When the sweep's config carries published "
+                       description="Writes results.md (per model: a table with n per cell, the ranking, accuracy "
+                                   "by question type), results.csv, by_type.csv and one accuracy-vs-FLOPs plot per "
+                                   "model x benchmark from a results store. When the sweep's config carries published "
                                    "numbers (a 'published' block, saved next to the store by the sweep, or "
                                    "--config), adds them beside the measured ones with the difference and a "
                                    "measured-vs-published plot.")
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None, help="a sweep config whose 'published' block to compare with (default: "
                                                   "the blocks the sweep saved next to RESULTS)")
+    p.add_argument("--x", choices=("llm", "total"), default="llm",
+                   help="x axis of the plots: llm = LLM prefill FLOPs as a fraction of the vanilla run (default, the "
+                        "papers' convention); total = total prefill TFLOPs per sample (vision + projector + LLM)")
     p.set_defaults(fn=_cmd_report)
     return parser
 

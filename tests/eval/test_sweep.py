@@ -134,6 +134,10 @@ def test_sweep_records(full_run, bench):
     for k in ("vision_tflops", "projector_tflops", "llm_prefill_tflops", "kv_mib"):
         assert none[k] == pytest.approx(nominal[k]), k
     assert r50["vision_tflops"] == none["vision_tflops"]  # stage P: the encoder ran in full
+    # per question type (the benchmark's `type`): accuracy and n; no budget exceeded 16 fixed tokens
+    assert none["score"]["n_by_type"] == {"color": 2, "shape": 2}
+    assert none["score"]["by_type"] == {"color": 1.0, "shape": 0.5}  # q3 (shape) is unanswerable
+    assert all(r["budget_clamped"] == 0 for r in records)
     # per-sample predictions with their schedule are in the store
     for cell in plan_cells(load_config(config_for(bench))):
         rows = ResultsStore(store).predictions(cell.key).records()
@@ -238,6 +242,29 @@ def test_report_of_a_real_sweep(full_run, tmp_path):
     md = (tmp_path / "rep" / "results.md").read_text()
     assert sum(1 for l in md.splitlines() if l.startswith("| embedded |")) == len(records)
     assert (tmp_path / "rep" / "pareto_tiny-llava__embedded.png").stat().st_size > 10_000
+
+
+def test_int_budget_above_an_images_tokens_is_recorded_as_clamped(tmp_path):
+    """Tiny Qwen2-VL: 56 px images give 4 visual tokens, 112 px ones 16; at keep=8 the small ones keep all
+    4 (clamped), the large ones 8; the record counts the clamped samples and the report shows them."""
+    root = tmp_path / "bench"
+    (root / "images").mkdir(parents=True)
+    with open(root / "benchmark.jsonl", "w") as f:
+        for i, img in enumerate(tiny_images(4, seed=1, sizes=[(56, 56), (112, 112), (56, 56), (112, 112)])):
+            img.save(root / "images" / f"{i}.png")
+            f.write(json.dumps({"id": f"q{i}", "image": f"images/{i}.png", "question": "what?", "answer": "x",
+                                "type": "color"}) + "\n")
+    cfg = config_for(root, models=[{"name": "tiny-qwen", "builtin": "tiny-qwen2_vl"}], methods=[], budgets=[8],
+                     max_new_tokens=1)
+    store = tmp_path / "store" / "results.jsonl"
+    none, rnd = run_sweep(cfg, store, progress=False)
+    assert (none["visual_tokens"], none["budget_clamped"]) == (10, 0)
+    assert (rnd["visual_tokens"], rnd["budget_clamped"]) == (6, 2)
+    rows = ResultsStore(store).predictions(plan_cells(load_config(cfg))[1].key).records()
+    assert [rows[f"q{i}"]["extra"]["budget_clamped"] for i in range(4)] == [True, False, True, False]
+    assert cli.main(["report", str(store), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "results.md").read_text()
+    assert "budget clamped |" in md and "| 2/4 |" in md
 
 
 # ----------------------------------------------------------------------------------------------------
