@@ -103,6 +103,19 @@ def bars(acc: dict) -> str:
     return "\n".join(rows)
 
 
+def grown(info: dict) -> str:
+    """The first stage of a model grown with ``train_embedded.py --init-from`` (empty otherwise)."""
+    s1 = info.get("stage1")
+    if not s1:
+        return ""
+    return (f"\n\nTwo stages. Stage 1 trained a {s1.get('text_layers', 4)}-layer Llama (width {s1['text_width']}) with the "
+            f"recipe above for {s1['steps']} steps (lr {s1['lr']}, features standardised and folded in; training "
+            f"{s1['train_wall_s']:.0f} s; validation {s1['history']}). Stage 2 (`--init-from`, the run described above) "
+            f"split each of its layers into {info['text_layers'] // s1.get('text_layers', 4)} consecutive layers, each "
+            "a copy whose attention-output and MLP-output projections are scaled by the inverse of that number (the "
+            "residual step taken in smaller steps), and trained all layers on. Both stages see full token sequences only.")
+
+
 def write_card(path: Path, info: dict, res: dict) -> None:
     acc = res["accuracy"]
     a = res["auroc_per_layer"]
@@ -149,7 +162,7 @@ clip {info['clip']}, batch {info['batch']}, {info['steps']} steps, bf16 autocast
 {info['train_wall_s']:.0f} s, tower features {info['feature_wall_s']:.0f} s (computed once, then cached under
 `assets/_cache/`; 2-core CPU shared with other jobs; torch {info['torch']}, Python {info['python']}).
 Validation during training (step, smoothed loss, keep-all accuracy, oracle accuracy at 16 tokens):
-{info['history']}.
+{info['history']}.{grown(info)}
 
 ## Scores on the held-out split
 {bars(acc)}

@@ -147,6 +147,35 @@ def quick_val(model, tok, scenes, feats, seed=123, batch=64, oracle_k=None):
     return float(np.mean(hits))
 
 
+@torch.no_grad()
+def grow_from(model, src_dir: Path, log=print) -> None:
+    """Initialise ``model`` (same widths, ``L`` LLM layers) from the shallower trained checkpoint in
+    ``src_dir`` (``L0`` layers, ``L0`` divides ``L``): projector, embeddings, final norm and LM head are
+    copied; source layer ``i`` becomes layers ``i*k .. i*k+k-1`` (``k = L / L0``), each a copy whose
+    attention-output and MLP-output projections are scaled by ``1/k``, so the ``k`` copies take the
+    source layer's residual step in ``k`` smaller steps (a function-approximating expansion; training
+    continues from there with every layer active)."""
+    import copy
+
+    src = LlavaForConditionalGeneration.from_pretrained(src_dir, dtype=torch.float32)
+    dst_lm, src_lm = model.model.language_model, src.model.language_model
+    L, L0 = len(dst_lm.layers), len(src_lm.layers)
+    if L % L0:
+        raise SystemExit(f"--init-from: the source has {L0} layers, which does not divide --layers {L}")
+    k = L // L0
+    model.model.multi_modal_projector.load_state_dict(src.model.multi_modal_projector.state_dict())
+    dst_lm.embed_tokens.load_state_dict(src_lm.embed_tokens.state_dict())
+    dst_lm.norm.load_state_dict(src_lm.norm.state_dict())
+    for j in range(L):
+        layer = copy.deepcopy(src_lm.layers[j // k])
+        layer.self_attn.o_proj.weight.mul_(1.0 / k)
+        layer.mlp.down_proj.weight.mul_(1.0 / k)
+        layer.self_attn.layer_idx = j
+        dst_lm.layers[j].load_state_dict(layer.state_dict())
+    model.tie_weights()
+    log(f"grown from {src_dir} ({L0} layers, each split into {k})")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "assets" / "embedded" / "model"))
@@ -166,6 +195,9 @@ def main(argv=None):
                     help="train on per-dimension standardised tower features; folded into linear_1 at the end")
     ap.add_argument("--aux-weight", type=float, default=0.3,
                     help="weight of the training-only per-patch naming loss (0 disables)")
+    ap.add_argument("--init-from", default=None,
+                    help="a checkpoint written by this script with L0 layers (L0 divides --layers): start from it, "
+                         "each of its layers split into --layers/L0 consecutive layers (see grow_from)")
     ap.add_argument("--layers", type=int, default=M.TEXT_KW["num_hidden_layers"], help="language-model layers")
     ap.add_argument("--heads", type=int, default=M.TEXT_KW["num_attention_heads"], help="attention heads (= KV heads)")
     ap.add_argument("--width", type=int, default=M.TEXT_KW["hidden_size"])
@@ -189,6 +221,9 @@ def main(argv=None):
     tc.num_attention_heads = tc.num_key_value_heads = args.heads
     tc.head_dim = args.width // args.heads
     model = LlavaForConditionalGeneration(cfg)
+    if args.init_from:
+        grow_from(model, Path(args.init_from), log)
+        args.standardize = 0  # the source's projector already has its standardisation folded in
     tower = build_dinov2()
     model.model.vision_tower.load_state_dict(tower.state_dict())
     del tower
@@ -290,6 +325,8 @@ def main(argv=None):
         "bf16_autocast": bool(args.bf16), "seed": args.seed, "data_seed": args.data_seed, "val_seed": args.val_seed,
         "aux_weight": args.aux_weight, "token_dropping": False, "text_width": args.width, "text_ffn": args.ffn,
         "text_layers": args.layers, "text_heads": args.heads,
+        "stage1": (json.loads((Path(args.init_from) / "training_info.json").read_text())
+                   if args.init_from else None),
         "standardize": bool(args.standardize), "n_train_images": args.n_train, "n_val_images": args.n_val, "vision_feature_layer": args.layer,
         "trainable_parameters": n_trainable, "train_wall_s": round(train_wall, 1),
         "feature_wall_s": round(t_feat_tr + t_feat_va, 1), "history": history, "save_dtype": args.save_dtype,
