@@ -15,7 +15,8 @@ patch's own hooks (``time.perf_counter``; on CUDA each timestamp is preceded by
 * ``signal_ms``: the rest of the adapter's encode (``Patch.stats.vision_ms - vision_ms``): recomputed
   ViT attention rows for signals, stage-V merging between encoder layers, bookkeeping.
 * ``llm_hooks_ms``: time spent inside vtprune's decoder-layer hooks at prefill (stage-D scoring and
-  gathering, TransPrune's attention/MLP reductions; per-layer token bookkeeping for every method).
+  gathering, TransPrune's attention/MLP reductions; per-layer token bookkeeping for every method)
+  plus ``Patch.stats.tap_ms``, the signals computed inside the layers' own (tapped) attention calls.
   Part of ``prefill_ms``.
 * ``overhead_ms`` = ``select_ms + signal_ms + llm_hooks_ms``: the method's own work (selection
   overhead).
@@ -543,8 +544,8 @@ def profile(
                 "vision_ms": vis,
                 "select_ms": float(stats.select_ms),
                 "signal_ms": signal,
-                "llm_hooks_ms": timer.hooks_ms,
-                "overhead_ms": float(stats.select_ms) + signal + timer.hooks_ms,
+                "llm_hooks_ms": timer.hooks_ms + float(stats.tap_ms),
+                "overhead_ms": float(stats.select_ms) + signal + timer.hooks_ms + float(stats.tap_ms),
                 "prefill_ms": timer.prefill_ms,
                 "ttft_ms": timer.fwd[0] if timer.fwd else float("nan"),
                 "decode_ms_per_token": sum(decode) / len(decode) if decode else float("nan"),

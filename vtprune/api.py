@@ -52,6 +52,8 @@ class PatchStats:
             tokens (dynamic-resolution models), so the image kept all of them.
         decoder_budget_clamped: per sample, True when an int stage-D budget exceeded its visual tokens.
         modality_per_image: per item, ``"image"`` or ``"video"``.
+        tap_ms: wall time of the decoder signals computed inside the layers' own (tapped) attention
+            calls at prefill; part of the LLM prefill time, reported so that it counts as overhead.
     """
 
     schedules: list[TokenSchedule] = field(default_factory=list)
@@ -65,6 +67,7 @@ class PatchStats:
     budget_clamped: list[bool] = field(default_factory=list)
     decoder_budget_clamped: list[bool] = field(default_factory=list)
     modality_per_image: list[str] = field(default_factory=list)
+    tap_ms: float = 0.0
 
     @property
     def llm_tokens_per_layer(self) -> list[list[int]]:
@@ -442,6 +445,9 @@ class Patch:
 
     def _finish_stats(self) -> None:
         st = self._state
+        if self._decoder is not None:
+            self._decoder.flush()
+        self.stats.tap_ms = st.decoder.tap_ms
         dec, acc = st.decoder, st.accounting
         counts = dec.layer_counts
         b = st.prefill.mask.shape[0]

@@ -82,3 +82,30 @@ def received_attention(probs: Tensor, reduce_queries: str = "mean") -> Tensor:
     """
     head_mean = probs.mean(dim=1)
     return head_mean.mean(dim=1) if reduce_queries == "mean" else head_mean.sum(dim=1)
+
+
+def received_from_lse(q: Tensor, k: Tensor, scaling: float, lse: Tensor, reduce_queries: str = "mean",
+                      chunk_heads: int = 4) -> Tensor:
+    """:func:`received_attention` of all query rows, given each row's softmax normaliser.
+
+    ``p_ij = exp(q_i.k_j * scaling - lse_i)``, summed over rows and heads in place (one fp32 GEMM with
+    the bias folded in, one ``exp``; no max, normalise or probability tensor).
+
+    Args:
+        q: (B, H, R, hd); k: (B, Hkv, N, hd); lse: (B, H, R) fp32 ``logsumexp`` of each row's logits
+            (as the attention kernel computed it).
+    Returns:
+        (B, N) fp32: head mean, then mean (or sum) over the R rows.
+    """
+    b, h, r, d = q.shape
+    k = repeat_kv(k, h // k.shape[1])
+    n = k.shape[2]
+    acc = torch.zeros((b, n), dtype=torch.float32, device=q.device)
+    for s in range(0, h, chunk_heads):
+        e = min(s + chunk_heads, h)
+        qs = q[:, s:e].float().reshape(-1, r, d)
+        ks = k[:, s:e].float().reshape(-1, n, d)
+        logits = torch.baddbmm(-lse[:, s:e].float().reshape(-1, r, 1), qs, ks.transpose(1, 2), alpha=scaling)
+        acc += logits.exp_().view(b, e - s, r, n).sum(dim=(1, 2))
+    acc /= h
+    return acc / r if reduce_queries == "mean" else acc

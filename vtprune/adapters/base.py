@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .tap import can_tap, tap
 from ..attention import attention_probs
 from ..policy import Context, ImageTokens, VisionPolicy
 
@@ -234,6 +235,14 @@ class Adapter:
     def token_mixer(self, layer: int) -> nn.Module:
         """The module of decoder layer ``layer`` that mixes tokens (``attn_io`` signals hook it)."""
         return self.llm_layers()[layer].self_attn
+
+    def tap_llm_attention(self, layer: int, callback):
+        """Tap decoder layer ``layer``'s attention (:mod:`vtprune.adapters.tap`): ``callback(module, q,
+        k, lse)`` after each call with q (B, H, L, hd) and k (B, Hkv, L, hd) as the layer computed them
+        (norms and rotary applied); a removable handle, or None when the layer's token mixer does not
+        dispatch through transformers' attention interface (a Gated DeltaNet layer)."""
+        mod = getattr(self.llm_layers()[layer], "self_attn", None)
+        return tap(mod, callback) if mod is not None and can_tap(mod) else None
 
     # ---------------------------------------------------------------- LLM attention rows
     def rotary(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:

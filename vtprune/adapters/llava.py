@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..policy import ImageTokens, ViTInfo
 from ..signals import VIT_SIGNALS, ViTLayer, parse_signal
 from .base import Adapter, Encoded, vit_layer_parts, vit_qk
+from .tap import can_tap, tap
 
 # Not a tensor: the signal ``"projector"`` is a callable mapping vision hidden states (..., C) to LLM
 # features (..., D) with the model's own ``multi_modal_projector`` (VisionZip projects merged and CLS
@@ -91,8 +92,12 @@ class LlavaAdapter(Adapter):
         vit = self.vit_layers()
         for l in layers:
             handles.append(vit[l].register_forward_pre_hook(lambda m, a, l=l: got.__setitem__(("in", l), a[0])))
-            # the layer's own q/k projections, reused by the signals instead of recomputed
+            # the layer's own q/k (and, under the CPU flash kernel, its rows' logsumexp), reused by the signals
             _, attn, _, _ = vit_layer_parts(vit[l])
+            if can_tap(attn):
+                handles.append(tap(attn, lambda m, q, k, lse, l=l: got.update({("q", l): q, ("k", l): k, ("lse", l): lse}),
+                                   want_lse=True))
+                continue
             for kind in ("q", "k"):
                 proj = getattr(attn, f"{kind}_proj")
                 handles.append(proj.register_forward_hook(
@@ -141,6 +146,8 @@ class LlavaAdapter(Adapter):
         if ("q", idx) in got and ("k", idx) in got:
             _, _, heads, scale = vit_layer_parts(layer)
             q, k = got[("q", idx)], got[("k", idx)]
+            if q.dim() == 4:  # from the tap: (V, H, N, hd) already
+                return q, k, scale
             v, n, _ = q.shape
             return q.view(v, n, heads, -1).transpose(1, 2), k.view(v, n, heads, -1).transpose(1, 2), scale
         return vit_qk(layer, got[("in", idx)])
@@ -156,7 +163,7 @@ class LlavaAdapter(Adapter):
             kind, layer = parse_signal(name)
             layer = self.resolve_vit_layer(layer)
             view = ViTLayer(index=layer, output=got.get(("out", layer)),
-                            qk=lambda l=layer: self._layer_qk(vit[l], l, got))
+                            qk=lambda l=layer: self._layer_qk(vit[l], l, got), lse=got.get(("lse", layer)))
             out[name] = VIT_SIGNALS[kind].fn(view)
         return out
 
