@@ -85,7 +85,7 @@ def received_attention(probs: Tensor, reduce_queries: str = "mean") -> Tensor:
 
 
 def received_from_lse(q: Tensor, k: Tensor, scaling: float, lse: Tensor, reduce_queries: str = "mean",
-                      chunk_heads: int = 4) -> Tensor:
+                      chunk_heads: int = 1) -> Tensor:
     """:func:`received_attention` of all query rows, given each row's softmax normaliser.
 
     ``p_ij = exp(q_i.k_j * scaling - lse_i)``, summed over rows and heads in place (one fp32 GEMM with
