@@ -5,8 +5,8 @@
 
 One *run* is one greedy ``model.generate(**inputs, max_new_tokens=T, min_new_tokens=T)`` with
 ``use_cache=True`` under one method's patch. Phases are timed by forward hooks installed around the
-patch's own hooks (``time.perf_counter``; on CUDA each timestamp is preceded by
-``torch.cuda.synchronize()``):
+patch's own hooks (:class:`eval.timing.Clock`: ``time.perf_counter`` on CPU; on CUDA a recorded
+``torch.cuda.Event``, synchronised, read with ``elapsed_time``):
 
 * ``vision_ms``: the vision tower's forward (or, for stage-V policies that run the encoder layer by
   layer, its embeddings + encoder layers) + the first projector call after it, i.e. what the unpruned
@@ -47,6 +47,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from .timing import Clock
 
 __all__ = ["PhaseStats", "ProfileResult", "profile", "PHASES", "build_llava_shape", "SHAPES"]
 
@@ -263,6 +265,7 @@ class _Timer:
     def __init__(self, model: nn.Module, cuda: bool):
         self.model = model
         self.cuda = cuda
+        self.clock = Clock(next(model.parameters()).device if cuda else "cpu")
         inner = getattr(model, "model", model)
         self.lm = _get(inner, "language_model")
         self.tower = _get(inner, "vision_tower") or _get(inner, "visual")
@@ -288,9 +291,8 @@ class _Timer:
         self._t: dict[str, float] = {}
 
     def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+        """Seconds on the run's :class:`~eval.timing.Clock` (CUDA events, synchronised, on CUDA)."""
+        return self.clock.now() / 1e3
 
     @property
     def in_prefill(self) -> bool:
@@ -592,7 +594,7 @@ def profile(
         "decoding": "greedy, min_new_tokens = max_new_tokens",
         "memory": CUDA_MEM_LABEL if cuda else CPU_MEM_LABEL,
         "interleaving": "round-robin over methods in each round, start rotated by one per round",
-        "timer": "time.perf_counter in forward hooks" + (" after torch.cuda.synchronize()" if cuda else ""),
+        "timer": "forward hooks, " + ("torch.cuda.Event timestamps (synchronised)" if cuda else "time.perf_counter"),
     }
     return ProfileResult(methods=labels, phases=phases, flops=flops, tokens=tokens, order=order,
                          environment=env, settings=settings, skipped=skipped)

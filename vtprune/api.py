@@ -34,6 +34,13 @@ def _no_pre_encoding() -> bool:
     return False
 
 
+def _now(like: Tensor) -> float:
+    """``time.perf_counter()``, after the queued GPU work when ``like`` lives on CUDA."""
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
+
+
 @dataclass
 class PatchStats:
     """Stats of the last request. ``schedules`` has one :class:`TokenSchedule` per sample.
@@ -216,14 +223,14 @@ class Patch:
         ad = self.adapter
         pos_full = ad.full_positions(kwargs, ids, mask_in)
         ctx = self._request_context(ids, mask)
-        t0 = time.perf_counter()
+        t0 = _now(ids)
         vision_signals = {k: v for k, v in self._signals.items() if k not in TEXT_SIGNALS}
         images, vision_sched = ad.encode(kwargs, vision_signals, self.vision_policies, ctx)
-        t1 = time.perf_counter()
+        t1 = _now(ids)
         spans = self._image_spans(ids, mask, images)
         self._attach_text_signals(images, spans, ids, mask)
         sel = self._select(images, spans, ids.shape[0], ctx)
-        t2 = time.perf_counter()
+        t2 = _now(ids)
         packed = self._pack(ids, mask, sel.kept_cols)
         new_ids = packed.gather(ids, self._pad_id(ids, mask))
         new_mask = packed.valid.to(mask.dtype)
