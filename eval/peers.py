@@ -213,10 +213,13 @@ def _map_selection(name: str, run: Run, inputs, model) -> list[torch.Tensor] | N
 
 def verify_kept(model, inputs, spec: str, *, seed: int = 0) -> dict[str, Any]:
     """Kept tokens of vtprune (SDPA) vs the peer (eager, maps kept) and, for HiPrune / FastV, vs the
-    selection recomputed from the peer's returned maps. ``{"equal": bool, "checks": [...]}``."""
-    name = _method(spec)
+    selection recomputed from the peer's returned maps. ``{"equal": bool, "checks": [(what, ok)]}``."""
     ours = peer_run(model, inputs, spec, peer=False, seed=seed)
     peer = peer_run(model, inputs, spec, peer=True, seed=seed, keep_maps=True)
+    return _checks(_method(spec), ours, peer, inputs, model)
+
+
+def _checks(name: str, ours: Run, peer: Run, inputs, model) -> dict[str, Any]:
     checks = []
     same = len(ours.kept) == len(peer.kept) and all(torch.equal(a, b) for a, b in zip(ours.kept, peer.kept))
     if ours.llm_kept is not None or peer.llm_kept is not None:
@@ -234,28 +237,44 @@ def verify_kept(model, inputs, spec: str, *, seed: int = 0) -> dict[str, Any]:
                 row = row[row >= 0]
                 ok &= torch.equal(row[vis[b, row]], cols)
         checks.append(("vtprune SDPA == kernel on the peer's returned maps", ok))
-    del peer
     return {"equal": all(ok for _, ok in checks), "checks": checks}
 
 
-def run_pairs(model, inputs, specs: list[str], *, rounds: int = 2, warmup: int = 1, seed: int = 0,
-              progress=None) -> dict[str, dict[str, Any]]:
+def run_pairs(model, inputs, specs: list[str], *, rounds: int = 2, warmup: int = 0, seed: int = 0,
+              progress=None, skipped: dict | None = None) -> dict[str, dict[str, Any]]:
     """Side-by-side timings: per spec, interleaved rounds of (vtprune, peer) with the order alternated;
-    medians of TTFT, LLM prefill and peak memory, and the per-round paired ratios peer / vtprune."""
+    medians of TTFT, LLM prefill and peak memory, and the per-round paired ratios peer / vtprune. The
+    first round's two runs also verify the kept tokens (:func:`verify_kept`). With a ``skipped`` dict,
+    a spec that raises ``ValueError`` (the method refuses this model or budget) is recorded there."""
     out: dict[str, dict[str, Any]] = {}
     for spec in specs:
-        v = verify_kept(model, inputs, spec, seed=seed)
-        rec = {"kept_equal": v["equal"], "checks": v["checks"], "vtprune": [], "peer": []}
-        for r in range(warmup + rounds):
-            order = (False, True) if r % 2 == 0 else (True, False)
-            runs = {p: peer_run(model, inputs, spec, peer=p, seed=seed) for p in order}
-            if r >= warmup:
-                rec["vtprune"].append(runs[False])
-                rec["peer"].append(runs[True])
-            if progress is not None:
-                progress(f"{spec} round {r}: ttft vtprune {runs[False].ttft_ms:.0f} ms, peer {runs[True].ttft_ms:.0f} ms")
-        out[spec] = _summary(rec)
+        if skipped is None:
+            out[spec] = _pair(model, inputs, spec, rounds, warmup, seed, progress)
+            continue
+        try:
+            out[spec] = _pair(model, inputs, spec, rounds, warmup, seed, progress)
+        except ValueError as e:
+            skipped[spec] = str(e)
     return out
+
+
+def _pair(model, inputs, spec, rounds, warmup, seed, progress) -> dict[str, Any]:
+    name = _method(spec)
+    rec = {"vtprune": [], "peer": []}
+    for r in range(warmup + rounds):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        runs = {p: peer_run(model, inputs, spec, peer=p, seed=seed, keep_maps=p and r == 0) for p in order}
+        if r == 0:
+            v = _checks(name, runs[False], runs[True], inputs, model)
+            rec["kept_equal"], rec["checks"] = v["equal"], v["checks"]
+            runs[True].maps = []
+        if r >= warmup:
+            rec["vtprune"].append(runs[False])
+            rec["peer"].append(runs[True])
+        if progress is not None:
+            progress(f"{spec} round {r}: TTFT vtprune {runs[False].ttft_ms:.0f} ms, peer {runs[True].ttft_ms:.0f} ms; "
+                     f"peak vtprune {runs[False].peak_mib:.0f} MiB, peer {runs[True].peak_mib:.0f} MiB")
+    return _summary(rec)
 
 
 def _median(xs):
