@@ -10,14 +10,16 @@ from vtprune.eval.peers import (PeakMemory, build_llava_next_shape, next_batch_i
                                 run_pairs, verify_kept)
 from vtprune.eval.profile import build_llava_shape, llava_inputs
 
+from helpers import DEVICE
+
 SPECS = ["hiprune:keep=64", "visionzip:keep=64", "fastv:layer=2,keep=64", "pitome:keep=192",
          "transprune:prune_layers=1|2|3,keep_ratios=0.75|0.5|0.25"]
 
 
 @pytest.fixture(scope="module")
 def llava():
-    model, proc = build_llava_shape("tiny")
-    return model, llava_inputs(proc, "What is here?")
+    model, proc = build_llava_shape("tiny", device=DEVICE)
+    return model, llava_inputs(proc, "What is here?").to(DEVICE)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -59,14 +61,14 @@ def test_run_pairs_reports_paired_ratios(llava):
 
 
 def test_peak_memory_sees_a_transient_allocation():
-    with PeakMemory("cpu") as m:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    with PeakMemory(DEVICE) as m:
+        x = torch.ones(64 * 2**20 // 4, device=DEVICE)  # 64 MiB, touched
         del x
     assert m.mib >= 48
 
 
 def test_next_batch_peer_keeps_vtprunes_tokens():
-    model, proc = build_llava_next_shape(tiny=True)
+    model, proc = build_llava_next_shape(tiny=True, device=DEVICE)
     inp = next_batch_inputs(model, proc, 3)
     assert inp["pixel_values"].shape[:2] == (3, 5)  # base view + 2 x 2 tiles
     assert verify_kept(model, inp, "hiprune:keep=32")["equal"]
