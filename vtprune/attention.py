@@ -2,8 +2,10 @@
 
 Methods need a few attention rows (FastV: the last prompt token of one decoder layer; VisionZip: the
 CLS row of one ViT layer; HiPrune: the attention each patch receives). Under SDPA/FlashAttention the
-model returns no attention maps, so vtprune recomputes exactly those rows from the layer's own
-projections, in fp32, and the model keeps its fast attention. The model-specific part (which norm,
+model returns no attention maps, so vtprune computes exactly those rows from the layer's own q/k (taken
+from its attention call, ``adapters/tap.py``, or recomputed), in fp32, and the model keeps its fast
+attention. Column sums over all rows (:func:`received_from_lse`) use the rows' logsumexp when the
+attention kernel returned it: no max / normalise pass and no probability tensor. The model-specific part (which norm,
 which projections, which rotary function) lives in the adapters; this module is the shared maths.
 """
 from __future__ import annotations

@@ -38,7 +38,11 @@ layer itself, the kind's own timing below holds). Aligned kinds
 are stored in LLM-input coordinates and gathered at each token's LLM-input index when a policy
 selects, so the view always gets the values of its own tokens.
 Signals are computed in the layer's pre-hook before its own pruning, except the ``after_prune`` kinds
-(``policy_rows``), computed on the sequence the layer runs on. The budget of a sample is
+(``policy_rows``), computed on the sequence the layer runs on. Attention kinds whose layer then runs on
+that very sequence (no prune there, or ``after_prune``) are deferred to the layer's attention tap
+(``Adapter.tap_llm_attention``): they read the q/k the layer computes instead of a second input norm,
+projection and rotary pass (time in ``Patch.stats.tap_ms``); anything a tap did not take is computed
+from the layer input before the next layer (``flush``). The budget of a sample is
 ``DecoderPolicy.budget_view(view, layer)``.
 
 Recycled tokens. ``select`` may return a :class:`~vtprune.policy.DecoderSelection`: besides the kept

@@ -26,8 +26,10 @@ transformers' ``AttentionInterface``): a new kind is one decorated function, not
   calls ``fn(text: SampleText)`` once per sample and puts the :class:`TextTokens` into
   ``ImageTokens.signals`` of every image of that sample. Adapters never see these names.
 
-Every attention value is recomputed from the layer's own norm and q/k projections in fp32, so the
-model keeps SDPA (``vtprune/attention.py``).
+Every attention value is computed in fp32 from the layer's own q/k, so the model keeps SDPA
+(``vtprune/attention.py``): taken from the layer's own attention call through an attention tap
+(``vtprune/adapters/tap.py``) where the layer computes that very attention, recomputed from its norm
+and projections otherwise (rows read before a prune at the same layer; untappable modules).
 """
 from __future__ import annotations
 

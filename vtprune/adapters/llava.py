@@ -2,8 +2,9 @@
 
 Vision towers: CLIP, SigLIP and DINOv2 (any plain ViT whose layers have a first norm and q/k
 projections). Features come from HF's own ``get_image_features`` (so keep-all is bit-identical);
-vision signals are recomputed from the inputs of the requested encoder layers, captured with
-temporary forward pre-hooks. LLaVA-NeXT's native layout (base view, unpadded crop grid, one
+vision signals read the requested encoder layers' own q/k (and, under SDPA on CPU, the flash
+kernel's row logsumexp) through temporary attention taps (``adapters/tap.py``); a tower that cannot be
+tapped has its q/k projections' outputs captured by forward hooks instead. LLaVA-NeXT's native layout (base view, unpadded crop grid, one
 ``image_newline`` per row) is recovered by running HF's own ``pack_image_features`` on index
 features, so the adapter never re-implements the unpadding geometry.
 
