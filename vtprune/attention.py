@@ -48,8 +48,7 @@ def attention_probs(
         (B, H, R, N) fp32 probabilities; each row sums to 1 over its visible keys.
     """
     b, h, r, _ = q.shape
-    k = repeat_kv(k, h // k.shape[1]).float()
-    q = q.float()
+    k = repeat_kv(k, h // k.shape[1])  # converted to fp32 a chunk of heads at a time (small buffers)
     n = k.shape[2]
     mask = None
     if key_mask is not None:
@@ -65,7 +64,7 @@ def attention_probs(
     step = chunk_heads or h
     out = []
     for s in range(0, h, step):
-        logits = torch.matmul(q[:, s : s + step], k[:, s : s + step].transpose(-1, -2)) * scaling
+        logits = torch.matmul(q[:, s : s + step].float(), k[:, s : s + step].float().transpose(-1, -2)) * scaling
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         out.append(torch.softmax(logits, dim=-1))

@@ -521,7 +521,7 @@ def _rows_from(q: Tensor, k: Tensor, scaling: float, rows: Tensor, key_mask: Ten
     """(B, H, R, L) fp32 causal + padding-masked probabilities of query rows ``rows`` (B, R) from a
     layer's own q (B, H, L, hd) and k (B, Hkv, L, hd)."""
     qr = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-    return attention_probs(qr, k, scaling, key_mask=key_mask, query_index=rows)
+    return attention_probs(qr, k, scaling, key_mask=key_mask, query_index=rows, chunk_heads=4)
 
 
 def _recycled(name: str, sel: DecoderSelection, dropped: Tensor, rows: Tensor) -> list:

@@ -290,7 +290,7 @@ class Adapter:
         rot = self.rotary_fn(layer)
         q, _ = rot(q, q, cos_r, sin_r)
         k, _ = rot(k, k, cos, sin)
-        return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows)
+        return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows, chunk_heads=4)
 
     def llm_keys(self, layer_idx: int, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
         """(B, Hkv, L, hd) keys of decoder layer ``layer_idx`` as its KV cache stores them.
