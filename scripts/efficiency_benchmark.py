@@ -226,7 +226,7 @@ def measure(args) -> dict:
         nxt, nproc = build_llava_next_shape(llm_layers=2, tiny=shape == "tiny", device=device)
         ninp = next_batch_inputs(nxt, nproc, args.next_batch)
         v = tuple(ninp["pixel_values"].shape[:2])
-        next_specs = NEXT_SPECS if shape != "tiny" else ["hiprune:keep=32", "fastv:layer=1,keep=32"]
+        next_specs = args.next_methods if shape != "tiny" else ["hiprune:keep=32", "fastv:layer=1,keep=32"]
         print(f"# LLaVA-NeXT batch: {v[0]} requests x {v[1]} views (CLIP ViT-L/14-336 tower, 2-layer 2048-wide LLM), "
               f"{next_specs}, {args.next_rounds} paired round(s)", flush=True)
         skipped = {}
@@ -416,6 +416,7 @@ def main(argv=None) -> int:
     ap.add_argument("--next-batch", type=int, default=8, help="LLaVA-NeXT requests (5 views each) for the peer "
                     "memory comparison; 0 skips it")
     ap.add_argument("--next-rounds", type=int, default=1, help="paired rounds of the NeXT batch")
+    ap.add_argument("--next-methods", nargs="+", default=NEXT_SPECS, help=f"methods of the NeXT batch (default {NEXT_SPECS})")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every run")
     args = ap.parse_args(argv)
 
