@@ -18,15 +18,16 @@ authors' regime, so the two differ only in how attention is computed and kept:
 and FastV it also recomputes the selection from the peer's *returned maps* with the method's kernels
 (the functions the golden fixtures hold against the authors' code). :func:`run_pairs` times both side
 by side (interleaved rounds): TTFT (vision + selection + LLM prefill + head) and LLM prefill on an
-:class:`~eval.timing.Clock`, and peak memory (CUDA: ``max_memory_allocated``; CPU: the process's
-resident set sampled every millisecond, minus its value before the run).
+:class:`~eval.timing.Clock`, and peak memory (CUDA: ``max_memory_allocated``; CPU: the bytes the C
+allocator has in use, sampled every millisecond, minus their value before the run).
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -41,19 +42,48 @@ __all__ = ["PEER_STAGE", "PeakMemory", "reference_style", "peer_run", "verify_ke
 PEER_STAGE = {"hiprune": "tower", "visionzip": "tower", "pitome": "tower", "fastv": "llm", "transprune": "llm"}
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use() -> Callable[[], int] | None:
+    """Bytes the C allocator has handed out and not taken back (glibc ``mallinfo2``: ``uordblks`` over all
+    arenas + ``hblkhd`` mmapped blocks); None without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def read() -> int:
+        m = fn()
+        return m.uordblks + m.hblkhd
+    return read
+
+
 class PeakMemory:
-    """Peak memory of the block, MiB above its start: CUDA ``max_memory_allocated``; CPU the resident
-    set (``/proc/self/statm``) sampled every ``interval`` s by a thread (torch ops release the GIL)."""
+    """Peak memory of the block, MiB above its start. CUDA: ``max_memory_allocated``. CPU: the bytes the
+    C allocator has in use (glibc ``mallinfo2``; the resident set where glibc is missing), sampled every
+    ``interval`` s by a thread (torch ops release the GIL). Unlike the resident set, this falls when
+    tensors are freed, so each run is measured alone even after a bigger one. ``kind`` names the measure."""
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 0.001):
         self.device = torch.device(device)
         self.interval = interval
         self.mib = 0.0
+        self._read = _malloc_in_use() if self.device.type != "cuda" else None
+        self.kind = ("cuda max_memory_allocated" if self.device.type == "cuda" else
+                     "malloc in use (mallinfo2), sampled" if self._read else "resident set, sampled")
 
     @staticmethod
     def _rss() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096
+
+    def _now(self) -> int:
+        return self._read() if self._read is not None else self._rss()
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -61,13 +91,13 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
-        self._base = self._rss()
+        self._base = self._now()
         self._peak = self._base
         self._stop = threading.Event()
 
         def sample():
             while not self._stop.is_set():
-                self._peak = max(self._peak, self._rss())
+                self._peak = max(self._peak, self._now())
                 self._stop.wait(self.interval)
 
         self._thread = threading.Thread(target=sample, daemon=True)
@@ -81,7 +111,7 @@ class PeakMemory:
             return False
         self._stop.set()
         self._thread.join()
-        self._peak = max(self._peak, self._rss())
+        self._peak = max(self._peak, self._now())
         self.mib = (self._peak - self._base) / 2**20
         return False
 

@@ -162,8 +162,6 @@ def _spec_info(spec: str) -> tuple[str, int | None, str]:
 
 
 def measure(args) -> dict:
-    import vtprune
-    from vtprune.eval.peers import build_llava_next_shape, next_batch_inputs, run_pairs
     from vtprune.eval.profile import build_llava_shape, llava_inputs, profile
 
     torch.set_num_threads(args.threads)
@@ -181,6 +179,9 @@ def measure(args) -> dict:
     t_start = time.time()
     model, proc = build_llava_shape(shape, device=device)
     inputs = llava_inputs(proc, QUESTION, system=SYSTEM).to(device)
+    if args.peers_only:
+        data = {"shape": shape, "notes": [], "command": " ".join(sys.argv), "loadavg": [_loadavg_line()]}
+        return _peers(args, data, model, inputs, shape, device, gpu, t_start)
     n_params = sum(p.numel() for p in model.parameters())
     n_prompt = inputs["input_ids"].shape[1]
     n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -209,6 +210,16 @@ def measure(args) -> dict:
         notes.append(f"{spec}: failed in the generate pass ({err}), skipped")
     data = {"shape": shape, "notes": notes, "prefill_pass": pre.to_dict(), "generate_pass": gen.to_dict(),
             "command": " ".join(sys.argv), "loadavg": [_loadavg_line()]}
+    return _peers(args, data, model, inputs, shape, device, gpu, t_start)
+
+
+def _peers(args, data, model, inputs, shape, device, gpu, t_start) -> dict:
+    """The peer columns (one request at ``shape``) and the LLaVA-NeXT batch, added to ``data``."""
+    import vtprune
+    from vtprune.eval.peers import PeakMemory, build_llava_next_shape, next_batch_inputs, run_pairs
+
+    notes = data["notes"]
+    data["memory"] = PeakMemory(device).kind
     if not args.no_peers:
         peer_rounds = args.peer_rounds or (5 if gpu else 2)
         specs = [s for s in PEER_SPECS if s.split(":")[0] in vtprune.methods()]
@@ -252,8 +263,44 @@ def _write(path: str, data: dict) -> None:
         json.dump(data, f, indent=1, default=str)
 
 
+def _print_peers(data: dict, verdicts: list) -> None:
+    """The peer tables (vtprune vs reference-style) and their kept-tokens verdicts."""
+    for key, title in (("peers", f"Peers on the {data.get('shape', '?')} shape (one request)"),
+                       ("next_peers", "Peers on the LLaVA-NeXT batch (%s requests x %s views)" % tuple(
+                           data.get("next_batch", ["?", "?"])))):
+        if data.get(key):
+            print()
+            print(f"{title}: vtprune (SDPA, attention rows from the layers' own q/k) vs reference-style (eager, "
+                  "every attention map kept: output_attentions)")
+            print()
+            print("| method | kept tokens equal | TTFT ms vtprune | TTFT ms peer | TTFT peer / vtprune | LLM prefill ms "
+                  "vtprune | LLM prefill ms peer | prefill peer / vtprune | peak MiB vtprune | peak MiB peer | "
+                  "peak peer / vtprune |")
+            print("|" + "---|" * 11)
+            for spec, r in data[key].items():
+                mem_ratio = r["peer_peak_mib"] / r["vtprune_peak_mib"] if r["vtprune_peak_mib"] >= 1 else float("nan")
+                print(f"| {spec} | {'yes' if r['kept_equal'] else 'NO'} ({'; '.join(c for c, ok in r['checks'] if ok)}) | "
+                      f"{r['vtprune_ttft_ms']:.0f} | {r['peer_ttft_ms']:.0f} | {r['ttft_ms_ratio']:.3f} | "
+                      f"{r['vtprune_prefill_ms']:.0f} | {r['peer_prefill_ms']:.0f} | {r['prefill_ms_ratio']:.3f} | "
+                      f"{r['vtprune_peak_mib']:.0f} | {r['peer_peak_mib']:.0f} | {_fmt(mem_ratio, '{:.1f}')} |")
+            bad = [s for s, r in data[key].items() if not r["kept_equal"]]
+            verdicts.append((f"peers keep the same tokens ({key})", not bad, ", ".join(bad) or "all equal"))
+    if data.get("memory"):
+        print(f"peak memory: {data['memory']}, MiB above the run's start (median over rounds)")
+
+
 def report(data: dict) -> dict:
     """Derived rows, fit and verdicts from the two passes (ProfileResult dicts); prints the tables."""
+    if "prefill_pass" not in data:  # --peers-only
+        verdicts: list = []
+        _print_peers(data, verdicts)
+        print()
+        for name, ok, detail in verdicts:
+            print(f"TARGET {name}: {'PASS' if ok else 'FAIL'} -- {detail}")
+        for n in data["notes"]:
+            print(f"NOTE {n}")
+        print(f"# the CPU is shared with other jobs; /proc/loadavg: {' | '.join(data.get('loadavg', []))}")
+        return {"verdicts": [{"target": n, "pass": ok, "detail": d} for n, ok, d in verdicts]}
     pre, gen, notes = data["prefill_pass"], data["generate_pass"], list(data["notes"])
     new_tokens = gen["settings"]["new_tokens"]
     f0 = pre["flops"]["none"]["llm_prefill_tflops"]
@@ -356,26 +403,7 @@ def report(data: dict) -> dict:
                            + " of none; medians " + " > ".join(_fmt(x, "{:.0f}") for x in ms) + " ms)")
     verdicts.append((f"generate({new_tokens}) time falls monotonically with the budget (none > 192 > 128 > 64)",
                      mono_ok, "; ".join(mono_detail)))
-    for key, title in (("peers", f"Peers on the {data.get('shape', '?')} shape (one request)"),
-                       ("next_peers", "Peers on the LLaVA-NeXT batch (%s requests x %s views)" % tuple(
-                           data.get("next_batch", ["?", "?"])))):
-        if data.get(key):
-            print()
-            print(f"{title}: vtprune (SDPA, attention rows from the layers' own q/k) vs reference-style (eager, "
-                  "every attention map kept: output_attentions)")
-            print()
-            print("| method | kept tokens equal | TTFT ms vtprune | TTFT ms peer | TTFT peer / vtprune | LLM prefill ms "
-                  "vtprune | LLM prefill ms peer | prefill peer / vtprune | peak MiB vtprune | peak MiB peer | "
-                  "peak peer / vtprune |")
-            print("|" + "---|" * 11)
-            for spec, r in data[key].items():
-                mem_ratio = r["peer_peak_mib"] / r["vtprune_peak_mib"] if r["vtprune_peak_mib"] > 0 else float("nan")
-                print(f"| {spec} | {'yes' if r['kept_equal'] else 'NO'} ({'; '.join(c for c, ok in r['checks'] if ok)}) | "
-                      f"{r['vtprune_ttft_ms']:.0f} | {r['peer_ttft_ms']:.0f} | {r['ttft_ms_ratio']:.3f} | "
-                      f"{r['vtprune_prefill_ms']:.0f} | {r['peer_prefill_ms']:.0f} | {r['prefill_ms_ratio']:.3f} | "
-                      f"{r['vtprune_peak_mib']:.0f} | {r['peer_peak_mib']:.0f} | {_fmt(mem_ratio, '{:.1f}')} |")
-            bad = [s for s, r in data[key].items() if not r["kept_equal"]]
-            verdicts.append((f"peers keep the same tokens ({key})", not bad, ", ".join(bad) or "all equal"))
+    _print_peers(data, verdicts)
     print()
     for name, ok, detail in verdicts:
         print(f"TARGET {name}: {'PASS' if ok else 'FAIL'} -- {detail}")
@@ -412,6 +440,7 @@ def main(argv=None) -> int:
                     help="wait (up to --load-retries x 180 s) until the 1-min load average is below this")
     ap.add_argument("--load-retries", type=int, default=3)
     ap.add_argument("--no-peers", action="store_true", help="skip the reference-style peer columns (eval/peers.py)")
+    ap.add_argument("--peers-only", action="store_true", help="only the peer columns and the NeXT batch")
     ap.add_argument("--peer-rounds", type=int, default=None, help="paired rounds per peer (CPU default 2, GPU 5)")
     ap.add_argument("--next-batch", type=int, default=8, help="LLaVA-NeXT requests (5 views each) for the peer "
                     "memory comparison; 0 skips it")
@@ -429,7 +458,8 @@ def main(argv=None) -> int:
     derived = report(data)
     if args.json:
         out = {k: v for k, v in data.items() if k in ("shape", "notes", "prefill_pass", "generate_pass", "seconds",
-                                                      "command", "peers", "next_peers", "next_batch", "loadavg")}
+                                                      "command", "peers", "next_peers", "next_batch", "loadavg",
+                                                      "memory")}
         out.update(derived)
         _write(args.json, out)
         print(f"# wrote {args.json}")
