@@ -257,17 +257,27 @@ def _checks(name: str, ours: Run, peer: Run, inputs, model) -> dict[str, Any]:
     checks.append(("vtprune SDPA == peer eager run", same))
     ref = _map_selection(name, peer, inputs, model)
     if ref is not None:
-        if name == "hiprune":
-            ok = all(torch.equal(a, b) for a, b in zip(ours.kept, ref))
-        else:  # FastV: the visual positions among the tokens kept after layer K
-            ok = True
-            vis = (inputs["input_ids"] == model.config.image_token_id).cpu()
-            for b, cols in enumerate(ref):
-                row = ours.llm_kept[b]
-                row = row[row >= 0]
-                ok &= torch.equal(row[vis[b, row]], cols)
-        checks.append(("vtprune SDPA == kernel on the peer's returned maps", ok))
-    return {"equal": all(ok for _, ok in checks), "checks": checks}
+        checks.append(("vtprune SDPA == kernel on the peer's returned maps", _same_selection(name, ours, ref, inputs, model)))
+        checks.append(("peer eager run == kernel on its own returned maps", _same_selection(name, peer, ref, inputs, model)))
+    a = torch.cat([k.flatten() for k in ours.kept] + ([ours.llm_kept.flatten()] if ours.llm_kept is not None else []))
+    b = torch.cat([k.flatten() for k in peer.kept] + ([peer.llm_kept.flatten()] if peer.llm_kept is not None else []))
+    return {"equal": all(ok for _, ok in checks[:2]), "checks": checks,
+            # [kept entries that differ, kept entries] between vtprune SDPA and the peer (-1: different counts)
+            "kept_diff": [int((a != b).sum()) if a.shape == b.shape else -1, int(a.numel())]}
+
+
+def _same_selection(name: str, run: Run, ref: list[torch.Tensor], inputs, model) -> bool:
+    """``run`` kept what ``ref`` (selection from maps) says: HiPrune raster indices per image; FastV the
+    visual LLM-input positions among the tokens kept after layer K."""
+    if name == "hiprune":
+        return all(torch.equal(a, b) for a, b in zip(run.kept, ref))
+    vis = (inputs["input_ids"] == model.config.image_token_id).cpu()
+    ok = True
+    for b, cols in enumerate(ref):
+        row = run.llm_kept[b]
+        row = row[row >= 0]
+        ok &= torch.equal(row[vis[b, row]], cols)
+    return ok
 
 
 def run_pairs(model, inputs, specs: list[str], *, rounds: int = 2, warmup: int = 0, seed: int = 0,
@@ -296,7 +306,7 @@ def _pair(model, inputs, spec, rounds, warmup, seed, progress) -> dict[str, Any]
         runs = {p: peer_run(model, inputs, spec, peer=p, seed=seed, keep_maps=p and r == 0) for p in order}
         if r == 0:
             v = _checks(name, runs[False], runs[True], inputs, model)
-            rec["kept_equal"], rec["checks"] = v["equal"], v["checks"]
+            rec["kept_equal"], rec["checks"], rec["kept_diff"] = v["equal"], v["checks"], v["kept_diff"]
             runs[True].maps = []
         if r >= warmup:
             rec["vtprune"].append(runs[False])
@@ -315,7 +325,8 @@ def _median(xs):
 
 def _summary(rec) -> dict[str, Any]:
     ours, peer = rec["vtprune"], rec["peer"]
-    s = {"kept_equal": rec["kept_equal"], "checks": [[c, ok] for c, ok in rec["checks"]], "rounds": len(ours)}
+    s = {"kept_equal": rec["kept_equal"], "checks": [[c, ok] for c, ok in rec["checks"]], "rounds": len(ours),
+         "kept_diff": rec.get("kept_diff")}
     for key in ("ttft_ms", "prefill_ms", "peak_mib"):
         a, b = [getattr(x, key) for x in ours], [getattr(x, key) for x in peer]
         s[f"vtprune_{key}"], s[f"peer_{key}"] = _median(a), _median(b)

@@ -30,6 +30,8 @@ def test_peer_keeps_vtprunes_tokens(llava, spec):
     assert v["equal"], v["checks"]
     if spec.startswith(("hiprune", "fastv")):
         assert "vtprune SDPA == kernel on the peer's returned maps" in names
+        assert all(ok for _, ok in v["checks"])  # the peer's own kept tokens follow its maps too
+    assert v["kept_diff"][0] == 0
 
 
 def test_peer_materialises_and_keeps_every_map_then_restores(llava):
@@ -73,4 +75,5 @@ def test_next_batch_peer_keeps_vtprunes_tokens():
     assert inp["pixel_values"].shape[:2] == (3, 5)  # base view + 2 x 2 tiles
     assert verify_kept(model, inp, "hiprune:keep=32")["equal"]
     v = verify_kept(model, inp, "fastv:layer=1,keep=32")
-    assert v["equal"] and len(v["checks"]) == 2, v
+    assert v["equal"] and len(v["checks"]) == 3 and all(ok for _, ok in v["checks"]), v
+    assert v["kept_diff"][0] == 0 and v["kept_diff"][1] > 0
