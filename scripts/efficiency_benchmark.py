@@ -279,8 +279,8 @@ def _print_peers(data: dict, verdicts: list) -> None:
             print("|" + "---|" * 11)
             for spec, r in data[key].items():
                 mem_ratio = r["peer_peak_mib"] / r["vtprune_peak_mib"] if r["vtprune_peak_mib"] >= 1 else float("nan")
-                diff = r.get("kept_diff") or [0, 0]
-                eq = "yes" if r["kept_equal"] else f"NO, {diff[0]} of {diff[1]} differ"
+                diff = r.get("kept_diff")
+                eq = "yes" if r["kept_equal"] else ("NO" + (f", {diff[0]} of {diff[1]} differ" if diff else ""))
                 print(f"| {spec} | {eq} ({'; '.join(c + (': yes' if ok else ': no') for c, ok in r['checks'])}) | "
                       f"{r['vtprune_ttft_ms']:.0f} | {r['peer_ttft_ms']:.0f} | {r['ttft_ms_ratio']:.3f} | "
                       f"{r['vtprune_prefill_ms']:.0f} | {r['peer_prefill_ms']:.0f} | {r['prefill_ms_ratio']:.3f} | "
