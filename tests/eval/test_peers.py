@@ -77,3 +77,24 @@ def test_next_batch_peer_keeps_vtprunes_tokens():
     v = verify_kept(model, inp, "fastv:layer=1,keep=32")
     assert v["equal"] and len(v["checks"]) == 3 and all(ok for _, ok in v["checks"]), v
     assert v["kept_diff"][0] == 0 and v["kept_diff"][1] > 0
+
+
+def test_benchmark_peer_columns_on_the_tiny_shape(tmp_path):
+    """scripts/efficiency_benchmark.py --peers-only: both peer tables, the kept-tokens verdicts, the JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "peers.json"
+    res = subprocess.run([sys.executable, str(root / "scripts" / "efficiency_benchmark.py"), "--shape", "tiny",
+                          "--peers-only", "--peer-rounds", "1", "--next-batch", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "TARGET peers keep the same tokens (peers): PASS" in res.stdout
+    assert "TARGET peers keep the same tokens (next_peers): PASS" in res.stdout
+    data = json.loads(out.read_text())
+    assert set(data["peers"]) == {"hiprune:keep=64", "visionzip:keep=64", "fastv:layer=2,keep=64"}
+    assert data["next_batch"] == [2, 5] and data["memory"].startswith("malloc in use")
+    assert any("pitome" in n for n in data["notes"])  # infeasible on the tiny tower: noted, not hidden
