@@ -5,8 +5,8 @@
 
 One *run* is one greedy ``model.generate(**inputs, max_new_tokens=T, min_new_tokens=T)`` with
 ``use_cache=True`` under one method's patch. Phases are timed by forward hooks installed around the
-patch's own hooks (``time.perf_counter``; on CUDA each timestamp is preceded by
-``torch.cuda.synchronize()``):
+patch's own hooks (:class:`eval.timing.Clock`: ``time.perf_counter`` on CPU; on CUDA a recorded
+``torch.cuda.Event``, synchronised, read with ``elapsed_time``):
 
 * ``vision_ms``: the vision tower's forward (or, for stage-V policies that run the encoder layer by
   layer, its embeddings + encoder layers) + the first projector call after it, i.e. what the unpruned
@@ -15,7 +15,8 @@ patch's own hooks (``time.perf_counter``; on CUDA each timestamp is preceded by
 * ``signal_ms``: the rest of the adapter's encode (``Patch.stats.vision_ms - vision_ms``): recomputed
   ViT attention rows for signals, stage-V merging between encoder layers, bookkeeping.
 * ``llm_hooks_ms``: time spent inside vtprune's decoder-layer hooks at prefill (stage-D scoring and
-  gathering, TransPrune's attention/MLP reductions; per-layer token bookkeeping for every method).
+  gathering, TransPrune's attention/MLP reductions; per-layer token bookkeeping for every method)
+  plus ``Patch.stats.tap_ms``, the signals computed inside the layers' own (tapped) attention calls.
   Part of ``prefill_ms``.
 * ``overhead_ms`` = ``select_ms + signal_ms + llm_hooks_ms``: the method's own work (selection
   overhead).
@@ -46,6 +47,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from .timing import Clock
 
 __all__ = ["PhaseStats", "ProfileResult", "profile", "PHASES", "build_llava_shape", "SHAPES"]
 
@@ -262,6 +265,7 @@ class _Timer:
     def __init__(self, model: nn.Module, cuda: bool):
         self.model = model
         self.cuda = cuda
+        self.clock = Clock(next(model.parameters()).device if cuda else "cpu")
         inner = getattr(model, "model", model)
         self.lm = _get(inner, "language_model")
         self.tower = _get(inner, "vision_tower") or _get(inner, "visual")
@@ -287,9 +291,8 @@ class _Timer:
         self._t: dict[str, float] = {}
 
     def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+        """Seconds on the run's :class:`~eval.timing.Clock` (CUDA events, synchronised, on CUDA)."""
+        return self.clock.now() / 1e3
 
     @property
     def in_prefill(self) -> bool:
@@ -543,8 +546,8 @@ def profile(
                 "vision_ms": vis,
                 "select_ms": float(stats.select_ms),
                 "signal_ms": signal,
-                "llm_hooks_ms": timer.hooks_ms,
-                "overhead_ms": float(stats.select_ms) + signal + timer.hooks_ms,
+                "llm_hooks_ms": timer.hooks_ms + float(stats.tap_ms),
+                "overhead_ms": float(stats.select_ms) + signal + timer.hooks_ms + float(stats.tap_ms),
                 "prefill_ms": timer.prefill_ms,
                 "ttft_ms": timer.fwd[0] if timer.fwd else float("nan"),
                 "decode_ms_per_token": sum(decode) / len(decode) if decode else float("nan"),
@@ -591,7 +594,7 @@ def profile(
         "decoding": "greedy, min_new_tokens = max_new_tokens",
         "memory": CUDA_MEM_LABEL if cuda else CPU_MEM_LABEL,
         "interleaving": "round-robin over methods in each round, start rotated by one per round",
-        "timer": "time.perf_counter in forward hooks" + (" after torch.cuda.synchronize()" if cuda else ""),
+        "timer": "forward hooks, " + ("torch.cuda.Event timestamps (synchronised)" if cuda else "time.perf_counter"),
     }
     return ProfileResult(methods=labels, phases=phases, flops=flops, tokens=tokens, order=order,
                          environment=env, settings=settings, skipped=skipped)

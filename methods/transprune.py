@@ -129,6 +129,23 @@ def _span_mask(image_span, B: int, L: int, device) -> Tensor:
     return mask
 
 
+_COS_EPS = 1e-8  # F.cosine_similarity's default eps (each norm clamped)
+_CHUNK = 64  # tokens converted to the score dtype at a time: small buffers, no fresh (page-faulting) copies
+
+
+def _norms_and_dot(x: Tensor, y: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, L) ``|x|``, ``|y|`` and ``x.y`` over the last dim of (B, L, D) tensors, computed in ``dt``,
+    a chunk of tokens at a time (exact: every token's reductions see the same values)."""
+    B, L, _ = x.shape
+    out = torch.empty((3, B, L), dtype=dt, device=x.device)
+    for s in range(0, L, _CHUNK):
+        a, o = x[:, s : s + _CHUNK].to(dt), y[:, s : s + _CHUNK].to(dt)
+        torch.linalg.vector_norm(a, dim=-1, out=out[0, :, s : s + _CHUNK])
+        torch.linalg.vector_norm(o, dim=-1, out=out[1, :, s : s + _CHUNK])
+        out[2, :, s : s + _CHUNK] = torch.linalg.vecdot(a, o)
+    return out[0], out[1], out[2]
+
+
 def ttv(
     x_in: Tensor,
     x_out: Tensor,
@@ -151,11 +168,12 @@ def ttv(
     if x_in.shape != x_out.shape or x_in.dim() != 3:
         raise ValueError("x_in and x_out must both be (B, L, D)")
     dt = torch.promote_types(score_dtype(x_in), score_dtype(x_out))
-    a, o = x_in.to(dt), x_out.to(dt)
-    B, L, _ = a.shape
+    B, L, _ = x_in.shape
+    a = x_in  # for the device / shapes below
     mask = torch.ones(B, L, dtype=torch.bool, device=a.device) if valid_mask is None else valid_mask.to(a.device).bool()
-    m = o.norm(dim=-1) / a.norm(dim=-1)
-    cos = F.cosine_similarity(a, o, dim=-1)
+    na, no, dot = _norms_and_dot(x_in, x_out, dt)
+    m = no / na
+    cos = dot / (na.clamp_min(_COS_EPS) * no.clamp_min(_COS_EPS))
     if direction == "signed":
         e = torch.exp(1.0 - cos)
     elif direction == "abs":

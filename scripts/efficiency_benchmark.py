@@ -33,6 +33,15 @@ Columns (medians over rounds; definitions):
 * generate(32)  = end-to-end ``generate()`` time for 32 new tokens; "generate vs none" is the median over
                   rounds of the paired ratio t_method / t_none (the monotonicity verdict uses it).
 
+Peer columns (``eval/peers.py``; ``--no-peers`` skips them): for HiPrune, VisionZip, FastV, PiToMe and
+TransPrune at keep 64 (TransPrune: its schedule) the same request run reference-style, the way the
+authors' code runs it (eager attention in the scored stage, every attention map kept through
+``output_attentions``), with the kept tokens verified equal to vtprune's (HiPrune and FastV also from the
+peer's returned maps), TTFT, LLM prefill and peak memory side by side (paired rounds; CPU peak = sampled
+resident set above the run's start). Then a batch of ``--next-batch`` (8) LLaVA-NeXT requests of 5 views
+each (CLIP-L/336 tower; a 2-layer LLM, the part both pipelines share) for HiPrune and VisionZip at the
+papers' NeXT budgets, where the kept maps dominate memory (24 layers x 16 heads x 577^2 per view).
+
 Targets, reported (not asserted): realization >= 0.9 for stage-P methods at keep 64; overhead <= 2 % of
 the pruned prefill; generate() time falls monotonically as the budget shrinks.
 
@@ -61,6 +70,10 @@ import torch
 SYSTEM = "A chat between a user and an AI assistant. "
 QUESTION = "What objects are visible in this image and why?"  # 48 characters = 48 tokens
 STAGE_P_TARGET_BUDGET = 64
+#: peer columns (eval/peers.py): vtprune vs the reference-style pipeline of each method
+PEER_SPECS = ["hiprune:keep=64", "visionzip:keep=64", "fastv:layer=2,keep=64", "pitome:keep=64", "transprune"]
+#: the LLaVA-NeXT batch (paper budgets: HiPrune 640 per image, VisionZip its NeXT default)
+NEXT_SPECS = ["hiprune", "visionzip"]
 
 
 def _load() -> float:
@@ -166,6 +179,9 @@ def measure(args) -> dict:
     t_start = time.time()
     model, proc = build_llava_shape(shape, device=device)
     inputs = llava_inputs(proc, QUESTION, system=SYSTEM).to(device)
+    if args.peers_only:
+        data = {"shape": shape, "notes": [], "command": " ".join(sys.argv), "loadavg": [_loadavg_line()]}
+        return _peers(args, data, model, inputs, shape, device, gpu, t_start)
     n_params = sum(p.numel() for p in model.parameters())
     n_prompt = inputs["input_ids"].shape[1]
     n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -192,12 +208,101 @@ def measure(args) -> dict:
                   progress=say, skip_errors=True)
     for spec, err in gen.skipped.items():
         notes.append(f"{spec}: failed in the generate pass ({err}), skipped")
-    return {"shape": shape, "notes": notes, "prefill_pass": pre.to_dict(), "generate_pass": gen.to_dict(),
-            "seconds": time.time() - t_start, "command": " ".join(sys.argv)}
+    data = {"shape": shape, "notes": notes, "prefill_pass": pre.to_dict(), "generate_pass": gen.to_dict(),
+            "command": " ".join(sys.argv), "loadavg": [_loadavg_line()]}
+    return _peers(args, data, model, inputs, shape, device, gpu, t_start)
+
+
+def _peers(args, data, model, inputs, shape, device, gpu, t_start) -> dict:
+    """The peer columns (one request at ``shape``) and the LLaVA-NeXT batch, added to ``data``."""
+    import vtprune
+    from vtprune.eval.peers import PeakMemory, build_llava_next_shape, next_batch_inputs, run_pairs
+
+    notes = data["notes"]
+    data["memory"] = PeakMemory(device).kind
+    if not args.no_peers:
+        peer_rounds = args.peer_rounds or (5 if gpu else 2)
+        specs = [s for s in PEER_SPECS if s.split(":")[0] in vtprune.methods()]
+        print(f"# peers (reference-style: eager attention, every map kept): {len(specs)} methods x {peer_rounds} "
+              "paired rounds", flush=True)
+        skipped: dict[str, str] = {}
+        data["peers"] = run_pairs(model, inputs, specs, rounds=peer_rounds, progress=_say, skipped=skipped)
+        notes.extend(f"peer {k}: {e} (skipped)" for k, e in skipped.items())
+        data["loadavg"].append(_loadavg_line())
+    data["seconds"] = time.time() - t_start
+    if args.json:  # the LLaVA-1.5 part is safe on disk before the memory-heavy NeXT batch
+        _write(args.json, data)
+    if not args.no_peers and args.next_batch > 0:
+        del model
+        nxt, nproc = build_llava_next_shape(llm_layers=2, tiny=shape == "tiny", device=device)
+        ninp = next_batch_inputs(nxt, nproc, args.next_batch)
+        v = tuple(ninp["pixel_values"].shape[:2])
+        next_specs = args.next_methods if shape != "tiny" else ["hiprune:keep=32", "fastv:layer=1,keep=32"]
+        print(f"# LLaVA-NeXT batch: {v[0]} requests x {v[1]} views (CLIP ViT-L/14-336 tower, 2-layer 2048-wide LLM), "
+              f"{next_specs}, {args.next_rounds} paired round(s)", flush=True)
+        skipped = {}
+        data["next_peers"] = run_pairs(nxt, ninp, next_specs, rounds=args.next_rounds, progress=_say, skipped=skipped)
+        notes.extend(f"NeXT peer {k}: {e} (skipped)" for k, e in skipped.items())
+        data["next_batch"] = list(v)
+        data["loadavg"].append(_loadavg_line())
+        data["seconds"] = time.time() - t_start
+    return data
+
+
+def _say(msg: str) -> None:
+    print("  " + msg, flush=True)
+
+
+def _loadavg_line() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().strip()
+
+
+def _write(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+
+
+def _print_peers(data: dict, verdicts: list) -> None:
+    """The peer tables (vtprune vs reference-style) and their kept-tokens verdicts."""
+    for key, title in (("peers", f"Peers on the {data.get('shape', '?')} shape (one request)"),
+                       ("next_peers", "Peers on the LLaVA-NeXT batch (%s requests x %s views)" % tuple(
+                           data.get("next_batch", ["?", "?"])))):
+        if data.get(key):
+            print()
+            print(f"{title}: vtprune (SDPA, attention rows from the layers' own q/k) vs reference-style (eager, "
+                  "every attention map kept: output_attentions)")
+            print()
+            print("| method | kept tokens equal | TTFT ms vtprune | TTFT ms peer | TTFT peer / vtprune | LLM prefill ms "
+                  "vtprune | LLM prefill ms peer | prefill peer / vtprune | peak MiB vtprune | peak MiB peer | "
+                  "peak peer / vtprune |")
+            print("|" + "---|" * 11)
+            for spec, r in data[key].items():
+                mem_ratio = r["peer_peak_mib"] / r["vtprune_peak_mib"] if r["vtprune_peak_mib"] >= 1 else float("nan")
+                diff = r.get("kept_diff")
+                eq = "yes" if r["kept_equal"] else ("NO" + (f", {diff[0]} of {diff[1]} differ" if diff else ""))
+                print(f"| {spec} | {eq} ({'; '.join(c + (': yes' if ok else ': no') for c, ok in r['checks'])}) | "
+                      f"{r['vtprune_ttft_ms']:.0f} | {r['peer_ttft_ms']:.0f} | {r['ttft_ms_ratio']:.3f} | "
+                      f"{r['vtprune_prefill_ms']:.0f} | {r['peer_prefill_ms']:.0f} | {r['prefill_ms_ratio']:.3f} | "
+                      f"{r['vtprune_peak_mib']:.0f} | {r['peer_peak_mib']:.0f} | {_fmt(mem_ratio, '{:.1f}')} |")
+            bad = [s for s, r in data[key].items() if not r["kept_equal"]]
+            verdicts.append((f"peers keep the same tokens ({key})", not bad, ", ".join(bad) or "all equal"))
+    if data.get("memory"):
+        print(f"peak memory: {data['memory']}, MiB above the run's start (median over rounds)")
 
 
 def report(data: dict) -> dict:
     """Derived rows, fit and verdicts from the two passes (ProfileResult dicts); prints the tables."""
+    if "prefill_pass" not in data:  # --peers-only
+        verdicts: list = []
+        _print_peers(data, verdicts)
+        print()
+        for name, ok, detail in verdicts:
+            print(f"TARGET {name}: {'PASS' if ok else 'FAIL'} -- {detail}")
+        for n in data["notes"]:
+            print(f"NOTE {n}")
+        print(f"# the CPU is shared with other jobs; /proc/loadavg: {' | '.join(data.get('loadavg', []))}")
+        return {"verdicts": [{"target": n, "pass": ok, "detail": d} for n, ok, d in verdicts]}
     pre, gen, notes = data["prefill_pass"], data["generate_pass"], list(data["notes"])
     new_tokens = gen["settings"]["new_tokens"]
     f0 = pre["flops"]["none"]["llm_prefill_tflops"]
@@ -300,6 +405,7 @@ def report(data: dict) -> dict:
                            + " of none; medians " + " > ".join(_fmt(x, "{:.0f}") for x in ms) + " ms)")
     verdicts.append((f"generate({new_tokens}) time falls monotonically with the budget (none > 192 > 128 > 64)",
                      mono_ok, "; ".join(mono_detail)))
+    _print_peers(data, verdicts)
     print()
     for name, ok, detail in verdicts:
         print(f"TARGET {name}: {'PASS' if ok else 'FAIL'} -- {detail}")
@@ -311,6 +417,9 @@ def report(data: dict) -> dict:
           f"after pass 2 {gen['environment'].get('loadavg_after')}; prefill pass {ps['warmup']}+{ps['repeats']} rounds, "
           f"generate pass {gs['warmup']}+{gs['repeats']} rounds"
           + (f"; total {data['seconds']:.0f} s" if data.get("seconds") else ""))
+    if data.get("loadavg"):
+        print(f"# the CPU is shared with other jobs (ratios are paired within this run); /proc/loadavg after the passes, "
+              f"the peers, the NeXT batch: {' | '.join(data['loadavg'])}")
     return {"rows": rows, "prefill_fit": fit,
             "verdicts": [{"target": n, "pass": ok, "detail": d} for n, ok, d in verdicts]}
 
@@ -332,6 +441,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-load", type=float, default=None,
                     help="wait (up to --load-retries x 180 s) until the 1-min load average is below this")
     ap.add_argument("--load-retries", type=int, default=3)
+    ap.add_argument("--no-peers", action="store_true", help="skip the reference-style peer columns (eval/peers.py)")
+    ap.add_argument("--peers-only", action="store_true", help="only the peer columns and the NeXT batch")
+    ap.add_argument("--peer-rounds", type=int, default=None, help="paired rounds per peer (CPU default 2, GPU 5)")
+    ap.add_argument("--next-batch", type=int, default=8, help="LLaVA-NeXT requests (5 views each) for the peer "
+                    "memory comparison; 0 skips it")
+    ap.add_argument("--next-rounds", type=int, default=1, help="paired rounds of the NeXT batch")
+    ap.add_argument("--next-methods", nargs="+", default=NEXT_SPECS, help=f"methods of the NeXT batch (default {NEXT_SPECS})")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every run")
     args = ap.parse_args(argv)
 
@@ -344,10 +460,10 @@ def main(argv=None) -> int:
     derived = report(data)
     if args.json:
         out = {k: v for k, v in data.items() if k in ("shape", "notes", "prefill_pass", "generate_pass", "seconds",
-                                                      "command")}
+                                                      "command", "peers", "next_peers", "next_batch", "loadavg",
+                                                      "memory")}
         out.update(derived)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1, default=str)
+        _write(args.json, out)
         print(f"# wrote {args.json}")
     return 0
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import torch
@@ -46,10 +47,15 @@ GEN = dict(max_new_tokens=10, do_sample=False)
 ATOL = dict(rtol=1e-5, atol=1e-5)
 
 
+#: where the tiny models and their inputs live (``VTPRUNE_TEST_DEVICE=cuda``: scripts/gpu_check.sh)
+DEVICE = torch.device(os.environ.get("VTPRUNE_TEST_DEVICE", "cpu"))
+
+
 @functools.lru_cache(maxsize=None)
 def tiny(family: str, attn: str = "sdpa"):
-    """(model, processor) of the family's tiny random model, built once per session."""
-    return BUILDERS[family](attn_implementation=attn)
+    """(model, processor) of the family's tiny random model, built once per session, on :data:`DEVICE`."""
+    model, proc = BUILDERS[family](attn_implementation=attn)
+    return model.to(DEVICE), proc
 
 
 def vtprune_hooks(model) -> list:
@@ -74,7 +80,7 @@ def batch(family: str, n: int = 2, attn: str = "sdpa", first: int = 0, sizes: di
     model, proc = tiny(family, attn)
     fam_sizes = (sizes or SIZES)[family]
     imgs = tiny_images(first + n, sizes=fam_sizes[: first + n] if fam_sizes else None)[first:]
-    return model, make_inputs(family, proc, QUESTIONS[first : first + n], imgs)
+    return model, make_inputs(family, proc, QUESTIONS[first : first + n], imgs).to(DEVICE)
 
 
 def score_batch(family: str, n: int = 2, attn: str = "sdpa", first: int = 0):

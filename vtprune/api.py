@@ -34,6 +34,13 @@ def _no_pre_encoding() -> bool:
     return False
 
 
+def _now(like: Tensor) -> float:
+    """``time.perf_counter()``, after the queued GPU work when ``like`` lives on CUDA."""
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
+
+
 @dataclass
 class PatchStats:
     """Stats of the last request. ``schedules`` has one :class:`TokenSchedule` per sample.
@@ -52,6 +59,8 @@ class PatchStats:
             tokens (dynamic-resolution models), so the image kept all of them.
         decoder_budget_clamped: per sample, True when an int stage-D budget exceeded its visual tokens.
         modality_per_image: per item, ``"image"`` or ``"video"``.
+        tap_ms: wall time of the decoder signals computed inside the layers' own (tapped) attention
+            calls at prefill; part of the LLM prefill time, reported so that it counts as overhead.
     """
 
     schedules: list[TokenSchedule] = field(default_factory=list)
@@ -65,6 +74,7 @@ class PatchStats:
     budget_clamped: list[bool] = field(default_factory=list)
     decoder_budget_clamped: list[bool] = field(default_factory=list)
     modality_per_image: list[str] = field(default_factory=list)
+    tap_ms: float = 0.0
 
     @property
     def llm_tokens_per_layer(self) -> list[list[int]]:
@@ -213,14 +223,14 @@ class Patch:
         ad = self.adapter
         pos_full = ad.full_positions(kwargs, ids, mask_in)
         ctx = self._request_context(ids, mask)
-        t0 = time.perf_counter()
+        t0 = _now(ids)
         vision_signals = {k: v for k, v in self._signals.items() if k not in TEXT_SIGNALS}
         images, vision_sched = ad.encode(kwargs, vision_signals, self.vision_policies, ctx)
-        t1 = time.perf_counter()
+        t1 = _now(ids)
         spans = self._image_spans(ids, mask, images)
         self._attach_text_signals(images, spans, ids, mask)
         sel = self._select(images, spans, ids.shape[0], ctx)
-        t2 = time.perf_counter()
+        t2 = _now(ids)
         packed = self._pack(ids, mask, sel.kept_cols)
         new_ids = packed.gather(ids, self._pad_id(ids, mask))
         new_mask = packed.valid.to(mask.dtype)
@@ -442,6 +452,9 @@ class Patch:
 
     def _finish_stats(self) -> None:
         st = self._state
+        if self._decoder is not None:
+            self._decoder.flush()
+        self.stats.tap_ms = st.decoder.tap_ms
         dec, acc = st.decoder, st.accounting
         counts = dec.layer_counts
         b = st.prefill.mask.shape[0]

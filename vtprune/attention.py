@@ -2,8 +2,10 @@
 
 Methods need a few attention rows (FastV: the last prompt token of one decoder layer; VisionZip: the
 CLS row of one ViT layer; HiPrune: the attention each patch receives). Under SDPA/FlashAttention the
-model returns no attention maps, so vtprune recomputes exactly those rows from the layer's own
-projections, in fp32, and the model keeps its fast attention. The model-specific part (which norm,
+model returns no attention maps, so vtprune computes exactly those rows from the layer's own q/k (taken
+from its attention call, ``adapters/tap.py``, or recomputed), in fp32, and the model keeps its fast
+attention. Column sums over all rows (:func:`received_from_lse`) use the rows' logsumexp when the
+attention kernel returned it: no max / normalise pass and no probability tensor. The model-specific part (which norm,
 which projections, which rotary function) lives in the adapters; this module is the shared maths.
 """
 from __future__ import annotations
@@ -46,8 +48,7 @@ def attention_probs(
         (B, H, R, N) fp32 probabilities; each row sums to 1 over its visible keys.
     """
     b, h, r, _ = q.shape
-    k = repeat_kv(k, h // k.shape[1]).float()
-    q = q.float()
+    k = repeat_kv(k, h // k.shape[1])  # converted to fp32 a chunk of heads at a time (small buffers)
     n = k.shape[2]
     mask = None
     if key_mask is not None:
@@ -63,7 +64,7 @@ def attention_probs(
     step = chunk_heads or h
     out = []
     for s in range(0, h, step):
-        logits = torch.matmul(q[:, s : s + step], k[:, s : s + step].transpose(-1, -2)) * scaling
+        logits = torch.matmul(q[:, s : s + step].float(), k[:, s : s + step].float().transpose(-1, -2)) * scaling
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         out.append(torch.softmax(logits, dim=-1))
@@ -82,3 +83,30 @@ def received_attention(probs: Tensor, reduce_queries: str = "mean") -> Tensor:
     """
     head_mean = probs.mean(dim=1)
     return head_mean.mean(dim=1) if reduce_queries == "mean" else head_mean.sum(dim=1)
+
+
+def received_from_lse(q: Tensor, k: Tensor, scaling: float, lse: Tensor, reduce_queries: str = "mean",
+                      chunk_heads: int = 1) -> Tensor:
+    """:func:`received_attention` of all query rows, given each row's softmax normaliser.
+
+    ``p_ij = exp(q_i.k_j * scaling - lse_i)``, summed over rows and heads in place (one fp32 GEMM with
+    the bias folded in, one ``exp``; no max, normalise or probability tensor).
+
+    Args:
+        q: (B, H, R, hd); k: (B, Hkv, N, hd); lse: (B, H, R) fp32 ``logsumexp`` of each row's logits
+            (as the attention kernel computed it).
+    Returns:
+        (B, N) fp32: head mean, then mean (or sum) over the R rows.
+    """
+    b, h, r, d = q.shape
+    k = repeat_kv(k, h // k.shape[1])
+    n = k.shape[2]
+    acc = torch.zeros((b, n), dtype=torch.float32, device=q.device)
+    for s in range(0, h, chunk_heads):
+        e = min(s + chunk_heads, h)
+        qs = q[:, s:e].float().reshape(-1, r, d)
+        ks = k[:, s:e].float().reshape(-1, n, d)
+        logits = torch.baddbmm(-lse[:, s:e].float().reshape(-1, r, 1), qs, ks.transpose(1, 2), alpha=scaling)
+        acc += logits.exp_().view(b, e - s, r, n).sum(dim=(1, 2))
+    acc /= h
+    return acc / r if reduce_queries == "mean" else acc

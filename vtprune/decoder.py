@@ -38,7 +38,11 @@ layer itself, the kind's own timing below holds). Aligned kinds
 are stored in LLM-input coordinates and gathered at each token's LLM-input index when a policy
 selects, so the view always gets the values of its own tokens.
 Signals are computed in the layer's pre-hook before its own pruning, except the ``after_prune`` kinds
-(``policy_rows``), computed on the sequence the layer runs on. The budget of a sample is
+(``policy_rows``), computed on the sequence the layer runs on. Attention kinds whose layer then runs on
+that very sequence (no prune there, or ``after_prune``) are deferred to the layer's attention tap
+(``Adapter.tap_llm_attention``): they read the q/k the layer computes instead of a second input norm,
+projection and rotary pass (time in ``Patch.stats.tap_ms``); anything a tap did not take is computed
+from the layer input before the next layer (``flush``). The budget of a sample is
 ``DecoderPolicy.budget_view(view, layer)``.
 
 Recycled tokens. ``select`` may return a :class:`~vtprune.policy.DecoderSelection`: besides the kept
@@ -61,12 +65,14 @@ by their own hooks rather than the VLM prefill path.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
+from .attention import attention_probs
 from .policy import DecoderPolicy, DecoderSelection, DecoderView
 from .signals import DECODER_SIGNALS, DecoderSignalInput
 from .state import DecoderState, RequestState
@@ -158,6 +164,7 @@ class DecoderController:
         self.first_prune = min(self.prune_at) if self.prune_at else None
         self.renumber_at = self._position_handling(n)
         self.handles = []
+        self.tapped: set[int] = set()  # layers whose attention rows come from their own attention call
 
     @property
     def dec(self) -> DecoderState:
@@ -193,11 +200,18 @@ class DecoderController:
                 )
             )
         self.handles.extend(self.adapter.install_hooks(self.state))  # clip_vit; Qwen3-VL DeepStack
+        for src, items in self.signal_at.items():
+            if any(DECODER_SIGNALS[kind].attention for kind, _ in items):
+                h = self.adapter.tap_llm_attention(src, lambda m, q, k, lse, l=src: self._tapped(l, m, q, k))
+                if h is not None:
+                    self.handles.append(h)
+                    self.tapped.add(src)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self.tapped = set()
 
     # -------------------------------------------------------------- the hook
     def _pre(self, layer: int, args: tuple, kwargs: dict):
@@ -206,6 +220,7 @@ class DecoderController:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if st.phase == "prefill":
+            self.flush(before=layer)
             return self._prefill(layer, hidden, args, kwargs)
         if st.phase == "decode" and self.first_prune is not None and layer >= self.first_prune:
             return self._decode(layer, hidden, args, kwargs)
@@ -352,8 +367,39 @@ class DecoderController:
             sig = DECODER_SIGNALS[kind]
             # rows asked for a later layer stand for the attention this layer computes: after its own cut
             if (sig.after_prune or asked != layer) == after_prune:
-                self.dec.signals[(asked, kind)] = sig.fn(
-                    self._signal_input(layer, hidden, kwargs, self.signal_owner.get((asked, kind))))
+                inp = self._signal_input(layer, hidden, kwargs, self.signal_owner.get((asked, kind)))
+                # the layer's own attention runs on this very sequence unless it prunes before it:
+                # then its tap hands over the q/k it computes instead of a second norm + projections
+                if sig.attention and layer in self.tapped and (after_prune or layer not in self.prune_at):
+                    self.dec.pending.setdefault(layer, []).append((kind, asked, inp))
+                else:
+                    self.dec.signals[(asked, kind)] = sig.fn(inp)
+
+    def _tapped(self, layer: int, module, q: Tensor, k: Tensor) -> None:
+        """The tap of ``layer``'s attention at prefill: its pending signals from the q (B, H, L, hd) and
+        k (B, Hkv, L, hd) the layer computed (a cache holding earlier tokens: recomputed instead)."""
+        jobs = self.dec.pending.pop(layer, None)
+        if not jobs:
+            return
+        cuda = q.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(q.device)
+        t0 = time.perf_counter()
+        for kind, asked, inp in jobs:
+            n = inp.hidden.shape[1]
+            if q.shape[2] == n and k.shape[2] == n:
+                inp.attention_rows = lambda rows, km=inp.key_mask: _rows_from(q, k, module.scaling, rows, km)
+            self.dec.signals[(asked, kind)] = DECODER_SIGNALS[kind].fn(inp)
+        if cuda:
+            torch.cuda.synchronize(q.device)
+        self.dec.tap_ms += (time.perf_counter() - t0) * 1e3
+
+    def flush(self, before: int | None = None) -> None:
+        """Compute (from the layer input) the pending signals of layers before ``before`` (all when
+        None) whose attention call did not run."""
+        for layer in [l for l in self.dec.pending if before is None or l < before]:
+            for kind, asked, inp in self.dec.pending.pop(layer):
+                self.dec.signals[(asked, kind)] = DECODER_SIGNALS[kind].fn(inp)
 
     def _aligned_current(self) -> dict[str, Tensor]:
         """The aligned signals computed so far, gathered to the current sequence (``"kind@layer"``)."""
@@ -469,6 +515,13 @@ class DecoderController:
         dec.cur_index, dec.cur_keymask = new_index, new_keymask
         dec.last_rows = new_rows  # (B, L') rows of the previous sequence kept (0 on padding)
         return new_hidden
+
+
+def _rows_from(q: Tensor, k: Tensor, scaling: float, rows: Tensor, key_mask: Tensor) -> Tensor:
+    """(B, H, R, L) fp32 causal + padding-masked probabilities of query rows ``rows`` (B, R) from a
+    layer's own q (B, H, L, hd) and k (B, Hkv, L, hd)."""
+    qr = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    return attention_probs(qr, k, scaling, key_mask=key_mask, query_index=rows, chunk_heads=4)
 
 
 def _recycled(name: str, sel: DecoderSelection, dropped: Tensor, rows: Tensor) -> list:

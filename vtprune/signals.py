@@ -26,8 +26,10 @@ transformers' ``AttentionInterface``): a new kind is one decorated function, not
   calls ``fn(text: SampleText)`` once per sample and puts the :class:`TextTokens` into
   ``ImageTokens.signals`` of every image of that sample. Adapters never see these names.
 
-Every attention value is recomputed from the layer's own norm and q/k projections in fp32, so the
-model keeps SDPA (``vtprune/attention.py``).
+Every attention value is computed in fp32 from the layer's own q/k, so the model keeps SDPA
+(``vtprune/attention.py``): taken from the layer's own attention call through an attention tap
+(``vtprune/adapters/tap.py``) where the layer computes that very attention, recomputed from its norm
+and projections otherwise (rows read before a prune at the same layer; untappable modules).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .attention import attention_probs, received_attention
+from .attention import attention_probs, received_attention, received_from_lse
 
 __all__ = [
     "DECODER_SIGNALS", "PACKED_VIT_SIGNALS", "TEXT_SIGNALS", "VIT_SIGNALS", "DecoderSignal",
@@ -68,11 +70,14 @@ class ViTLayer:
         output: (V, N, C) output of the layer (captured when a kind reads ``"output"``).
         qk: a function returning ``(q, k, scale)`` with q, k (V, H, N, hd) of the layer (its own
             projections, captured during the forward; recomputed only when not captured).
+        lse: (V, H, N) fp32 logsumexp of the layer's own softmax rows when its attention kernel
+            returned it (the CPU flash kernel, through the adapter's attention tap), else None.
     """
 
     index: int
     output: Tensor | None
     qk: Callable[[], tuple[Tensor, Tensor, float]]
+    lse: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,8 @@ def register_vit_signal(kind: str, *, reads: str = "qk", needs_cls: bool = False
 def _vit_received(layer: ViTLayer) -> Tensor:
     """(V, N) attention each token receives: head mean, mean over all query rows."""
     q, k, scale = layer.qk()
+    if layer.lse is not None:
+        return received_from_lse(q, k, scale, layer.lse, "mean")
     return received_attention(attention_probs(q, k, scale, chunk_heads=4), "mean")
 
 
@@ -111,6 +118,8 @@ def _vit_received(layer: ViTLayer) -> Tensor:
 def _vit_received_sum(layer: ViTLayer) -> Tensor:
     """(V, N) attention each token receives: head mean, sum over all query rows."""
     q, k, scale = layer.qk()
+    if layer.lse is not None:
+        return received_from_lse(q, k, scale, layer.lse, "sum")
     return received_attention(attention_probs(q, k, scale, chunk_heads=4), "sum")
 
 

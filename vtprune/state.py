@@ -92,6 +92,9 @@ class DecoderState:
         signals: ``{(layer, kind): (B, L)}`` requested decoder signals;
         layer_counts: per layer, ((B,) tokens, (B,) visual tokens) entering it;
         budget_clamped: (B,) bool, a stage-D int budget exceeded the visual tokens of the sample.
+        pending: ``{layer: [(kind, asked layer, DecoderSignalInput)]}`` attention signals waiting for
+            the layer's own attention call (its tap computes them from the q/k in hand);
+        tap_ms: wall time spent computing signals inside tapped attention calls at this prefill.
     """
 
     full_rope: Any = None
@@ -111,6 +114,8 @@ class DecoderState:
     signals: dict[tuple[int, str], Tensor] = field(default_factory=dict)
     layer_counts: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     budget_clamped: list[bool] = field(default_factory=list)
+    pending: dict[int, list] = field(default_factory=dict)
+    tap_ms: float = 0.0
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from ..store import CellClaimedError, CellExistsError, ResultsStore
+from ..timing import Clock
 from .config import Cell, SweepConfig, bench_limit, load_config, plan_cells
 from .measure import (PrefillTimer, budget_clamped_per_sample, cell_record, count_new_tokens, environment, eos_ids,
                       peak_memory, sample_flops)
@@ -286,8 +287,8 @@ def _run_cell(cell: Cell, model, proc, prompt_fn, bench, store: ResultsStore, di
     try:
         if todo:
             patch = vtprune.patch(model, method, seed=cfg.seed, **params)
-            sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-            timer = PrefillTimer(model, sync)
+            clock = Clock(device)  # CUDA events (synchronised) on CUDA, perf_counter on CPU
+            timer = PrefillTimer(model, clock)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             n_mine = sum(len(bt) for bt in mine)
@@ -296,7 +297,7 @@ def _run_cell(cell: Cell, model, proc, prompt_fn, bench, store: ResultsStore, di
             try:
                 for bt in todo:
                     try:
-                        rows = predict_batch(bt, model, proc, prompt_fn, bench, patch, timer, sync, device, cfg)
+                        rows = predict_batch(bt, model, proc, prompt_fn, bench, patch, timer, clock, device, cfg)
                     except Exception as exc:
                         ids = ", ".join(s.id for s in bt)
                         raise _SampleError(f"sample{'s' if len(bt) > 1 else ''} {ids}") from exc
@@ -324,7 +325,8 @@ def _run_cell(cell: Cell, model, proc, prompt_fn, bench, store: ResultsStore, di
             pass
 
 
-def predict_batch(batch, model, proc, prompt_fn, bench, patch, timer: PrefillTimer, sync, device, cfg: SweepConfig):
+def predict_batch(batch, model, proc, prompt_fn, bench, patch, timer: PrefillTimer, clock: Clock, device,
+                  cfg: SweepConfig):
     import torch
 
     texts = [prompt_fn(bench, s) for s in batch]
@@ -335,13 +337,11 @@ def predict_batch(batch, model, proc, prompt_fn, bench, patch, timer: PrefillTim
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     tok = getattr(proc, "tokenizer", proc)
     timer.reset()
-    sync()
-    t0 = time.perf_counter()
+    t0 = clock.now()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=tok.pad_token_id)
-    sync()
-    total_ms = (time.perf_counter() - t0) * 1e3
+    total_ms = clock.now() - t0
     gen = out[:, inputs["input_ids"].shape[1]:]
     answers = tok.batch_decode(gen, skip_special_tokens=True)
     n_new = count_new_tokens(gen.cpu(), eos_ids(model, tok), tok.pad_token_id)

@@ -6,10 +6,10 @@ import dataclasses
 import math
 import platform
 import statistics
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 from ..store import ResultsStore
+from ..timing import Clock
 from .config import Cell
 
 #: Record fields that depend on the machine and the moment (excluded by :func:`comparable`).
@@ -30,10 +30,11 @@ def comparable(record: Mapping) -> dict:
 
 
 class PrefillTimer:
-    """Times the first forward of each ``generate`` (the prefill, including vtprune's selection)."""
+    """Times the first forward of each ``generate`` (the prefill, including vtprune's selection) on a
+    :class:`~eval.timing.Clock` (CUDA events, synchronised, on a CUDA device; ``time.perf_counter`` on CPU)."""
 
-    def __init__(self, model, sync: Callable[[], None]):
-        self.sync = sync
+    def __init__(self, model, clock: Clock):
+        self.clock = clock
         self.calls = 0
         self.t0 = self.t1 = None
         self._h = [model.register_forward_pre_hook(self._pre, prepend=True), model.register_forward_hook(self._post)]
@@ -43,18 +44,16 @@ class PrefillTimer:
 
     def _pre(self, module, args):
         if self.calls == 0:
-            self.sync()
-            self.t0 = time.perf_counter()
+            self.t0 = self.clock.now()
 
     def _post(self, module, args, output):
         if self.calls == 0:
-            self.sync()
-            self.t1 = time.perf_counter()
+            self.t1 = self.clock.now()
         self.calls += 1
 
     @property
     def ms(self) -> float | None:
-        return None if self.t0 is None or self.t1 is None else (self.t1 - self.t0) * 1e3
+        return None if self.t0 is None or self.t1 is None else self.t1 - self.t0
 
     def remove(self) -> None:
         for h in self._h:

@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .tap import can_tap, tap
 from ..attention import attention_probs
 from ..policy import Context, ImageTokens, VisionPolicy
 
@@ -239,6 +240,14 @@ class Adapter:
         """The module of decoder layer ``layer`` that mixes tokens (``attn_io`` signals hook it)."""
         return self.llm_layers()[layer].self_attn
 
+    def tap_llm_attention(self, layer: int, callback):
+        """Tap decoder layer ``layer``'s attention (:mod:`vtprune.adapters.tap`): ``callback(module, q,
+        k, lse)`` after each call with q (B, H, L, hd) and k (B, Hkv, L, hd) as the layer computed them
+        (norms and rotary applied); a removable handle, or None when the layer's token mixer does not
+        dispatch through transformers' attention interface (a Gated DeltaNet layer)."""
+        mod = getattr(self.llm_layers()[layer], "self_attn", None)
+        return tap(mod, callback) if mod is not None and can_tap(mod) else None
+
     # ---------------------------------------------------------------- LLM attention rows
     def rotary(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(cos, sin) of the language model's own rotary module (``rotary_emb``) for ``position_ids``.
@@ -285,7 +294,7 @@ class Adapter:
         rot = self.rotary_fn(layer)
         q, _ = rot(q, q, cos_r, sin_r)
         k, _ = rot(k, k, cos, sin)
-        return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows)
+        return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows, chunk_heads=4)
 
     def llm_keys(self, layer_idx: int, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
         """(B, Hkv, L, hd) keys of decoder layer ``layer_idx`` as its KV cache stores them.

@@ -2,8 +2,9 @@
 
 Vision towers: CLIP, SigLIP and DINOv2 (any plain ViT whose layers have a first norm and q/k
 projections). Features come from HF's own ``get_image_features`` (so keep-all is bit-identical);
-vision signals are recomputed from the inputs of the requested encoder layers, captured with
-temporary forward pre-hooks. LLaVA-NeXT's native layout (base view, unpadded crop grid, one
+vision signals read the requested encoder layers' own q/k (and, under SDPA on CPU, the flash
+kernel's row logsumexp) through temporary attention taps (``adapters/tap.py``); a tower that cannot be
+tapped has its q/k projections' outputs captured by forward hooks instead. LLaVA-NeXT's native layout (base view, unpadded crop grid, one
 ``image_newline`` per row) is recovered by running HF's own ``pack_image_features`` on index
 features, so the adapter never re-implements the unpadding geometry.
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from ..policy import ImageTokens, ViTInfo
 from ..signals import VIT_SIGNALS, ViTLayer, parse_signal
 from .base import Adapter, Encoded, vit_layer_parts, vit_qk
+from .tap import can_tap, tap
 
 # Not a tensor: the signal ``"projector"`` is a callable mapping vision hidden states (..., C) to LLM
 # features (..., D) with the model's own ``multi_modal_projector`` (VisionZip projects merged and CLS
@@ -149,8 +151,12 @@ class LlavaAdapter(Adapter):
         vit = self.vit_layers()
         for l in layers:
             handles.append(vit[l].register_forward_pre_hook(lambda m, a, l=l: got.__setitem__(("in", l), a[0])))
-            # the layer's own q/k projections, reused by the signals instead of recomputed
+            # the layer's own q/k (and, under the CPU flash kernel, its rows' logsumexp), reused by the signals
             _, attn, _, _ = vit_layer_parts(vit[l])
+            if can_tap(attn):
+                handles.append(tap(attn, lambda m, q, k, lse, l=l: got.update({("q", l): q, ("k", l): k, ("lse", l): lse}),
+                                   want_lse=True))
+                continue
             for kind in ("q", "k"):
                 proj = getattr(attn, f"{kind}_proj")
                 handles.append(proj.register_forward_hook(
@@ -199,6 +205,8 @@ class LlavaAdapter(Adapter):
         if ("q", idx) in got and ("k", idx) in got:
             _, _, heads, scale = vit_layer_parts(layer)
             q, k = got[("q", idx)], got[("k", idx)]
+            if q.dim() == 4:  # from the tap: (V, H, N, hd) already
+                return q, k, scale
             v, n, _ = q.shape
             return q.view(v, n, heads, -1).transpose(1, 2), k.view(v, n, heads, -1).transpose(1, 2), scale
         return vit_qk(layer, got[("in", idx)])
@@ -214,7 +222,7 @@ class LlavaAdapter(Adapter):
             kind, layer = parse_signal(name)
             layer = self.resolve_vit_layer(layer)
             view = ViTLayer(index=layer, output=got.get(("out", layer)),
-                            qk=lambda l=layer: self._layer_qk(vit[l], l, got))
+                            qk=lambda l=layer: self._layer_qk(vit[l], l, got), lse=got.get(("lse", layer)))
             out[name] = VIT_SIGNALS[kind].fn(view)
         return out
 
