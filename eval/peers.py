@@ -211,7 +211,7 @@ def _map_selection(name: str, run: Run, inputs, model) -> list[torch.Tensor] | N
     """The selection recomputed from the peer's returned maps with the method's kernels (HiPrune:
     kept raster indices per image; FastV: kept LLM-input positions per sample); None for the others."""
     if name == "hiprune":
-        from methods.hiprune import attention_received, hiprune_select
+        from vtprune.methods.hiprune import attention_received, hiprune_select
         from vtprune.signals import parse_signal
 
         pol = run.policies[0]
@@ -225,7 +225,7 @@ def _map_selection(name: str, run: Run, inputs, model) -> list[torch.Tensor] | N
         grid = int(round(s_o.shape[-1] ** 0.5))
         return [hiprune_select(s_o[i], s_d[i], len(run.kept[i]), pol.alpha, grid) for i in range(s_o.shape[0])]
     if name == "fastv":
-        from methods.fastv import topk_lowest_index
+        from vtprune.methods.fastv import topk_lowest_index
 
         pol = run.policies[0]
         att = run.maps[0][pol.layer - 1].float().mean(1)  # (B, L, L) head mean, layer K-1 (unpruned)
