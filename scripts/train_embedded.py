@@ -54,15 +54,18 @@ def tower_features(tower, processor, scenes, layer: int, batch: int = 64, log=pr
     return torch.cat(out)
 
 
-def cached_features(tag: str, seed: int, n: int, layer: int, tower, processor, log=print):
-    path = DEFAULT_CACHE_DIR / f"embedded_feats_{tag}_seed{seed}_n{n}_layer{layer}_img{G.IMAGE_SIZE}.pt"
-    scenes = scenes_for(seed, n)
+def cached_features(tag: str, seed: int, n: int, layer: int, tower, processor, log=print, prefix: str = "embedded",
+                    make_scenes=None, compute=None):
+    """(scenes, features, seconds the features took); ``make_scenes(seed, n)`` / ``compute(tower, processor,
+    scenes, layer, log=)`` default to this model's; ``prefix`` names the cache file."""
+    path = DEFAULT_CACHE_DIR / f"{prefix}_feats_{tag}_seed{seed}_n{n}_layer{layer}_img{G.IMAGE_SIZE}.pt"
+    scenes = (make_scenes or scenes_for)(seed, n)
     side = path.with_suffix(".json")  # remembers how long the features took when they were computed
     if path.exists():
         wall = json.loads(side.read_text())["wall_s"] if side.exists() else float("nan")
         return scenes, torch.load(path), wall
     t0 = time.time()
-    feats = tower_features(tower, processor, scenes, layer, log=log)
+    feats = (compute or tower_features)(tower, processor, scenes, layer, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, path)
     side.write_text(json.dumps({"wall_s": round(time.time() - t0, 1)}))
@@ -98,24 +101,25 @@ def batch_tensors(seqs, pad_id):
     return ids, lab, mask
 
 
-def patch_targets(scene: G.Scene, vocab: dict, bg_word: str = ".") -> tuple[list[int], list[int]]:
-    """Per visual token: (colour word, shape word) of the object on that patch, the background word otherwise."""
-    col = [vocab[bg_word]] * M.N_IMAGE_TOKENS
-    shp = [vocab[bg_word]] * M.N_IMAGE_TOKENS
+def patch_targets(scene: G.Scene, vocab: dict, bg_word: str = ".", n: int = M.N_IMAGE_TOKENS) -> tuple[list[int], list[int]]:
+    """Per visual token (``n`` of them): (colour word, shape word) of the object on that patch, the
+    background word otherwise."""
+    col = [vocab[bg_word]] * n
+    shp = [vocab[bg_word]] * n
     for o in scene.objects:
         for t in o.tokens:
             col[t], shp[t] = vocab[o.color], vocab[o.shape]
     return col, shp
 
 
-def forward_loss(model, feats, ids, lab, mask, aux=None, aux_weight=0.0):
+def forward_loss(model, feats, ids, lab, mask, aux=None, aux_weight=0.0, visual=None):
     """Answer loss (+ optional training-only auxiliary loss: at each visual token, the LM head should name
     the colour and the shape of the object on that patch, or the background word).
 
     ``feats``: (B, 64, 384) standardised tower features (every sequence keeps all of its visual tokens);
-    ``aux``: (colour targets, shape targets), each (B, L) aligned with the sequence, -100 off image tokens."""
-    proj = model.model.multi_modal_projector(feats)
-    pooled = list(proj)
+    ``aux``: (colour targets, shape targets), each (B, L) aligned with the sequence, -100 off image tokens;
+    ``visual(model, feats) -> [(n_i, D)]``: the visual tokens of each sequence (default: the projector)."""
+    pooled = visual(model, feats) if visual is not None else list(model.model.multi_modal_projector(feats))
     out = model(input_ids=ids, attention_mask=mask,
                 mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=pooled)})
     logits = out.logits.float()
