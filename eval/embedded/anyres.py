@@ -23,8 +23,7 @@ the original image).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -173,40 +172,20 @@ def scenes_for(seed: int, n: int) -> list[G.Scene]:
     return [make_scene(rng) for _ in range(n)]
 
 
-def generate_split(seed: int, n_images: int, questions_per_image: int):
-    """Yield (scene, questions) pairs; deterministic in ``seed``."""
-    rng = np.random.default_rng(seed)
-    balance: dict = {}
-    for _ in range(n_images):
-        scene = make_scene(rng)
-        yield scene, G.make_questions(scene, questions_per_image, rng, balance=balance)
+def _scene_info(scene: G.Scene) -> tuple[dict, dict]:
+    w, h = scene.image.size
+    return {"size": [h, w], "grid": list(grid_shape(h, w)), "n_tokens": len(token_views(h, w))}, {"size": [h, w]}
 
 
 def write_split(out_dir: str | Path = DEFAULT_BENCH_DIR, seed: int = HELDOUT_SEED, n_images: int = HELDOUT_IMAGES,
                 questions_per_image: int = HELDOUT_QUESTIONS_PER_IMAGE) -> Path:
-    """Write PNG images, ``questions.jsonl``, ``scenes.jsonl`` and ``meta.json``; returns the questions path."""
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    qlines, slines = [], []
-    for i, (scene, qs) in enumerate(generate_split(seed, n_images, questions_per_image)):
-        rel = f"images/{i:04d}.png"
-        (out_dir / rel).write_bytes(G.png_bytes(scene.image))
-        w, h = scene.image.size
-        slines.append(json.dumps({"image": rel, "size": [h, w], "grid": list(grid_shape(h, w)),
-                                  "n_tokens": len(token_views(h, w)), "object_tokens": scene.object_tokens(),
-                                  "objects": [asdict(o) for o in scene.objects]}))
-        for j, q in enumerate(qs):
-            qlines.append(json.dumps({"id": f"{i:04d}-{j}", "image": rel, "question": q["question"],
-                                      "answer": q["answer"], "type": q["type"],
-                                      "relevant_tokens": list(q["relevant_tokens"]), "size": [h, w]}))
-    (out_dir / "questions.jsonl").write_text("\n".join(qlines) + "\n")
-    (out_dir / "scenes.jsonl").write_text("\n".join(slines) + "\n")
-    (out_dir / "meta.json").write_text(json.dumps({
-        "seed": seed, "n_images": n_images, "questions_per_image": questions_per_image, "base": BASE,
-        "patch_size": G.PATCH, "grid_pinpoints": PINPOINTS, "size_p": list(SIZE_P), "focus_p": FOCUS_P,
-        "token_order": "base view 8x8 raster, then the crop grid in raster order with one newline slot per row",
-        "question_types": list(G.QUESTION_TYPES)}, indent=1) + "\n")
-    return out_dir / "questions.jsonl"
+    """Write PNG images, ``questions.jsonl`` (with each image's ``size``), ``scenes.jsonl`` and ``meta.json``
+    (``generator.write_split`` with these scenes); returns the questions path."""
+    return G.write_split(out_dir, seed, n_images, questions_per_image, make=make_scene, scene_info=_scene_info,
+                         geometry={"base": BASE, "patch_size": G.PATCH, "grid_pinpoints": PINPOINTS,
+                                   "size_p": list(SIZE_P), "focus_p": FOCUS_P,
+                                   "token_order": "base view 8x8 raster, then the crop grid in raster order "
+                                                  "with one newline slot per row"})
 
 
 def load_split(bench_dir: str | Path = DEFAULT_BENCH_DIR) -> list[dict]:
