@@ -88,6 +88,21 @@ def format_table(out: dict) -> str:
     return "\n".join(lines)
 
 
+#: the quality bars of issue 9: (description, value, threshold); a bar holds when value >= threshold
+def bar_values(acc: dict) -> list[tuple[str, float, float]]:
+    return [
+        ("keep-all accuracy", acc["all@64"]["acc"], 0.90),
+        ("oracle minus random at 25 % (16 tokens)", acc["oracle@16"]["acc"] - acc["random@16"]["acc"], 0.15),
+        ("keep-all minus random at 12.5 % (8 tokens)", acc["all@64"]["acc"] - acc["random@8"]["acc"], 0.20),
+    ]
+
+
+def bars(acc: dict) -> str:
+    rows = ["| quality bar | measured | required | holds |", "|---|---|---|---|"]
+    rows += [f"| {d} | {v:.3f} | >= {t:.2f} | {'yes' if v >= t else '**no**'} |" for d, v, t in bar_values(acc)]
+    return "\n".join(rows)
+
+
 def write_card(path: Path, info: dict, res: dict) -> None:
     acc = res["accuracy"]
     a = res["auroc_per_layer"]
@@ -105,8 +120,8 @@ fresh checkout with no hub downloads and no GPU. Load it with
   against onnxruntime: max abs difference 2e-5, `scripts/verify_dinov2_onnx.py`). 112 px input ->
   8x8 = 64 patch tokens; `vision_feature_layer={info['vision_feature_layer']}`, strategy `default` (CLS dropped).
 - **Projector + language model (trained, committed, `model/model.safetensors`, {info['save_dtype']}):** the stock
-  2-layer GELU projector (384 -> {info['text_width']} -> {info['text_width']}) and a Llama (width {info['text_width']}, 4 layers,
-  4 heads, FFN {info['text_ffn']}, RoPE, tied embeddings), {info['trainable_parameters']:,} parameters.
+  2-layer GELU projector (384 -> {info['text_width']} -> {info['text_width']}) and a Llama (width {info['text_width']}, {info.get('text_layers', 4)} layers,
+  {info.get('text_heads', 4)} heads, FFN {info['text_ffn']}, RoPE, tied embeddings), {info['trainable_parameters']:,} parameters.
 - **Tokenizer:** word level over the generator's closed vocabulary (45 tokens incl. `<image>`), built in
   code (`vtprune/eval/embedded/model.py`); every answer is one token. **Processor:** `LlavaProcessor` +
   `CLIPImageProcessor` (112 px, ImageNet mean/std).
@@ -126,9 +141,8 @@ object (`list : small red circle , ... .`); loss on answers and listing words on
 additions (the checkpoint is a plain LLaVA): tower features standardised per dimension, the
 standardisation folded into the projector's first layer after training (exact); an auxiliary loss (weight
 {info['aux_weight']}) asking the LM head to name the colour and the shape of the object under each visual token
-(or `.` on background); and, for a share {info['drop_p']} of the sequences, a random part of the *background*
-tokens dropped (object tokens always kept, so answers stay true), so that the language model cannot read
-an object's place from its index in the sequence or a count from the number of tokens. {info['optimizer']},
+(or `.` on background). Every training sequence carries all 64 visual tokens: no token dropping and no
+other pruning-aware augmentation, so the model has never seen a pruned input (as real VLMs have not). {info['optimizer']},
 lr {info['lr']}, weight decay {info['weight_decay']}, {info['warmup']} warm-up steps then cosine to 0, grad
 clip {info['clip']}, batch {info['batch']}, {info['steps']} steps, bf16 autocast {info['bf16_autocast']},
 `initializer_range=0.1`, init/batch seed {info['seed']}, 1 torch thread. Wall time: training
@@ -138,6 +152,8 @@ Validation during training (step, smoothed loss, keep-all accuracy, oracle accur
 {info['history']}.
 
 ## Scores on the held-out split
+{bars(acc)}
+
 Keep-all accuracy **{acc['all@64']['acc']:.3f}**; image-blind answer prior (majority answer per type from
 the training distribution) {res['prior_train_majority']['acc']:.3f} (majority taken on the held-out split
 itself: {res['prior_heldout_majority']['acc']:.3f}).

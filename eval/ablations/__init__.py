@@ -1,6 +1,7 @@
 """Ablation studies, each a sweep over one method's knobs (issue #5 item 6).
 
     python -m vtprune.eval.ablations hiprune                       # on the embedded default
+    python -m vtprune.eval.ablations globalcom2                    # on embedded-anyres (its default model)
     python -m vtprune.eval.ablations fastv --model /models/llava-1.5-7b-hf --benchmark pope=/data/pope
     python -m vtprune.eval.ablations --list
 
@@ -15,8 +16,9 @@ the ablation table.
 | hiprune | object layer x alpha (anchor share) |
 | todre | diversity rule: max-sum (v2) vs k-center (v1) vs random seeding (pivot) |
 | transprune | TTV-only vs IGA-only vs both |
-| globalcom2 | with vs without the thumbnail's global guidance (needs a LLaVA-NeXT model: on a single-view model such as the embedded default the sweep stops before the first cell with an error naming the fix) |
-| pitome | energy margin (pitome-p, the post-merger variant that runs on every tower) |
+| globalcom2 | with vs without the thumbnail's global guidance (runs on `embedded-anyres`, the AnyRes embedded model, by default) |
+| pitome | energy margin, inside the vision encoder (stage V) and after the projector (pitome-p) |
+| visionzip | how the contextual tokens are merged (reference vs mean) |
 | fastv | layer K x keep ratio R |
 | dart | pivot split (image + text of 8) and pivot visiting order |
 | pyramiddrop | lambda (image tokens kept after stage s = lambda^s), as the budget |
@@ -62,6 +64,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     },
     "globalcom2": {
         "about": "GlobalCom2 with and without global guidance",
+        "model": "embedded-anyres",  # needs a LLaVA-NeXT (AnyRes: thumbnail + crops) model
         "methods": [
             {"name": "globalcom2", "label": "with global guidance"},
             {"name": "globalcom2", "params": {"guidance": False}, "label": "without global guidance"},
@@ -69,10 +72,22 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         "budgets": [0.25, 0.125],
     },
     "pitome": {
-        "about": "PiToMe energy margin (post-merger variant)",
+        "about": "PiToMe energy margin, merging inside the vision encoder (stage V) and after the projector (pitome-p)",
         "methods": [
+            {"name": "pitome", "budget_param": "keep", "params": {"margin": m}, "label": f"pitome margin {m}"}
+            for m in (0.5, 0.9)
+        ] + [
             {"name": "pitome-p", "params": {"margin": m}, "label": f"pitome-p margin {m}"}
             for m in (0.3, 0.5, 0.7, 0.9)
+        ],
+        "budgets": [0.25, 0.125],
+    },
+    "visionzip": {
+        "about": "VisionZip contextual tokens: the reference's merge (assign to the nearest target, average) vs "
+                 "a plain mean of each group (target included)",
+        "methods": [
+            {"name": "visionzip", "params": {"contextual_mode": m}, "label": f"visionzip contextual {m}"}
+            for m in ("reference", "mean")
         ],
         "budgets": [0.25, 0.125],
     },
@@ -110,7 +125,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         "about": "FastV layer K x keep ratio R",
         "methods": lambda d: [
             {"name": "fastv", "params": {"layer": k}, "label": f"fastv K{k}"}
-            for k in sorted({1, 2, min(3, d["llm"] - 1)})
+            for k in sorted({1, 2, min(3, d["llm"] - 1), max(1, d["llm"] // 2)})
         ],
         "budgets": [0.75, 0.5, 0.25, 0.125],
     },
@@ -152,15 +167,27 @@ def _sparsevlm_layers(n_llm: int) -> tuple[int, ...]:
     return layers if len(layers) == 3 else (0, 1, 2)
 
 
-def ablation_config(name: str, *, model: str = "embedded", benchmark: str | None = None,
-                    limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 4) -> dict:
-    """The sweep config of ablation ``name``; ``model`` is ``embedded``, a builtin or a local path.
+#: the shipped held-out split of each embedded model (the default benchmark of an ablation on it)
+EMBEDDED_BENCHMARKS = {"embedded": "assets/embedded/bench", "embedded-anyres": "assets/embedded-anyres/bench"}
 
-    ``benchmark`` is ``LOADER=PATH`` (default: the embedded benchmark in ``assets/embedded/bench``).
+
+def paper_layers(layers: tuple[int, ...], depth: int, paper_depth: int = 32) -> tuple[int, ...]:
+    """1-based layers of a ``paper_depth``-layer LLM mapped to a ``depth``-layer one (l * depth / paper_depth,
+    rounded half up): TransPrune's 7/9/12 of 32 -> 4/5/6 of 16."""
+    return tuple(int(l * depth / paper_depth + 0.5) for l in layers)
+
+
+def ablation_config(name: str, *, model: str | None = None, benchmark: str | None = None,
+                    limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 4) -> dict:
+    """The sweep config of ablation ``name``; ``model`` is a builtin (default: ``embedded``, or the
+    ablation's own default such as ``embedded-anyres`` for globalcom2) or a local path.
+
+    ``benchmark`` is ``LOADER=PATH`` (default: the embedded model's own held-out split).
     """
     if name not in ABLATIONS:
         raise ValueError(f"unknown ablation {name!r}; available: {', '.join(ABLATIONS)}")
     ab = ABLATIONS[name]
+    model = model or ab.get("model", "embedded")
     depth = _depths(model)
     methods = ab["methods"](depth) if callable(ab["methods"]) else ab["methods"]
     from vtprune.eval.sweep import BUILTIN_MODELS
@@ -170,7 +197,7 @@ def ablation_config(name: str, *, model: str = "embedded", benchmark: str | None
     else:
         model_entry = {"name": model.rstrip("/").split("/")[-1], "path": model}
     if benchmark is None:
-        bench_entry = {"name": "embedded", "path": "assets/embedded/bench"}
+        bench_entry = {"name": "embedded", "path": EMBEDDED_BENCHMARKS.get(model, EMBEDDED_BENCHMARKS["embedded"])}
     else:
         loader, eq, path = benchmark.partition("=")
         if not eq or not loader or not path:
@@ -202,5 +229,7 @@ def _depths(model: str) -> dict[str, Any]:
     vc, tc = cfg.vision_config, cfg.text_config
     vision = getattr(vc, "num_hidden_layers", None) or getattr(vc, "depth")
     llm = tc.num_hidden_layers
-    tp = "7|9|12" if llm >= 16 else "|".join(str(i) for i in range(1, min(4, llm)))
+    scaled = paper_layers((7, 9, 12), llm)
+    fits = len(set(scaled)) == 3 and scaled[0] >= 1 and scaled[-1] <= llm - 1
+    tp = "|".join(str(i) for i in (scaled if fits else range(1, min(4, llm))))
     return {"vision": vision, "llm": llm, "transprune_layers": tp}

@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
                     "--list shows the ablations.")
     ap.add_argument("name", nargs="?", choices=sorted(ABLATIONS), help="the ablation to run")
     ap.add_argument("--list", action="store_true", help="list the ablations")
-    ap.add_argument("--model", default="embedded", help="embedded (default), tiny-llava, ... or a local HF checkpoint")
-    ap.add_argument("--benchmark", default=None, help="LOADER=PATH (default: the embedded benchmark)")
+    ap.add_argument("--model", default=None,
+                    help="embedded (default; embedded-anyres for globalcom2), tiny-llava, ... or a local HF checkpoint")
+    ap.add_argument("--benchmark", default=None, help="LOADER=PATH (default: the embedded model's held-out split)")
     ap.add_argument("--limit", type=int, default=None, metavar="N", help="first N samples of the benchmark")
     ap.add_argument("--batch-size", type=int, default=8, metavar="N", help="samples per generate() (default: 8)")
     ap.add_argument("--out", default=None, help="output folder (default runs/ablation-NAME)")

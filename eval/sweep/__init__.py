@@ -26,6 +26,8 @@ Config (YAML or a dict; unknown keys are errors, every error is a ``ValueError``
         path: assets/embedded/bench
         label: embedded-heldout   # optional display name (default: name)
         options: {}               # optional loader keyword arguments
+        models: [embedded]        # optional: only with these models (e.g. a model's own held-out split)
+        limit: 240                # optional: its first N samples (overrides the top-level limit)
     methods:                      # optional; `none` and `random` are always added
       - fastv                     # short form: a registered name, default params, budget knob `keep`
       - name: fastv

@@ -21,7 +21,7 @@ BASELINES = ("none", "random")
 _TOP_KEYS = {"name", "models", "benchmarks", "methods", "budgets", "max_new_tokens", "batch_size", "seed", "limit",
              "dtype", "device", "store", "variables", "baselines", "published"}
 _MODEL_KEYS = {"name", "path", "builtin", "open_clip", "hub", "dtype", "prompt"}
-_BENCH_KEYS = {"name", "path", "label", "options"}
+_BENCH_KEYS = {"name", "path", "label", "options", "models", "limit"}
 _METHOD_KEYS = {"name", "spec", "params", "label", "budget_param", "budgets", "models"}
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -53,6 +53,11 @@ class BenchEntry:
     path: str
     label: str
     options: dict = field(default_factory=dict, hash=False)
+    models: tuple | None = None  # the model names it is run with (None: every model)
+    limit: int | None = None  # its first N samples (None: the config's ``limit``)
+
+    def runs_on(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True)
@@ -268,12 +273,18 @@ def load_config(config: Mapping | str | os.PathLike, variables: Mapping[str, str
         if label in seen:
             raise _err(f"{where}.label", f"duplicate benchmark label {label!r} (give each a distinct 'label')")
         seen.add(label)
-        benches.append(BenchEntry(name=name, path=path, label=label, options=dict(opts)))
+        only = _model_subset(b.get("models"), models, where)
+        blimit = b.get("limit")
+        if blimit is not None and (isinstance(blimit, bool) or not isinstance(blimit, int) or blimit < 1):
+            raise _err(f"{where}.limit", f"must be a positive integer (its first N samples), got {blimit!r}")
+        benches.append(BenchEntry(name=name, path=path, label=label, options=dict(opts), models=only, limit=blimit))
 
     from .clip import CLIP_LOADERS as clip_loaders
 
     for e in models:
         for b in benches:
+            if not b.runs_on(e.name):
+                continue
             if e.open_clip and b.name not in clip_loaders:
                 raise _err(f"{e.where}.open_clip", f"an open_clip model runs the {', '.join(clip_loaders)} benchmarks, "
                                                    f"not {b.name!r} ({b.label!r}); put it in a config of its own")
@@ -348,17 +359,9 @@ def load_config(config: Mapping | str | os.PathLike, variables: Mapping[str, str
                     raise _err(f"{where}.spec", str(exc)) from None
         if any(e.label == label for e in methods):
             raise _err(f"{where}.label", f"duplicate method label {label!r} (give one a distinct 'label')")
-        only = m.get("models")
-        if only is not None:
-            names = [e.name for e in models]
-            if (not isinstance(only, list) or not only or not all(isinstance(x, str) for x in only)):
-                raise _err(f"{where}.models", f"must be a non-empty list of model names ({', '.join(names)}), got {only!r}")
-            bad = [x for x in only if x not in names]
-            if bad:
-                raise _err(f"{where}.models", f"unknown model {bad[0]!r}; the config's models: {', '.join(names)}")
-            only = tuple(dict.fromkeys(only))
-            if name == "none" and spec is None:
-                raise _err(f"{where}.models", "the 'none' reference runs on every model (relative accuracy needs it)")
+        only = _model_subset(m.get("models"), models, where)
+        if only is not None and name == "none" and spec is None:
+            raise _err(f"{where}.models", "the 'none' reference runs on every model (relative accuracy needs it)")
         methods.append(MethodEntry(name=name, label=label, params=params, budget_param=bparam, budgets=budgets,
                                    spec=spec, models=only, where=where))
     # baselines
@@ -396,12 +399,37 @@ def load_config(config: Mapping | str | os.PathLike, variables: Mapping[str, str
     )
 
 
+def bench_limit(cfg: SweepConfig, bench: BenchEntry, limit: int | None = None) -> int | None:
+    """The number of samples of ``bench`` a sweep evaluates (None: all)."""
+    for value in (limit, bench.limit, cfg.limit):
+        if value is not None:
+            return value
+    return None
+
+
+def _model_subset(only, models: list[ModelEntry], where: str) -> tuple | None:
+    """A ``models:`` restriction (of a method or a benchmark) checked against the config's model names."""
+    if only is None:
+        return None
+    names = [e.name for e in models]
+    if not isinstance(only, list) or not only or not all(isinstance(x, str) for x in only):
+        raise _err(f"{where}.models", f"must be a non-empty list of model names ({', '.join(names)}), got {only!r}")
+    bad = [x for x in only if x not in names]
+    if bad:
+        raise _err(f"{where}.models", f"unknown model {bad[0]!r}; the config's models: {', '.join(names)}")
+    return tuple(dict.fromkeys(only))
+
+
 def plan_cells(cfg: SweepConfig, limit: int | None = None) -> list[Cell]:
-    """The cells in run order: per model, per benchmark, ``none`` first, then methods x budgets."""
-    lim = limit if limit is not None else cfg.limit
+    """The cells in run order: per model, per benchmark, ``none`` first, then methods x budgets.
+
+    ``limit`` (e.g. from the command line) overrides a benchmark's own ``limit``, which overrides the config's."""
     cells = []
     for m in cfg.models:
         for b in cfg.benchmarks:
+            if not b.runs_on(m.name):
+                continue
+            lim = bench_limit(cfg, b, limit)
             for meth in cfg.methods:
                 if not meth.runs_on(m.name):
                     continue

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from ..store import CellClaimedError, CellExistsError, ResultsStore
-from .config import Cell, SweepConfig, load_config, plan_cells
+from .config import Cell, SweepConfig, bench_limit, load_config, plan_cells
 from .measure import (PrefillTimer, cell_record, count_new_tokens, environment, eos_ids, peak_memory,
                       sample_flops)
 from .assets import missing_images, preflight
@@ -107,7 +107,7 @@ def run_sweep(config: Mapping | str | os.PathLike, store_path: str | os.PathLike
     store = ResultsStore(store_path)
     pending = [c for c in cells if not store.has(c.key)]
     bench_paths = preflight(cfg, pending)
-    benches = _load_benchmarks(cfg, pending, bench_paths, limit if limit is not None else cfg.limit)
+    benches = _load_benchmarks(cfg, pending, bench_paths, limit)
     validate_cells(cfg, pending)
     if cfg.published is not None and dist.main:
         from .published import save_sidecar
@@ -192,8 +192,9 @@ def _load_benchmarks(cfg: SweepConfig, pending: Sequence[Cell], paths: Mapping, 
     for entry in cfg.benchmarks:
         if any(c.bench is entry for c in pending):
             bench = load_benchmark(entry.name, paths[entry.label], **entry.options)
+            n = bench_limit(cfg, entry, limit)
             try:
-                bench = bench.subset(limit=limit) if limit is not None else bench
+                bench = bench.subset(limit=n) if n is not None else bench
             except NotImplementedError as exc:
                 raise ValueError(f"sweep config: limit: benchmark {entry.label!r}: {exc}") from None
             out[entry.label] = bench

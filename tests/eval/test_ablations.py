@@ -52,3 +52,20 @@ def test_fastv_ablation_runs_and_reports(tmp_path):
     methods = {r["record"]["method"] for r in recs}
     assert {"none", "fastv K1", "fastv K2", "fastv K3"} <= methods
     assert (out / "report" / "results.md").exists()
+
+
+def test_paper_layers_map_transprune_schedule_to_the_depth():
+    from vtprune.eval.ablations import paper_layers
+
+    assert paper_layers((7, 9, 12), 32) == (7, 9, 12)
+    assert paper_layers((7, 9, 12), 16) == (4, 5, 6)  # 3.5, 4.5, 6 rounded half up
+    cfg = ablation_config("transprune", model="tiny-llava")  # too shallow for the mapping: layers 1..3
+    assert all("prune_layers=1|2|3" in m["spec"] for m in cfg["methods"])
+
+
+def test_default_model_and_benchmark_per_ablation():
+    from vtprune.eval.ablations import EMBEDDED_BENCHMARKS
+
+    assert ABLATIONS["globalcom2"]["model"] == "embedded-anyres"
+    cfg = ablation_config("hiprune", model="tiny-llava")
+    assert cfg["benchmarks"][0]["path"] == EMBEDDED_BENCHMARKS["embedded"]

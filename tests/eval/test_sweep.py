@@ -362,6 +362,31 @@ def test_method_restricted_to_some_models(bench):
         load_config(config_for(bench, methods=[{"name": "none", "models": ["tiny-llava"]}]))
 
 
+def test_benchmark_restricted_to_some_models(bench):
+    """A benchmark with ``models:`` pairs only with those models (each embedded model has its own split)."""
+    two = [{"name": "tiny-llava", "builtin": "tiny-llava"}, {"name": "tiny-qwen", "builtin": "tiny-qwen2_vl"}]
+    benches = [{"name": "jsonl", "path": str(bench), "label": "a", "models": ["tiny-llava"]},
+               {"name": "jsonl", "path": str(bench), "label": "b"}]
+    cfg = load_config(config_for(bench, models=two, benchmarks=benches, methods=[]))
+    pairs = {(c.model.name, c.bench.label) for c in plan_cells(cfg)}
+    assert pairs == {("tiny-llava", "a"), ("tiny-llava", "b"), ("tiny-qwen", "b")}
+    with pytest.raises(ValueError, match=r"benchmarks\[0\].models: unknown model 'nope'"):
+        load_config(config_for(bench, benchmarks=[dict(benches[0], models=["nope"])]))
+
+
+def test_benchmark_limit(bench, tmp_path):
+    """A benchmark's own ``limit`` beats the config's; the command line's beats both; cells record it."""
+    benches = [{"name": "jsonl", "path": str(bench), "label": "a", "limit": 2}, {"name": "jsonl", "path": str(bench), "label": "b"}]
+    cfg = load_config(config_for(bench, benchmarks=benches, methods=[], limit=3))
+    assert {c.bench.label: c.identity["limit"] for c in plan_cells(cfg)} == {"a": 2, "b": 3}
+    assert {c.identity["limit"] for c in plan_cells(cfg, 1)} == {1}
+    store_path = tmp_path / "results.jsonl"
+    run_sweep(config_for(bench, benchmarks=benches, methods=[], limit=3, baselines=["none"]), store_path, progress=False)
+    assert {r["benchmark"]: r["n"] for r in cell_records(store_path)} == {"a": 2, "b": 3}
+    with pytest.raises(ValueError, match=r"benchmarks\[0\].limit: must be a positive integer"):
+        load_config(config_for(bench, benchmarks=[dict(benches[0], limit=0)]))
+
+
 def test_a_failing_cell_does_not_stop_the_sweep(full_run, bench, tmp_path, monkeypatch, capsys):
     """One cell raises on its second batch: the error names the cell and the samples, the later cells
     still run, nothing is stored for the failed cell, and the next run retries only that cell and ends
