@@ -26,6 +26,9 @@ from vtprune.eval.embedded import generator as G  # noqa: E402
 from vtprune.eval.embedded.evaluate import answer_prior, evaluate  # noqa: E402
 from vtprune.eval.embedded.load import load_embedded_anyres  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embedded_checks import accuracy_lines, bars  # noqa: E402
+
 BUDGETS = (("all", 1.0), ("random", 0.25), ("oracle", 0.25), ("random", 0.125), ("oracle", 0.125),
            ("equal", 0.25), ("crop_aware", 0.25), ("equal_oracle", 0.25), ("crop_aware_oracle", 0.25))
 
@@ -36,14 +39,15 @@ def train_prior_records(seed: int = 11, n_images: int = 1500) -> list[dict]:
     return [q for _ in range(n_images) for q in G.make_questions(A.make_scene(rng), 6, rng)]
 
 
-def bars(acc: dict) -> list[tuple[str, float, float]]:
-    """(bar, measured, threshold) for the issue's quality bars."""
+def bar_values(acc: dict) -> list[tuple[str, float, float]]:
+    """(bar, measured, threshold) for issue 9's quality bars (a bar holds when measured >= threshold)."""
     a = lambda k: acc[k]["acc"]
     return [("keep-all accuracy", a("all@1.0"), 0.90),
-            ("oracle - random at 25 %", a("oracle@0.25") - a("random@0.25"), 0.15),
-            ("keep-all - random at 12.5 %", a("all@1.0") - a("random@0.125"), 0.20),
-            ("crop-aware - equal budgets at 25 % (random within a view)", a("crop_aware@0.25") - a("equal@0.25"), 0.05),
-            ("crop-aware - equal budgets at 25 % (relevant-first within a view)",
+            ("oracle minus random at 25 %", a("oracle@0.25") - a("random@0.25"), 0.15),
+            ("keep-all minus random at 12.5 %", a("all@1.0") - a("random@0.125"), 0.20),
+            ("crop-aware minus equal per-view budgets at 25 % (random inside a view)",
+             a("crop_aware@0.25") - a("equal@0.25"), 0.05),
+            ("crop-aware minus equal per-view budgets at 25 % (relevant-first inside a view)",
              a("crop_aware_oracle@0.25") - a("equal_oracle@0.25"), 0.05)]
 
 
@@ -62,26 +66,15 @@ def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=A.DEFAULT_
            "prior_heldout_majority": answer_prior(records),
            "prior_train_majority": answer_prior(records, train_prior_records()),
            "wall_s": {"load": round(t1 - t0, 1), "eval": round(time.time() - t1, 1)}}
-    out["bars"] = [list(b) for b in bars(out["accuracy"])]
+    out["bars"] = [list(b) for b in bar_values(out["accuracy"])]
     log(format_table(out))
     return out
 
 
 def format_table(out: dict) -> str:
-    acc = out["accuracy"]
-    types = sorted(next(iter(acc.values()))["by_type"])
-    lines = [f"held-out split: {out['n_questions']} questions on {out['n_images']} images "
-             f"(pruned selections averaged over {out['repeats']} draws)",
-             f"{'selection':<19}{'keep':>6}{'acc':>8}  " + "".join(f"{t:>9}" for t in types)]
-    for key, v in acc.items():
-        m, f = key.split("@")
-        lines.append(f"{m:<19}{float(f):>6.3f}{v['acc']:>8.3f}  " + "".join(f"{v['by_type'][t]:>9.3f}" for t in types))
-    for name in ("prior_train_majority", "prior_heldout_majority"):
-        p = out[name]
-        lines.append(f"{name:<25}{p['acc']:>8.3f}  " + "".join(f"{p['by_type'][t]:>9.3f}" for t in types))
-    lines.append("bars:")
+    lines = accuracy_lines(out, budget="keep", width=19) + ["bars:"]
     for name, got, need in out["bars"]:
-        lines.append(f"  {name:<66} {got:+.3f}  (bar {need:.2f}: {'met' if got >= need else 'MISSED by %.3f' % (need - got)})")
+        lines.append(f"  {name:<76} {got:+.3f}  (bar {need:.2f}: {'met' if got >= need else 'MISSED by %.3f' % (need - got)})")
     lines.append(f"wall: {out['wall_s']}")
     return "\n".join(lines)
 
@@ -89,8 +82,6 @@ def format_table(out: dict) -> str:
 def write_card(path: Path, info: dict, res: dict) -> None:
     acc = res["accuracy"]
     table = format_table(res)
-    rows = "\n".join(f"| {name} | {got:+.3f} | {need:.2f} | {'met' if got >= need else f'**missed by {need - got:.3f}**'} |"
-                     for name, got, need in res["bars"])
     card = f"""# Embedded AnyRes VLM: stock LLaVA-NeXT with the real DINOv2-S tower, trained on vtprune's AnyRes scenes
 
 A small `LlavaNextForConditionalGeneration` (base view + AnyRes crops) shipped so that vtprune's main job
@@ -160,9 +151,7 @@ question's relevant tokens, padded with random others); per-view budgets (base v
 views) `equal` (the same budget for every view) or `crop_aware` (budget proportional to the view's
 relevant tokens), tokens drawn at random inside a view, or relevant-first inside a view (`_oracle`).
 
-| bar | measured | needed | |
-|---|---|---|---|
-{rows}
+{bars(acc, values=bar_values)}
 
 Full table (`python scripts/embedded_anyres_checks.py`):
 
