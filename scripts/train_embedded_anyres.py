@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -28,7 +27,8 @@ import torch
 torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_embedded import batch_tensors, cached_features, encode_sequence, forward_loss, patch_targets  # noqa: E402
+from train_embedded import (batch_tensors, cached_features, encode_sequence, fold_standardisation,  # noqa: E402
+                            forward_loss, make_optimizer, patch_targets, save_trained, train_step)
 from transformers import LlavaNextForConditionalGeneration, set_seed  # noqa: E402
 from vtprune.eval.embedded import anyres as A  # noqa: E402
 from vtprune.eval.embedded import generator as G  # noqa: E402
@@ -125,13 +125,8 @@ def main(argv=None):
     def visual(model, batch):  # batch: (list of (n_views, 64, C) features, list of sizes)
         return A.pack(model, [norm(v) for v in batch[0]], batch[1])
 
-    trainable = [p for n, p in model.named_parameters() if "vision_tower" not in n and p.requires_grad]
+    trainable, opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup, args.steps)
     n_trainable = sum(p.numel() for p in trainable)
-    opt = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": args.weight_decay},
-                             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / args.steps))))
     vocab = tok.get_vocab()
     img_id, eos_id, pad_id = vocab[M.IMAGE_TOKEN], tok.eos_token_id, tok.pad_token_id
 
@@ -163,14 +158,9 @@ def main(argv=None):
             aux[0, b, :n] = torch.where(on, torch.tensor(col), -100)
             aux[1, b, :n] = torch.where(on, torch.tensor(shp), -100)
         feats = ([tr_views[tr_off[i]:tr_off[i + 1]] for i in idx], [sizes_tr[i] for i in idx])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            loss = forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight, visual=visual)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        loss = train_step(lambda: forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight, visual=visual),
+                          opt, sched, trainable, args.bf16)
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if step % 25 == 0 or args.time_steps:
             log(f"step {step} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} ({(time.time() - t_train) / step:.2f}s/step,"
                 f" seq {ids.shape[1]})")
@@ -185,20 +175,12 @@ def main(argv=None):
         return 0
     train_wall = time.time() - t_train
     model.eval()
-    with torch.no_grad():  # fold the standardisation: W (x - mu) / sd + b = (W / sd) x + (b - (W / sd) mu)
-        lin = model.model.multi_modal_projector.linear_1
-        lin.weight.div_(sd[None, :])
-        lin.bias.sub_(lin.weight @ mu)
+    fold_standardisation(model, mu, sd)
     mu, sd = torch.zeros_like(mu), torch.ones_like(sd)
     acc_folded = val((("all", 1.0),))[0]
     log(f"val keep-all after folding the standardisation into linear_1: {acc_folded:.4f}")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if ".vision_tower." not in k}
-    model.save_pretrained(out, state_dict=state)
-    tok.save_pretrained(out)
-    processor.save_pretrained(out)
+    out = save_trained(model, tok, processor, args.out, torch.float16)
     info = {
         "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
         "schedule": "linear warm-up then cosine to 0", "clip": 1.0, "optimizer": "AdamW(0.9, 0.98)",
