@@ -69,18 +69,24 @@ def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=G.DEFAULT_
     return out
 
 
-def format_table(out: dict) -> str:
+def accuracy_lines(out: dict, budget: str = "tokens", width: int = 12) -> list[str]:
+    """The split's header, one row per ``mode@budget`` accuracy and the two priors, by question type."""
     acc = out["accuracy"]
     types = sorted(next(iter(acc.values()))["by_type"])
     lines = [f"held-out split: {out['n_questions']} questions on {out['n_images']} images "
              f"(random/oracle averaged over {out['repeats']} draws)",
-             f"{'selection':<12}{'tokens':>7}{'acc':>8}  " + "".join(f"{t:>9}" for t in types)]
+             f"{'selection':<{width}}{budget:>7}{'acc':>8}  " + "".join(f"{t:>9}" for t in types)]
     for key, v in acc.items():
         m, k = key.split("@")
-        lines.append(f"{m:<12}{k:>7}{v['acc']:>8.3f}  " + "".join(f"{v['by_type'][t]:>9.3f}" for t in types))
+        lines.append(f"{m:<{width}}{k:>7}{v['acc']:>8.3f}  " + "".join(f"{v['by_type'][t]:>9.3f}" for t in types))
     for name in ("prior_train_majority", "prior_heldout_majority"):
         p = out[name]
-        lines.append(f"{name:<19}{p['acc']:>8.3f}  " + "".join(f"{p['by_type'][t]:>9.3f}" for t in types))
+        lines.append(f"{name:<{width + 7}}{p['acc']:>8.3f}  " + "".join(f"{p['by_type'][t]:>9.3f}" for t in types))
+    return lines
+
+
+def format_table(out: dict) -> str:
+    lines = accuracy_lines(out)
     a = out["auroc_per_layer"]
     lines.append("attention-received AUROC per tower layer: " + " ".join(f"L{i}={x:.3f}" for i, x in enumerate(a))
                  + f"  (best L{int(np.argmax(a))}={max(a):.3f})")
@@ -97,9 +103,11 @@ def bar_values(acc: dict) -> list[tuple[str, float, float]]:
     ]
 
 
-def bars(acc: dict) -> str:
+def bars(acc: dict, values=bar_values) -> str:
+    """The bars as a markdown table; ``values(acc)`` gives (description, value, threshold) rows."""
     rows = ["| quality bar | measured | required | holds |", "|---|---|---|---|"]
-    rows += [f"| {d} | {v:.3f} | >= {t:.2f} | {'yes' if v >= t else '**no**'} |" for d, v, t in bar_values(acc)]
+    rows += [f"| {d} | {v:.3f} | >= {t:.2f} | {'yes' if v >= t else f'**no** (short by {t - v:.3f})'} |"
+             for d, v, t in values(acc)]
     return "\n".join(rows)
 
 

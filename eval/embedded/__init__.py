@@ -5,12 +5,16 @@
   projector + small Llama trained on the procedural benchmark (``assets/embedded/model``).
 * ``BENCH_DIR``: the shipped held-out split (``questions.jsonl``, ``scenes.jsonl``, ``images/``);
   ``load_split()`` reads it. See ``assets/embedded/README.md`` for the format.
-* ``MODELS["embedded"]``: the short name under which the model is loaded.
+* ``load_embedded_anyres()``: the AnyRes sibling, a stock ``LlavaNextForConditionalGeneration`` (same tower,
+  base view + 1x1/1x2/2x1/2x2 crops of 112 px; ``assets/embedded-anyres/``); its benchmark, scenes and
+  visual-token order: ``vtprune.eval.embedded.anyres`` (``anyres.DEFAULT_BENCH_DIR``).
+* ``MODELS``: the short names under which the models are loaded (``embedded``, ``embedded-anyres``).
 """
 from .generator import DEFAULT_BENCH_DIR as BENCH_DIR
 from .generator import load_split, write_split
-from .load import MODEL_DIR, load_embedded
+from .load import ANYRES_MODEL_DIR, MODEL_DIR, load_embedded, load_embedded_anyres
 
-MODELS = {"embedded": load_embedded}
+MODELS = {"embedded": load_embedded, "embedded-anyres": load_embedded_anyres}
 
-__all__ = ["BENCH_DIR", "MODELS", "MODEL_DIR", "load_embedded", "load_split", "write_split"]
+__all__ = ["ANYRES_MODEL_DIR", "BENCH_DIR", "MODELS", "MODEL_DIR", "load_embedded", "load_embedded_anyres",
+           "load_split", "write_split"]

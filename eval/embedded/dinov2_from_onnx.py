@@ -200,11 +200,24 @@ def ensure_dinov2_state_dict(cache_dir: str | os.PathLike | None = None) -> Path
 
 
 def build_dinov2(cache_dir: str | os.PathLike | None = None, image_size: int = 518):
-    """Return the real, pretrained DINOv2 ViT-S/14 as a ``transformers.Dinov2Model`` in eval mode."""
+    """Return the real, pretrained DINOv2 ViT-S/14 as a ``transformers.Dinov2Model`` in eval mode.
+
+    ``image_size`` other than the native 518 (37x37 position table) gets the table resized by the
+    model's own ``interpolate_pos_encoding`` (bicubic), i.e. exactly the table the 518 model uses at
+    run time for ``image_size`` px inputs: both give the same features at that size."""
     from safetensors.torch import load_file
     from transformers import Dinov2Model
 
     path = ensure_dinov2_state_dict(cache_dir)
-    model = Dinov2Model(dinov2_small_config(image_size))
+    model = Dinov2Model(dinov2_small_config())
     model.load_state_dict(load_file(str(path)), strict=True)
-    return model.eval()
+    if image_size == model.config.image_size:
+        return model.eval()
+    sd = model.state_dict()
+    n = (image_size // model.config.patch_size) ** 2
+    with torch.no_grad():
+        sd["embeddings.position_embeddings"] = model.embeddings.interpolate_pos_encoding(
+            torch.zeros(1, n + 1, model.config.hidden_size), image_size, image_size).clone()
+    resized = Dinov2Model(dinov2_small_config(image_size))
+    resized.load_state_dict(sd, strict=True)
+    return resized.eval()

@@ -68,14 +68,21 @@ def answer_batch(model, tokenizer, feats_kept: list[torch.Tensor], questions: li
     return tokenizer.convert_ids_to_tokens(pred)
 
 
+def _select_record(mode: str, k: int, rec: dict, rng: np.random.Generator) -> list[int]:
+    return select_tokens(mode, k, rec["relevant_tokens"], rng)
+
+
 def evaluate(model, processor, records: list[dict], budgets=(("all", 64),), seed: int = 0, repeats: int = 1,
-             batch_size: int = 64, feats: torch.Tensor | None = None) -> dict:
+             batch_size: int = 64, feats: torch.Tensor | list[torch.Tensor] | None = None, select=None) -> dict:
     """Accuracy per (mode, k) overall and per question type.
 
     ``budgets``: iterable of (mode, k) with mode in all/random/oracle. Random draws are seeded per
-    (seed, repeat, question index) so results do not depend on batching. Returns
+    (seed, repeat, question index) so results do not depend on batching. ``feats``: per image (sorted
+    paths), its visual tokens ((n, D) each; computed when None). ``select(mode, k, record, rng) -> kept
+    indices`` replaces :func:`select_tokens` (other layouts, e.g. the AnyRes model). Returns
     ``{(mode, k): {"acc": float, "by_type": {...}, "n": int}}``.
     """
+    select = select or _select_record
     tok = processor.tokenizer
     paths = sorted({r["image_path"] for r in records})
     index = {p: i for i, p in enumerate(paths)}
@@ -84,13 +91,13 @@ def evaluate(model, processor, records: list[dict], budgets=(("all", 64),), seed
     results = {}
     for mode, k in budgets:
         correct, by_type = [], defaultdict(list)
-        for rep in range(repeats if mode in ("random", "oracle") else 1):
+        for rep in range(repeats if mode != "all" else 1):
             for b in range(0, len(records), batch_size):
                 chunk = records[b:b + batch_size]
                 kept = []
                 for j, r in enumerate(chunk):
                     rng = np.random.default_rng([seed, rep, b + j])
-                    idx = select_tokens(mode, k, r["relevant_tokens"], rng)
+                    idx = select(mode, k, r, rng)
                     kept.append(feats[index[r["image_path"]]][idx])
                 preds = answer_batch(model, tok, kept, [r["question"] for r in chunk])
                 for r, p in zip(chunk, preds):

@@ -256,36 +256,42 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def generate_split(seed: int, n_images: int, questions_per_image: int):
-    """Yield (scene, questions) pairs; deterministic in ``seed``."""
+def generate_split(seed: int, n_images: int, questions_per_image: int, make=None):
+    """Yield (scene, questions) pairs; deterministic in ``seed``. ``make(rng) -> Scene``: another scene
+    family (default :func:`make_scene`)."""
     rng = np.random.default_rng(seed)
     balance: dict = {}
     for _ in range(n_images):
-        scene = make_scene(rng)
+        scene = (make or make_scene)(rng)
         yield scene, make_questions(scene, questions_per_image, rng, balance=balance)
 
 
 def write_split(out_dir: str | Path = DEFAULT_BENCH_DIR, seed: int = HELDOUT_SEED, n_images: int = HELDOUT_IMAGES,
-                questions_per_image: int = HELDOUT_QUESTIONS_PER_IMAGE) -> Path:
-    """Write PNG images, ``questions.jsonl`` and ``scenes.jsonl`` to ``out_dir``; returns the questions path."""
+                questions_per_image: int = HELDOUT_QUESTIONS_PER_IMAGE, make=None, scene_info=None,
+                geometry: dict | None = None) -> Path:
+    """Write PNG images, ``questions.jsonl`` and ``scenes.jsonl`` to ``out_dir``; returns the questions path.
+
+    Another scene family passes ``make(rng) -> Scene``, ``scene_info(scene) -> (keys after "image" in its
+    scenes.jsonl record, keys appended to each question)`` and ``geometry`` (meta.json's geometry keys)."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     qlines, slines = [], []
-    for i, (scene, qs) in enumerate(generate_split(seed, n_images, questions_per_image)):
+    for i, (scene, qs) in enumerate(generate_split(seed, n_images, questions_per_image, make)):
         rel = f"images/{i:04d}.png"
         (out_dir / rel).write_bytes(png_bytes(scene.image))
+        s_keys, q_keys = scene_info(scene) if scene_info else ({"grid": [GRID, GRID]}, {})
         slines.append(json.dumps({
-            "image": rel, "grid": [GRID, GRID], "object_tokens": scene.object_tokens(),
-            "objects": [{k: v for k, v in asdict(o).items()} for o in scene.objects]}))
+            "image": rel, **s_keys, "object_tokens": scene.object_tokens(),
+            "objects": [asdict(o) for o in scene.objects]}))
         for j, q in enumerate(qs):
             qlines.append(json.dumps({"id": f"{i:04d}-{j}", "image": rel, "question": q["question"],
                                       "answer": q["answer"], "type": q["type"],
-                                      "relevant_tokens": list(q["relevant_tokens"])}))
+                                      "relevant_tokens": list(q["relevant_tokens"]), **q_keys}))
     (out_dir / "questions.jsonl").write_text("\n".join(qlines) + "\n")
     (out_dir / "scenes.jsonl").write_text("\n".join(slines) + "\n")
+    geometry = geometry or {"image_size": IMAGE_SIZE, "patch_size": PATCH, "grid": [GRID, GRID]}
     (out_dir / "meta.json").write_text(json.dumps({
-        "seed": seed, "n_images": n_images, "questions_per_image": questions_per_image,
-        "image_size": IMAGE_SIZE, "patch_size": PATCH, "grid": [GRID, GRID],
+        "seed": seed, "n_images": n_images, "questions_per_image": questions_per_image, **geometry,
         "question_types": list(QUESTION_TYPES)}, indent=1) + "\n")
     return out_dir / "questions.jsonl"
 

@@ -12,7 +12,7 @@ Config (YAML or a dict; unknown keys are errors, every error is a ``ValueError``
     models:                       # required, non-empty
       - name: tiny-llava          # required; the label used in records and plots
         builtin: tiny-llava       # a name of BUILTIN_MODELS: tiny-llava | tiny-llava_next | tiny-qwen2_vl |
-                                  # tiny-qwen2_5_vl | embedded (register_builtin adds more)
+                                  # tiny-qwen2_5_vl | embedded | embedded-anyres (register_builtin adds more)
       - name: llava-1.5-7b
         path: ${MODELS}/llava-1.5-7b-hf   # AutoModelForImageTextToText / AutoProcessor.from_pretrained
         hub: llava-hf/llava-1.5-7b-hf     # optional: the repository named in the download instructions

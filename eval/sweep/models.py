@@ -80,36 +80,46 @@ for _family in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
     _tiny(_family)
 
 
-def _embedded_dir() -> Path:
+#: builtin name -> (load.py attribute of its checkpoint folder, its loader, its training script)
+_EMBEDDED = {"embedded": ("MODEL_DIR", "load_embedded", "scripts/train_embedded.py"),
+             "embedded-anyres": ("ANYRES_MODEL_DIR", "load_embedded_anyres", "scripts/train_embedded_anyres.py")}
+
+
+def _embedded_dir(name: str = "embedded") -> Path:
     try:
-        from ..embedded.load import MODEL_DIR
+        from ..embedded import load as embedded_load
     except ImportError as exc:  # the embedded model is not part of this checkout
-        raise MissingAssetError(f"builtin model 'embedded' is not available in this checkout ({exc}); "
+        raise MissingAssetError(f"builtin model {name!r} is not available in this checkout ({exc}); "
                                 "use a 'tiny-*' builtin or a 'path' model") from exc
-    return Path(MODEL_DIR)
+    return Path(getattr(embedded_load, _EMBEDDED[name][0]))
 
 
-def _embedded_check() -> None:
-    if not (_embedded_dir() / "config.json").exists():
-        raise MissingAssetError(f"builtin model 'embedded': no checkpoint at {_embedded_dir()}; train it with "
-                                "`python scripts/train_embedded.py` (or use a 'tiny-*' builtin)")
+def _embedded_check(name: str = "embedded") -> None:
+    if not (_embedded_dir(name) / "config.json").exists():
+        raise MissingAssetError(f"builtin model {name!r}: no checkpoint at {_embedded_dir(name)}; train it with "
+                                f"`python {_EMBEDDED[name][2]}` (or use a 'tiny-*' builtin)")
 
 
-def _embedded_load(dtype):
-    from ..embedded import load_embedded
+def _embedded_load(dtype, name: str = "embedded"):
+    from ..embedded import load as embedded_load
 
-    return load_embedded(device="cpu", dtype=dtype)
+    return getattr(embedded_load, _EMBEDDED[name][1])(device="cpu", dtype=dtype)
 
 
 def _embedded_prompt(proc) -> PromptFn:
     from ..embedded.model import prompt as embedded_prompt
 
-    return lambda bench, s: embedded_prompt(s.question)  # the format the embedded model was trained on
+    return lambda bench, s: embedded_prompt(s.question)  # the format the embedded models were trained on
 
 
 register_builtin("embedded", _embedded_load, prompt=_embedded_prompt, check=_embedded_check,
                  skeleton=lambda: meta_model(_embedded_dir()),
                  description="the embedded default (DINOv2-S tower + small Llama trained on the embedded benchmark)")
+register_builtin("embedded-anyres", lambda dtype: _embedded_load(dtype, "embedded-anyres"), prompt=_embedded_prompt,
+                 check=lambda: _embedded_check("embedded-anyres"),
+                 skeleton=lambda: meta_model(_embedded_dir("embedded-anyres")),
+                 description="the embedded AnyRes model (LLaVA-NeXT: DINOv2-S tower, base view + 112 px crops, "
+                             "small Llama trained on assets/embedded-anyres/bench's scenes)")
 
 
 # ----------------------------------------------------------------------------------------------------
