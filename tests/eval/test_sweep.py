@@ -323,7 +323,8 @@ def test_config_forms_and_shipped_configs():
     cells = plan_cells(cfg, limit=3)
     assert len(cells) == 1 + 2 + 2 + 1 + 1 + 2 and len({c.key for c in cells}) == len(cells)
     assert all(c.identity["limit"] == 3 and c.ref_key == cells[0].key for c in cells)
-    for name, n in (("tiny.yaml", 2 * 7), ("embedded.yaml", 1 + 7 * 3)):
+    # embedded.yaml: the single-view model runs none + 16 methods x 3 budgets, the AnyRes one none + 7 x 3
+    for name, n in (("tiny.yaml", 2 * 7), ("embedded.yaml", (1 + 16 * 3) + (1 + 7 * 3))):
         c = load_config(REPO / "eval" / "configs" / name)
         assert len(plan_cells(c)) == n
     assert load_config(REPO / "eval" / "configs" / "embedded.yaml").models[0].builtin == "embedded"
