@@ -159,7 +159,7 @@ seed {info['data_seed']} with fresh questions sampled every step; progress valid
 scenes of seed {info['val_seed']}; final scores: the shipped held-out split `assets/embedded/bench/`
 (seed {G.HELDOUT_SEED}, {res['n_questions']} questions on {res['n_images']} images), never used in training.
 
-## Recipe (reproduce with `python scripts/train_embedded.py`)
+## Recipe (reproduce with the two commands in `scripts/train_embedded.py`'s docstring)
 Tower features computed once and cached (frozen tower). Sequences: image tokens, then up to twelve
 distinct questions (at most two per type, random order) each followed by its answer, then a listing turn naming every
 object (`list : small red circle , ... .`); loss on answers and listing words only. Training-only

@@ -1,9 +1,13 @@
 """Train the embedded VLM (projector + small Llama on top of the frozen real DINOv2-S) and write
 ``assets/embedded/model/`` and ``assets/embedded/MODEL_CARD.md``.
 
-Reproduces the committed checkpoint with the defaults:  python scripts/train_embedded.py
-(1 torch thread; ~20 min on a 2-core CPU, most of it training; the tower features are cached
-under ``assets/_cache/`` so a rerun skips their computation).
+Reproduces the committed checkpoint in two stages (1 torch thread; about 25 + 20 min on a 2-core CPU;
+the tower features are cached under ``assets/_cache/`` so a rerun skips their computation)::
+
+    python scripts/train_embedded.py --steps 1200 --out /tmp/e4 --no-final-eval        # stage 1: 4 layers
+    python scripts/train_embedded.py --init-from /tmp/e4 --layers 16 --extra-train-seeds 3 --n-extra 3000 \
+        --feat-noise 0.5 --attn-dropout 0.1 --steps 400 --lr 1e-3 --warmup 40 --val-every 100   # stage 2: 16 layers
+
 
 Data: scenes from ``vtprune.eval.embedded.generator`` with seed ``--data-seed`` (training) and
 ``--val-seed`` (validation used for progress only); the shipped held-out split (its own seed) is used
