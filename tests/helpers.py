@@ -13,11 +13,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
+from vtprune.policy import DecoderPolicy
 from vtprune.testing import BUILDERS, QWEN3_FAMILIES, make_inputs, tiny_images
 
 from oracles import last_logits, shortened_inputs
@@ -302,3 +305,22 @@ def image_features(family: str, inp) -> list[torch.Tensor]:
     model, _ = tiny(family)
     with torch.no_grad():
         return feats(model, family, inp)
+
+
+@dataclass
+class SignalRecorder(DecoderPolicy):
+    """Keeps every visual token at ``layer``; records the requested signals of each sample's view
+    (``kinds``: layer -> signal kinds, as ``signal_layers`` returns them)."""
+
+    name: ClassVar[str] = "signal_recorder"
+    layer: int = 2
+    keep: float = 1.0
+    kinds: dict = field(default_factory=dict)
+    seen: list = field(default_factory=list)
+
+    def signal_layers(self, num_layers):
+        return self.kinds
+
+    def select(self, layer, view, ctx):
+        self.seen.append({k: v.clone() for k, v in view.signals.items()})
+        return torch.nonzero(view.visual).flatten()

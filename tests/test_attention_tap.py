@@ -8,7 +8,7 @@ recomputed values.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
@@ -16,33 +16,14 @@ import torch
 
 import vtprune
 from vtprune.adapters.tap import TAP_NAME
-from vtprune.policy import DecoderPolicy
 from vtprune.testing import FAMILIES, HYBRID_FAMILIES
 
-from helpers import ATOL, batch, no_vtprune_hooks
+from helpers import ATOL, SignalRecorder, batch, no_vtprune_hooks
 from oracles import last_logits
 
 
-@dataclass
-class RowRecorder(DecoderPolicy):
-    """Keeps every visual token at ``layer``; records the view's signals."""
-
-    name: ClassVar[str] = "row_recorder"
-    layer: int = 2
-    keep: float = 1.0
-    kinds: dict = field(default_factory=dict)
-    seen: list = field(default_factory=list)
-
-    def signal_layers(self, num_layers):
-        return self.kinds
-
-    def select(self, layer, view, ctx):
-        self.seen.append({k: v.clone() for k, v in view.signals.items()})
-        return torch.nonzero(view.visual).flatten()
-
-
 def _run(model, inp, kinds, *, tap: bool):
-    rec = RowRecorder(kinds=kinds)
+    rec = SignalRecorder(kinds=kinds)
     h = vtprune.patch(model, rec)
     try:
         if not tap:
@@ -92,7 +73,7 @@ def test_pruning_layer_rows_are_not_deferred():
     attention then runs on the shortened sequence)."""
 
     @dataclass
-    class SameLayer(RowRecorder):
+    class SameLayer(SignalRecorder):
         name: ClassVar[str] = "same_layer_recorder"
 
     model, inp = batch("llava", 2)

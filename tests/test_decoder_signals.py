@@ -10,35 +10,14 @@ a left-padded batch, at ``forward`` and at ``generate``'s prefill.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
-
 import pytest
 import torch
 
 import vtprune
 from vtprune.signals import DECODER_SIGNALS
-from vtprune.policy import DecoderPolicy
 from vtprune.testing import FAMILIES
 
-from helpers import batch, layer_inputs
-
-@dataclass
-class Recorder(DecoderPolicy):
-    """Keeps every visual token at ``layer``; records the requested signals of each sample's view."""
-
-    name: ClassVar[str] = "recorder"
-    layer: int = 2
-    keep: float = 1.0
-    kinds: dict = field(default_factory=dict)
-    seen: list = field(default_factory=list)
-
-    def signal_layers(self, num_layers):
-        return self.kinds
-
-    def select(self, layer, view, ctx):
-        self.seen.append({k: v.clone() for k, v in view.signals.items()})
-        return torch.nonzero(view.visual).flatten()
+from helpers import SignalRecorder, batch, layer_inputs
 
 
 def _unpatched(model, inp, layer):
@@ -61,7 +40,7 @@ def test_registry_declares_the_kinds():
 def test_key_l1_and_final_norm_equal_the_unpatched_cache_and_states(family):
     model, inp = batch(family, 2)
     assert (inp["attention_mask"] == 0).any()
-    rec = Recorder(kinds={1: "key_l1", 2: "final_norm"})
+    rec = SignalRecorder(kinds={1: "key_l1", 2: "final_norm"})
     with vtprune.patch(model, rec), torch.no_grad():
         model(**inp)
         model.generate(**inp, max_new_tokens=2, do_sample=False)
