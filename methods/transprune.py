@@ -94,7 +94,7 @@ from torch import Tensor
 from vtprune.policy import Context, DecoderPolicy, DecoderView, Policy
 from vtprune.registry import register
 
-from ._common import ONE_D_POSITION_FAMILIES, score_dtype, stable_topk
+from ._common import ONE_D_POSITION_FAMILIES, score_dtype, stable_topk, view_images
 
 __all__ = [
     "HIGH_RATIOS",
@@ -443,15 +443,8 @@ class TransPrune(DecoderPolicy):
     def _images(self, view: DecoderView, layer: int) -> tuple[Tensor, list[tuple[Tensor, int]]]:
         """Current visual positions and, per image, (positions into ``vis``, quota ``n_{s+1}``)."""
         ratio = self.keep_ratios[self._stage(layer)]
-        vis = torch.nonzero(view.visual).flatten()
-        ids = view.image_id[vis]
-        n0 = view.signals["image_tokens_in@0"][vis]
-        out = []
-        for k in torch.unique(ids).tolist():
-            members = torch.nonzero(ids == k).flatten()
-            quota = stage_counts(int(n0[members[0]]), (ratio,))[1]
-            out.append((members, min(quota, members.numel())))
-        return vis, out
+        vis, images = view_images(view)
+        return vis, [(members, min(stage_counts(n0, (ratio,))[1], members.numel())) for members, n0 in images]
 
     def budget_view(self, view: DecoderView, layer: int) -> int:
         """Sum of the per-image quotas ``int(n_0^i * r_s)`` (capped at the tokens still present)."""
