@@ -477,7 +477,10 @@ def test_cli_reports_failed_cells_with_rc_1(bench, tmp_path, monkeypatch, capsys
 
 
 SLOW_CHILD = textwrap.dedent("""
-    import sys, time, torch
+    import signal, sys, time, torch
+    # a terminal delivers Ctrl-C to the foreground sweep; a test suite started in the background by a shell
+    # without job control hands its children SIGINT *ignored*, so restore Python's own handler here
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(1)
     from vtprune.eval import store as store_mod
     from vtprune.eval import cli
