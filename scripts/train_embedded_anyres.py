@@ -2,14 +2,15 @@
 frozen real DINOv2-S tower, a trained projector + image_newline + small Llama) and write
 ``assets/embedded-anyres/model/`` and its ``MODEL_CARD.md``.
 
-    python scripts/train_embedded_anyres.py        # 1 torch thread; ~35 min of training on a shared 2-core CPU
+    python scripts/train_embedded_anyres.py        # 1 torch thread; ~31 min of training on a shared 2-core CPU
 
 Data: scenes of ``vtprune.eval.embedded.anyres`` (seed ``--data-seed`` for training, ``--val-seed`` for
 progress only); the shipped held-out split (its own seed) is used only for the final scores. Sequences
 and losses are those of ``scripts/train_embedded.py`` (its functions are reused): the image's FULL packed
 visual-token sequence (base view, crops, newlines; no token is ever dropped), up to twelve questions with
 their answers and a listing turn; loss on answers and listing words, plus the per-visual-token naming
-auxiliary loss (``--aux-weight``). The tower is frozen, so its per-view features are computed once and
+auxiliary loss (``--aux-weight``, ``--aux-fields``: what lies on each visual token). The tower is frozen,
+so its per-view features are computed once and
 cached under ``$VTPRUNE_EMBEDDED_CACHE`` (or ``assets/_cache/``).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +29,9 @@ import torch
 torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_embedded import (batch_tensors, cached_features, encode_sequence, fold_standardisation,  # noqa: E402
-                            forward_loss, make_optimizer, patch_targets, save_trained, train_step)
+from train_embedded import (AUX_FIELDS, batch_tensors, cached_features, encode_sequence,  # noqa: E402
+                            fold_standardisation, forward_loss, make_optimizer, patch_targets, save_trained,
+                            train_step)
 from transformers import LlavaNextForConditionalGeneration, set_seed  # noqa: E402
 from vtprune.eval.embedded import anyres as A  # noqa: E402
 from vtprune.eval.embedded import generator as G  # noqa: E402
@@ -61,6 +64,12 @@ def image_size(scene) -> tuple[int, int]:
     return h, w
 
 
+def base_centre(o, size: tuple[int, int]) -> int:
+    """The base-view token holding the centre of object ``o`` of an image of ``size`` (h, w)."""
+    h, w = size
+    return min(o.center[1] * A.SIDE // h, A.SIDE - 1) * A.SIDE + min(o.center[0] * A.SIDE // w, A.SIDE - 1)
+
+
 def val_records(scenes, seed: int = 123) -> list[dict]:
     rng = np.random.default_rng(seed)
     recs = []
@@ -78,18 +87,20 @@ def main(argv=None):
     ap.add_argument("--data-seed", type=int, default=11)
     ap.add_argument("--val-seed", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0, help="init / batch-order seed")
-    ap.add_argument("--steps", type=int, default=1150)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--aux-weight", type=float, default=0.3)
+    ap.add_argument("--aux-weight", type=float, default=1.0)
+    ap.add_argument("--aux-fields", nargs="+", default=list(AUX_FIELDS), choices=AUX_FIELDS,
+                    help="per-patch naming targets (train_embedded.patch_targets; centre: the base-view token)")
     ap.add_argument("--layers", type=int, default=A.TEXT_KW["num_hidden_layers"])
     ap.add_argument("--heads", type=int, default=A.TEXT_KW["num_attention_heads"])
     ap.add_argument("--width", type=int, default=A.TEXT_KW["hidden_size"])
     ap.add_argument("--ffn", type=int, default=A.TEXT_KW["intermediate_size"])
     ap.add_argument("--bf16", type=int, default=1)
-    ap.add_argument("--max-minutes", type=float, default=36.0, help="hard stop of the training loop")
+    ap.add_argument("--max-minutes", type=float, default=55.0, help="hard stop of the training loop")
     ap.add_argument("--val-every", type=int, default=400)
     ap.add_argument("--time-steps", type=int, default=0, help="only time this many steps, save nothing")
     ap.add_argument("--no-final-eval", action="store_true")
@@ -151,12 +162,12 @@ def main(argv=None):
         n_tok = [len(A.token_views(*sizes_tr[i])) for i in idx]
         seqs = [encode_sequence(tr_scenes[i], rng, vocab, img_id, eos_id, n) for i, n in zip(idx, n_tok)]
         ids, lab, mask = batch_tensors(seqs, pad_id)
-        aux = torch.full((2,) + ids.shape, -100, dtype=torch.long)
+        aux = torch.full((len(args.aux_fields),) + ids.shape, -100, dtype=torch.long)
         for b, (i, n) in enumerate(zip(idx, n_tok)):
-            col, shp = patch_targets(tr_scenes[i], vocab, n=n)
+            targets = patch_targets(tr_scenes[i], vocab, n=n, fields=tuple(args.aux_fields),
+                                    centre_of=partial(base_centre, size=sizes_tr[i]))
             on = torch.from_numpy(A.token_views(*sizes_tr[i]) >= 0)  # no naming target on newline slots
-            aux[0, b, :n] = torch.where(on, torch.tensor(col), -100)
-            aux[1, b, :n] = torch.where(on, torch.tensor(shp), -100)
+            aux[:, b, :n] = torch.where(on, torch.tensor(targets), -100)
         feats = ([tr_views[tr_off[i]:tr_off[i + 1]] for i in idx], [sizes_tr[i] for i in idx])
         loss = train_step(lambda: forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight, visual=visual),
                           opt, sched, trainable, args.bf16)
@@ -185,7 +196,7 @@ def main(argv=None):
         "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
         "schedule": "linear warm-up then cosine to 0", "clip": 1.0, "optimizer": "AdamW(0.9, 0.98)",
         "bf16_autocast": bool(args.bf16), "seed": args.seed, "data_seed": args.data_seed, "val_seed": args.val_seed,
-        "aux_weight": args.aux_weight, "token_dropping": False, "text_width": args.width, "text_ffn": args.ffn,
+        "aux_weight": args.aux_weight, "aux_fields": args.aux_fields, "token_dropping": False, "text_width": args.width, "text_ffn": args.ffn,
         "text_layers": args.layers, "text_heads": args.heads, "n_train_images": args.n_train,
         "n_val_images": args.n_val, "n_train_views": int(len(tr_views)), "trainable_parameters": n_trainable,
         "train_wall_s": round(train_wall, 1), "feature_wall_s": round(t_tr + t_va, 1),
