@@ -69,8 +69,9 @@ def test_shipped_split_format():
 
 
 def test_embedded_checkpoint_accuracy():
-    """Regression guard on the committed checkpoint (its card: keep-all 0.760, random@8 0.523, oracle@8 0.683 on
-    the whole shipped split): keep-all >= 0.70, random pruning to 12.5 % hurts, the oracle beats random."""
+    """Regression guard on the committed checkpoint (its card: keep-all 0.976, random@8 0.562, oracle@8 0.710 on
+    the whole shipped split, 3 draws): keep-all >= 0.90, random pruning to 12.5 % costs >= 30 points, the oracle
+    beats random."""
     from vtprune.eval.embedded import load_embedded
     from vtprune.eval.embedded.evaluate import evaluate
 
@@ -80,8 +81,8 @@ def test_embedded_checkpoint_accuracy():
     res = evaluate(model, processor, recs, budgets=(("all", 64), ("random", 8), ("oracle", 8)))
     keep_all, rnd, orc = (res[k]["acc"] for k in (("all", 64), ("random", 8), ("oracle", 8)))
     print(f"keep-all {keep_all:.3f}  random@8 {rnd:.3f}  oracle@8 {orc:.3f}  ({time.time() - t0:.0f}s)")
-    assert keep_all >= 0.70, res[("all", 64)]
-    assert rnd <= keep_all - 0.15, (keep_all, rnd)
+    assert keep_all >= 0.90, res[("all", 64)]
+    assert rnd <= keep_all - 0.30, (keep_all, rnd)
     assert orc >= rnd + 0.10, (orc, rnd)
 
 

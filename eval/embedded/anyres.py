@@ -57,7 +57,7 @@ HELDOUT_SEED = 20240611
 HELDOUT_IMAGES = 150
 HELDOUT_QUESTIONS_PER_IMAGE = 4
 
-TEXT_KW = dict(M.TEXT_KW, hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+TEXT_KW = dict(M.TEXT_KW, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=4, max_position_embeddings=MAX_TEXT)
 
 
