@@ -27,7 +27,7 @@ from vtprune.eval.embedded.evaluate import answer_prior, evaluate  # noqa: E402
 from vtprune.eval.embedded.load import load_embedded_anyres  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embedded_checks import accuracy_lines, aux_targets, bars  # noqa: E402
+from embedded_checks import accuracy_lines, aux_targets, bars, scores  # noqa: E402
 
 BUDGETS = (("all", 1.0), ("random", 0.25), ("oracle", 0.25), ("random", 0.125), ("oracle", 0.125),
            ("equal", 0.25), ("crop_aware", 0.25), ("equal_oracle", 0.25), ("crop_aware_oracle", 0.25))
@@ -62,7 +62,7 @@ def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=A.DEFAULT_
     feats = A.image_features(model, processor, [Image.open(p).convert("RGB") for p in paths])
     res = evaluate(model, processor, records, budgets=BUDGETS, repeats=repeats, feats=feats, select=A.select_record)
     out = {"n_questions": len(records), "n_images": len(paths), "repeats": repeats,
-           "accuracy": {f"{m}@{f}": v for (m, f), v in res.items()},
+           "accuracy": {f"{m}@{f}": scores(v) for (m, f), v in res.items()},
            "prior_heldout_majority": answer_prior(records),
            "prior_train_majority": answer_prior(records, train_prior_records()),
            "wall_s": {"load": round(t1 - t0, 1), "eval": round(time.time() - t1, 1)}}

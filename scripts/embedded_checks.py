@@ -42,24 +42,17 @@ def train_prior_records(seed: int = 1, n_images: int = 2000) -> list[dict]:
     return recs
 
 
-@torch.no_grad()
-def count_bias(model, processor, records: list[dict], feats, budgets=BUDGETS, repeats: int = 3) -> dict:
-    """Mean signed error (predicted minus true count) of the ``count`` questions per ``mode@k``, with the
-    draws of :func:`evaluate` (seeded per repeat and question); answers that are not numbers count as 0."""
-    from vtprune.eval.embedded.evaluate import answer_batch, select_tokens
+def scores(v: dict) -> dict:
+    """One :func:`evaluate` entry without its per-question predictions (what the checks report)."""
+    return {key: x for key, x in v.items() if key != "preds"}
 
-    recs = [(j, r) for j, r in enumerate(records) if r["type"] == "count"]
-    index = {p: i for i, p in enumerate(sorted({r["image_path"] for r in records}))}
-    out = {}
-    for mode, k in budgets:
-        errs = []
-        for rep in range(repeats if mode != "all" else 1):
-            kept = [feats[index[r["image_path"]]][select_tokens(mode, k, r["relevant_tokens"],
-                                                                np.random.default_rng([0, rep, j]))] for j, r in recs]
-            preds = answer_batch(model, processor.tokenizer, kept, [r["question"] for _, r in recs])
-            errs += [(int(p) if p.isdigit() else 0) - int(r["answer"]) for p, (_, r) in zip(preds, recs)]
-        out[f"{mode}@{k}"] = float(np.mean(errs))
-    return out
+
+def count_bias(res: dict, records: list[dict]) -> dict:
+    """Mean signed error (predicted minus true count) of the ``count`` questions per ``mode@k`` of an
+    :func:`evaluate` result (every draw); answers that are not numbers count as 0."""
+    return {f"{m}@{k}": float(np.mean([(int(p) if p.isdigit() else 0) - int(records[i]["answer"])
+                                       for i, p in v["preds"] if records[i]["type"] == "count"]))
+            for (m, k), v in res.items()}
 
 
 def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=G.DEFAULT_BENCH_DIR) -> dict:
@@ -73,14 +66,14 @@ def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=G.DEFAULT_
     paths = sorted({r["image_path"] for r in records})
     feats = image_features(model, processor, [Image.open(p).convert("RGB") for p in paths])
     res = evaluate(model, processor, records, budgets=BUDGETS, repeats=repeats, feats=feats)
-    bias = count_bias(model, processor, records, feats, repeats=repeats)
+    bias = count_bias(res, records)
     t_eval = time.time() - t1
     t2 = time.time()
     auroc = attention_auroc(model.model.vision_tower, processor, bench_dir)
     t_auroc = time.time() - t2
     out = {
         "n_questions": len(records), "n_images": len(paths), "repeats": repeats,
-        "accuracy": {f"{m}@{k}": v for (m, k), v in res.items()},
+        "accuracy": {f"{m}@{k}": scores(v) for (m, k), v in res.items()},
         "prior_heldout_majority": answer_prior(records),
         "prior_train_majority": answer_prior(records, train_prior_records()),
         "auroc_per_layer": auroc,

@@ -80,7 +80,8 @@ def evaluate(model, processor, records: list[dict], budgets=(("all", 64),), seed
     (seed, repeat, question index) so results do not depend on batching. ``feats``: per image (sorted
     paths), its visual tokens ((n, D) each; computed when None). ``select(mode, k, record, rng) -> kept
     indices`` replaces :func:`select_tokens` (other layouts, e.g. the AnyRes model). Returns
-    ``{(mode, k): {"acc": float, "by_type": {...}, "n": int}}``.
+    ``{(mode, k): {"acc": float, "by_type": {...}, "n": int, "preds": [(record index, predicted word), ...]}}``
+    (``preds`` in evaluation order, every draw).
     """
     select = select or _select_record
     tok = processor.tokenizer
@@ -90,7 +91,7 @@ def evaluate(model, processor, records: list[dict], budgets=(("all", 64),), seed
         feats = image_features(model, processor, [Image.open(p).convert("RGB") for p in paths])
     results = {}
     for mode, k in budgets:
-        correct, by_type = [], defaultdict(list)
+        correct, by_type, predictions = [], defaultdict(list), []
         for rep in range(repeats if mode != "all" else 1):
             for b in range(0, len(records), batch_size):
                 chunk = records[b:b + batch_size]
@@ -100,11 +101,12 @@ def evaluate(model, processor, records: list[dict], budgets=(("all", 64),), seed
                     idx = select(mode, k, r, rng)
                     kept.append(feats[index[r["image_path"]]][idx])
                 preds = answer_batch(model, tok, kept, [r["question"] for r in chunk])
-                for r, p in zip(chunk, preds):
+                for j, (r, p) in enumerate(zip(chunk, preds)):
                     ok = float(p == r["answer"])
                     correct.append(ok)
                     by_type[r["type"]].append(ok)
-        results[(mode, k)] = {"acc": float(np.mean(correct)), "n": len(correct),
+                    predictions.append((b + j, p))
+        results[(mode, k)] = {"acc": float(np.mean(correct)), "n": len(correct), "preds": predictions,
                               "by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())}}
     return results
 
