@@ -171,9 +171,10 @@ def project(model, feats: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def forward_loss(model, feats, ids, lab, mask, aux=None, aux_weight=0.0, visual=None):
     """Answer loss (+ optional training-only auxiliary loss: at each visual token, the LM head should name
-    the colour and the shape of the object on that patch, or the background word).
+    what lies on that patch, :func:`patch_targets`, or the background word).
 
-    ``feats``: (B, 64, 384) standardised tower features (every sequence keeps all of its visual tokens);
+    ``feats``: standardised tower features, (B, 64, 384) or, with ``visual``, whatever it takes (e.g. a list
+    of (n_i, 384), one per image: :func:`project`); every sequence keeps all of its visual tokens;
     ``aux``: (k, B, L) per-token target words (:func:`patch_targets`' fields), -100 off image tokens; the
     auxiliary loss is their mean cross-entropy;
     ``visual(model, feats) -> [(n_i, D)]``: the visual tokens of each sequence (default: the projector)."""
