@@ -97,13 +97,12 @@ def at_resolution(scene: G.Scene, size: int) -> tuple[G.Scene, int]:
 
 def object_tokens_at(o: G.Obj, size: int) -> list[int]:
     """The patch tokens of object ``o`` in its image resized to ``size`` px (see :func:`at_resolution`)."""
-    g = size // G.PATCH
     m = Image.new("L", (G.IMAGE_SIZE, G.IMAGE_SIZE), 0)
     G._draw_shape(ImageDraw.Draw(m), o.shape, *o.center, G.SIZES[o.size], 255)
     if size != G.IMAGE_SIZE:
         m = m.resize((size, size), Image.BILINEAR)
-    cover = (np.asarray(m, dtype=np.float64) / 255.0).reshape(g, G.PATCH, g, G.PATCH).mean(axis=(1, 3)).reshape(-1)
-    return sorted(set(np.flatnonzero(cover >= G.MIN_COVER).tolist()) | {centre_token(o, size)})
+    cx, cy = (c * size // G.IMAGE_SIZE for c in o.center)
+    return G.mask_tokens(np.asarray(m, dtype=np.float64) / 255.0, cx, cy)
 
 
 def encode_sequence(scene: G.Scene, rng: np.random.Generator, vocab: dict, img_id: int, eos_id: int, n_img: int,
@@ -141,9 +140,8 @@ AUX_FIELDS = ("color", "shape", "size", "quadrant", "centre")
 def centre_token(o: G.Obj, size: int = G.IMAGE_SIZE) -> int:
     """The visual token (raster index on the patch grid of the image at ``size`` px) holding the centre of
     object ``o``."""
-    g = size // G.PATCH
-    x, y = (o.center[0] * size) // G.IMAGE_SIZE, (o.center[1] * size) // G.IMAGE_SIZE
-    return min(y // G.PATCH, g - 1) * g + min(x // G.PATCH, g - 1)
+    x, y = (c * size // G.IMAGE_SIZE for c in o.center)
+    return G.patch_index(x, y, size // G.PATCH)
 
 
 def patch_targets(scene: G.Scene, vocab: dict, bg_word: str = ".", n: int = M.N_IMAGE_TOKENS,

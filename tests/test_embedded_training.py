@@ -54,7 +54,6 @@ def test_anyres_targets_and_base_view_centres():
         assert all(centre_of(o) < A.SIDE * A.SIDE for o in scene.objects)  # the base view's tokens
 
 
-
 def test_tokens_at_the_native_size_are_the_generators():
     """object_tokens_at reproduces the generator's own rule at 112 px, so other sizes use the same rule."""
     for scene in T.scenes_for(4, 60):

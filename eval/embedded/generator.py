@@ -110,10 +110,18 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, h: int,
         raise ValueError(shape)
 
 
-def _mask_tokens(mask: np.ndarray, cx: int, cy: int) -> list[int]:
-    cover = mask.reshape(GRID, PATCH, GRID, PATCH).mean(axis=(1, 3))
+def patch_index(x: int, y: int, grid: int = GRID) -> int:
+    """Raster index of the patch holding pixel (x, y) on a ``grid`` x ``grid`` patch grid."""
+    return int(min(y // PATCH, grid - 1) * grid + min(x // PATCH, grid - 1))
+
+
+def mask_tokens(mask: np.ndarray, cx: int, cy: int) -> list[int]:
+    """An object's visual tokens: the patches its pixel ``mask`` ((h, h), bool or coverage in [0, 1], h a
+    multiple of ``PATCH``) covers at least ``MIN_COVER`` of, plus the patch holding its centre (cx, cy)."""
+    grid = mask.shape[0] // PATCH
+    cover = mask.reshape(grid, PATCH, grid, PATCH).mean(axis=(1, 3))
     toks = set(np.flatnonzero(cover.reshape(-1) >= MIN_COVER).tolist())
-    toks.add(int(min(cy // PATCH, GRID - 1) * GRID + min(cx // PATCH, GRID - 1)))
+    toks.add(patch_index(cx, cy, grid))
     return sorted(toks)
 
 
@@ -145,7 +153,7 @@ def make_scene(rng: np.random.Generator) -> Scene:
         _draw_shape(draw, shape, cx, cy, h, fill)
         m = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
         _draw_shape(ImageDraw.Draw(m), shape, cx, cy, h, 255)
-        toks = _mask_tokens(np.asarray(m) > 0, cx, cy)
+        toks = mask_tokens(np.asarray(m) > 0, cx, cy)
         objs.append(Obj(color, shape, size, (r, c), (cx, cy), toks))
     return Scene(objs, img)
 
