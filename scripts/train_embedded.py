@@ -52,11 +52,12 @@ def scenes_for(seed: int, n: int) -> list[G.Scene]:
 @torch.no_grad()
 def tower_features(tower, processor, scenes, layer: int, batch: int = 64, log=print, size: int = G.IMAGE_SIZE) -> torch.Tensor:
     """(n, (size / 14)^2, 384) float16 hidden states of tower block ``layer`` (CLS dropped) of the scenes'
-    images resized to ``size`` px (the tower interpolates its position table)."""
+    images resized to ``size`` px unless they have that size already (the tower interpolates its position
+    table)."""
     out = []
     t0 = time.time()
     for i in range(0, len(scenes), batch):
-        imgs = [s.image if size == G.IMAGE_SIZE else s.image.resize((size, size), Image.BICUBIC)
+        imgs = [s.image if s.image.size == (size, size) else s.image.resize((size, size), Image.BICUBIC)
                 for s in scenes[i:i + batch]]
         pv = processor.image_processor(images=imgs, size={"height": size, "width": size},
                                        crop_size={"height": size, "width": size}, return_tensors="pt").pixel_values
@@ -97,12 +98,82 @@ def at_resolution(scene: G.Scene, size: int) -> tuple[G.Scene, int]:
 
 def object_tokens_at(o: G.Obj, size: int) -> list[int]:
     """The patch tokens of object ``o`` in its image resized to ``size`` px (see :func:`at_resolution`)."""
-    m = Image.new("L", (G.IMAGE_SIZE, G.IMAGE_SIZE), 0)
-    G._draw_shape(ImageDraw.Draw(m), o.shape, *o.center, G.SIZES[o.size], 255)
+    m = object_mask(o)
     if size != G.IMAGE_SIZE:
         m = m.resize((size, size), Image.BILINEAR)
     cx, cy = (c * size // G.IMAGE_SIZE for c in o.center)
     return G.mask_tokens(np.asarray(m, dtype=np.float64) / 255.0, cx, cy)
+
+
+def on_canvas(scene: G.Scene, size: int, rng: np.random.Generator) -> G.Scene:
+    """``scene`` centred on a ``size`` px canvas (``size - 112`` a multiple of 28, so the patch grids align):
+    the objects keep their pixel size and their answers (centring keeps every quadrant), their ``center``
+    and ``tokens`` move onto the canvas and its (size / 14)^2 patch grid; the margin continues the scene's
+    background (each row's median colour, the top and bottom rows' beyond the scene, plus the generator's
+    noise). More background around the same objects: the number of visual tokens stops telling how many
+    objects there are (a model trained at one size counts matching tokens relative to all of them)."""
+    if (size - G.IMAGE_SIZE) % (2 * G.PATCH) or size < G.IMAGE_SIZE:
+        raise ValueError(f"canvas size {size}: must exceed {G.IMAGE_SIZE} by a multiple of {2 * G.PATCH} px")
+    a = np.asarray(scene.image, dtype=np.float64)
+    off, g = (size - G.IMAGE_SIZE) // 2, size // G.PATCH
+    rows = np.median(a, axis=1)  # (112, 3): the background's tint and gradient, row by row
+    rows = np.concatenate([np.repeat(rows[:1], off, 0), rows, np.repeat(rows[-1:], off, 0)])
+    canvas = rows[:, None, :] + rng.normal(0, 4, size=(size, size, 3))
+    canvas[off:off + G.IMAGE_SIZE, off:off + G.IMAGE_SIZE] = a
+    d = off // G.PATCH
+    shift = lambda t: (t // G.GRID + d) * g + t % G.GRID + d
+    objs = [dataclasses.replace(o, center=(o.center[0] + off, o.center[1] + off), tokens=[shift(t) for t in o.tokens])
+            for o in scene.objects]
+    return G.Scene(objs, Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB"))
+
+
+CROP_CELLS = 2  # a crop view is CROP_CELLS x CROP_CELLS layout cells: 56 px, 4 x 4 = 16 visual tokens
+
+
+def crop_view(scene: G.Scene) -> G.Scene | None:
+    """The ``CROP_CELLS`` x ``CROP_CELLS``-cell window of ``scene`` (56 px, cut on cell borders, which no object
+    crosses) holding all of its objects, as a scene of its own (None when no window holds them all): the
+    objects keep their pixel size; ``tokens`` and ``center`` move onto the crop; ``cell`` becomes the cell
+    on the crop's own grid, spread over the 4 x 4 layout grid (x 2), so that ``quadrant`` (hence the position
+    answers) is the quadrant of the crop and the listing order is unchanged. Little background around the
+    objects: with :func:`on_canvas`, the share of object tokens spans both sides of the native image's."""
+    rows = [o.cell[0] for o in scene.objects]
+    cols = [o.cell[1] for o in scene.objects]
+    if max(rows) - min(rows) >= CROP_CELLS or max(cols) - min(cols) >= CROP_CELLS:
+        return None
+    r0, c0 = min(min(rows), G.CELLS - CROP_CELLS), min(min(cols), G.CELLS - CROP_CELLS)
+    px, grid = CROP_CELLS * G.CELL, CROP_CELLS * G.CELL // G.PATCH
+    x0, y0 = c0 * G.CELL, r0 * G.CELL
+    d = G.CELL // G.PATCH  # patches per cell
+    move = lambda t: (t // G.GRID - r0 * d) * grid + t % G.GRID - c0 * d
+    scale = G.CELLS // CROP_CELLS
+    objs = [dataclasses.replace(o, cell=((o.cell[0] - r0) * scale, (o.cell[1] - c0) * scale),
+                                center=(o.center[0] - x0, o.center[1] - y0), tokens=[move(t) for t in o.tokens])
+            for o in scene.objects]
+    return G.Scene(objs, scene.image.crop((x0, y0, x0 + px, y0 + px)))
+
+
+def crop_scenes(seed: int, n: int) -> list[G.Scene]:
+    """The first ``n`` crop views (:func:`crop_view`) of the scenes drawn with ``seed`` (scenes whose objects
+    no window holds are skipped)."""
+    rng, out = np.random.default_rng(seed), []
+    while len(out) < n:
+        v = crop_view(G.make_scene(rng))
+        if v is not None:
+            out.append(v)
+    return out
+
+
+def canvas_centre_token(o: G.Obj, size: int) -> int:
+    """The token holding the centre of an object of an :func:`on_canvas` scene (its ``center`` is on the canvas)."""
+    return G.patch_index(*o.center, size // G.PATCH)
+
+
+def object_mask(o: G.Obj) -> Image.Image:
+    """The 112 x 112 ``L`` mask (255 on the object) of object ``o`` of a generator scene."""
+    m = Image.new("L", (G.IMAGE_SIZE, G.IMAGE_SIZE), 0)
+    G._draw_shape(ImageDraw.Draw(m), o.shape, *o.center, G.SIZES[o.size], 255)
+    return m
 
 
 def encode_sequence(scene: G.Scene, rng: np.random.Generator, vocab: dict, img_id: int, eos_id: int, n_img: int,
@@ -329,6 +400,13 @@ def main(argv=None):
                     help="also train on the first --n-train scenes resized to these sizes (multiples of 14 px; the "
                          "tower interpolates its position table): every image keeps all of its tokens, their number "
                          "varies with the size, as in variable-resolution VLM training")
+    ap.add_argument("--pad-sizes", type=int, nargs="*", default=[],
+                    help="also train on the first --n-pad scenes centred on canvases of these sizes (112 + a multiple "
+                         "of 28 px; see on_canvas): same objects, more background, all tokens kept")
+    ap.add_argument("--n-pad", type=int, default=3000)
+    ap.add_argument("--crop-views", type=int, default=0,
+                    help="also train on this many 56 px crop views (crop_view) of scenes of seed --crop-seed")
+    ap.add_argument("--crop-seed", type=int, default=5)
     ap.add_argument("--feat-noise", type=float, default=0.0,
                     help="training-only Gaussian noise on the tower features, in units of each dimension's sd")
     ap.add_argument("--attn-dropout", type=float, default=0.0, help="attention dropout of the LLM while training")
@@ -375,15 +453,33 @@ def main(argv=None):
         tr_scenes, tr_feats, t_feat_tr = tr_scenes + sc, torch.cat([tr_feats, fe]), t_feat_tr + t
     va_scenes, va_feats, t_feat_va = cached_features("val", args.val_seed, args.n_val, layer_abs,
                                                      model.model.vision_tower, processor, log)
-    # the first --n-train scenes also at other image sizes (each a full image: every one of its tokens kept)
-    sized = {G.IMAGE_SIZE: (tr_feats, tr_scenes)}
+    # views of the training scenes, each a full image (every one of its tokens kept), keyed by (kind, px):
+    # (features, scenes, centre_of) with kind "resized" (the first --n-train scenes at other image sizes) or
+    # "canvas" (the first --n-pad scenes centred on bigger canvases)
+    views = {("resized", G.IMAGE_SIZE): (tr_feats, tr_scenes, partial(centre_token, size=G.IMAGE_SIZE))}
     for size in args.extra_sizes:
         _, fe, t = cached_features(f"train_px{size}", args.data_seed, args.n_train, layer_abs, model.model.vision_tower,
                                    processor, log, compute=partial(tower_features, size=size))
-        sized[size] = (fe, [at_resolution(s, size)[0] for s in tr_scenes[:args.n_train]])
+        views[("resized", size)] = (fe, [at_resolution(s, size)[0] for s in tr_scenes[:args.n_train]],
+                                    partial(centre_token, size=size))
         t_feat_tr += t
-    log(f"features ready (computation took {t_feat_tr + t_feat_va:.0f}s); train {tuple(tr_feats.shape)}"
-        + "".join(f", {size} px {tuple(fe.shape)}" for size, (fe, _) in sized.items() if size != G.IMAGE_SIZE))
+    for size in args.pad_sizes:
+        canvas = lambda seed, n, size=size: [on_canvas(s, size, np.random.default_rng([seed, i, size]))
+                                             for i, s in enumerate(scenes_for(seed, n))]
+        sc, fe, t = cached_features(f"train_canvas{size}", args.data_seed, args.n_pad, layer_abs,
+                                    model.model.vision_tower, processor, log, make_scenes=canvas,
+                                    compute=partial(tower_features, size=size))
+        views[("canvas", size)] = (fe, sc, partial(canvas_centre_token, size=size))
+        t_feat_tr += t
+    if args.crop_views:
+        px = CROP_CELLS * G.CELL
+        sc, fe, t = cached_features(f"train_crop{px}", args.crop_seed, args.crop_views, layer_abs,
+                                    model.model.vision_tower, processor, log, make_scenes=crop_scenes,
+                                    compute=partial(tower_features, size=px))
+        views[("crop", px)] = (fe, sc, partial(canvas_centre_token, size=px))
+        t_feat_tr += t
+    log(f"features ready (computation took {t_feat_tr + t_feat_va:.0f}s); "
+        + ", ".join(f"{kind} {size} px {tuple(fe.shape)}" for (kind, size), (fe, _, _) in views.items()))
 
     mu, sd = feature_stats(tr_feats)  # per dimension: the noise scale, and the standardisation if asked
     feat_sd = sd
@@ -403,21 +499,22 @@ def main(argv=None):
     history, step, ema = [], 0, None
     for step in range(1, args.steps + 1):
         idx = rng.choice(len(tr_scenes), size=args.batch, replace=False)
-        # image size per sequence: uniform over the sizes a scene has features for
-        sizes = [int(rng.choice(list(sized))) if i < args.n_train else G.IMAGE_SIZE for i in idx]
-        scenes = [sized[z][1][i] for i, z in zip(idx, sizes)]
-        n_img = [(z // G.PATCH) ** 2 for z in sizes]
+        # view per sequence: uniform over the views a scene has (one draw per scene of the first --n-train)
+        keys = [[k for k, v in views.items() if i < len(v[1])] for i in idx]
+        keys = [ks[int(rng.choice(len(ks)))] if i < args.n_train else ks[0] for i, ks in zip(idx, keys)]
+        scenes = [views[k][1][i] for i, k in zip(idx, keys)]
+        n_img = [(size // G.PATCH) ** 2 for _, size in keys]
         seqs = [encode_sequence(sc, rng, vocab, img_id, eos_id, n) for sc, n in zip(scenes, n_img)]
         ids, lab, mask = batch_tensors(seqs, pad_id)
-        feats = [norm(sized[z][0][i]) for i, z in zip(idx, sizes)]
+        feats = [norm(views[k][0][i]) for i, k in zip(idx, keys)]
         if args.feat_noise > 0:  # Gaussian noise on every feature (all tokens kept), in units of its dimension's sd
             feats = [f + torch.randn(f.shape, generator=noise_gen) * (args.feat_noise * feat_sd / sd) for f in feats]
         aux = None
         if args.aux_weight > 0:
             aux = torch.full((len(args.aux_fields),) + ids.shape, -100, dtype=torch.long)
-            for b, (sc, n, z) in enumerate(zip(scenes, n_img, sizes)):
+            for b, (sc, n, k) in enumerate(zip(scenes, n_img, keys)):
                 aux[:, b, :n] = torch.tensor(patch_targets(sc, vocab, n=n, fields=tuple(args.aux_fields),
-                                                           centre_of=partial(centre_token, size=z)))
+                                                           centre_of=views[k][2]))
         loss = train_step(lambda: forward_loss(model, feats, ids, lab, mask, aux, args.aux_weight, visual=project),
                           opt, sched, trainable, args.bf16)
         ema = loss if ema is None else 0.98 * ema + 0.02 * loss
@@ -451,6 +548,8 @@ def main(argv=None):
         "text_layers": args.layers, "text_heads": args.heads,
         "grow_mode": args.grow_mode if args.init_from else None,
         "extra_train_seeds": args.extra_train_seeds, "n_extra": args.n_extra, "feat_noise": args.feat_noise, "extra_sizes": args.extra_sizes,
+        "pad_sizes": args.pad_sizes, "n_pad": args.n_pad if args.pad_sizes else 0,
+        "crop_views": args.crop_views, "crop_seed": args.crop_seed if args.crop_views else None,
         "attn_dropout": args.attn_dropout, "n_train_total": len(tr_scenes),
         "stage1": (json.loads((Path(args.init_from) / "training_info.json").read_text())
                    if args.init_from else None),

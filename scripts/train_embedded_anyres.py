@@ -30,8 +30,8 @@ torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_embedded import (AUX_FIELDS, batch_tensors, cached_features, encode_sequence,  # noqa: E402
-                            fold_standardisation, forward_loss, make_optimizer, patch_targets, save_trained,
-                            train_step)
+                            fold_standardisation, forward_loss, grow_from, make_optimizer, patch_targets,
+                            save_trained, train_step)
 from transformers import LlavaNextForConditionalGeneration, set_seed  # noqa: E402
 from vtprune.eval.embedded import anyres as A  # noqa: E402
 from vtprune.eval.embedded import generator as G  # noqa: E402
@@ -102,6 +102,10 @@ def main(argv=None):
     ap.add_argument("--bf16", type=int, default=1)
     ap.add_argument("--max-minutes", type=float, default=55.0, help="hard stop of the training loop")
     ap.add_argument("--val-every", type=int, default=400)
+    ap.add_argument("--init-from", default=None,
+                    help="start from a single-view embedded checkpoint (scripts/train_embedded.py; same vocabulary "
+                         "and widths, its layer count dividing --layers): projector, embeddings and language model "
+                         "copied (train_embedded.grow_from), image_newline freshly initialised")
     ap.add_argument("--time-steps", type=int, default=0, help="only time this many steps, save nothing")
     ap.add_argument("--no-final-eval", action="store_true")
     args = ap.parse_args(argv)
@@ -117,6 +121,10 @@ def main(argv=None):
     tc.num_attention_heads = tc.num_key_value_heads = args.heads
     tc.head_dim = args.width // args.heads
     model = LlavaNextForConditionalGeneration(cfg)
+    if args.init_from:
+        if M.build_tokenizer().get_vocab() != tok.get_vocab():
+            raise SystemExit("--init-from: the single-view model's vocabulary differs from this one's")
+        grow_from(model, Path(args.init_from), log)
     model.model.vision_tower.load_state_dict(build_dinov2(image_size=A.BASE).state_dict())
     model.model.vision_tower.requires_grad_(False).eval()
     layer = cfg.vision_feature_layer % (cfg.vision_config.num_hidden_layers + 1)
@@ -130,6 +138,8 @@ def main(argv=None):
     # per-dimension standardisation (training only; folded into linear_1 at the end)
     sample = tr_views[torch.randperm(len(tr_views), generator=torch.Generator().manual_seed(0))[:4000]].float()
     mu, sd = sample.reshape(-1, sample.shape[-1]).mean(0), sample.reshape(-1, sample.shape[-1]).std(0).clamp_min(1e-4)
+    if args.init_from:  # the source's projector already has its standardisation folded in
+        mu, sd = torch.zeros_like(mu), torch.ones_like(sd)
     norm = lambda f: (f.float() - mu) / sd
     sizes_tr = [image_size(s) for s in tr_scenes]
 
@@ -198,6 +208,8 @@ def main(argv=None):
         "bf16_autocast": bool(args.bf16), "seed": args.seed, "data_seed": args.data_seed, "val_seed": args.val_seed,
         "aux_weight": args.aux_weight, "aux_fields": args.aux_fields, "token_dropping": False, "text_width": args.width, "text_ffn": args.ffn,
         "text_layers": args.layers, "text_heads": args.heads, "n_train_images": args.n_train,
+        "init_from": (json.loads((Path(args.init_from) / "training_info.json").read_text())
+                      if args.init_from else None),
         "n_val_images": args.n_val, "n_train_views": int(len(tr_views)), "trainable_parameters": n_trainable,
         "train_wall_s": round(train_wall, 1), "feature_wall_s": round(t_tr + t_va, 1),
         "history_columns": ["step", "smoothed loss", "keep-all", "random@25%", "crop-aware@25%"],

@@ -82,3 +82,63 @@ def test_resized_scene_targets(size):
         centre_of = partial(T.centre_token, size=size)
         _check(resized, T.patch_targets(resized, vocab, n=n, fields=FIELDS, centre_of=centre_of), vocab, n, centre_of)
     assert T.at_resolution(scene, G.IMAGE_SIZE) == (scene, M.N_IMAGE_TOKENS)
+
+
+@pytest.mark.parametrize("size", [140, 168])
+def test_canvas_scene_targets(size):
+    """A scene centred on a bigger canvas: the same objects at the same pixel size, their tokens the
+    generator's rule on the canvas's patch grid (the scene's tokens shifted by the margin), the scene's
+    pixels unchanged in the middle, answers unchanged, one centre token per object."""
+    import numpy as np
+
+    vocab = M.build_tokenizer().get_vocab()
+    g, off = size // G.PATCH, (size - G.IMAGE_SIZE) // 2
+    for i, scene in enumerate(T.scenes_for(6, 30)):
+        canvas = T.on_canvas(scene, size, np.random.default_rng(i))
+        assert canvas.image.size == (size, size)
+        inner = np.asarray(canvas.image)[off:off + G.IMAGE_SIZE, off:off + G.IMAGE_SIZE]
+        assert np.array_equal(inner, np.asarray(scene.image))
+        assert G.listing(canvas) == G.listing(scene)
+        for a, b in zip(scene.objects, canvas.objects):
+            assert (a.color, a.shape, a.size, a.quadrant, a.cell) == (b.color, b.shape, b.size, b.quadrant, b.cell)
+            mask = np.zeros((size, size))
+            mask[off:off + G.IMAGE_SIZE, off:off + G.IMAGE_SIZE] = np.asarray(T.object_mask(a), dtype=np.float64) / 255
+            assert b.tokens == G.mask_tokens(mask, *b.center)
+        centre_of = partial(T.canvas_centre_token, size=size)
+        _check(canvas, T.patch_targets(canvas, vocab, n=g * g, fields=FIELDS, centre_of=centre_of), vocab, g * g,
+               centre_of)
+    with pytest.raises(ValueError, match="multiple of 28"):
+        T.on_canvas(scene, 126, np.random.default_rng(0))
+
+
+def test_crop_view_targets():
+    """A crop view: the 56 px window of the scene's image holding all of its objects, each object's tokens the
+    generator's rule on the crop's patch grid, position answers the crop's quadrants; scenes whose objects no
+    window holds have none."""
+    import numpy as np
+
+    vocab = M.build_tokenizer().get_vocab()
+    px = T.CROP_CELLS * G.CELL
+    g = px // G.PATCH
+    seen = 0
+    for scene in T.scenes_for(7, 80):
+        crop = T.crop_view(scene)
+        rows = [o.cell[0] for o in scene.objects]
+        cols = [o.cell[1] for o in scene.objects]
+        if crop is None:
+            assert max(rows) - min(rows) >= T.CROP_CELLS or max(cols) - min(cols) >= T.CROP_CELLS
+            continue
+        seen += 1
+        assert crop.image.size == (px, px)
+        x0, y0 = scene.objects[0].center[0] - crop.objects[0].center[0], scene.objects[0].center[1] - crop.objects[0].center[1]
+        assert np.array_equal(np.asarray(crop.image), np.asarray(scene.image)[y0:y0 + px, x0:x0 + px])
+        assert G.listing(crop) == G.listing(scene)
+        for a, b in zip(scene.objects, crop.objects):
+            assert (a.color, a.shape, a.size) == (b.color, b.shape, b.size)
+            mask = np.asarray(T.object_mask(a), dtype=np.float64)[y0:y0 + px, x0:x0 + px] / 255
+            assert b.tokens == G.mask_tokens(mask, *b.center)
+            top, left = b.center[1] < px / 2, b.center[0] < px / 2
+            assert b.quadrant == ("top" if top else "bottom") + "-" + ("left" if left else "right")
+        centre_of = partial(T.canvas_centre_token, size=px)
+        _check(crop, T.patch_targets(crop, vocab, n=g * g, fields=FIELDS, centre_of=centre_of), vocab, g * g, centre_of)
+    assert seen >= 10
