@@ -51,6 +51,32 @@ def bar_values(acc: dict) -> list[tuple[str, float, float]]:
              a("crop_aware_oracle@0.25") - a("equal_oracle@0.25"), 0.05)]
 
 
+def commands() -> str:
+    """The reproduction commands of ``scripts/train_embedded_anyres.py``'s docstring."""
+    doc = (Path(__file__).resolve().parent / "train_embedded_anyres.py").read_text().split('"""')[1]
+    return "\n".join(line[4:] for line in doc.splitlines() if line.startswith("    python "))
+
+
+def init_text(info: dict) -> str:
+    """Where the language model started (``--init-from``) in words."""
+    src = info.get("init_from")
+    if not src:
+        return "Trained from scratch (random initialisation). "
+    return (f"Initialised from stage 1 of the `embedded` recipe (a {src['text_layers']}-layer single-view model of the "
+            f"same widths and vocabulary, trained {src['steps']} steps on 112 px scenes, also seen at "
+            f"{', '.join(map(str, src.get('extra_sizes') or [])) or 'no other'} px; its validation keep-all "
+            f"{src['history'][-1][2]:.3f}): its projector, embeddings and layers are copied, `image_newline` starts "
+            "fresh, and everything but the tower trains on. The base view is the kind of image it knows; the crops, "
+            "the packing and the newlines are new to it. ")
+
+
+def standardised(info: dict) -> str:
+    if info.get("init_from"):
+        return ""  # the source's projector already had its standardisation folded in
+    return ("tower features standardised per dimension, folded into the projector's first layer after training "
+            "(exact); ")
+
+
 def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=A.DEFAULT_BENCH_DIR) -> dict:
     from PIL import Image
 
@@ -126,13 +152,17 @@ progress validation: {info['n_val_images']} scenes of seed {info['val_seed']}; f
 `assets/embedded-anyres/bench/` (seed {A.HELDOUT_SEED}, {res['n_questions']} questions on {res['n_images']} images), never used in
 training.
 
-## Recipe (reproduce with `python scripts/train_embedded_anyres.py`)
-The sequences and losses of the `embedded` recipe (`scripts/train_embedded.py`, whose functions are
+## Recipe (reproduce with the commands in `scripts/train_embedded_anyres.py`'s docstring)
+
+```
+{commands()}
+```
+
+{init_text(info)}The sequences and losses of the `embedded` recipe (`scripts/train_embedded.py`, whose functions are
 reused): the image's **full** packed visual-token sequence (base view, every crop token, every newline;
 no token is ever dropped, no pruning-aware augmentation), then up to twelve distinct questions (at most
 two per type) each followed by its answer, then a listing turn naming every object; loss on answers and
-listing words. Training-only parts (the checkpoint is a plain LLaVA-NeXT): tower features standardised
-per dimension, folded into the projector's first layer after training (exact); **one auxiliary loss**
+listing words. Training-only parts (the checkpoint is a plain LLaVA-NeXT): {standardised(info)}**one auxiliary loss**
 (weight {info['aux_weight']}): at each visual token except newline slots the LM head names {aux_targets(info)}
 (base view and crops alike; the centre token is the base view's; `.` on background; the mean of one
 cross-entropy per target). {info['optimizer']},
@@ -161,10 +191,8 @@ Full table (`python scripts/embedded_anyres_checks.py`):
 ```
 
 ## Limits
-**Undertrained.** The language model is small (width {info['text_width']}, {info['text_layers']} layers) and was trained for
-{info['train_wall_s'] / 60:.0f} minutes on one shared CPU thread; keep-all accuracy was still rising at the end (see the
-validation history), and the bars that fail above fail mainly because of it: a model that answers well below the
-`embedded` model's level cannot lose much to pruning either. Scores are on 596 questions (about +-0.02 at
+The language model is small (width {info['text_width']}, {info['text_layers']} layers), trained for
+{info['train_wall_s'] / 60:.0f} minutes on one shared CPU thread{' after its initialisation' if info.get('init_from') else ''}. Scores are on {res['n_questions']} questions (about +-0.02 at
 one standard error); random and oracle rows average 3 draws.
 Synthetic scenes only; the language model knows nothing beyond the benchmark's vocabulary. With
 relevant-first selection inside every view, equal per-view budgets already keep nearly every relevant

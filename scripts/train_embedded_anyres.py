@@ -2,7 +2,12 @@
 frozen real DINOv2-S tower, a trained projector + image_newline + small Llama) and write
 ``assets/embedded-anyres/model/`` and its ``MODEL_CARD.md``.
 
-    python scripts/train_embedded_anyres.py        # 1 torch thread; ~31 min of training on a shared 2-core CPU
+    python scripts/train_embedded.py --steps 1500 --extra-sizes 84 140 --out /tmp/e4 --no-final-eval   # embedded's stage 1
+    python scripts/train_embedded_anyres.py --init-from /tmp/e4 --steps 1000 --lr 1e-3 --warmup 60 --val-every 200
+
+(1 torch thread each; about 18 and 25 min of training on a shared 2-core CPU.) The language model starts from
+``embedded``'s stage-1 model (same widths and vocabulary; ``--init-from``): the base view is the kind of image it
+was trained on, the crops and their packing are new.
 
 Data: scenes of ``vtprune.eval.embedded.anyres`` (seed ``--data-seed`` for training, ``--val-seed`` for
 progress only); the shipped held-out split (its own seed) is used only for the final scores. Sequences

@@ -162,3 +162,25 @@ def test_checkpoint_smoke():
     train_like = [q for _ in range(300) for q in G.make_questions(A.make_scene(rng), 6, rng)]
     assert acc_stock > answer_prior(recs, train_like)["acc"] + 0.05
     assert abs(acc_stock - res[("all", 1.0)]["acc"]) <= 1 / 24 + 1e-9  # both paths agree
+
+
+def test_anyres_checkpoint_accuracy():
+    """Regression guard on the committed checkpoint (its card: keep-all 0.956, random at 12.5 % 0.601 on the
+    whole shipped split, 3 draws): keep-all >= 0.90 and random pruning to 12.5 % costs >= 20 points
+    (skipped when the converted tower is not cached)."""
+    from vtprune.eval.embedded.dinov2_from_onnx import CACHE_NAME, DEFAULT_CACHE_DIR
+    from vtprune.eval.embedded.evaluate import evaluate
+
+    if not (DEFAULT_CACHE_DIR / CACHE_NAME).exists():
+        pytest.skip(f"no converted DINOv2 tower in {DEFAULT_CACHE_DIR}")
+    from PIL import Image
+    from vtprune.eval.embedded import load_embedded_anyres
+
+    model, proc = load_embedded_anyres()
+    recs = A.load_split()
+    paths = sorted({r["image_path"] for r in recs})
+    feats = A.image_features(model, proc, [Image.open(p).convert("RGB") for p in paths])
+    res = evaluate(model, proc, recs, budgets=(("all", 1.0), ("random", 0.125)), feats=feats, select=A.select_record)
+    keep_all, rnd = res[("all", 1.0)]["acc"], res[("random", 0.125)]["acc"]
+    assert keep_all >= 0.90, res[("all", 1.0)]
+    assert rnd <= keep_all - 0.20, (keep_all, rnd)
