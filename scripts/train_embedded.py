@@ -2,7 +2,7 @@
 ``assets/embedded/model/`` and ``assets/embedded/MODEL_CARD.md``.
 
 Reproduces the committed checkpoint in three stages (1 torch thread; about 18 + 20 + 17 min of training on a
-2-core CPU, plus about 45 min once for the tower features, cached under ``$VTPRUNE_EMBEDDED_CACHE`` or
+2-core CPU, plus about 32 min once for the tower features, cached under ``$VTPRUNE_EMBEDDED_CACHE`` or
 ``assets/_cache/``)::
 
     python scripts/train_embedded.py --steps 1500 --extra-sizes 84 140 --out /tmp/e4 --no-final-eval   # stage 1: 4 layers
