@@ -120,12 +120,16 @@ def on_canvas(scene: G.Scene, size: int, rng: np.random.Generator) -> G.Scene:
     objects there are (a model trained at one size counts matching tokens relative to all of them)."""
     if (size - G.IMAGE_SIZE) % (2 * G.PATCH) or size < G.IMAGE_SIZE:
         raise ValueError(f"canvas size {size}: must exceed {G.IMAGE_SIZE} by a multiple of {2 * G.PATCH} px")
-    off, g = (size - G.IMAGE_SIZE) // 2, size // G.PATCH
-    d = off // G.PATCH
-    shift = lambda t: (t // G.GRID + d) * g + t % G.GRID + d
-    objs = [dataclasses.replace(o, center=(o.center[0] + off, o.center[1] + off), tokens=[shift(t) for t in o.tokens])
-            for o in scene.objects]
-    return G.Scene(objs, canvas_image(scene.image, size, rng))
+    off = (size - G.IMAGE_SIZE) // 2
+    return G.Scene([moved(o, off, off, size) for o in scene.objects], canvas_image(scene.image, size, rng))
+
+
+def moved(o: G.Obj, dx: int, dy: int, size: int, **changes) -> G.Obj:
+    """Object ``o`` of a 112 px generator scene, its image placed at (dx, dy) px (multiples of 14) inside a
+    ``size`` px one: ``center`` and ``tokens`` (on the (size / 14)^2 patch grid) moved, ``changes`` applied."""
+    g, dr, dc = size // G.PATCH, dy // G.PATCH, dx // G.PATCH
+    tokens = [(t // G.GRID + dr) * g + t % G.GRID + dc for t in o.tokens]
+    return dataclasses.replace(o, center=(o.center[0] + dx, o.center[1] + dy), tokens=tokens, **changes)
 
 
 def canvas_image(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
@@ -155,14 +159,8 @@ def crop_view(scene: G.Scene) -> G.Scene | None:
     if max(rows) - min(rows) >= CROP_CELLS or max(cols) - min(cols) >= CROP_CELLS:
         return None
     r0, c0 = min(min(rows), G.CELLS - CROP_CELLS), min(min(cols), G.CELLS - CROP_CELLS)
-    px, grid = CROP_CELLS * G.CELL, CROP_CELLS * G.CELL // G.PATCH
-    x0, y0 = c0 * G.CELL, r0 * G.CELL
-    d = G.CELL // G.PATCH  # patches per cell
-    move = lambda t: (t // G.GRID - r0 * d) * grid + t % G.GRID - c0 * d
-    scale = G.CELLS // CROP_CELLS
-    objs = [dataclasses.replace(o, cell=((o.cell[0] - r0) * scale, (o.cell[1] - c0) * scale),
-                                center=(o.center[0] - x0, o.center[1] - y0), tokens=[move(t) for t in o.tokens])
-            for o in scene.objects]
+    px, x0, y0, scale = CROP_CELLS * G.CELL, c0 * G.CELL, r0 * G.CELL, G.CELLS // CROP_CELLS
+    objs = [moved(o, -x0, -y0, px, cell=((o.cell[0] - r0) * scale, (o.cell[1] - c0) * scale)) for o in scene.objects]
     return G.Scene(objs, scene.image.crop((x0, y0, x0 + px, y0 + px)))
 
 
@@ -177,8 +175,8 @@ def crop_scenes(seed: int, n: int) -> list[G.Scene]:
     return out
 
 
-def canvas_centre_token(o: G.Obj, size: int) -> int:
-    """The token holding the centre of an object of an :func:`on_canvas` scene (its ``center`` is on the canvas)."""
+def moved_centre_token(o: G.Obj, size: int) -> int:
+    """The token holding the centre of a :func:`moved` object (canvas and crop views) of a ``size`` px image."""
     return G.patch_index(*o.center, size // G.PATCH)
 
 
@@ -482,14 +480,14 @@ def main(argv=None):
         sc, fe, t = cached_features(f"train_canvas{size}", args.data_seed, args.n_pad, layer_abs,
                                     model.model.vision_tower, processor, log, make_scenes=canvas,
                                     compute=partial(tower_features, size=size))
-        views[("canvas", size)] = (fe, sc, partial(canvas_centre_token, size=size))
+        views[("canvas", size)] = (fe, sc, partial(moved_centre_token, size=size))
         t_feat_tr += t
     if args.crop_views:
         px = CROP_CELLS * G.CELL
         sc, fe, t = cached_features(f"train_crop{px}", args.crop_seed, args.crop_views, layer_abs,
                                     model.model.vision_tower, processor, log, make_scenes=crop_scenes,
                                     compute=partial(tower_features, size=px))
-        views[("crop", px)] = (fe, sc, partial(canvas_centre_token, size=px))
+        views[("crop", px)] = (fe, sc, partial(moved_centre_token, size=px))
         t_feat_tr += t
     log(f"features ready (computation took {t_feat_tr + t_feat_va:.0f}s); "
         + ", ".join(f"{kind} {size} px {tuple(fe.shape)}" for (kind, size), (fe, _, _) in views.items()))

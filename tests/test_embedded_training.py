@@ -104,7 +104,7 @@ def test_canvas_scene_targets(size):
             mask = np.zeros((size, size))
             mask[off:off + G.IMAGE_SIZE, off:off + G.IMAGE_SIZE] = np.asarray(T.object_mask(a), dtype=np.float64) / 255
             assert b.tokens == G.mask_tokens(mask, *b.center)
-        centre_of = partial(T.canvas_centre_token, size=size)
+        centre_of = partial(T.moved_centre_token, size=size)
         _check(canvas, T.patch_targets(canvas, vocab, n=g * g, fields=FIELDS, centre_of=centre_of), vocab, g * g,
                centre_of)
     with pytest.raises(ValueError, match="multiple of 28"):
@@ -139,6 +139,6 @@ def test_crop_view_targets():
             assert b.tokens == G.mask_tokens(mask, *b.center)
             top, left = b.center[1] < px / 2, b.center[0] < px / 2
             assert b.quadrant == ("top" if top else "bottom") + "-" + ("left" if left else "right")
-        centre_of = partial(T.canvas_centre_token, size=px)
+        centre_of = partial(T.moved_centre_token, size=px)
         _check(crop, T.patch_targets(crop, vocab, n=g * g, fields=FIELDS, centre_of=centre_of), vocab, g * g, centre_of)
     assert seen >= 10
