@@ -84,18 +84,11 @@ def crop_token(r: int, c: int, w: int) -> int:
     return SIDE * SIDE + r * ((w // BASE) * SIDE + 1) + c
 
 
-def _cover_tokens(cover: np.ndarray, centre: tuple[int, int]) -> set[tuple[int, int]]:
-    cells = {tuple(int(x) for x in rc) for rc in np.argwhere(cover >= G.MIN_COVER)}
-    return cells | {centre}
-
-
 def object_tokens(mask: np.ndarray, cx: int, cy: int) -> tuple[list[int], list[int]]:
     """(base-view tokens, crop tokens) of an object with pixel ``mask`` (h, w) and centre (cx, cy)."""
-    h, w = mask.shape
-    base = mask.reshape(SIDE, h // SIDE, SIDE, w // SIDE).mean(axis=(1, 3))
-    b = sorted(r * SIDE + c for r, c in _cover_tokens(base, (cy * SIDE // h, cx * SIDE // w)))
-    crop = mask.reshape(h // G.PATCH, G.PATCH, w // G.PATCH, G.PATCH).mean(axis=(1, 3))
-    c = sorted(crop_token(r, cc, w) for r, cc in _cover_tokens(crop, (cy // G.PATCH, cx // G.PATCH)))
+    h, w = mask.shape  # base-view patches are (h / 8) x (w / 8) px of the image, crop patches 14 x 14
+    b = sorted(r * SIDE + c for r, c in G.covered_cells(mask, h // SIDE, w // SIDE, (cy * SIDE // h, cx * SIDE // w)))
+    c = sorted(crop_token(r, cc, w) for r, cc in G.covered_cells(mask, G.PATCH, G.PATCH, (cy // G.PATCH, cx // G.PATCH)))
     return b, c
 
 

@@ -115,14 +115,21 @@ def patch_index(x: int, y: int, grid: int = GRID) -> int:
     return int(min(y // PATCH, grid - 1) * grid + min(x // PATCH, grid - 1))
 
 
+def covered_cells(mask: np.ndarray, cell_h: int, cell_w: int, centre: tuple[int, int]) -> set[tuple[int, int]]:
+    """The coverage rule: the (row, col) cells of ``cell_h`` x ``cell_w`` px that the pixel ``mask`` ((h, w),
+    bool or coverage in [0, 1], multiples of the cell sides) covers at least ``MIN_COVER`` of, plus the
+    ``centre`` cell (the one holding the object's centre)."""
+    h, w = mask.shape
+    cover = mask.reshape(h // cell_h, cell_h, w // cell_w, cell_w).mean(axis=(1, 3))
+    return {(int(r), int(c)) for r, c in np.argwhere(cover >= MIN_COVER)} | {centre}
+
+
 def mask_tokens(mask: np.ndarray, cx: int, cy: int) -> list[int]:
-    """An object's visual tokens: the patches its pixel ``mask`` ((h, h), bool or coverage in [0, 1], h a
-    multiple of ``PATCH``) covers at least ``MIN_COVER`` of, plus the patch holding its centre (cx, cy)."""
+    """An object's visual tokens on the square patch grid of its (h, h) pixel ``mask`` (:func:`covered_cells`
+    with ``PATCH`` px cells; the centre cell holds (cx, cy)), as raster indices."""
     grid = mask.shape[0] // PATCH
-    cover = mask.reshape(grid, PATCH, grid, PATCH).mean(axis=(1, 3))
-    toks = set(np.flatnonzero(cover.reshape(-1) >= MIN_COVER).tolist())
-    toks.add(patch_index(cx, cy, grid))
-    return sorted(toks)
+    centre = divmod(patch_index(cx, cy, grid), grid)
+    return sorted(r * grid + c for r, c in covered_cells(mask, PATCH, PATCH, centre))
 
 
 def make_scene(rng: np.random.Generator) -> Scene:
