@@ -92,14 +92,13 @@ def cached_features(tag: str, seed: int, n: int, layer: int, tower, processor, l
     return scenes, feats, time.time() - t0
 
 
-def at_resolution(scene: G.Scene, size: int) -> tuple[G.Scene, int]:
+def at_resolution(scene: G.Scene, size: int) -> G.Scene:
     """``scene`` as the tower sees it at ``size`` px (a multiple of 14): the same objects with ``tokens`` on the
     (size / 14)^2 patch grid (the generator's rule: a patch is the object's when the object covers at least
-    ``MIN_COVER`` of it or holds its centre), and the number of visual tokens. Image and answers unchanged."""
+    ``MIN_COVER`` of it or holds its centre). Image and answers unchanged."""
     if size == G.IMAGE_SIZE:
-        return scene, M.N_IMAGE_TOKENS
-    g = size // G.PATCH
-    return G.Scene([dataclasses.replace(o, tokens=object_tokens_at(o, size)) for o in scene.objects], scene.image), g * g
+        return scene
+    return G.Scene([dataclasses.replace(o, tokens=object_tokens_at(o, size)) for o in scene.objects], scene.image)
 
 
 def object_tokens_at(o: G.Obj, size: int) -> list[int]:
@@ -471,7 +470,7 @@ def main(argv=None):
     for size in args.extra_sizes:
         _, fe, t = cached_features(f"train_px{size}", args.data_seed, args.n_train, layer_abs, model.model.vision_tower,
                                    processor, log, compute=partial(tower_features, size=size))
-        views[("resized", size)] = (fe, [at_resolution(s, size)[0] for s in tr_scenes[:args.n_train]],
+        views[("resized", size)] = (fe, [at_resolution(s, size) for s in tr_scenes[:args.n_train]],
                                     partial(centre_token, size=size))
         t_feat_tr += t
     for size in args.pad_sizes:
