@@ -206,6 +206,23 @@ def assert_sdpa_equals_eager(family: str, method, *, sizes: dict | None = None, 
     assert torch.equal(gs, ge)
 
 
+def assert_int_keep_is_per_view_and_capped(method: str) -> None:
+    """An int ``keep`` is a budget per view on LLaVA-NeXT (newlines kept outside it), and a budget above a
+    view's tokens keeps them all, recorded as ``budget_clamped``."""
+    from vtprune.methods._common import view_grids
+
+    model, inp = batch("llava_next", 1)
+    _, _, stats, _ = patched_run(model, inp, f"{method}:keep=12", generate=False)
+    img = image_tokens(model, inp)[0]
+    views = view_grids(img, "llava_next", method="test")
+    assert stats.visual_tokens_per_image == [sum(min(12, g.index.numel()) for g in views)
+                                             + int((~img.candidate).sum())]
+    model, inp = batch("qwen2_vl", 1)
+    _, _, stats, _ = patched_run(model, inp, f"{method}:keep=1000", generate=False)
+    assert stats.visual_tokens_per_image == stats.visual_tokens_in_per_image  # capped: all kept
+    assert stats.budget_clamped == [True]  # recorded: the view kept all its tokens
+
+
 def image_tokens(model, inp, signals=()):
     """The adapter's per-image ``ImageTokens`` (layout only: view, candidate, grid)."""
     from vtprune.adapters import get_adapter

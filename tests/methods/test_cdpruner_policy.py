@@ -20,6 +20,7 @@ from vtprune.testing import make_inputs, tiny_images
 from helpers import (
     SCORE_SIZES,
     assert_batch_equals_alone,
+    assert_int_keep_is_per_view_and_capped,
     assert_matches_shortened,
     assert_sdpa_equals_eager,
     batch,
@@ -115,16 +116,7 @@ def test_sdpa_equals_eager(family):
 
 
 def test_int_keep_is_per_view_and_capped():
-    model, inp = batch("llava_next", 1)
-    _, _, stats, _ = patched_run(model, inp, "cdpruner:keep=12", generate=False)
-    img = image_tokens(model, inp)[0]
-    views = view_grids(img, "llava_next", method="test")
-    assert stats.visual_tokens_per_image == [sum(min(12, g.index.numel()) for g in views)
-                                             + int((~img.candidate).sum())]
-    model, inp = batch("qwen2_vl", 1)
-    _, _, stats, _ = patched_run(model, inp, "cdpruner:keep=1000", generate=False)
-    assert stats.visual_tokens_per_image == stats.visual_tokens_in_per_image
-    assert stats.budget_clamped == [True]  # recorded: the view kept all its tokens
+    assert_int_keep_is_per_view_and_capped("cdpruner")
 
 
 @pytest.mark.parametrize(

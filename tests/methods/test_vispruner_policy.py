@@ -17,6 +17,7 @@ from vtprune.methods.vispruner import VisPruner, vispruner_select
 
 from helpers import (
     assert_batch_equals_alone,
+    assert_int_keep_is_per_view_and_capped,
     assert_matches_shortened,
     assert_sdpa_equals_eager,
     batch,
@@ -119,16 +120,7 @@ def test_sdpa_equals_eager(family):
 
 
 def test_int_keep_is_per_view_and_capped():
-    model, inp = batch("llava_next", 1)
-    _, _, stats, _ = patched_run(model, inp, "vispruner:keep=12", generate=False)
-    img = image_tokens(model, inp)[0]
-    views = view_grids(img, "llava_next", method="test")
-    assert stats.visual_tokens_per_image == [sum(min(12, g.index.numel()) for g in views)
-                                             + int((~img.candidate).sum())]
-    model, inp = batch("qwen2_vl", 1)
-    _, _, stats, _ = patched_run(model, inp, "vispruner:keep=1000", generate=False)
-    assert stats.visual_tokens_per_image == stats.visual_tokens_in_per_image  # capped: all kept
-    assert stats.budget_clamped == [True]  # recorded: the view kept all its tokens
+    assert_int_keep_is_per_view_and_capped("vispruner")
 
 
 def test_importance_received_option_on_a_cls_tower():
