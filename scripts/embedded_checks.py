@@ -238,6 +238,12 @@ def sizes_text(info: dict) -> str:
             "rule on the resized grid), as variable-resolution VLMs are trained; evaluation is at 112 px only.")
 
 
+def standardised_when(info: dict) -> str:
+    """Which run standardised the tower features (stage 1 only, when later stages start from its folded projector)."""
+    return "" if info.get("standardize", True) or len(stage_chain(info)) == 1 else \
+        " in stage 1 (later stages start from its projector, with the standardisation folded in)"
+
+
 def canvas_text(info: dict) -> str:
     """Training on other framings of the scenes (``--pad-sizes``, ``--crop-views``) in words (empty without)."""
     sizes, crops = info.get("pad_sizes") or [], info.get("crop_views") or 0
@@ -305,7 +311,7 @@ scenes of seed {info['val_seed']}; final scores: the shipped held-out split `ass
 Tower features computed once and cached (frozen tower). Sequences: image tokens, then up to twelve
 distinct questions (at most two per type, random order) each followed by its answer, then a listing turn naming every
 object (`list : small red circle , ... .`); loss on answers and listing words only. Training-only
-additions (the checkpoint is a plain LLaVA): tower features standardised per dimension, the
+additions (the checkpoint is a plain LLaVA): tower features standardised per dimension{standardised_when(info)}, the
 standardisation folded into the projector's first layer after training (exact); an auxiliary loss (weight
 {info['aux_weight']}) asking the LM head, at each visual token, for {aux_targets(info)} (`.` on background;
 the mean of one cross-entropy per target).{sizes_text(info)}{canvas_text(info)} Every training sequence carries all the visual tokens of its image: no
