@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 torch.set_num_threads(1)
 
@@ -181,9 +181,7 @@ def moved_centre_token(o: G.Obj, size: int) -> int:
 
 def object_mask(o: G.Obj) -> Image.Image:
     """The 112 x 112 ``L`` mask (255 on the object) of object ``o`` of a generator scene."""
-    m = Image.new("L", (G.IMAGE_SIZE, G.IMAGE_SIZE), 0)
-    G._draw_shape(ImageDraw.Draw(m), o.shape, *o.center, G.SIZES[o.size], 255)
-    return m
+    return G.shape_mask(o.shape, *o.center, G.SIZES[o.size])
 
 
 def encode_sequence(scene: G.Scene, rng: np.random.Generator, vocab: dict, img_id: int, eos_id: int, n_img: int,
@@ -464,8 +462,8 @@ def main(argv=None):
     va_scenes, va_feats, t_feat_va = cached_features("val", args.val_seed, args.n_val, layer_abs,
                                                      model.model.vision_tower, processor, log)
     # views of the training scenes, each a full image (every one of its tokens kept), keyed by (kind, px):
-    # (features, scenes, centre_of) with kind "resized" (the first --n-train scenes at other image sizes) or
-    # "canvas" (the first --n-pad scenes centred on bigger canvases)
+    # (features, scenes, centre_of) with kind "resized" (the first --n-train scenes at other image sizes),
+    # "canvas" (the first --n-pad scenes centred on bigger canvases) or "crop" (crop_scenes)
     views = {("resized", G.IMAGE_SIZE): (tr_feats, tr_scenes, partial(centre_token, size=G.IMAGE_SIZE))}
     for size in args.extra_sizes:
         _, fe, t = cached_features(f"train_px{size}", args.data_seed, args.n_train, layer_abs, model.model.vision_tower,

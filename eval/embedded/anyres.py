@@ -152,9 +152,7 @@ def make_scene(rng: np.random.Generator) -> G.Scene:
         placed.append((cx, cy, hx))
         fill = tuple(int(np.clip(v + rng.integers(-18, 19), 0, 255)) for v in G.COLORS[color])
         G._draw_shape(draw, shape, cx, cy, hx, fill)
-        m = Image.new("L", (w, h), 0)
-        G._draw_shape(ImageDraw.Draw(m), shape, cx, cy, hx, 255)
-        b, ct = object_tokens(np.asarray(m) > 0, cx, cy)
+        b, ct = object_tokens(np.asarray(G.shape_mask(shape, cx, cy, hx, (w, h))) > 0, cx, cy)
         objs.append(AnyresObj(color, shape, size, (cy // CELL, cx // CELL), (cx, cy), sorted(b + ct), (h, w),
                               crop_of((br, bc))))
     return G.Scene(objs, img)

@@ -110,6 +110,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, h: int,
         raise ValueError(shape)
 
 
+def shape_mask(shape: str, cx: int, cy: int, h: int, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> Image.Image:
+    """The ``L`` mask (255 on the shape, 0 elsewhere) of a ``size`` = (w, h) px image holding ``shape`` of
+    half-extent ``h`` centred at (cx, cy), drawn as the scenes draw it."""
+    m = Image.new("L", size, 0)
+    _draw_shape(ImageDraw.Draw(m), shape, cx, cy, h, 255)
+    return m
+
+
 def patch_index(x: int, y: int, grid: int = GRID) -> int:
     """Raster index of the patch holding pixel (x, y) on a ``grid`` x ``grid`` patch grid."""
     return int(min(y // PATCH, grid - 1) * grid + min(x // PATCH, grid - 1))
@@ -158,9 +166,7 @@ def make_scene(rng: np.random.Generator) -> Scene:
         cy = r * CELL + CELL // 2 + int(rng.integers(-slack, slack + 1))
         fill = tuple(int(np.clip(v + rng.integers(-18, 19), 0, 255)) for v in COLORS[color])
         _draw_shape(draw, shape, cx, cy, h, fill)
-        m = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-        _draw_shape(ImageDraw.Draw(m), shape, cx, cy, h, 255)
-        toks = mask_tokens(np.asarray(m) > 0, cx, cy)
+        toks = mask_tokens(np.asarray(shape_mask(shape, cx, cy, h)) > 0, cx, cy)
         objs.append(Obj(color, shape, size, (r, c), (cx, cy), toks))
     return Scene(objs, img)
 
