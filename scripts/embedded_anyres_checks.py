@@ -27,7 +27,7 @@ from vtprune.eval.embedded.evaluate import answer_prior, evaluate  # noqa: E402
 from vtprune.eval.embedded.load import load_embedded_anyres  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embedded_checks import accuracy_lines, aux_targets, bars, scores  # noqa: E402
+from embedded_checks import accuracy_lines, aux_targets, bars, commands, scores  # noqa: E402
 
 BUDGETS = (("all", 1.0), ("random", 0.25), ("oracle", 0.25), ("random", 0.125), ("oracle", 0.125),
            ("equal", 0.25), ("crop_aware", 0.25), ("equal_oracle", 0.25), ("crop_aware_oracle", 0.25))
@@ -49,12 +49,6 @@ def bar_values(acc: dict) -> list[tuple[str, float, float]]:
              a("crop_aware@0.25") - a("equal@0.25"), 0.05),
             ("crop-aware minus equal per-view budgets at 25 % (relevant-first inside a view)",
              a("crop_aware_oracle@0.25") - a("equal_oracle@0.25"), 0.05)]
-
-
-def commands() -> str:
-    """The reproduction commands of ``scripts/train_embedded_anyres.py``'s docstring."""
-    doc = (Path(__file__).resolve().parent / "train_embedded_anyres.py").read_text().split('"""')[1]
-    return "\n".join(line[4:] for line in doc.splitlines() if line.startswith("    python "))
 
 
 def init_text(info: dict) -> str:
@@ -155,7 +149,7 @@ training.
 ## Recipe (reproduce with the commands in `scripts/train_embedded_anyres.py`'s docstring)
 
 ```
-{commands()}
+{commands("train_embedded_anyres.py")}
 ```
 
 {init_text(info)}The sequences and losses of the `embedded` recipe (`scripts/train_embedded.py`, whose functions are

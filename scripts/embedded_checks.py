@@ -215,9 +215,9 @@ def aux_targets(info: dict) -> str:
     return text
 
 
-def commands() -> str:
-    """The reproduction commands of ``scripts/train_embedded.py``'s docstring."""
-    doc = (Path(__file__).resolve().parent / "train_embedded.py").read_text().split('"""')[1]
+def commands(script: str = "train_embedded.py") -> str:
+    """The reproduction commands of ``scripts/<script>``'s docstring."""
+    doc = (Path(__file__).resolve().parent / script).read_text().split('"""')[1]
     return "\n".join(line[4:] for line in doc.splitlines() if line.startswith("    python ") or line.startswith("        --"))
 
 
