@@ -70,17 +70,12 @@ def canvas_counts(model, processor, records: list[dict], sizes=CANVAS_SIZES) -> 
 
     recs = [r for r in records if r["type"] == "count"]
     out = {}
+    images = [Image.open(r["image_path"]).convert("RGB") for r in recs]
     for size in sizes:
-        preds = []
-        for j in range(0, len(recs), 32):
-            chunk = recs[j:j + 32]
-            imgs = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
-            if size != G.IMAGE_SIZE:
-                imgs = [canvas_image(im, size, np.random.default_rng([j + i, size])) for i, im in enumerate(imgs)]
-            pv = processor.image_processor(images=imgs, size={"height": size, "width": size},
-                                           crop_size={"height": size, "width": size}, return_tensors="pt").pixel_values
-            feats = model.model.get_image_features(pixel_values=pv.to(model.dtype)).pooler_output
-            preds += answer_batch(model, processor.tokenizer, list(feats), [r["question"] for r in chunk])
+        imgs = images if size == G.IMAGE_SIZE else \
+            [canvas_image(im, size, np.random.default_rng([i, size])) for i, im in enumerate(images)]
+        feats = image_features(model, processor, imgs, size=size)
+        preds = answer_batch(model, processor.tokenizer, list(feats), [r["question"] for r in recs])
         out[size] = float(np.mean([p == r["answer"] for p, r in zip(preds, recs)]))
     return out
 

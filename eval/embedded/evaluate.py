@@ -37,11 +37,14 @@ def select_tokens(mode: str, k: int, relevant: list[int], rng: np.random.Generat
 
 # ----------------------------------------------------------------------------- model calls
 @torch.no_grad()
-def image_features(model, processor, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
-    """Projected visual tokens, (n_images, 64, hidden), through the stock ``get_image_features``."""
+def image_features(model, processor, images: list[Image.Image], batch_size: int = 32,
+                   size: int | None = None) -> torch.Tensor:
+    """Projected visual tokens, (n_images, 64, hidden), through the stock ``get_image_features``; with
+    ``size``, the images are processed at ``size`` px instead ((size / 14)^2 tokens each)."""
+    kw = {} if size is None else {"size": {"height": size, "width": size}, "crop_size": {"height": size, "width": size}}
     out = []
     for i in range(0, len(images), batch_size):
-        pv = processor.image_processor(images=images[i:i + batch_size], return_tensors="pt").pixel_values
+        pv = processor.image_processor(images=images[i:i + batch_size], return_tensors="pt", **kw).pixel_values
         feats = model.model.get_image_features(pixel_values=pv.to(model.device, model.dtype)).pooler_output
         out.append(torch.stack(list(feats)))
     return torch.cat(out)
