@@ -66,8 +66,9 @@ def _malloc_in_use() -> Callable[[], int] | None:
 class PeakMemory:
     """Peak memory of the block, MiB above its start. CUDA: ``max_memory_allocated``. CPU: the bytes the
     C allocator has in use (glibc ``mallinfo2``; the resident set where glibc is missing), sampled every
-    ``interval`` s by a thread (torch ops release the GIL). Unlike the resident set, this falls when
-    tensors are freed, so each run is measured alone even after a bigger one. ``kind`` names the measure."""
+    ``interval`` s by a thread (torch ops release the GIL), so a peak that lasts only a few sampling intervals
+    (or less than the time the sampler waits for the GIL) can be missed. Unlike the resident set, this falls when tensors are freed, so each
+    run is measured alone even after a bigger one. ``kind`` names the measure."""
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 0.001):
         self.device = torch.device(device)
