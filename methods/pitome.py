@@ -168,9 +168,8 @@ def _check3(name: str, t: Tensor) -> None:
 
 
 def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
-    """t (B, N, *rest), idx (B, K) -> (B, K, *rest)."""
-    view = idx.view(idx.shape + (1,) * (t.dim() - 2)).expand(idx.shape + t.shape[2:])
-    return t.gather(1, view)
+    """t (B, N, *rest), idx (B, K) -> (B, K, *rest) (row copies; same values as ``gather``)."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], idx]
 
 
 def _apply_plan(
@@ -179,13 +178,26 @@ def _apply_plan(
     """Output ``[t[keep_idx]] ++ [t[b_idx] with t[src_idx] reduced into slot dst]`` (include_self).
 
     t: (B, N, *rest); keep_idx (B, K); b_idx (B, nb); src_idx, dst (B, r) with dst indexing b_idx.
+    For feature rows (t 3-D or more), ``"sum"`` / ``"mean"`` add the sources row by row in index order
+    (``index_add_``) and divide by the count in t's dtype: the values of ``scatter_reduce(...,
+    include_self=True)`` (tested equal in every float dtype), several times faster on CPU. Per-token
+    scalars (t 2-D, e.g. sizes) and other reductions use ``scatter_reduce`` itself (on half types its
+    scalar sums round differently from ``index_add_``).
     """
     kept = _gather_rows(t, keep_idx)
     bt = _gather_rows(t, b_idx)
     if src_idx.shape[1] > 0:
         st = _gather_rows(t, src_idx)
-        didx = dst.view(dst.shape + (1,) * (t.dim() - 2)).expand(st.shape)
-        bt = bt.scatter_reduce(1, didx, st, reduce=reduce, include_self=True)
+        if reduce in ("sum", "mean") and t.is_floating_point() and t.dim() > 2:
+            for i in range(t.shape[0]):
+                bt[i].index_add_(0, dst[i], st[i])
+            if reduce == "mean":
+                count = torch.ones(bt.shape[:2], dtype=t.dtype, device=t.device)
+                count.scatter_add_(1, dst, torch.ones(dst.shape, dtype=t.dtype, device=t.device))
+                bt = bt / count.view(count.shape + (1,) * (t.dim() - 2))
+        else:
+            didx = dst.view(dst.shape + (1,) * (t.dim() - 2)).expand(st.shape)
+            bt = bt.scatter_reduce(1, didx, st, reduce=reduce, include_self=True)
     return torch.cat([kept, bt], dim=1)
 
 

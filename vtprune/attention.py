@@ -10,6 +10,8 @@ which projections, which rotary function) lives in the adapters; this module is 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -85,12 +87,13 @@ def received_attention(probs: Tensor, reduce_queries: str = "mean") -> Tensor:
     return head_mean.mean(dim=1) if reduce_queries == "mean" else head_mean.sum(dim=1)
 
 
-def received_from_lse(q: Tensor, k: Tensor, scaling: float, lse: Tensor, reduce_queries: str = "mean",
-                      chunk_heads: int = 1) -> Tensor:
+def received_from_lse(q: Tensor, k: Tensor, scaling: float, lse: Tensor, reduce_queries: str = "mean") -> Tensor:
     """:func:`received_attention` of all query rows, given each row's softmax normaliser.
 
-    ``p_ij = exp(q_i.k_j * scaling - lse_i)``, summed over rows and heads in place (one fp32 GEMM with
-    the bias folded in, one ``exp``; no max, normalise or probability tensor).
+    ``p_ij = 2 ** (q_i.k_j * scaling * log2(e) - lse_i * log2(e))``, summed over rows and heads one
+    (view, head) at a time: one fp32 ``addmm`` with the bias folded in, into one reused (R, N) buffer,
+    then ``exp2_`` (several times cheaper than ``exp`` on CPU) and a column sum; no max, normalise or
+    probability tensor. Relative difference from the ``exp`` form: a few 1e-7 (fp32 rounding).
 
     Args:
         q: (B, H, R, hd); k: (B, Hkv, N, hd); lse: (B, H, R) fp32 ``logsumexp`` of each row's logits
@@ -101,12 +104,13 @@ def received_from_lse(q: Tensor, k: Tensor, scaling: float, lse: Tensor, reduce_
     b, h, r, d = q.shape
     k = repeat_kv(k, h // k.shape[1])
     n = k.shape[2]
+    log2e = 1.0 / math.log(2.0)
     acc = torch.zeros((b, n), dtype=torch.float32, device=q.device)
-    for s in range(0, h, chunk_heads):
-        e = min(s + chunk_heads, h)
-        qs = q[:, s:e].float().reshape(-1, r, d)
-        ks = k[:, s:e].float().reshape(-1, n, d)
-        logits = torch.baddbmm(-lse[:, s:e].float().reshape(-1, r, 1), qs, ks.transpose(1, 2), alpha=scaling)
-        acc += logits.exp_().view(b, e - s, r, n).sum(dim=(1, 2))
+    buf = torch.empty((r, n), dtype=torch.float32, device=q.device)
+    bias = lse.float() * -log2e  # (B, H, R)
+    for i in range(b):
+        for j in range(h):
+            torch.addmm(bias[i, j, :, None], q[i, j].float(), k[i, j].float().T, alpha=scaling * log2e, out=buf)
+            acc[i] += buf.exp2_().sum(dim=0)
     acc /= h
     return acc / r if reduce_queries == "mean" else acc
