@@ -366,3 +366,22 @@ def test_post_merger_plan_margin_scales_the_schedule():
 
     assert post_merger_plan(16, 4) == [(8, 0.9), (4, 0.45)]
     assert post_merger_plan(16, 4, margin=0.5) == [(8, 0.5), (4, 0.25)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("rest", [(), (1,), (8,), (4, 3)])
+def test_apply_plan_equals_scatter_reduce(dtype, rest):
+    """The merge's fast path (row gathers, index_add_ in index order, count division) gives exactly the
+    values of gather + ``scatter_reduce(include_self=True)``, with several sources per destination."""
+    g = torch.Generator().manual_seed(3)
+    B, N, r = 3, 61, 20
+    t = torch.randn((B, N) + rest, generator=g).to(dtype)
+    perm = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    keep, b_idx, src = perm[:, : N - 30 - r], perm[:, N - 30 - r : N - r], perm[:, N - r :]
+    dst = torch.randint(0, 6, (B, r), generator=g)  # many sources per destination
+    lead = lambda idx: idx.view(idx.shape + (1,) * len(rest)).expand(idx.shape + rest)  # noqa: E731
+    rows = lambda idx: t.gather(1, lead(idx))  # noqa: E731
+    for reduce in ("mean", "sum", "amax", "amin"):
+        want = torch.cat([rows(keep), rows(b_idx).scatter_reduce(1, lead(dst), rows(src), reduce=reduce,
+                                                                  include_self=True)], dim=1)
+        assert torch.equal(P._apply_plan(t, keep, b_idx, src, dst, reduce), want), reduce
