@@ -61,6 +61,9 @@ class PatchStats:
         modality_per_image: per item, ``"image"`` or ``"video"``.
         tap_ms: wall time of the decoder signals computed inside the layers' own (tapped) attention
             calls at prefill; part of the LLM prefill time, reported so that it counts as overhead.
+        reused_key_rows / reuse_ms: key-projection rows the pruning layers were served from the
+            projection their signals had already computed before the cut (``reuse_projections``;
+            ``vtprune/decoder.py``), and the wall time of serving them (counted as overhead too).
     """
 
     schedules: list[TokenSchedule] = field(default_factory=list)
@@ -75,6 +78,8 @@ class PatchStats:
     decoder_budget_clamped: list[bool] = field(default_factory=list)
     modality_per_image: list[str] = field(default_factory=list)
     tap_ms: float = 0.0
+    reused_key_rows: int = 0
+    reuse_ms: float = 0.0
 
     @property
     def llm_tokens_per_layer(self) -> list[list[int]]:
@@ -112,7 +117,8 @@ class _Packed:
 class Patch:
     """Handle of an installed patch: a context manager; :meth:`remove` restores the model exactly."""
 
-    def __init__(self, model: nn.Module, policies: list[Policy], adapter, *, seed: int = 0):
+    def __init__(self, model: nn.Module, policies: list[Policy], adapter, *, seed: int = 0,
+                 reuse_projections: bool = True):
         self.model = model
         self.policies = policies
         self.adapter = adapter
@@ -124,7 +130,8 @@ class Patch:
         self._state = RequestState()
         self._handles: list = []
         # built here, installed by _install: a policy's bad decoder signal fails before any hook exists
-        self._decoder: DecoderController | None = DecoderController(adapter, self.decoder_policies, self._state)
+        self._decoder: DecoderController | None = DecoderController(adapter, self.decoder_policies, self._state,
+                                                                    reuse_projections=reuse_projections)
         self._signals: dict[str, Any] = {}
         for p in self.vision_policies + self.token_policies:
             self._signals.update(p.required_signals(adapter))
@@ -455,6 +462,8 @@ class Patch:
         if self._decoder is not None:
             self._decoder.flush()
         self.stats.tap_ms = st.decoder.tap_ms
+        self.stats.reused_key_rows = st.decoder.reused_key_rows
+        self.stats.reuse_ms = st.decoder.reuse_ms
         dec, acc = st.decoder, st.accounting
         counts = dec.layer_counts
         b = st.prefill.mask.shape[0]
@@ -560,7 +569,7 @@ def _as_policies(method, params: dict) -> list[Policy]:
     return out
 
 
-def patch(model: nn.Module, method="none", *, seed: int = 0, **params) -> Patch:
+def patch(model: nn.Module, method="none", *, seed: int = 0, reuse_projections: bool = True, **params) -> Patch:
     """Patch ``model`` in place with one or more policies and return the :class:`Patch` handle.
 
     Args:
@@ -569,6 +578,9 @@ def patch(model: nn.Module, method="none", *, seed: int = 0, **params) -> Patch:
         method: a registered name (``"fastv"``), a spec string (``"fastv:layer=2,keep=0.5"``,
             policies composed with ``+``), a policy object, or a list of these.
         seed: seed of the per-image generators (``Context.rng``) of stochastic policies (``random``).
+        reuse_projections: serve a stage-D pruning layer the key projection of its kept rows from the
+            one its signals computed before the cut (default; identical outputs, tested). False projects
+            them again (for timing comparisons).
         **params: parameters of a single method (override the spec string's).
 
     Selection happens at prefill. ``generate()`` with the KV cache (the default) selects once and
@@ -587,6 +599,6 @@ def patch(model: nn.Module, method="none", *, seed: int = 0, **params) -> Patch:
     policies = sorted(policies, key=lambda p: stage_rank[p.stage])  # stable: keeps the order within a stage
     for p in policies:
         p.validate(adapter.family, adapter)
-    h = Patch(model, policies, adapter, seed=seed)
+    h = Patch(model, policies, adapter, seed=seed, reuse_projections=reuse_projections)
     h._install()
     return h

@@ -99,7 +99,7 @@ def received_from_lse(q: Tensor, k: Tensor, scaling: float, lse: Tensor, reduce_
         q: (B, H, R, hd); k: (B, Hkv, N, hd); lse: (B, H, R) fp32 ``logsumexp`` of each row's logits
             (as the attention kernel computed it).
     Returns:
-        (B, N) fp32: head mean, then mean (or sum) over the R rows.
+        (B, N) fp32: head mean, then mean (or sum) over the R rows (no autograd graph).
     """
     b, h, r, d = q.shape
     k = repeat_kv(k, h // k.shape[1])
@@ -108,9 +108,10 @@ def received_from_lse(q: Tensor, k: Tensor, scaling: float, lse: Tensor, reduce_
     acc = torch.zeros((b, n), dtype=torch.float32, device=q.device)
     buf = torch.empty((r, n), dtype=torch.float32, device=q.device)
     bias = lse.float() * -log2e  # (B, H, R)
-    for i in range(b):
-        for j in range(h):
-            torch.addmm(bias[i, j, :, None], q[i, j].float(), k[i, j].float().T, alpha=scaling * log2e, out=buf)
-            acc[i] += buf.exp2_().sum(dim=0)
+    with torch.no_grad():  # scores for a selection: no graph (and out= takes no autograd inputs)
+        for i in range(b):
+            for j in range(h):
+                torch.addmm(bias[i, j, :, None], q[i, j].float(), k[i, j].float().T, alpha=scaling * log2e, out=buf)
+                acc[i] += buf.exp2_().sum(dim=0)
     acc /= h
     return acc / r if reduce_queries == "mean" else acc

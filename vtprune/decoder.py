@@ -45,6 +45,13 @@ projection and rotary pass (time in ``Patch.stats.tap_ms``); anything a tap did 
 from the layer input before the next layer (``flush``). The budget of a sample is
 ``DecoderPolicy.budget_view(view, layer)``.
 
+Key projections across a cut. A signal computed at a pruning layer before its cut (from the layer
+input: TransPrune's and PyramidDrop's instruction rows) projects the uncut sequence with the layer's own
+key projection; the layer's own call on the rows it keeps is then served those rows
+(``vtprune/reuse.py``: only rows whose input is bitwise the projected one; the rest, e.g. padding,
+projected by the module), so the kept rows are projected once. ``Patch.stats.reused_key_rows`` counts
+them; ``patch(..., reuse_projections=False)`` projects them again.
+
 Recycled tokens. ``select`` may return a :class:`~vtprune.policy.DecoderSelection`: besides the kept
 positions, new hidden states, each taking the identity of one of the policy's dropped visual tokens
 (its slot: LLM-input index, image, position unless renumbered). A recycled token sits at its slot, or
@@ -66,12 +73,14 @@ by their own hooks rather than the VLM prefill path.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
+from .reuse import MIN_ROWS, ProjectionCapture, ServedProjection, gather_rows
 from .attention import attention_probs
 from .policy import DecoderPolicy, DecoderSelection, DecoderView
 from .signals import DECODER_SIGNALS, DecoderSignalInput
@@ -128,8 +137,10 @@ def gather_seq(t: Tensor, index: Tensor, dim: int) -> Tensor:
 class DecoderController:
     """Owns the per-layer hooks of stage D and the per-layer token accounting."""
 
-    def __init__(self, adapter, policies: list[DecoderPolicy], state: RequestState):
+    def __init__(self, adapter, policies: list[DecoderPolicy], state: RequestState, *, reuse_projections: bool = True):
         self.adapter = adapter
+        self.reuse_projections = reuse_projections
+        self._served: ServedProjection | None = None
         self.policies = policies
         self.state = state
         self.config = adapter.language_model.config
@@ -208,10 +219,36 @@ class DecoderController:
                     self.tapped.add(src)
 
     def remove(self) -> None:
+        self._end_serving()
         for h in self.handles:
             h.remove()
         self.handles = []
         self.tapped = set()
+
+    # -------------------------------------------------------------- key projections across a cut
+    def _key_capture(self, layer: int, hidden: Tensor):
+        """Records the layer's key projection of the uncut sequence while its signals are computed."""
+        proj = self.adapter.llm_key_projection(layer) if self.reuse_projections else None
+        return ProjectionCapture(proj, hidden.shape[:2]) if proj is not None else nullcontext()
+
+    def _serve_keys(self, layer: int, cap) -> None:
+        """After the cut: serve the kept rows of the recorded projection to the layer's own call."""
+        if not isinstance(cap, ProjectionCapture) or cap.outputs is None:
+            return
+        dec = self.dec
+        rows = dec.last_rows
+        if rows.numel() < MIN_ROWS or cap.inputs.shape[0] * cap.inputs.shape[1] < MIN_ROWS:
+            return
+        self._served = ServedProjection(cap.module, gather_rows(cap.inputs, rows), gather_rows(cap.outputs, rows),
+                                        dec.cur_keymask).install()
+
+    def _end_serving(self) -> None:
+        """Take the served projection off its module (used or not) and count what it served."""
+        served, self._served = self._served, None
+        if served is not None:
+            served.remove()
+            self.dec.reused_key_rows += served.served_rows
+            self.dec.reuse_ms += served.ms
 
     # -------------------------------------------------------------- the hook
     def _pre(self, layer: int, args: tuple, kwargs: dict):
@@ -219,6 +256,7 @@ class DecoderController:
         if st.phase is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
+        self._end_serving()
         if st.phase == "prefill":
             self.flush(before=layer)
             return self._prefill(layer, hidden, args, kwargs)
@@ -291,7 +329,8 @@ class DecoderController:
         if dec.cur_index is not None:
             self._substitute(layer, kwargs)
             changed = True
-        self._signals(layer, hidden, kwargs, after_prune=False)
+        with (self._key_capture(layer, hidden) if layer in self.prune_at else nullcontext()) as cap:
+            self._signals(layer, hidden, kwargs, after_prune=False)
         if layer in self.prune_at:
             prev_pos = None
             if self.renumber_at:  # positions of the sequence entering this layer
@@ -302,6 +341,7 @@ class DecoderController:
                 else:
                     prev_pos = dec.full_pos
             hidden = self._prune(layer, hidden)
+            self._serve_keys(layer, cap)
             if prev_pos is not None and (layer in self.renumber_at or dec.cur_pos is not None):
                 self._renumber(layer, hidden, prev_pos)
             self._substitute(layer, kwargs)
@@ -396,7 +436,10 @@ class DecoderController:
 
     def flush(self, before: int | None = None) -> None:
         """Compute (from the layer input) the pending signals of layers before ``before`` (all when
-        None) whose attention call did not run."""
+        None) whose attention call did not run; at the end of a prefill (``before`` None) also take off
+        a served key projection."""
+        if before is None:
+            self._end_serving()
         for layer in [l for l in self.dec.pending if before is None or l < before]:
             for kind, asked, inp in self.dec.pending.pop(layer):
                 self.dec.signals[(asked, kind)] = DECODER_SIGNALS[kind].fn(inp)

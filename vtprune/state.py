@@ -95,6 +95,8 @@ class DecoderState:
         pending: ``{layer: [(kind, asked layer, DecoderSignalInput)]}`` attention signals waiting for
             the layer's own attention call (its tap computes them from the q/k in hand);
         tap_ms: wall time spent computing signals inside tapped attention calls at this prefill.
+        reused_key_rows / reuse_ms: rows of pruning layers' key projections served from a signal's
+            projection, and the wall time of serving them (inside the layers' own calls).
     """
 
     full_rope: Any = None
@@ -116,6 +118,8 @@ class DecoderState:
     budget_clamped: list[bool] = field(default_factory=list)
     pending: dict[int, list] = field(default_factory=dict)
     tap_ms: float = 0.0
+    reused_key_rows: int = 0
+    reuse_ms: float = 0.0
 
 
 @dataclass

@@ -240,6 +240,13 @@ class Adapter:
         """The module of decoder layer ``layer`` that mixes tokens (``attn_io`` signals hook it)."""
         return self.llm_layers()[layer].self_attn
 
+    def llm_key_projection(self, layer: int) -> nn.Module | None:
+        """The key projection (an ``nn.Linear`` applied to the normed layer input) of decoder layer
+        ``layer``, or None when its token mixer has none (a Gated DeltaNet layer). The decoder serves
+        this module the rows a signal already projected before the layer's cut (:mod:`vtprune.reuse`)."""
+        proj = getattr(getattr(self.llm_layers()[layer], "self_attn", None), "k_proj", None)
+        return proj if isinstance(proj, nn.Linear) else None
+
     def tap_llm_attention(self, layer: int, callback):
         """Tap decoder layer ``layer``'s attention (:mod:`vtprune.adapters.tap`): ``callback(module, q,
         k, lse)`` after each call with q (B, H, L, hd) and k (B, Hkv, L, hd) as the layer computed them
@@ -292,8 +299,8 @@ class Adapter:
         cos_r = torch.gather(cos, -2, rows[..., None].expand(-1, -1, cos.shape[-1]))
         sin_r = torch.gather(sin, -2, rows[..., None].expand(-1, -1, sin.shape[-1]))
         rot = self.rotary_fn(layer)
-        q, _ = rot(q, q, cos_r, sin_r)
-        k, _ = rot(k, k, cos, sin)
+        q, _ = rot(q, q[:, :1], cos_r, sin_r)  # the second operand only fixes shapes: one head, not all
+        _, k = rot(k[:, :1], k, cos, sin)
         return attention_probs(q, k, attn.scaling, key_mask=key_mask, query_index=rows, chunk_heads=4)
 
     def llm_keys(self, layer_idx: int, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
@@ -307,7 +314,7 @@ class Adapter:
         b = h.shape[0]
         _, k = self.llm_qk(layer.self_attn, h[:, :1], h)  # the family's own q/k (e.g. Qwen3's k norm)
         cos, sin = position_embeddings
-        _, k = self.rotary_fn(layer)(k, k, cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:]))
+        _, k = self.rotary_fn(layer)(k[:, :1], k, cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:]))
         return k
 
     def llm_rope_scores(self, layer_idx: int, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
