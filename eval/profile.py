@@ -16,7 +16,8 @@ patch's own hooks (:class:`eval.timing.Clock`: ``time.perf_counter`` on CPU; on 
   ViT attention rows for signals, stage-V merging between encoder layers, bookkeeping.
 * ``llm_hooks_ms``: time spent inside vtprune's decoder-layer hooks at prefill (stage-D scoring and
   gathering, TransPrune's attention/MLP reductions; per-layer token bookkeeping for every method)
-  plus ``Patch.stats.tap_ms``, the signals computed inside the layers' own (tapped) attention calls.
+  plus ``Patch.stats.tap_ms``, the signals computed inside the layers' own (tapped) attention calls,
+  and ``Patch.stats.reuse_ms``, serving a pruning layer the key rows its signals projected.
   Part of ``prefill_ms``.
 * ``overhead_ms`` = ``select_ms + signal_ms + llm_hooks_ms``: the method's own work (selection
   overhead).
@@ -402,10 +403,22 @@ class _Timer:
 
 
 # ------------------------------------------------------------------------------------------ profiling
+def _method_options(m) -> tuple[Any, dict[str, Any]]:
+    """(method, keyword options of :func:`vtprune.patch`) of one ``methods`` entry."""
+    if isinstance(m, tuple):
+        if len(m) != 2 or not isinstance(m[1], dict):
+            raise ValueError(f"profile(): a tuple entry must be (method, {{patch options}}); got {m!r}")
+        return m
+    return m, {}
+
+
 def _label(m, seen: dict[str, int]) -> str:
     from vtprune.policy import Policy
 
+    m, opts = _method_options(m)
     base = m.spec() if isinstance(m, Policy) else str(m)
+    if opts:
+        base += " [" + ", ".join(f"{k}={v}" for k, v in opts.items()) + "]"
     k = seen.get(base, 0)
     seen[base] = k + 1
     return base if k == 0 else f"{base}#{k + 1}"
@@ -465,7 +478,9 @@ def profile(
         model: a stock HF VLM supported by :func:`vtprune.patch` (not patched).
         inputs: the processor output (``input_ids``, ``attention_mask``, ``pixel_values``, ...) already on
             the model's device; the same inputs are used for every method.
-        methods: spec strings (``"fastv:layer=2,keep=64"``, ``"none"``) or policy objects.
+        methods: spec strings (``"fastv:layer=2,keep=64"``, ``"none"``) or policy objects, or ``(method,
+            {patch options})`` pairs (``("transprune", {"reuse_projections": False})``, labelled
+            ``"transprune [reuse_projections=False]"``).
         repeats: timed rounds (each runs every method once).
         warmup: discarded rounds before them.
         new_tokens: ``generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens)``, greedy.
@@ -514,7 +529,8 @@ def profile(
             handle = None
             timer.reset()
             try:
-                handle = vtprune.patch(model, method, seed=seed)
+                method, opts = _method_options(method)
+                handle = vtprune.patch(model, method, seed=seed, **opts)
                 timer.install()  # after the patch: our hooks bracket the patch's
                 torch.manual_seed(seed)
                 if cuda:
@@ -546,8 +562,8 @@ def profile(
                 "vision_ms": vis,
                 "select_ms": float(stats.select_ms),
                 "signal_ms": signal,
-                "llm_hooks_ms": timer.hooks_ms + float(stats.tap_ms),
-                "overhead_ms": float(stats.select_ms) + signal + timer.hooks_ms + float(stats.tap_ms),
+                "llm_hooks_ms": timer.hooks_ms + float(stats.tap_ms) + float(stats.reuse_ms),
+                "overhead_ms": float(stats.select_ms) + signal + timer.hooks_ms + float(stats.tap_ms) + float(stats.reuse_ms),
                 "prefill_ms": timer.prefill_ms,
                 "ttft_ms": timer.fwd[0] if timer.fwd else float("nan"),
                 "decode_ms_per_token": sum(decode) / len(decode) if decode else float("nan"),
@@ -582,6 +598,7 @@ def profile(
             "vision_tokens_per_layer": [list(v) for v in (st.vision_tokens_per_layer or [])],
             "schedule_stable": len(sched_sig[m]) == 1,
             "new_tokens": gen_tokens[m],
+            "reused_key_rows": int(st.reused_key_rows),
         }
     settings = {
         "repeats": repeats,

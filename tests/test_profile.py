@@ -117,3 +117,18 @@ def test_cli_still_has_methods_and_demo(capsys):
 
     assert main(["methods"]) == 0
     assert "fastv" in capsys.readouterr().out
+
+
+def test_patch_options_per_method(tiny):
+    """A (method, patch options) pair runs under its own label; TransPrune's pruning layers are served
+    their kept key rows by default and not with reuse_projections=False."""
+    model, inputs = tiny
+    spec = "transprune:prune_layers=1|2|3,keep_ratios=0.75|0.5|0.25"
+    res = vtprune.profile(model, inputs, [spec, (spec, {"reuse_projections": False})], repeats=1, warmup=0,
+                          new_tokens=2)
+    off = f"{spec} [reuse_projections=False]"
+    assert res.methods == [spec, off]
+    assert res.tokens[spec]["reused_key_rows"] > 0 and res.tokens[off]["reused_key_rows"] == 0
+    assert res.tokens[spec]["llm_tokens_per_layer"] == res.tokens[off]["llm_tokens_per_layer"]
+    with pytest.raises(ValueError, match="patch options"):
+        vtprune.profile(model, inputs, [(spec, "reuse_projections=False")], repeats=1, warmup=0)

@@ -1,0 +1,43 @@
+"""scripts/efficiency_benchmark.py's report on real (tiny) profile passes: the served-projection A/B
+pass turns into an overhead net of the work the pruning layers no longer repeat."""
+import importlib.util
+from pathlib import Path
+
+import vtprune
+from vtprune.eval.profile import build_llava_shape, llava_inputs
+
+SPEC = "transprune:prune_layers=1|2|3,keep_ratios=0.75|0.5|0.25"
+
+
+def _script():
+    path = Path(__file__).resolve().parents[2] / "scripts" / "efficiency_benchmark.py"
+    spec = importlib.util.spec_from_file_location("efficiency_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_report_uses_the_measured_served_projection_saving(capsys):
+    bench = _script()
+    model, proc = build_llava_shape("tiny")
+    inputs = llava_inputs(proc, "what is in the picture?")
+    methods = ["none", "random:keep=64", SPEC]
+    pre = vtprune.profile(model, inputs, methods, repeats=1, warmup=0, new_tokens=1)
+    gen = vtprune.profile(model, inputs, methods, repeats=1, warmup=0, new_tokens=2)
+    ab = vtprune.profile(model, inputs, [SPEC, (SPEC, {"reuse_projections": False})], repeats=2, warmup=0,
+                         new_tokens=1)
+    data = {"shape": "tiny", "notes": [], "prefill_pass": pre.to_dict(), "generate_pass": gen.to_dict(),
+            "reuse_pass": ab.to_dict()}
+    rows = {r["spec"]: r for r in bench.report(data)["rows"]}
+    r = rows[SPEC]
+    a = ab.phases[SPEC]["prefill_ms"].samples
+    b = ab.phases[f"{SPEC} [reuse_projections=False]"]["prefill_ms"].samples
+    rounds = [o["round"] for o in ab.order if o["method"] == SPEC]
+    rounds_off = [o["round"] for o in ab.order if o["method"] != SPEC]
+    diffs = sorted(dict(zip(rounds_off, b))[k] - dict(zip(rounds, a))[k] for k in range(2))
+    assert r["served_saving_ms"] == sum(diffs) / 2  # median of two paired differences
+    assert r["overhead_net_ms"] == r["overhead_ms"] - r["served_saving_ms"]
+    assert r["served_key_rows"] == ab.tokens[SPEC]["reused_key_rows"] > 0
+    assert "overhead_net_ms" not in rows["random:keep=64"]
+    out = capsys.readouterr().out
+    assert f"{SPEC}: its pruning layers were served {r['served_key_rows']} key-projection rows" in out
