@@ -61,7 +61,9 @@ own keys and values.
 
 Masks: each layer gets ``Adapter.layer_attention_mask(layer, key_mask, q, dtype)``: the 4-D mask of
 the survivors, or for a Gated DeltaNet layer (Qwen3.5) its 2-D padding mask; such a layer's
-convolution and recurrent states are then those of the shortened sequence, at prefill and decode.
+convolution and recurrent states are then those of the shortened sequence, at prefill and decode. A
+mask is built once per model forward for the layers of one token-mixer type that see the same keys
+(the layers between two prunes), not once per layer.
 
 State: the controller reads the patch's :class:`~vtprune.state.RequestState` (handed over at
 construction) and writes only its :class:`~vtprune.state.DecoderState`.
@@ -80,9 +82,9 @@ import torch
 from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
-from .reuse import MIN_ROWS, ProjectionCapture, ServedProjection, gather_rows
 from .attention import attention_probs
 from .policy import DecoderPolicy, DecoderSelection, DecoderView
+from .reuse import MIN_ROWS, ProjectionCapture, ServedProjection, gather_rows
 from .signals import DECODER_SIGNALS, DecoderSignalInput
 from .state import DecoderState, RequestState
 
@@ -141,6 +143,8 @@ class DecoderController:
         self.adapter = adapter
         self.reuse_projections = reuse_projections
         self._served: ServedProjection | None = None
+        self._forward = 0  # model forwards seen (layer 0 calls): masks are shared within one
+        self._masks: dict[tuple, tuple] = {}
         self.policies = policies
         self.state = state
         self.config = adapter.language_model.config
@@ -220,6 +224,7 @@ class DecoderController:
 
     def remove(self) -> None:
         self._end_serving()
+        self._masks = {}
         for h in self.handles:
             h.remove()
         self.handles = []
@@ -231,7 +236,7 @@ class DecoderController:
         proj = self.adapter.llm_key_projection(layer) if self.reuse_projections else None
         return ProjectionCapture(proj, hidden.shape[:2]) if proj is not None else nullcontext()
 
-    def _serve_keys(self, layer: int, cap) -> None:
+    def _serve_keys(self, cap) -> None:
         """After the cut: serve the kept rows of the recorded projection to the layer's own call."""
         if not isinstance(cap, ProjectionCapture) or cap.outputs is None:
             return
@@ -257,6 +262,8 @@ class DecoderController:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         self._end_serving()
+        if layer == 0:
+            self._forward += 1
         if st.phase == "prefill":
             self.flush(before=layer)
             return self._prefill(layer, hidden, args, kwargs)
@@ -264,8 +271,9 @@ class DecoderController:
             return self._decode(layer, hidden, args, kwargs)
         return None
 
-    def _substitute(self, layer: int, kwargs: dict) -> None:
-        """Replace the full-length tables of this layer by those of the surviving tokens."""
+    def _substitute(self, layer: int, kwargs: dict, *, mask: bool = True) -> None:
+        """Replace the full-length tables of this layer by those of the surviving tokens (and its
+        attention mask, unless ``mask`` is False)."""
         dec = self.dec
         idx = dec.cur_index
         if dec.cur_rope is not None:  # renumbered positions (recomputed tables)
@@ -280,7 +288,20 @@ class DecoderController:
                 pid = dec.full_pid
             if pid is not None and pid.shape[-1] == dec.full_len:
                 kwargs["position_ids"] = gather_seq(pid, idx, pid.dim() - 1)
-        kwargs["attention_mask"] = self.adapter.layer_attention_mask(layer, dec.cur_keymask, idx.shape[1], dec.dtype)
+        if mask:
+            kwargs["attention_mask"] = self._mask(layer, dec.cur_keymask, idx.shape[1], dec.dtype, decode=False)
+
+    def _mask(self, layer: int, keymask: Tensor, q: int, dtype: torch.dtype, *, decode: bool) -> Any:
+        """The layer's attention mask for the keys ``keymask`` (B, L) bool (at decode followed by the new
+        tokens): one build per model forward for the layers of one token-mixer type with these keys."""
+        key = (type(self.adapter.token_mixer(layer)), q, dtype, decode)
+        hit = self._masks.get(key)
+        if hit is not None and hit[0] is keymask and hit[1] == self._forward:
+            return hit[2]
+        full = torch.cat([keymask, self.state.decode_tail(q).to(keymask.dtype)], dim=1) if decode else keymask
+        mask = self.adapter.layer_attention_mask(layer, full, q, dtype)
+        self._masks[key] = (keymask, self._forward, mask)
+        return mask
 
     def _full_positions(self, hidden: Tensor, kwargs: dict) -> Tensor:
         """(B, L) positions of the layer-0 input (the model's own ``position_ids``, else arange)."""
@@ -326,8 +347,8 @@ class DecoderController:
         changed = False
         if layer == 0:
             self._start_prefill(hidden, kwargs)
-        if dec.cur_index is not None:
-            self._substitute(layer, kwargs)
+        if dec.cur_index is not None:  # at a pruning layer the signals read these tables, not the mask
+            self._substitute(layer, kwargs, mask=layer not in self.prune_at)
             changed = True
         with (self._key_capture(layer, hidden) if layer in self.prune_at else nullcontext()) as cap:
             self._signals(layer, hidden, kwargs, after_prune=False)
@@ -341,7 +362,7 @@ class DecoderController:
                 else:
                     prev_pos = dec.full_pos
             hidden = self._prune(layer, hidden)
-            self._serve_keys(layer, cap)
+            self._serve_keys(cap)
             if prev_pos is not None and (layer in self.renumber_at or dec.cur_pos is not None):
                 self._renumber(layer, hidden, prev_pos)
             self._substitute(layer, kwargs)
@@ -366,9 +387,7 @@ class DecoderController:
         if keymask is None:
             return None
         q = hidden.shape[1]
-        tail = self.state.decode_tail(q)
-        full = torch.cat([keymask, tail.to(keymask.dtype)], dim=1)
-        kwargs["attention_mask"] = self.adapter.layer_attention_mask(layer, full, q, hidden.dtype)
+        kwargs["attention_mask"] = self._mask(layer, keymask, q, hidden.dtype, decode=True)
         shift = dec.layer_pos_shift.get(layer)
         if shift is not None:  # renumbered layer: the model's position minus the tokens removed before it
             pid = kwargs.get("position_ids")
