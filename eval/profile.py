@@ -28,6 +28,9 @@ patch's own hooks (:class:`eval.timing.Clock`: ``time.perf_counter`` on CPU; on 
 * ``decode_ms_per_token``: mean model-forward time of decode steps 2..T (the first token comes from
   prefill).
 * ``generate_ms``: end-to-end ``generate()``.
+* ``key_proj_ms``: the decoder layers' own key projections (``self_attn.k_proj``) at prefill, i.e. the
+  calls outside vtprune's hooks (a signal's projection inside them is overhead); a pruning layer served
+  its kept rows (``reuse_projections``) spends only the serving here.
 * ``peak_mem_mib``: on CUDA ``torch.cuda.max_memory_allocated`` after
   ``reset_peak_memory_stats()``; on CPU the growth of the process's max RSS (``resource.getrusage``
   ``ru_maxrss``) during the call: a high-water mark, so 0 once an earlier call went higher.
@@ -64,6 +67,7 @@ PHASES = (
     "decode_ms_per_token",
     "generate_ms",
     "peak_mem_mib",
+    "key_proj_ms",
 )
 
 CPU_MEM_LABEL = "cpu: growth of the process max RSS during the call (ru_maxrss high-water mark; 0 once warm)"
@@ -288,6 +292,7 @@ class _Timer:
         self.emb_ms = 0.0
         self.proj_ms = 0.0
         self.hooks_ms = 0.0
+        self.key_proj_ms = 0.0
         self._expect_proj = False
         self._t: dict[str, float] = {}
 
@@ -359,6 +364,18 @@ class _Timer:
 
                 H.append(mod.register_forward_hook(post_a, prepend=True))
                 H.append(mod.register_forward_hook(post_b))
+            kp = _get(layer, "self_attn", "k_proj")
+            if kp is not None:  # the layer's own key projection: outside vtprune's pre-hook window (L{i})
+                def kp_pre(mod, args, i=i):
+                    if self.in_prefill and f"L{i}" not in self._t:
+                        self._t[f"K{i}"] = self.now()
+
+                def kp_post(mod, args, out, i=i):
+                    if f"K{i}" in self._t:
+                        self.key_proj_ms += (self.now() - self._t.pop(f"K{i}")) * 1e3
+
+                H.append(kp.register_forward_pre_hook(kp_pre, prepend=True))
+                H.append(kp.register_forward_hook(kp_post))
 
     def _bracket(self, module, key, done, only_prefill=False):
         if module is None:
@@ -569,6 +586,7 @@ def profile(
                 "decode_ms_per_token": sum(decode) / len(decode) if decode else float("nan"),
                 "generate_ms": gen_ms,
                 "peak_mem_mib": mem,
+                "key_proj_ms": timer.key_proj_ms,
             }
             sig = tuple(tuple(s.llm_tokens_per_layer) for s in stats.schedules)
             sched_sig[label].add(sig)

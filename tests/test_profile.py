@@ -130,5 +130,6 @@ def test_patch_options_per_method(tiny):
     assert res.methods == [spec, off]
     assert res.tokens[spec]["reused_key_rows"] > 0 and res.tokens[off]["reused_key_rows"] == 0
     assert res.tokens[spec]["llm_tokens_per_layer"] == res.tokens[off]["llm_tokens_per_layer"]
+    assert res.phases[spec]["key_proj_ms"].median > 0 and res.phases[off]["key_proj_ms"].median > 0
     with pytest.raises(ValueError, match="patch options"):
         vtprune.profile(model, inputs, [(spec, "reuse_projections=False")], repeats=1, warmup=0)
