@@ -84,7 +84,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask
 
 from .attention import attention_probs
 from .policy import DecoderPolicy, DecoderSelection, DecoderView
-from .reuse import MIN_ROWS, ProjectionCapture, ServedProjection, gather_rows
+from .reuse import MIN_ROWS, ProjectionCapture, ServedProjection
 from .signals import DECODER_SIGNALS, DecoderSignalInput
 from .state import DecoderState, RequestState
 
@@ -125,15 +125,14 @@ def gather_seq(t: Tensor, index: Tensor, dim: int) -> Tensor:
     """Gather ``t`` along its sequence axis ``dim`` with a per-sample index.
 
     ``t`` has its batch axis at ``dim - 1`` (size B or 1, broadcast); ``index`` is (B, L').
-    Returns ``t`` with the batch axis expanded to B and the sequence axis of length L'.
+    Returns ``t`` with the batch axis expanded to B and the sequence axis of length L' (row copies by
+    advanced indexing: ``torch.gather`` with an expanded index is several times slower on CPU).
     """
-    b, n = index.shape
+    b = index.shape[0]
     shape = list(t.shape)
     shape[dim - 1] = b
-    t = t.expand(*shape)
-    idx = index.view(*([1] * (dim - 1)), b, n, *([1] * (t.dim() - dim - 1)))
-    shape[dim] = n
-    return torch.gather(t, dim, idx.expand(*shape))
+    rows = torch.arange(b, device=index.device)[:, None]
+    return t.expand(*shape)[(slice(None),) * (dim - 1) + (rows, index)]
 
 
 class DecoderController:
@@ -244,7 +243,7 @@ class DecoderController:
         rows = dec.last_rows
         if rows.numel() < MIN_ROWS or cap.inputs.shape[0] * cap.inputs.shape[1] < MIN_ROWS:
             return
-        self._served = ServedProjection(cap.module, gather_rows(cap.inputs, rows), gather_rows(cap.outputs, rows),
+        self._served = ServedProjection(cap.module, gather_seq(cap.inputs, rows, 1), gather_seq(cap.outputs, rows, 1),
                                         dec.cur_keymask).install()
 
     def _end_serving(self) -> None:

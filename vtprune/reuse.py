@@ -98,8 +98,3 @@ class ServedProjection:
         self.ms = (time.perf_counter() - t0) * 1e3
         return out
 
-
-def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
-    """t (B, L, F), rows (B, L') long -> (B, L', F) (row copies; ``gather`` with an expanded index is
-    several times slower on CPU)."""
-    return t[torch.arange(t.shape[0], device=t.device)[:, None], rows]
