@@ -103,6 +103,7 @@ from torch import Tensor
 
 from vtprune.policy import Context, ImageTokens, MergePolicy, VisionPolicy, resolve_budget
 from vtprune.registry import register
+from vtprune.rows import take_rows
 
 from ._common import PACKED_VIT_FAMILIES, QWEN_FAMILIES, check_choice, score_dtype
 
@@ -169,7 +170,7 @@ def _check3(name: str, t: Tensor) -> None:
 
 def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
     """t (B, N, *rest), idx (B, K) -> (B, K, *rest) (row copies; same values as ``gather``)."""
-    return t[torch.arange(t.shape[0], device=t.device)[:, None], idx]
+    return take_rows(t, idx, 1)
 
 
 def _apply_plan(
@@ -178,27 +179,30 @@ def _apply_plan(
     """Output ``[t[keep_idx]] ++ [t[b_idx] with t[src_idx] reduced into slot dst]`` (include_self).
 
     t: (B, N, *rest); keep_idx (B, K); b_idx (B, nb); src_idx, dst (B, r) with dst indexing b_idx.
-    For feature rows (t 3-D or more), ``"sum"`` / ``"mean"`` add the sources row by row in index order
-    (``index_add_``) and divide by the count in t's dtype: the values of ``scatter_reduce(...,
-    include_self=True)`` (tested equal in every float dtype), several times faster on CPU. Per-token
-    scalars (t 2-D, e.g. sizes) and other reductions use ``scatter_reduce`` itself (on half types its
-    scalar sums round differently from ``index_add_``).
+    The kept and b rows are copied into the output in one pass; for feature rows (t 3-D or more),
+    ``"sum"`` / ``"mean"`` then add the sources into the b rows in index order (``index_add_``) and
+    divide by the count in t's dtype: the values of ``scatter_reduce(..., include_self=True)`` (tested
+    equal in every float dtype), several times faster on CPU. Per-token scalars (t 2-D, e.g. sizes) and
+    other reductions use ``scatter_reduce`` itself (on half types its scalar sums round differently
+    from ``index_add_``).
     """
-    kept = _gather_rows(t, keep_idx)
-    bt = _gather_rows(t, b_idx)
-    if src_idx.shape[1] > 0:
-        st = _gather_rows(t, src_idx)
-        if reduce in ("sum", "mean") and t.is_floating_point() and t.dim() > 2:
-            for i in range(t.shape[0]):
-                bt[i].index_add_(0, dst[i], st[i])
-            if reduce == "mean":
-                count = torch.ones(bt.shape[:2], dtype=t.dtype, device=t.device)
-                count.scatter_add_(1, dst, torch.ones(dst.shape, dtype=t.dtype, device=t.device))
-                bt = bt / count.view(count.shape + (1,) * (t.dim() - 2))
-        else:
-            didx = dst.view(dst.shape + (1,) * (t.dim() - 2)).expand(st.shape)
-            bt = bt.scatter_reduce(1, didx, st, reduce=reduce, include_self=True)
-    return torch.cat([kept, bt], dim=1)
+    k = keep_idx.shape[1]
+    out = _gather_rows(t, torch.cat([keep_idx, b_idx], dim=1))
+    if src_idx.shape[1] == 0:
+        return out
+    st = _gather_rows(t, src_idx)
+    bt = out[:, k:]
+    if reduce in ("sum", "mean") and t.is_floating_point() and t.dim() > 2:
+        for i in range(t.shape[0]):
+            bt[i].index_add_(0, dst[i], st[i])
+        if reduce == "mean":
+            count = torch.ones(bt.shape[:2], dtype=t.dtype, device=t.device)
+            count.scatter_add_(1, dst, torch.ones(dst.shape, dtype=t.dtype, device=t.device))
+            bt.div_(count.view(count.shape + (1,) * (t.dim() - 2)))
+    else:
+        didx = dst.view(dst.shape + (1,) * (t.dim() - 2)).expand(st.shape)
+        bt.copy_(bt.scatter_reduce(1, didx, st, reduce=reduce, include_self=True))
+    return out
 
 
 def _merge_with_plan(
@@ -243,15 +247,13 @@ def _noop(x: Tensor, sizes: Tensor | None, mode: str, sources: Tensor | None) ->
 # ------------------------------------------------------------------------------------------- BSM
 def _bsm_plan(metric: Tensor, r: int, class_token: bool):
     B, N, _ = metric.shape
-    m = metric.to(score_dtype(metric))
-    v = m / m.norm(dim=-1, keepdim=True)  # plain division (reference)
+    m = metric.to(score_dtype(metric), copy=True)  # this function's own buffer: normalised in place
+    v = m.div_(m.norm(dim=-1, keepdim=True))  # plain division (reference)
     a, b = v[:, 0::2], v[:, 1::2]
     S = a @ b.transpose(-1, -2)  # (B, Na, Nb)
     if class_token:
-        S = S.clone()
         S[:, 0, :] = -math.inf
-    node_idx = S.argmax(dim=-1)  # first maximum
-    node_max = S.gather(-1, node_idx.unsqueeze(-1)).squeeze(-1)
+    node_max, node_idx = S.max(dim=-1)  # index of the first maximum (as argmax)
     edge = torch.argsort(node_max, dim=-1, descending=True, stable=True)
     src = edge[:, :r]
     unm = edge[:, r:]
@@ -309,15 +311,15 @@ def energy_scores(sim: Tensor, margin: float) -> Tensor:
 def _pitome_plan(metric: Tensor, r: int, margin: float, class_token: bool):
     B = metric.shape[0]
     off = 1 if class_token else 0
-    m = metric[:, off:].to(score_dtype(metric))
-    v = F.normalize(m, dim=-1, eps=1e-12)
+    m = metric[:, off:].to(score_dtype(metric), copy=True)  # own buffer: normalised in place
+    v = m.div_(m.norm(2, dim=-1, keepdim=True).clamp_min_(1e-12))  # F.normalize's arithmetic
     S = v @ v.transpose(-1, -2)  # (B, T, T)
-    E = energy_scores(S, margin)
+    E = F.elu(S - margin, alpha=1.0, inplace=True).mean(dim=-1)  # energy_scores, one T x T buffer
     order = torch.argsort(E, dim=-1, descending=True, stable=True)
     merge = order[:, : 2 * r]
     protected = order[:, 2 * r :]
     A, Bset = merge[:, 0::2], merge[:, 1::2]
-    S_ab = S.gather(1, A.unsqueeze(-1).expand(-1, -1, S.shape[-1]))
+    S_ab = _gather_rows(S, A)  # (B, r, T)
     S_ab = S_ab.gather(2, Bset.unsqueeze(1).expand(-1, A.shape[1], -1))
     dst = S_ab.argmax(dim=-1)  # first maximum, index into B
     keep = protected + off

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from vtprune.decoder import gather_seq
+from vtprune.rows import take_rows
 from vtprune.reuse import MIN_ROWS, ProjectionCapture, ServedProjection
 from vtprune.policy import DecoderPolicy
 from vtprune.registry import registered
@@ -57,11 +57,11 @@ def test_served_projection_serves_equal_rows_once_and_projects_the_rest():
     assert cap.outputs is full
     rows = torch.tensor([[0, 2, 3, 6], [1, 4, 5, 6]])
     usable = torch.tensor([[True, True, True, True], [False, True, True, True]])
-    served = ServedProjection(proj, gather_seq(cap.inputs, rows, 1), gather_seq(cap.outputs, rows, 1), usable).install()
-    cut = gather_seq(x, rows, 1).clone()
+    served = ServedProjection(proj, take_rows(cap.inputs, rows, 1), take_rows(cap.outputs, rows, 1), usable).install()
+    cut = take_rows(x, rows, 1).clone()
     cut[1, 2] += 1.0  # a changed row (a recycled token) is projected by the module
     sentinel = torch.full((2, 4, 6), 7.0)
-    served.outputs = torch.where(usable[..., None], gather_seq(full, rows, 1), sentinel)  # shows which rows were served
+    served.outputs = torch.where(usable[..., None], take_rows(full, rows, 1), sentinel)  # shows which rows were served
     out = proj(cut)
     assert served.served_rows == 6
     torch.testing.assert_close(out, nn.functional.linear(cut, proj.weight, proj.bias))
@@ -102,20 +102,3 @@ def test_a_rows_projection_does_not_depend_on_the_other_rows(dtype, width):
         for m in (299, 150, 17, 4):
             rows = torch.sort(torch.randperm(300, generator=g)[:m]).values
             assert torch.equal(lin(x[:, rows]), full[:, rows]), m
-
-
-@pytest.mark.parametrize("shape,dim", [((1, 9, 4), 1), ((2, 9, 4), 1), ((2, 9), 1), ((3, 1, 9, 4), 2), ((3, 2, 9), 2)])
-def test_gather_seq_equals_torch_gather(shape, dim):
-    """The decoder's row gather (advanced indexing) gives torch.gather's values, a size-1 batch axis
-    broadcast to B."""
-    from vtprune.decoder import gather_seq
-
-    g = torch.Generator().manual_seed(2)
-    t = torch.randn(shape, generator=g)
-    index = torch.stack([torch.randperm(9, generator=g)[:5] for _ in range(2)])
-    full = list(t.shape)
-    full[dim - 1] = 2
-    want_shape = list(full)
-    want_shape[dim] = 5
-    idx = index.view(*([1] * (dim - 1)), 2, 5, *([1] * (t.dim() - dim - 1))).expand(*want_shape)
-    assert torch.equal(gather_seq(t, index, dim), torch.gather(t.expand(*full), dim, idx))

@@ -85,6 +85,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask
 from .attention import attention_probs
 from .policy import DecoderPolicy, DecoderSelection, DecoderView
 from .reuse import MIN_ROWS, ProjectionCapture, ServedProjection
+from .rows import take_rows
 from .signals import DECODER_SIGNALS, DecoderSignalInput
 from .state import DecoderState, RequestState
 
@@ -119,20 +120,6 @@ def build_mask(config, key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Any:
         config=config,
         device=key_mask.device,
     )
-
-
-def gather_seq(t: Tensor, index: Tensor, dim: int) -> Tensor:
-    """Gather ``t`` along its sequence axis ``dim`` with a per-sample index.
-
-    ``t`` has its batch axis at ``dim - 1`` (size B or 1, broadcast); ``index`` is (B, L').
-    Returns ``t`` with the batch axis expanded to B and the sequence axis of length L' (row copies by
-    advanced indexing: ``torch.gather`` with an expanded index is several times slower on CPU).
-    """
-    b = index.shape[0]
-    shape = list(t.shape)
-    shape[dim - 1] = b
-    rows = torch.arange(b, device=index.device)[:, None]
-    return t.expand(*shape)[(slice(None),) * (dim - 1) + (rows, index)]
 
 
 class DecoderController:
@@ -243,7 +230,7 @@ class DecoderController:
         rows = dec.last_rows
         if rows.numel() < MIN_ROWS or cap.inputs.shape[0] * cap.inputs.shape[1] < MIN_ROWS:
             return
-        self._served = ServedProjection(cap.module, gather_seq(cap.inputs, rows, 1), gather_seq(cap.outputs, rows, 1),
+        self._served = ServedProjection(cap.module, take_rows(cap.inputs, rows, 1), take_rows(cap.outputs, rows, 1),
                                         dec.cur_keymask).install()
 
     def _end_serving(self) -> None:
@@ -281,12 +268,12 @@ class DecoderController:
                 kwargs["position_ids"] = dec.cur_pos
         else:
             cos, sin = dec.full_rope
-            kwargs["position_embeddings"] = (gather_seq(cos, idx, cos.dim() - 2), gather_seq(sin, idx, sin.dim() - 2))
+            kwargs["position_embeddings"] = (take_rows(cos, idx, cos.dim() - 2), take_rows(sin, idx, sin.dim() - 2))
             pid = kwargs.get("position_ids")
             if pid is not None and pid.shape[-1] != dec.full_len:  # already gathered (pruning layer after a prune)
                 pid = dec.full_pid
             if pid is not None and pid.shape[-1] == dec.full_len:
-                kwargs["position_ids"] = gather_seq(pid, idx, pid.dim() - 1)
+                kwargs["position_ids"] = take_rows(pid, idx, pid.dim() - 1)
         if mask:
             kwargs["attention_mask"] = self._mask(layer, dec.cur_keymask, idx.shape[1], dec.dtype, decode=False)
 

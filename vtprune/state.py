@@ -92,6 +92,8 @@ class DecoderState:
         signals: ``{(layer, kind): (B, L)}`` requested decoder signals;
         layer_counts: per layer, ((B,) tokens, (B,) visual tokens) entering it;
         budget_clamped: (B,) bool, a stage-D int budget exceeded the visual tokens of the sample.
+        counted: the (prefill, cur_index, cur_keymask) objects the last ``layer_counts`` entry was
+            counted from (layers between two prunes repeat it without recounting).
         pending: ``{layer: [(kind, asked layer, DecoderSignalInput)]}`` attention signals waiting for
             the layer's own attention call (its tap computes them from the q/k in hand);
         tap_ms: wall time spent computing signals inside tapped attention calls at this prefill.
@@ -115,6 +117,7 @@ class DecoderState:
     layer_pos_shift: dict[int, Tensor] = field(default_factory=dict)
     signals: dict[tuple[int, str], Tensor] = field(default_factory=dict)
     layer_counts: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    counted: tuple | None = None
     budget_clamped: list[bool] = field(default_factory=list)
     pending: dict[int, list] = field(default_factory=dict)
     tap_ms: float = 0.0
@@ -163,6 +166,11 @@ class RequestState:
     def record_layer(self) -> None:
         """Append the (tokens, visual tokens) per sample entering the current decoder layer."""
         pre, dec = self.prefill, self.decoder
+        key = (pre, dec.cur_index, dec.cur_keymask)
+        if dec.layer_counts and dec.counted is not None and all(a is b for a, b in zip(key, dec.counted)):
+            dec.layer_counts.append(dec.layer_counts[-1])  # nothing was cut since the last layer
+            return
+        dec.counted = key
         if dec.cur_index is None:
             km, vis = pre.mask.bool(), pre.visual
         else:
