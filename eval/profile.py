@@ -9,8 +9,8 @@ patch's own hooks (:class:`eval.timing.Clock`: ``time.perf_counter`` on CPU; on 
 ``torch.cuda.Event``, synchronised, read with ``elapsed_time``):
 
 * ``vision_ms``: the vision tower's forward (or, for stage-V policies that run the encoder layer by
-  layer, its embeddings + encoder layers) + the first projector call after it, i.e. what the unpruned
-  model's vision side costs for the tokens that actually went through it.
+  layer, its embeddings (CLIP: and ``pre_layrnorm``) + encoder layers) + the first projector call after
+  it, i.e. what the unpruned model's vision side costs for the tokens that actually went through it.
 * ``select_ms``: ``Patch.stats.select_ms`` (stage-P policies' ``apply`` over all images).
 * ``signal_ms``: the rest of the adapter's encode (``Patch.stats.vision_ms - vision_ms``): recomputed
   ViT attention rows for signals, stage-V merging between encoder layers, bookkeeping.
@@ -276,6 +276,7 @@ class _Timer:
         self.tower = _get(inner, "vision_tower") or _get(inner, "visual")
         self.projector = _get(inner, "multi_modal_projector")
         self.embeddings = _get(self.tower, "embeddings")
+        self.pre_norm = _get(self.tower, "pre_layrnorm")  # CLIP's norm before its layers: the tower's own work
         enc = _get(self.tower, "vision_model", "encoder") or _get(self.tower, "encoder")
         self.vit_layers = list(_get(enc, "layers") or _get(enc, "layer") or _get(self.tower, "blocks") or [])
         self.llm_layers = list(_get(self.lm, "layers") or [])
@@ -331,6 +332,7 @@ class _Timer:
             H.append(self.lm.register_forward_hook(lm_post))
         self._bracket(self.tower, "tower", self._tower_done, only_prefill=True)
         self._bracket(self.embeddings, "emb", lambda ms: setattr(self, "emb_ms", self.emb_ms + ms), only_prefill=True)
+        self._bracket(self.pre_norm, "pre_norm", lambda ms: setattr(self, "emb_ms", self.emb_ms + ms), only_prefill=True)
         for i, layer in enumerate(self.vit_layers):
             self._bracket(layer, f"vit{i}", self._vit_done, only_prefill=True)
         if self.projector is not None:

@@ -133,3 +133,20 @@ def test_patch_options_per_method(tiny):
     assert res.phases[spec]["key_proj_ms"].median > 0 and res.phases[off]["key_proj_ms"].median > 0
     with pytest.raises(ValueError, match="patch options"):
         vtprune.profile(model, inputs, [(spec, "reuse_projections=False")], repeats=1, warmup=0)
+
+
+def test_stage_v_tower_norm_is_vision_time(tiny):
+    """CLIP's pre_layrnorm is the tower's own work: under a stage-V method (which runs the encoder
+    layer by layer) it counts as vision time, not as the method's overhead."""
+    import time
+
+    model, inputs = tiny
+    norm = model.model.vision_tower.pre_layrnorm
+    h = norm.register_forward_hook(lambda *a: time.sleep(0.05))
+    try:
+        res = vtprune.profile(model, inputs, ["pitome:keep=128"], repeats=1, warmup=0, new_tokens=1)
+    finally:
+        h.remove()
+    ph = res.phases["pitome:keep=128"]
+    assert ph["vision_ms"].median >= 50
+    assert ph["signal_ms"].median < 50

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from .tap import can_tap, tap
 from ..attention import attention_probs
 from ..policy import Context, ImageTokens, VisionPolicy
+from ..rows import take_rows
 
 
 class Encoded(NamedTuple):
@@ -291,13 +292,13 @@ class Adapter:
         attn = layer.self_attn
         h = layer.input_layernorm(hidden)
         b = h.shape[0]
-        h_rows = torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1]))
+        h_rows = take_rows(h, rows, 1)
         q, k = self.llm_qk(attn, h_rows, h)
         cos, sin = position_embeddings
+        cos_r = take_rows(cos, rows, cos.dim() - 2)  # a batch of 1 is broadcast to B
+        sin_r = take_rows(sin, rows, sin.dim() - 2)
         cos = cos.expand(b, *cos.shape[1:])
         sin = sin.expand(b, *sin.shape[1:])
-        cos_r = torch.gather(cos, -2, rows[..., None].expand(-1, -1, cos.shape[-1]))
-        sin_r = torch.gather(sin, -2, rows[..., None].expand(-1, -1, sin.shape[-1]))
         rot = self.rotary_fn(layer)
         q, _ = rot(q, q[:, :1], cos_r, sin_r)  # the second operand only fixes shapes: one head, not all
         _, k = rot(k[:, :1], k, cos, sin)
