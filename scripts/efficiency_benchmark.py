@@ -391,6 +391,13 @@ def report(data: dict) -> dict:
                   f"projecting them again (pass 3, median paired difference {r['served_saving_ms']:.1f} ms; LLM prefill "
                   f"{ph[r['spec']]['prefill_ms']['median']:.0f} vs {ph[off]['prefill_ms']['median']:.0f} ms): "
                   f"overhead net of that work {r['overhead_net_ms']:.1f} ms ({r['overhead_net_pct']:.2f} % of the prefill)")
+    stage_v = [r for r in rows if r["stage"] == "V"]
+    for r in stage_v:  # merging inside the encoder shortens the encoder too: the share of both, for information
+        r["overhead_pct_of_vision_and_prefill"] = 100.0 * r["overhead_ms"] / (r["vision_ms"] + r["prefill_ms"])
+    if stage_v:
+        print("stage V (merging between encoder layers, which shortens the encoder as well): overhead as a share of "
+              "encoder + LLM prefill, for information (the verdict keeps the LLM prefill): "
+              + "; ".join(f"{r['spec']} {r['overhead_pct_of_vision_and_prefill']:.2f} %" for r in stage_v))
 
     # ---------------------------------------------------------------------------------- diagnosis
     # Least-squares fit over none and the pre-LLM (stage P / V) configs of the paired time ratio

@@ -518,7 +518,7 @@ class DecoderController:
                     for (l, kind), t in dec.signals.items()
                 }
                 view = DecoderView(
-                    hidden=hidden[i, valid[alive]],
+                    hidden=hidden[i].index_select(0, valid[alive]),  # row copies (faster than indexing)
                     visual=vis_alive,
                     image_id=pre.image_id[i, orig[alive]],
                     signals=signals,
@@ -548,13 +548,16 @@ class DecoderController:
             rows.append(kept_local)
             idx_lists.append(cur[i, kept_local])
         width = max(r.numel() for r in rows)
-        new_hidden = hidden.new_zeros((b, width, hidden.shape[-1]))
+        if all(r.numel() == width for r in rows):  # no repacking: every row of the output is a kept row
+            new_hidden = hidden.new_empty((b, width, hidden.shape[-1]))
+        else:
+            new_hidden = hidden.new_zeros((b, width, hidden.shape[-1]))
         new_index = torch.zeros((b, width), dtype=torch.long, device=hidden.device)
         new_keymask = torch.zeros((b, width), dtype=torch.bool, device=hidden.device)
         new_rows = torch.zeros((b, width), dtype=torch.long, device=hidden.device)
         for i, (r, o) in enumerate(zip(rows, idx_lists)):
             s = width - r.numel()  # left padding
-            new_hidden[i, s:] = hidden[i, r]
+            torch.index_select(hidden[i], 0, r, out=new_hidden[i, s:])
             new_index[i, s:] = o
             new_keymask[i, s:] = True
             new_rows[i, s:] = r

@@ -1,5 +1,6 @@
 """scripts/efficiency_benchmark.py's report on real (tiny) profile passes: the served-projection A/B
-pass turns into an overhead net of the work the pruning layers no longer repeat."""
+pass turns into an overhead net of the work the pruning layers no longer repeat; a stage-V method's
+overhead is also given against encoder + LLM prefill."""
 import importlib.util
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def test_report_uses_the_measured_served_projection_saving(capsys):
     bench = _script()
     model, proc = build_llava_shape("tiny")
     inputs = llava_inputs(proc, "what is in the picture?")
-    methods = ["none", "random:keep=64", SPEC]
+    methods = ["none", "random:keep=64", "pitome:keep=128", SPEC]
     pre = vtprune.profile(model, inputs, methods, repeats=1, warmup=0, new_tokens=1)
     gen = vtprune.profile(model, inputs, methods, repeats=1, warmup=0, new_tokens=2)
     ab = vtprune.profile(model, inputs, [SPEC, (SPEC, {"reuse_projections": False})], repeats=2, warmup=0,
@@ -41,3 +42,9 @@ def test_report_uses_the_measured_served_projection_saving(capsys):
     assert "overhead_net_ms" not in rows["random:keep=64"]
     out = capsys.readouterr().out
     assert f"{SPEC}: its pruning layers were served {r['served_key_rows']} key-projection rows" in out
+    # a stage-V method's overhead is also shown against encoder + LLM prefill, for information only
+    v = rows["pitome:keep=128"]
+    assert v["stage"] == "V"
+    assert v["overhead_pct_of_vision_and_prefill"] == 100.0 * v["overhead_ms"] / (v["vision_ms"] + v["prefill_ms"])
+    assert "overhead_pct_of_vision_and_prefill" not in rows["random:keep=64"]
+    assert f"pitome:keep=128 {v['overhead_pct_of_vision_and_prefill']:.2f} %" in out

@@ -4,8 +4,9 @@ Exact kept counts (per view; LLaVA-NeXT newlines kept outside the budget); the s
 kernels on **independently computed** inputs (the unpatched model's projected features and the model's
 own input embeddings of the question tokens, picked from the unpadded prompt here); the instruction
 changes the selection and ``relevance="off"`` does not see it; the stage-P oracle (logits and 10
-generated tokens == the unpatched model on the explicitly shortened input), SDPA and eager; a
-left-padded batch == each sample alone; SDPA == eager; clear errors.
+generated tokens == the unpatched model on the explicitly shortened input), SDPA and eager; clear
+errors. A left-padded batch == each sample alone and SDPA == eager: the conformance matrix
+(tests/test_conformance.py, ``cdpruner:keep=0.5``).
 """
 from __future__ import annotations
 
@@ -19,10 +20,8 @@ from vtprune.testing import make_inputs, tiny_images
 
 from helpers import (
     SCORE_SIZES,
-    assert_batch_equals_alone,
     assert_int_keep_is_per_view_and_capped,
     assert_matches_shortened,
-    assert_sdpa_equals_eager,
     batch,
     image_features,
     image_tokens,
@@ -103,16 +102,6 @@ def test_options_select_their_signals():
         logits, gen, stats, _ = patched_run(model, inp, spec)
         assert stats.visual_tokens_per_image == [8, 8]
         assert_matches_shortened(model, "llava", inp, logits, gen, stats.kept_index_per_image)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_with_padding_equals_each_alone(family):
-    assert_batch_equals_alone(family, SPEC)
-
-
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
-def test_sdpa_equals_eager(family):
-    assert_sdpa_equals_eager(family, SPEC)
 
 
 def test_int_keep_is_per_view_and_capped():

@@ -3,7 +3,8 @@
 Exact kept counts (``round(keep * n)`` of the candidates; LLaVA-NeXT newlines kept outside the budget);
 the selection == the pure kernel on the unpatched model's own projected features; the stage-P oracle
 (logits and 10 generated tokens == the unpatched model on the explicitly shortened input), SDPA and
-eager; a left-padded batch == each sample alone; SDPA == eager; clear errors.
+eager; clear errors. A left-padded batch == each
+sample alone and SDPA == eager: the conformance matrix (tests/test_conformance.py, ``divprune:keep=0.5``).
 """
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ import vtprune
 from vtprune.methods.divprune import DivPrune, divprune_select
 
 from helpers import (
-    assert_batch_equals_alone,
     assert_matches_shortened,
-    assert_sdpa_equals_eager,
     batch,
     image_features,
     image_tokens,
@@ -43,16 +42,6 @@ def test_counts_selection_and_stage_p_oracle(family, attn):
         assert chosen.tolist() == cand[divprune_select(feats[cand], chosen.numel())].tolist()
         assert set(torch.nonzero(~img.candidate).flatten().tolist()) <= set(kept.tolist())  # newlines
     assert_matches_shortened(model, family, inp, logits, gen, stats.kept_index_per_image)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_with_padding_equals_each_alone(family):
-    assert_batch_equals_alone(family, SPEC)
-
-
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
-def test_sdpa_equals_eager(family):
-    assert_sdpa_equals_eager(family, SPEC)
 
 
 def test_int_keep_and_keep_all():

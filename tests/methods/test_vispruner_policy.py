@@ -4,7 +4,8 @@ Exact kept counts (per view; LLaVA-NeXT newlines kept outside the budget); the s
 kernel on **independently computed** signals (LLaVA: eager CLIP ``output_attentions`` and hidden
 states; Qwen: eager ViT attention -> received scores, and the merger outputs of the unpatched model);
 the stage-P oracle (logits and 10 generated tokens == the unpatched model on the explicitly shortened
-input), SDPA and eager; a left-padded batch == each sample alone; SDPA == eager; clear errors.
+input), SDPA and eager; clear errors. A left-padded batch == each sample alone and SDPA == eager: the
+conformance matrix (tests/test_conformance.py, ``vispruner:keep=0.5``).
 """
 from __future__ import annotations
 
@@ -16,10 +17,8 @@ from vtprune.methods._common import view_grids
 from vtprune.methods.vispruner import VisPruner, vispruner_select
 
 from helpers import (
-    assert_batch_equals_alone,
     assert_int_keep_is_per_view_and_capped,
     assert_matches_shortened,
-    assert_sdpa_equals_eager,
     batch,
     eager_clip,
     image_features,
@@ -107,16 +106,6 @@ def test_siglip_tower_uses_received_attention_of_the_last_layer():
     assert_matches_shortened(model, "llava", inp, logits, gen, stats.kept_index_per_image)
     with pytest.raises(ValueError, match="importance='cls' needs a vision tower with a CLS token"):
         vtprune.patch(model, "vispruner", keep=6, importance="cls")
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_with_padding_equals_each_alone(family):
-    assert_batch_equals_alone(family, SPEC)
-
-
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
-def test_sdpa_equals_eager(family):
-    assert_sdpa_equals_eager(family, SPEC)
 
 
 def test_int_keep_is_per_view_and_capped():
