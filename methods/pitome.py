@@ -305,7 +305,7 @@ def energy_scores(sim: Tensor, margin: float) -> Tensor:
     ``sim`` promoted to at least fp32.
     """
     s = sim.to(score_dtype(sim))
-    return F.elu(s - margin, alpha=1.0).mean(dim=-1)
+    return F.elu(s - margin, alpha=1.0, inplace=True).mean(dim=-1)  # in place on the fresh s - margin
 
 
 def _pitome_plan(metric: Tensor, r: int, margin: float, class_token: bool):
@@ -314,7 +314,7 @@ def _pitome_plan(metric: Tensor, r: int, margin: float, class_token: bool):
     m = metric[:, off:].to(score_dtype(metric), copy=True)  # own buffer: normalised in place
     v = m.div_(m.norm(2, dim=-1, keepdim=True).clamp_min_(1e-12))  # F.normalize's arithmetic
     S = v @ v.transpose(-1, -2)  # (B, T, T)
-    E = F.elu(S - margin, alpha=1.0, inplace=True).mean(dim=-1)  # energy_scores, one T x T buffer
+    E = energy_scores(S, margin)
     order = torch.argsort(E, dim=-1, descending=True, stable=True)
     merge = order[:, : 2 * r]
     protected = order[:, 2 * r :]
