@@ -28,6 +28,7 @@ from vtprune.policy import (
     resolve_budget,
 )
 from vtprune.registry import register
+from vtprune.rows import take_rows
 
 from ._common import split_proportional
 
@@ -74,7 +75,7 @@ class _RandomV(VisionPolicy):
         keys = ctx.view_keys or list(range(v))
         idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + random_subset(n - 1, k, ctx.rng(keys[i]))])
                            for i in range(v)]).to(x.device)
-        return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1])), idx
+        return take_rows(x, idx, 1), idx
 
 
 @dataclass

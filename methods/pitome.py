@@ -168,11 +168,6 @@ def _check3(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must be (B, N, C); got shape {tuple(t.shape)}")
 
 
-def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
-    """t (B, N, *rest), idx (B, K) -> (B, K, *rest) (row copies; same values as ``gather``)."""
-    return take_rows(t, idx, 1)
-
-
 def _apply_plan(
     t: Tensor, keep_idx: Tensor, b_idx: Tensor, src_idx: Tensor, dst: Tensor, reduce: str
 ) -> Tensor:
@@ -187,10 +182,10 @@ def _apply_plan(
     from ``index_add_``).
     """
     k = keep_idx.shape[1]
-    out = _gather_rows(t, torch.cat([keep_idx, b_idx], dim=1))
+    out = take_rows(t, torch.cat([keep_idx, b_idx], dim=1))
     if src_idx.shape[1] == 0:
         return out
-    st = _gather_rows(t, src_idx)
+    st = take_rows(t, src_idx)
     bt = out[:, k:]
     if reduce in ("sum", "mean") and t.is_floating_point() and t.dim() > 2:
         for i in range(t.shape[0]):
@@ -319,7 +314,7 @@ def _pitome_plan(metric: Tensor, r: int, margin: float, class_token: bool):
     merge = order[:, : 2 * r]
     protected = order[:, 2 * r :]
     A, Bset = merge[:, 0::2], merge[:, 1::2]
-    S_ab = _gather_rows(S, A)  # (B, r, T)
+    S_ab = take_rows(S, A)  # (B, r, T)
     S_ab = S_ab.gather(2, Bset.unsqueeze(1).expand(-1, A.shape[1], -1))
     dst = S_ab.argmax(dim=-1)  # first maximum, index into B
     keep = protected + off
@@ -378,7 +373,7 @@ def source_order(sources: Tensor) -> Tensor:
 
 def apply_order(t: Tensor, perm: Tensor) -> Tensor:
     """Reorder tokens: t (B, N, *rest), perm (B, N) -> (B, N, *rest)."""
-    return _gather_rows(t, perm)
+    return take_rows(t, perm)
 
 
 # ------------------------------------------------------------------------------------- schedules
@@ -590,7 +585,7 @@ def post_merger_merge(y: Tensor, n_keep: int, mode: str = "mean", margin: float 
         z = _merge_with_plan(z, plan, None, mode, None).x
         rep = torch.cat([rep.gather(1, keep_idx), rep.gather(1, b_idx)], dim=1)
     perm = torch.argsort(rep, dim=-1, stable=True)
-    z = _gather_rows(z, perm)
+    z = take_rows(z, perm)
     rep = rep.gather(1, perm)
     if squeeze:
         return z[0], rep[0]

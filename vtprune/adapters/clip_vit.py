@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..policy import Context, ViTInfo, VisionPolicy
+from ..rows import take_rows
 from .base import Adapter
 
 
@@ -141,7 +142,7 @@ class OpenClipViTAdapter(Adapter):
         if layer == len(self.blocks()) - 1 and not keep_order:
             perm = torch.argsort(req.src, dim=1, stable=True)  # CLS (source 0) stays first
             if not torch.equal(perm, torch.arange(perm.shape[1], device=perm.device).expand_as(perm)):
-                x = torch.gather(x, 1, perm[..., None].expand(-1, -1, x.shape[-1]))
+                x = take_rows(x, perm, 1)
                 req.src = torch.gather(req.src, 1, perm)
                 changed = True
         if not changed:
