@@ -32,7 +32,9 @@ Columns (medians over rounds; definitions):
                   before the cut (TransPrune; ``vtprune/reuse.py``) also runs in a third pass with
                   ``reuse_projections=False``, interleaved: the median paired difference of the layers'
                   own key-projection time (``key_proj_ms``) is work they no longer repeat, and its verdict
-                  uses the overhead net of it (the serving itself stays counted in both).
+                  uses the overhead net of it (the serving itself stays counted in both). For a stage-V
+                  method (merging inside the encoder, which shortens the encoder too) a line also gives
+                  the overhead as a share of encoder + LLM prefill, for information.
 * KV MiB        = KV cache at the end of prefill (FLOPS.md §5).
 * generate(32)  = end-to-end ``generate()`` time for 32 new tokens; "generate vs none" is the median over
                   rounds of the paired ratio t_method / t_none (the monotonicity verdict uses it).
