@@ -167,7 +167,7 @@ class RequestState:
         """Append the (tokens, visual tokens) per sample entering the current decoder layer."""
         pre, dec = self.prefill, self.decoder
         key = (pre, dec.cur_index, dec.cur_keymask)
-        if dec.layer_counts and dec.counted is not None and all(a is b for a, b in zip(key, dec.counted)):
+        if dec.counted is not None and all(a is b for a, b in zip(key, dec.counted)):  # set only with an entry
             dec.layer_counts.append(dec.layer_counts[-1])  # nothing was cut since the last layer
             return
         dec.counted = key
