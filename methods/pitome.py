@@ -168,61 +168,86 @@ def _check3(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must be (B, N, C); got shape {tuple(t.shape)}")
 
 
-def _apply_plan(
-    t: Tensor, keep_idx: Tensor, b_idx: Tensor, src_idx: Tensor, dst: Tensor, reduce: str
-) -> Tensor:
-    """Output ``[t[keep_idx]] ++ [t[b_idx] with t[src_idx] reduced into slot dst]`` (include_self).
+class _RowPlan(NamedTuple):
+    """One layer's merge plan on the flattened (batch x token) row axis, applied alike to the features,
+    sizes, sources and any per-token tracking (planned once per layer).
 
-    t: (B, N, *rest); keep_idx (B, K); b_idx (B, nb); src_idx, dst (B, r) with dst indexing b_idx.
-    The kept and b rows are copied into the output in one pass; for feature rows (t 3-D or more),
-    ``"sum"`` / ``"mean"`` then add the sources into the b rows in index order (``index_add_``) and
-    divide by the count in t's dtype: the values of ``scatter_reduce(..., include_self=True)`` (tested
-    equal in every float dtype), several times faster on CPU. Per-token scalars (t 2-D, e.g. sizes) and
-    other reductions use ``scatter_reduce`` itself (on half types its scalar sums round differently
-    from ``index_add_``).
+    rows: (B*M,) input rows copied to the output, in output order (M = N - r per sample); src: (B*r,)
+    input rows merged away; dst: (B*r,) the output rows they are reduced into; batch B, length M, of
+    which the first ``kept`` per sample receive nothing.
     """
-    k = keep_idx.shape[1]
-    out = take_rows(t, torch.cat([keep_idx, b_idx], dim=1))
-    if src_idx.shape[1] == 0:
-        return out
-    st = take_rows(t, src_idx)
-    bt = out[:, k:]
-    if reduce in ("sum", "mean") and t.is_floating_point() and t.dim() > 2:
-        for i in range(t.shape[0]):
-            bt[i].index_add_(0, dst[i], st[i])
-        if reduce == "mean":
-            count = torch.ones(bt.shape[:2], dtype=t.dtype, device=t.device)
-            count.scatter_add_(1, dst, torch.ones(dst.shape, dtype=t.dtype, device=t.device))
-            bt.div_(count.view(count.shape + (1,) * (t.dim() - 2)))
-    else:
-        didx = dst.view(dst.shape + (1,) * (t.dim() - 2)).expand(st.shape)
-        bt.copy_(bt.scatter_reduce(1, didx, st, reduce=reduce, include_self=True))
-    return out
+
+    rows: Tensor
+    src: Tensor
+    dst: Tensor
+    batch: int
+    length: int
+    kept: int
+
+
+def _row_plan(plan: tuple[Tensor, Tensor, Tensor, Tensor], n: int) -> _RowPlan:
+    """Flatten a plan ``(keep_idx (B, K), b_idx (B, nb), src_idx (B, r), dst (B, r))`` (dst indexes
+    b_idx) over inputs of ``n`` tokens: the output is ``[keep ++ b]`` per sample."""
+    keep_idx, b_idx, src_idx, dst = plan
+    out = torch.cat([keep_idx, b_idx], dim=1)
+    batch, m = out.shape
+    kept = keep_idx.shape[1]
+    dst = dst + kept
+    if batch > 1:
+        sample = torch.arange(batch, device=out.device)[:, None]
+        out, src_idx, dst = out + sample * n, src_idx + sample * n, dst + sample * m
+    return _RowPlan(out.reshape(-1), src_idx.reshape(-1), dst.reshape(-1), batch, m, kept)
+
+
+def _apply_plan(t: Tensor, plan: _RowPlan, reduce: str) -> Tensor:
+    """Output ``[t[keep]] ++ [t[b] with t[src] reduced into its destination]`` (include_self).
+
+    t: (B, N, *rest). For feature rows (t 3-D or more), ``"sum"`` / ``"mean"`` add the sources into their
+    destination rows in index order (``index_add_``) and divide the b rows by their count in t's dtype:
+    the values of ``scatter_reduce(..., include_self=True)`` (tested equal in every float dtype),
+    several times faster on CPU. Per-token scalars (t 2-D, e.g. sizes) and other
+    reductions use ``scatter_reduce_`` itself (on half types its scalar sums round differently from
+    ``index_add_``). Returns (B, M, *rest).
+    """
+    rest = t.shape[2:]
+    flat = t.reshape((-1,) + rest)
+    out = flat.index_select(0, plan.rows)
+    if plan.src.numel():
+        moved = flat.index_select(0, plan.src)
+        if reduce in ("sum", "mean") and t.is_floating_point() and rest:
+            out.index_add_(0, plan.dst, moved)
+            if reduce == "mean":
+                count = torch.bincount(plan.dst, minlength=out.shape[0]).add_(1).to(t.dtype)
+                shape = (plan.batch, plan.length)
+                out.view(shape + rest)[:, plan.kept :].div_(count.view(shape + (1,) * len(rest))[:, plan.kept :])
+        else:
+            idx = plan.dst.view((-1,) + (1,) * len(rest)).expand(moved.shape)
+            out.scatter_reduce_(0, idx, moved, reduce=reduce, include_self=True)
+    return out.view((plan.batch, plan.length) + rest)
 
 
 def _merge_with_plan(
     x: Tensor,
-    plan: tuple[Tensor, Tensor, Tensor, Tensor],
+    plan: _RowPlan,
     sizes: Tensor | None,
     mode: str,
     sources: Tensor | None,
 ) -> MergeResult:
-    keep_idx, b_idx, src_idx, dst = plan
     if mode == "mean":
-        out = _apply_plan(x, keep_idx, b_idx, src_idx, dst, "mean")
-        new_sizes = None if sizes is None else _apply_plan(sizes, keep_idx, b_idx, src_idx, dst, "sum")
+        out = _apply_plan(x, plan, "mean")
+        new_sizes = None if sizes is None else _apply_plan(sizes, plan, "sum")
     elif mode == "wavg":
         if sizes is None:
             sizes = x.new_ones(x.shape[:2])
         w = sizes.to(x.dtype).unsqueeze(-1)
-        num = _apply_plan(x * w, keep_idx, b_idx, src_idx, dst, "sum")
-        new_sizes = _apply_plan(sizes, keep_idx, b_idx, src_idx, dst, "sum")
+        num = _apply_plan(x * w, plan, "sum")
+        new_sizes = _apply_plan(sizes, plan, "sum")
         out = num / new_sizes.to(x.dtype).unsqueeze(-1)
     else:
         raise ValueError(f"mode must be 'mean' or 'wavg'; got {mode!r}")
     new_sources = None
     if sources is not None:
-        new_sources = _apply_plan(sources, keep_idx, b_idx, src_idx, dst, "amax")
+        new_sources = _apply_plan(sources, plan, "amax")
     return MergeResult(out, new_sizes, new_sources)
 
 
@@ -240,14 +265,15 @@ def _noop(x: Tensor, sizes: Tensor | None, mode: str, sources: Tensor | None) ->
 
 
 # ------------------------------------------------------------------------------------------- BSM
-def _bsm_plan(metric: Tensor, r: int, class_token: bool):
+def _bsm_plan(metric: Tensor, r: int, class_token: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ToMe bipartite plan: ``(unmerged a, all b, merged a, dst)``, each (B, ·) token indices (dst
+    indexes the b tokens); a = even tokens, b = odd tokens."""
     B, N, _ = metric.shape
     m = metric.to(score_dtype(metric), copy=True)  # this function's own buffer: normalised in place
     v = m.div_(m.norm(dim=-1, keepdim=True))  # plain division (reference)
-    a, b = v[:, 0::2], v[:, 1::2]
-    S = a @ b.transpose(-1, -2)  # (B, Na, Nb)
+    S = torch.bmm(v[:, 0::2], v[:, 1::2].transpose(1, 2))  # (B, Na, Nb)
     if class_token:
-        S[:, 0, :] = -math.inf
+        S[:, 0].fill_(-math.inf)
     node_max, node_idx = S.max(dim=-1)  # index of the first maximum (as argmax)
     edge = torch.argsort(node_max, dim=-1, descending=True, stable=True)
     src = edge[:, :r]
@@ -255,8 +281,7 @@ def _bsm_plan(metric: Tensor, r: int, class_token: bool):
     if class_token:
         unm = unm.sort(dim=-1, stable=True).values
     dst = node_idx.gather(-1, src)
-    Nb = b.shape[1]
-    b_idx = (torch.arange(Nb, device=metric.device) * 2 + 1).expand(B, Nb)
+    b_idx = torch.arange(1, N, 2, device=metric.device).expand(B, -1)
     return (unm * 2, b_idx, src * 2, dst)
 
 
@@ -288,7 +313,7 @@ def bsm_merge(
     max_r = n_a - (1 if class_token else 0)
     if x.shape[1] // 2 == 0 or r > max_r:
         raise ValueError(f"BSM: r={r} infeasible for N={x.shape[1]} (max {max_r})")
-    plan = _bsm_plan(metric, r, class_token)
+    plan = _row_plan(_bsm_plan(metric, r, class_token), x.shape[1])
     return _merge_with_plan(x, plan, sizes, mode, sources)
 
 
@@ -303,23 +328,23 @@ def energy_scores(sim: Tensor, margin: float) -> Tensor:
     return F.elu(s - margin, alpha=1.0, inplace=True).mean(dim=-1)  # in place on the fresh s - margin
 
 
-def _pitome_plan(metric: Tensor, r: int, margin: float, class_token: bool):
+def _pitome_plan(metric: Tensor, r: int, margin: float, class_token: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PiToMe plan: ``([CLS] ++ protected, B set, A set, dst)``, each (B, ·) token indices (dst indexes
+    the B set)."""
     B = metric.shape[0]
     off = 1 if class_token else 0
     m = metric[:, off:].to(score_dtype(metric), copy=True)  # own buffer: normalised in place
     v = m.div_(m.norm(2, dim=-1, keepdim=True).clamp_min_(1e-12))  # F.normalize's arithmetic
-    S = v @ v.transpose(-1, -2)  # (B, T, T)
+    S = torch.bmm(v, v.transpose(1, 2))  # (B, T, T)
     E = energy_scores(S, margin)
     order = torch.argsort(E, dim=-1, descending=True, stable=True)
-    merge = order[:, : 2 * r]
+    A, Bset = order[:, 0 : 2 * r : 2], order[:, 1 : 2 * r : 2]
     protected = order[:, 2 * r :]
-    A, Bset = merge[:, 0::2], merge[:, 1::2]
-    S_ab = take_rows(S, A)  # (B, r, T)
-    S_ab = S_ab.gather(2, Bset.unsqueeze(1).expand(-1, A.shape[1], -1))
+    S_ab = take_rows(S, A).gather(2, Bset.unsqueeze(1).expand(-1, r, -1))  # (B, r, r)
     dst = S_ab.argmax(dim=-1)  # first maximum, index into B
     keep = protected + off
     if class_token:
-        keep = torch.cat([torch.zeros(B, 1, dtype=keep.dtype, device=keep.device), keep], dim=1)
+        keep = torch.cat([keep.new_zeros(B, 1), keep], dim=1)
     return (keep, Bset + off, A + off, dst)
 
 
@@ -352,7 +377,7 @@ def pitome_merge(
     T = x.shape[1] - (1 if class_token else 0)
     if 2 * r > T:
         raise ValueError(f"PiToMe: 2r={2 * r} exceeds T={T}")
-    plan = _pitome_plan(metric, r, margin, class_token)
+    plan = _row_plan(_pitome_plan(metric, r, margin, class_token), x.shape[1])
     return _merge_with_plan(x, plan, sizes, mode, sources)
 
 
@@ -580,10 +605,9 @@ def post_merger_merge(y: Tensor, n_keep: int, mode: str = "mean", margin: float 
     B, n, _ = z.shape
     rep = torch.arange(n, device=z.device).expand(B, n)
     for r, m in post_merger_plan(n, n_keep, margin):
-        plan = _pitome_plan(z, r, m, class_token=False)
-        keep_idx, b_idx, _, _ = plan
+        plan = _row_plan(_pitome_plan(z, r, m, class_token=False), z.shape[1])
         z = _merge_with_plan(z, plan, None, mode, None).x
-        rep = torch.cat([rep.gather(1, keep_idx), rep.gather(1, b_idx)], dim=1)
+        rep = rep.reshape(-1).index_select(0, plan.rows).view(B, -1)  # an output token's B token or itself
     perm = torch.argsort(rep, dim=-1, stable=True)
     z = take_rows(z, perm)
     rep = rep.gather(1, perm)
@@ -755,19 +779,18 @@ class PiToMe(VisionPolicy):
         if layer >= len(plan) or plan[layer].r <= 0:
             return None
         step = plan[layer]
+        n = x.shape[1]
         if step.algorithm == "bsm":
-            idx = _bsm_plan(x, step.r, class_token=True)
+            rows = _row_plan(_bsm_plan(x, step.r, class_token=True), n)
         else:
-            idx = _pitome_plan(x, step.r, step.margin, class_token=True)
-        res = _merge_with_plan(x, idx, st.sizes, self.mode, None)
-        minsrc = st.minsrc
-        new_min = _apply_plan(minsrc, *idx, "amin")
+            rows = _row_plan(_pitome_plan(x, step.r, step.margin, class_token=True), n)
+        res = _merge_with_plan(x, rows, st.sizes, self.mode, None)
         # representative = the input token holding the smallest original index of each output token;
-        # the output stays in the kernel's order (order="reference"; "source" is sorted by the hook layer)
-        inv = torch.zeros((x.shape[0], int(minsrc.max()) + 1), dtype=torch.long, device=x.device)
-        inv.scatter_(1, minsrc, torch.arange(x.shape[1], device=x.device).expand_as(minsrc))
-        reps = inv.gather(1, new_min)
-        st.minsrc, st.sizes = new_min, res.sizes
+        # original indices are distinct, so one min over (index * n + position) gives both. The output
+        # stays in the kernel's order (order="reference"; "source" is sorted by the hook layer)
+        key = _apply_plan(st.minsrc * n + torch.arange(n, device=x.device), rows, "amin")
+        st.minsrc, reps = key.div(n, rounding_mode="floor"), key.remainder(n)
+        st.sizes = res.sizes
         if self.prop_attn:
             ctx.attn_log_size = torch.log(res.sizes.float())
         return res.x, reps

@@ -384,4 +384,5 @@ def test_apply_plan_equals_scatter_reduce(dtype, rest):
     for reduce in ("mean", "sum", "amax", "amin"):
         want = torch.cat([rows(keep), rows(b_idx).scatter_reduce(1, lead(dst), rows(src), reduce=reduce,
                                                                   include_self=True)], dim=1)
-        assert torch.equal(P._apply_plan(t, keep, b_idx, src, dst, reduce), want), reduce
+        plan = P._row_plan((keep, b_idx, src, dst), N)
+        assert torch.equal(P._apply_plan(t, plan, reduce), want), reduce
