@@ -781,14 +781,14 @@ class PiToMe(VisionPolicy):
         step = plan[layer]
         n = x.shape[1]
         if step.algorithm == "bsm":
-            rows = _row_plan(_bsm_plan(x, step.r, class_token=True), n)
+            merge = _row_plan(_bsm_plan(x, step.r, class_token=True), n)
         else:
-            rows = _row_plan(_pitome_plan(x, step.r, step.margin, class_token=True), n)
-        res = _merge_with_plan(x, rows, st.sizes, self.mode, None)
+            merge = _row_plan(_pitome_plan(x, step.r, step.margin, class_token=True), n)
+        res = _merge_with_plan(x, merge, st.sizes, self.mode, None)
         # representative = the input token holding the smallest original index of each output token;
         # original indices are distinct, so one min over (index * n + position) gives both. The output
         # stays in the kernel's order (order="reference"; "source" is sorted by the hook layer)
-        key = _apply_plan(st.minsrc * n + torch.arange(n, device=x.device), rows, "amin")
+        key = _apply_plan(st.minsrc * n + torch.arange(n, device=x.device), merge, "amin")
         st.minsrc, reps = key.div(n, rounding_mode="floor"), key.remainder(n)
         st.sizes = res.sizes
         if self.prop_attn:

@@ -18,6 +18,7 @@ code path (libtorch kernels, dispatcher, Python), not the tensors' data.
 
     python scripts/stage_v_cache_probe.py               # keep 64, ~2 min on a quiet 2-core CPU
     python scripts/stage_v_cache_probe.py --keep 192 --rounds 7
+    python scripts/stage_v_cache_probe.py --shape tiny --keep 128 --rounds 1   # a smoke run in seconds
 """
 from __future__ import annotations
 
@@ -38,12 +39,13 @@ SYSTEM = "A chat between a user and an AI assistant. "
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="llava-1.5-1b", choices=["llava-1.5-1b", "tiny"])
     ap.add_argument("--keep", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds of each variant (after one warm-up)")
     ap.add_argument("--flush-mib", type=int, default=64, help="size of the buffer read to flush the caches")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model, proc = build_llava_shape("llava-1.5-1b")
+    model, proc = build_llava_shape(args.shape)
     inputs = llava_inputs(proc, QUESTION, system=SYSTEM)
     policy = PiToMe(keep=args.keep)
     own = PiToMe.after_layer
