@@ -1,6 +1,7 @@
 """Shared fixtures and oracles of the model-level tests (hook layer, conformance, every method).
 
-* fixtures: cached tiny random models (:func:`tiny`), left-padded request batches (:func:`batch`);
+* fixtures: cached tiny random models (:func:`tiny`), left-padded request batches (:func:`batch`),
+  the benchmark scripts as modules (:func:`load_script`);
 * runs: :func:`patched_run` (logits, new tokens, stats, policies of a patched forward + generate);
 * oracles: :func:`assert_batch_equals_alone` (a batch with left padding == each sample alone, the one
   copy every test uses), :func:`assert_sdpa_equals_eager`, :func:`assert_matches_shortened` (the
@@ -11,9 +12,11 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -55,6 +58,15 @@ DEVICE = torch.device(os.environ.get("VTPRUNE_TEST_DEVICE", "cpu"))
 
 
 @functools.lru_cache(maxsize=None)
+def load_script(name: str):
+    """The module of ``scripts/<name>.py`` (scripts are not a package), executed fresh."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def tiny(family: str, attn: str = "sdpa"):
     """(model, processor) of the family's tiny random model, built once per session, on :data:`DEVICE`."""
     model, proc = BUILDERS[family](attn_implementation=attn)

@@ -1,25 +1,16 @@
 """scripts/efficiency_benchmark.py's report on real (tiny) profile passes: the served-projection A/B
 pass turns into an overhead net of the work the pruning layers no longer repeat; a stage-V method's
 overhead is also given against encoder + LLM prefill."""
-import importlib.util
-from pathlib import Path
-
 import vtprune
 from vtprune.eval.profile import build_llava_shape, llava_inputs
+
+from helpers import load_script
 
 SPEC = "transprune:prune_layers=1|2|3,keep_ratios=0.75|0.5|0.25"
 
 
-def _script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "efficiency_benchmark.py"
-    spec = importlib.util.spec_from_file_location("efficiency_benchmark", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_report_uses_the_measured_served_projection_saving(capsys):
-    bench = _script()
+    bench = load_script("efficiency_benchmark")
     model, proc = build_llava_shape("tiny")
     inputs = llava_inputs(proc, "what is in the picture?")
     methods = ["none", "random:keep=64", "pitome:keep=128", SPEC]
