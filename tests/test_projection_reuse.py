@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vtprune.rows import take_rows
-from vtprune.reuse import MIN_ROWS, ProjectionCapture, ServedProjection
+from vtprune.reuse import MIN_ROWS, ProjectionCapture, ServedProjection, rows_bitwise_equal
 from vtprune.policy import DecoderPolicy
 from vtprune.registry import registered
 
@@ -67,6 +67,34 @@ def test_served_projection_serves_equal_rows_once_and_projects_the_rest():
     torch.testing.assert_close(out, nn.functional.linear(cut, proj.weight, proj.bias))
     assert "forward" not in vars(proj)  # one call only
     torch.testing.assert_close(proj(cut), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [1, 3, 6, 2048])
+def test_rows_bitwise_equal_compares_bits_of_every_element(dtype, width):
+    """The serving check: a row differing in any one element (any position of the widest integer the
+    row is compared in) is caught, on contiguous, strided and offset rows; bits decide, not values."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(3, 4, width + 1, generator=g).to(dtype)
+    for x in (base[..., :width].contiguous(), base[..., 1:], torch.randn(3, 4, 2 * width, generator=g).to(dtype)[..., ::2]):
+        y = x.clone()
+        assert torch.equal(rows_bitwise_equal(x, y), torch.ones(3, 4, dtype=torch.bool))
+        same_size_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        for col in {0, width // 2, width - 1}:
+            for bit in (1, 1 << (8 * x.element_size() - 2)):  # the lowest mantissa bit, the top exponent bit
+                z = y.clone()
+                z.view(same_size_int)[1, 2, col] ^= bit
+                expect = torch.ones(3, 4, dtype=torch.bool)
+                expect[1, 2] = False
+                assert torch.equal(rows_bitwise_equal(x, z), expect), (col, bit, x.stride())
+    zero = torch.zeros(1, 2, width, dtype=dtype)
+    neg = zero.clone()
+    neg[0, 1, -1] = -0.0
+    assert rows_bitwise_equal(zero, neg).tolist() == [[True, False]]  # +0 and -0 differ in their bits
+    nan = torch.full((1, 1, width), float("nan"), dtype=dtype)
+    assert rows_bitwise_equal(nan, nan.clone()).all()  # the same bits: the same projection
+    with pytest.raises(ValueError, match="differ"):
+        rows_bitwise_equal(zero, zero.float() if dtype != torch.float32 else zero.double())
 
 
 def test_served_projection_falls_back_and_keeps_an_instance_forward():

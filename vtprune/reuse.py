@@ -26,6 +26,27 @@ from torch import Tensor, nn
 #: fewest rows (batch x sequence) of both the recorded and the served call
 MIN_ROWS = 16
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def rows_bitwise_equal(x: Tensor, y: Tensor) -> Tensor:
+    """(..., D) tensors of one shape and dtype -> (...) bool, True where the two rows hold the same bits.
+
+    The rows are compared as integers of the widest width (up to 8 bytes) that tiles a row, several
+    elements per comparison (4-5x faster than a float ``==`` for bf16 rows of 2048). Unlike a float
+    ``==``, +0 and -0 differ and a NaN row equals itself: the bits, not the values, decide.
+    """
+    if x.shape != y.shape or x.dtype != y.dtype:
+        raise ValueError(f"rows_bitwise_equal: shapes/dtypes differ ({tuple(x.shape)} {x.dtype}, {tuple(y.shape)} {y.dtype})")
+    row_bytes = x.shape[-1] * x.element_size()
+    for width in (8, 4, 2, 1):
+        if row_bytes % width == 0:
+            try:
+                return (x.view(_INT_OF_SIZE[width]) == y.view(_INT_OF_SIZE[width])).all(dim=-1)
+            except RuntimeError:  # the row is not contiguous (or not aligned) for this width
+                continue
+    return (x.contiguous().view(torch.uint8) == y.contiguous().view(torch.uint8)).all(dim=-1)
+
 
 class ProjectionCapture:
     """Context manager: the last (input (B, L, D), output (B, L, F)) of ``module`` called on an input
@@ -85,7 +106,7 @@ class ServedProjection:
         if args or kwargs or x.shape != self.inputs.shape:
             return self._original(x, *args, **kwargs)
         t0 = time.perf_counter()
-        same = self.usable & (x == self.inputs).all(dim=-1)
+        same = self.usable & rows_bitwise_equal(x, self.inputs)
         n = int(same.sum())
         if n == 0:
             return self._original(x)
