@@ -70,6 +70,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Sequence
 
 import torch
 
@@ -99,8 +100,12 @@ def _wait_for_quiet(max_load: float | None, retries: int, wait_s: float) -> None
     print(f"# load average {_load():.2f}; running anyway", flush=True)
 
 
-def _configs(budgets: list[int]) -> tuple[list[tuple[str, str, int | None]], list[str]]:
-    """[(family, spec, budget)] for the registered methods; notes for the skipped ones."""
+METHOD_FAMILIES = ("fastv", "hiprune", "visionzip", "todre", "pitome", "transprune", "random")
+
+
+def _configs(budgets: list[int], families: Sequence[str] = METHOD_FAMILIES) -> tuple[list[tuple[str, str, int | None]], list[str]]:
+    """[(family, spec, budget)] for the registered methods among ``families`` (and always "none");
+    notes for the skipped ones."""
     import vtprune
 
     reg = vtprune.methods()
@@ -112,6 +117,8 @@ def _configs(budgets: list[int]) -> tuple[list[tuple[str, str, int | None]], lis
     wanted.append(("random", [f"random:keep={STAGE_P_TARGET_BUDGET}"], [STAGE_P_TARGET_BUDGET]))
     out, notes = [], []
     for fam, specs, bs in wanted:
+        if fam != "none" and fam not in families:
+            continue
         if fam not in reg:
             notes.append(f"{fam}: not registered in vtprune.methods(), skipped")
             continue
@@ -132,6 +139,10 @@ def _validate(model, configs, notes):
             continue
         ok.append((fam, spec, b))
     return ok
+
+
+def _verdict(ok: bool | None) -> str:
+    return "NOT MEASURED" if ok is None else "PASS" if ok else "FAIL"
 
 
 def _fmt(x, f="{:.2f}"):
@@ -196,7 +207,7 @@ def measure(args) -> dict:
           f"{n_prompt - n_vis} text; built in {time.time() - t_start:.0f} s", flush=True)
 
     budgets = [b for b in args.budgets if b <= n_vis]
-    configs, notes = _configs(budgets)
+    configs, notes = _configs(budgets, args.methods)
     configs = _validate(model, configs, notes)
     specs = [s for _, s, _ in configs]
     say = (lambda m: print("  " + m, flush=True)) if args.verbose else None
@@ -311,7 +322,7 @@ def report(data: dict) -> dict:
         _print_peers(data, verdicts)
         print()
         for name, ok, detail in verdicts:
-            print(f"TARGET {name}: {'PASS' if ok else 'FAIL'} -- {detail}")
+            print(f"TARGET {name}: {_verdict(ok)} -- {detail}")
         for n in data["notes"]:
             print(f"NOTE {n}")
         print(f"# the CPU is shared with other jobs; /proc/loadavg: {' | '.join(data.get('loadavg', []))}")
@@ -427,8 +438,9 @@ def report(data: dict) -> dict:
     verdicts = []
     p64 = [r for r in rows if r["stage"] == "P" and r["budget"] == STAGE_P_TARGET_BUDGET]
     bad = [r for r in p64 if r["realization"] is None or r["realization"] < 0.9]
-    verdicts.append(("realization >= 0.9 for stage-P methods at keep 64", not bad and bool(p64),
-                     "; ".join(f"{r['spec']} {_fmt(r['realization'])}" for r in p64)))
+    verdicts.append(("realization >= 0.9 for stage-P methods at keep 64", (not bad) if p64 else None,
+                     "; ".join(f"{r['spec']} {_fmt(r['realization'])}" for r in p64) if p64 else
+                     f"no stage-P method at keep {STAGE_P_TARGET_BUDGET} in this run (--methods)"))
     pruned = [r for r in rows if r["spec"] != "none"]
     pct = lambda r: r.get("overhead_net_pct", r["overhead_pct"])  # noqa: E731  (net of served work where measured)
     bad = [r for r in pruned if pct(r) > 2.0]
@@ -451,7 +463,7 @@ def report(data: dict) -> dict:
     _print_peers(data, verdicts)
     print()
     for name, ok, detail in verdicts:
-        print(f"TARGET {name}: {'PASS' if ok else 'FAIL'} -- {detail}")
+        print(f"TARGET {name}: {_verdict(ok)} -- {detail}")
     for n in notes:
         print(f"NOTE {n}")
     env, ps, gs = pre["environment"], pre["settings"], gen["settings"]
@@ -480,6 +492,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prefill-repeats", type=int, default=None, help="timed rounds of pass 1 (CPU default 2)")
     ap.add_argument("--generate-repeats", type=int, default=None, help="timed rounds of pass 2 (CPU default 2)")
+    ap.add_argument("--methods", nargs="+", default=list(METHOD_FAMILIES), choices=METHOD_FAMILIES, metavar="METHOD",
+                    help=f"method families to run besides none (default all: {' '.join(METHOD_FAMILIES)})")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-load", type=float, default=None,
                     help="wait (up to --load-retries x 180 s) until the 1-min load average is below this")

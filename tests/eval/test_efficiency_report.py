@@ -39,3 +39,20 @@ def test_report_uses_the_measured_served_projection_saving(capsys):
     assert v["overhead_pct_of_vision_and_prefill"] == 100.0 * v["overhead_ms"] / (v["vision_ms"] + v["prefill_ms"])
     assert "overhead_pct_of_vision_and_prefill" not in rows["random:keep=64"]
     assert f"pitome:keep=128 {v['overhead_pct_of_vision_and_prefill']:.2f} %" in out
+
+
+def test_a_method_subset_runs_none_and_those_families_and_says_what_it_did_not_measure(capsys):
+    bench = load_script("efficiency_benchmark")
+    configs, notes = bench._configs([192, 64], ("pitome", "transprune"))
+    assert [s for _, s, _ in configs] == ["none", "pitome:keep=192", "pitome:keep=64", "transprune"]
+    assert notes == []
+    model, proc = build_llava_shape("tiny")
+    inputs = llava_inputs(proc, "what is in the picture?")
+    methods = ["none", "pitome:keep=128"]
+    pre = vtprune.profile(model, inputs, methods, repeats=1, warmup=0, new_tokens=1)
+    gen = vtprune.profile(model, inputs, methods, repeats=1, warmup=0, new_tokens=2)
+    verdicts = bench.report({"shape": "tiny", "notes": [], "prefill_pass": pre.to_dict(),
+                             "generate_pass": gen.to_dict()})["verdicts"]
+    realization = next(v for v in verdicts if v["target"].startswith("realization"))
+    assert realization["pass"] is None  # no stage-P method at keep 64 ran: neither PASS nor FAIL
+    assert "TARGET realization >= 0.9 for stage-P methods at keep 64: NOT MEASURED" in capsys.readouterr().out
