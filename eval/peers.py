@@ -175,6 +175,11 @@ class Run:
     maps: list = field(default_factory=list)
     policies: list = field(default_factory=list)
 
+    @property
+    def outside_llm_ms(self) -> float:
+        """TTFT outside the LLM prefill: the vision tower, the selection, the projector and the head."""
+        return self.ttft_ms - self.prefill_ms
+
 
 def peer_run(model, inputs, spec: str, *, peer: bool, seed: int = 0, keep_maps: bool = False) -> Run:
     """One request under ``spec``: vtprune as is (``peer=False``) or reference-style (``peer=True``)."""
@@ -328,7 +333,7 @@ def _summary(rec) -> dict[str, Any]:
     ours, peer = rec["vtprune"], rec["peer"]
     s = {"kept_equal": rec["kept_equal"], "checks": [[c, ok] for c, ok in rec["checks"]], "rounds": len(ours),
          "kept_diff": rec.get("kept_diff")}
-    for key in ("ttft_ms", "prefill_ms", "peak_mib"):
+    for key in ("ttft_ms", "prefill_ms", "outside_llm_ms", "peak_mib"):
         a, b = [getattr(x, key) for x in ours], [getattr(x, key) for x in peer]
         s[f"vtprune_{key}"], s[f"peer_{key}"] = _median(a), _median(b)
         if key != "peak_mib":

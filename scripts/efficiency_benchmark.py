@@ -298,9 +298,9 @@ def _print_peers(data: dict, verdicts: list) -> None:
                   "every attention map kept: output_attentions)")
             print()
             print("| method | kept tokens equal | TTFT ms vtprune | TTFT ms peer | TTFT peer / vtprune | LLM prefill ms "
-                  "vtprune | LLM prefill ms peer | prefill peer / vtprune | peak MiB vtprune | peak MiB peer | "
-                  "peak peer / vtprune |")
-            print("|" + "---|" * 11)
+                  "vtprune | LLM prefill ms peer | prefill peer / vtprune | outside the LLM ms vtprune | outside the "
+                  "LLM ms peer | outside peer / vtprune | peak MiB vtprune | peak MiB peer | peak peer / vtprune |")
+            print("|" + "---|" * 14)
             for spec, r in data[key].items():
                 mem_ratio = r["peer_peak_mib"] / r["vtprune_peak_mib"] if r["vtprune_peak_mib"] >= 1 else float("nan")
                 diff = r.get("kept_diff")
@@ -308,6 +308,8 @@ def _print_peers(data: dict, verdicts: list) -> None:
                 print(f"| {spec} | {eq} ({'; '.join(c + (': yes' if ok else ': no') for c, ok in r['checks'])}) | "
                       f"{r['vtprune_ttft_ms']:.0f} | {r['peer_ttft_ms']:.0f} | {r['ttft_ms_ratio']:.3f} | "
                       f"{r['vtprune_prefill_ms']:.0f} | {r['peer_prefill_ms']:.0f} | {r['prefill_ms_ratio']:.3f} | "
+                      f"{_fmt(r.get('vtprune_outside_llm_ms'), '{:.0f}')} | {_fmt(r.get('peer_outside_llm_ms'), '{:.0f}')} | "
+                      f"{_fmt(r.get('outside_llm_ms_ratio'), '{:.3f}')} | "
                       f"{r['vtprune_peak_mib']:.0f} | {r['peer_peak_mib']:.0f} | {_fmt(mem_ratio, '{:.1f}')} |")
             bad = [s for s, r in data[key].items() if not r["kept_equal"]]
             verdicts.append((f"peers keep the same tokens ({key})", not bad, ", ".join(bad) or "all equal"))

@@ -60,8 +60,9 @@ def test_run_pairs_reports_paired_ratios(llava):
     model, inp = llava
     res = run_pairs(model, inp, ["visionzip:keep=64"], rounds=2, warmup=0)["visionzip:keep=64"]
     assert res["kept_equal"] and res["rounds"] == 2
-    for k in ("ttft_ms", "prefill_ms"):
+    for k in ("ttft_ms", "prefill_ms", "outside_llm_ms"):
         assert res[f"vtprune_{k}"] > 0 and res[f"peer_{k}"] > 0 and res[f"{k}_ratio"] > 0
+    assert res["vtprune_outside_llm_ms"] < res["vtprune_ttft_ms"]  # the TTFT less the LLM prefill
 
 
 def test_peak_memory_sees_a_transient_allocation():
