@@ -16,6 +16,10 @@ LLaVA-1.5 shape (random weights, bf16, 1 thread on CPU):
 If (3) is close to (1) the in-situ cost is cache refills; if (4) is close to (2) those refills are the
 code path (libtorch kernels, dispatcher, Python), not the tensors' data.
 
+Then the similarity products of the same calls alone, back to back, in fp32 (what PiToMe computes) and
+in bf16 (what it would cost to score in bf16): the BSM layers' strided half products and the PiToMe
+layers' full T x T products, summed over the calls.
+
     python scripts/stage_v_cache_probe.py               # keep 64, ~2 min on a quiet 2-core CPU
     python scripts/stage_v_cache_probe.py --keep 192 --rounds 7
     python scripts/stage_v_cache_probe.py --shape tiny --keep 128 --rounds 1   # a smoke run in seconds
@@ -107,7 +111,45 @@ def main(argv=None) -> int:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:34s} {med:7.1f} ms  x{med / base:4.2f} of replay   [{min(ts):.1f}, {max(ts):.1f}]")
+    _products(policy, vit, calls, args.rounds)
     return 0
+
+
+def _products(policy: PiToMe, vit, calls, rounds: int) -> None:
+    """Time the calls' similarity products alone in fp32 and bf16, by algorithm (BSM / PiToMe)."""
+    plan = policy._plan("llava", vit.layers, vit.last_layer, vit.tokens, vit.drop_cls)
+    units = []  # (algorithm, normalised fp32 metric (1, N, C) of the tokens it scores)
+    for layer, x in calls:
+        if layer >= len(plan) or plan[layer].r <= 0:
+            continue
+        m = x.float() if plan[layer].algorithm == "bsm" else x[:, 1:].float()  # PiToMe scores without the CLS
+        units.append((plan[layer].algorithm, m / m.norm(dim=-1, keepdim=True)))
+
+    def product(alg: str, v: torch.Tensor) -> torch.Tensor:
+        if alg == "bsm":
+            return torch.bmm(v[:, 0::2], v[:, 1::2].transpose(1, 2))
+        return torch.bmm(v, v.transpose(1, 2))
+
+    ms = {(alg, dt): [] for alg in ("bsm", "pitome") for dt in (torch.float32, torch.bfloat16)}
+    cast = {dt: [(alg, v.to(dt)) for alg, v in units] for dt in (torch.float32, torch.bfloat16)}
+    for i in range(rounds + 1):
+        for dt, us in cast.items():
+            spent = {"bsm": 0.0, "pitome": 0.0}
+            for alg, v in us:
+                t = time.perf_counter()
+                product(alg, v)
+                spent[alg] += time.perf_counter() - t
+            if i:
+                for alg in spent:
+                    ms[(alg, dt)].append(spent[alg] * 1e3)
+    print("similarity products alone, back to back (median): fp32 as computed, bf16 for comparison")
+    for alg in ("bsm", "pitome"):
+        n = sum(1 for a, _ in units if a == alg)
+        if n == 0:
+            print(f"  {alg:6s} layers ( 0)")
+            continue
+        f32, b16 = (statistics.median(ms[(alg, dt)]) for dt in (torch.float32, torch.bfloat16))
+        print(f"  {alg:6s} layers ({n:2d}): fp32 {f32:6.1f} ms, bf16 {b16:6.1f} ms (x{b16 / f32:.2f})")
 
 
 if __name__ == "__main__":

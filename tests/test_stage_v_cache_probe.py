@@ -9,3 +9,4 @@ def test_probe_times_the_calls_four_ways(capsys):
     assert "pitome:keep=128: 1 after_layer calls" in out  # the tiny tower merges after its one feature layer
     for variant in ("in situ", "replay ", "replay, caches flushed", "replay, flushed, kernels re-run"):
         assert variant in out, variant
+    assert "bsm    layers ( 1): fp32" in out and "pitome layers ( 0)" in out  # its one merge layer is a BSM one
