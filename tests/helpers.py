@@ -57,7 +57,6 @@ ATOL = dict(rtol=1e-5, atol=1e-5)
 DEVICE = torch.device(os.environ.get("VTPRUNE_TEST_DEVICE", "cpu"))
 
 
-@functools.lru_cache(maxsize=None)
 def load_script(name: str):
     """The module of ``scripts/<name>.py`` (scripts are not a package), executed fresh."""
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
@@ -67,6 +66,7 @@ def load_script(name: str):
     return mod
 
 
+@functools.lru_cache(maxsize=None)
 def tiny(family: str, attn: str = "sdpa"):
     """(model, processor) of the family's tiny random model, built once per session, on :data:`DEVICE`."""
     model, proc = BUILDERS[family](attn_implementation=attn)
