@@ -7,7 +7,8 @@ PiToMe merges after every CLIP layer. Its 23 ``after_layer`` calls take longer i
 the same calls replayed back to back on the same inputs. This script separates the causes on the
 LLaVA-1.5 shape (random weights, bf16, 1 thread on CPU):
 
-1. ``in situ``: the calls as ``generate()`` makes them (a CLIP layer between two calls);
+1. ``in situ``: the calls as ``generate()`` makes them (a CLIP layer between two calls), with the minor
+   page faults taken inside them (``getrusage``: fresh memory the calls touch for the first time);
 2. ``replay``: the captured inputs of those calls, replayed back to back (caches warm);
 3. ``replay, caches flushed``: before each call, a read of a buffer larger than the last-level cache;
 4. ``replay, flushed, kernels re-run``: after the flush, the same policy steps on a tiny input (the code
@@ -18,7 +19,8 @@ code path (libtorch kernels, dispatcher, Python), not the tensors' data.
 
 Then the similarity products of the same calls alone, back to back, in fp32 (what PiToMe computes) and
 in bf16 (what it would cost to score in bf16): the BSM layers' strided half products and the PiToMe
-layers' full T x T products, summed over the calls.
+layers' full T x T products, summed over the calls; and whether bf16 products would give the PiToMe
+layers the same energy order.
 
     python scripts/stage_v_cache_probe.py               # keep 64, ~2 min on a quiet 2-core CPU
     python scripts/stage_v_cache_probe.py --keep 192 --rounds 7
@@ -27,6 +29,7 @@ layers' full T x T products, summed over the calls.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -34,7 +37,7 @@ import torch
 
 import vtprune
 from vtprune.eval.profile import build_llava_shape, llava_inputs
-from vtprune.methods.pitome import PiToMe
+from vtprune.methods.pitome import PiToMe, energy_scores
 from vtprune.policy import Context
 
 QUESTION = "What objects are visible in this image and why?"
@@ -55,20 +58,22 @@ def main(argv=None) -> int:
     own = PiToMe.after_layer
     calls: list[tuple[int, torch.Tensor]] = []
     towers = []
-    spent = [0.0]
+    spent = [0.0, 0]  # seconds, minor page faults inside the calls
 
     def timed(layer, x, ctx, record=False):
         if record:
             calls.append((layer, x.clone()))
             towers.append(ctx.vit)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         out = own(policy, layer, x, ctx)
         spent[0] += time.perf_counter() - t
+        spent[1] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         return out
 
-    in_situ = []
+    in_situ, in_situ_faults = [], []
     for i in range(args.rounds + 1):
-        spent[0] = 0.0
+        spent[0], spent[1] = 0.0, 0
         record = i == 0
         policy.after_layer = lambda layer, x, ctx, record=record: timed(layer, x, ctx, record)
         handle = vtprune.patch(model, policy)
@@ -77,6 +82,7 @@ def main(argv=None) -> int:
         handle.remove()
         if i:
             in_situ.append(spent[0] * 1e3)
+            in_situ_faults.append(spent[1])
     del policy.after_layer
     vit = towers[0]
 
@@ -111,6 +117,8 @@ def main(argv=None) -> int:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:34s} {med:7.1f} ms  x{med / base:4.2f} of replay   [{min(ts):.1f}, {max(ts):.1f}]")
+    print(f"  in situ, minor page faults inside the calls: median {statistics.median(in_situ_faults):.0f} per "
+          f"prefill [{min(in_situ_faults)}, {max(in_situ_faults)}]")
     _products(policy, vit, calls, args.rounds)
     return 0
 
@@ -150,6 +158,32 @@ def _products(policy: PiToMe, vit, calls, rounds: int) -> None:
             continue
         f32, b16 = (statistics.median(ms[(alg, dt)]) for dt in (torch.float32, torch.bfloat16))
         print(f"  {alg:6s} layers ({n:2d}): fp32 {f32:6.1f} ms, bf16 {b16:6.1f} ms (x{b16 / f32:.2f})")
+    _bf16_energy_order(policy, vit, calls)
+
+
+def _bf16_energy_order(policy: PiToMe, vit, calls) -> None:
+    """Would bf16 products rank the PiToMe layers' tokens as fp32 does? Per layer: the energy order from
+    bf16-rounded unit vectors against the fp32 one, the median gap between neighbouring energies and the
+    largest energy change."""
+    plan = policy._plan("llava", vit.layers, vit.last_layer, vit.tokens, vit.drop_cls)
+    same, gaps, moved, n = 0, [], [], 0
+    for layer, x in calls:
+        step = plan[layer] if layer < len(plan) else None
+        if step is None or step.algorithm != "pitome" or step.r <= 0:
+            continue
+        m = x[:, 1:].float()
+        v = m / m.norm(dim=-1, keepdim=True)
+        e32 = energy_scores(torch.bmm(v, v.transpose(1, 2)), step.margin)
+        vb = v.bfloat16().float()  # the products of bf16 inputs, exact in fp32 apart from the accumulation
+        e16 = energy_scores(torch.bmm(vb, vb.transpose(1, 2)), step.margin)
+        same += int(torch.equal(torch.argsort(e32, dim=-1, descending=True, stable=True),
+                                torch.argsort(e16, dim=-1, descending=True, stable=True)))
+        gaps.append(e32.sort(dim=-1).values.diff(dim=-1).median().item())
+        moved.append((e16 - e32).abs().max().item())
+        n += 1
+    if n:
+        print(f"bf16 energies: same order as fp32 in {same} of {n} PiToMe layers; median neighbour gap "
+              f"{statistics.median(gaps):.1e}, largest energy change {max(moved):.1e}")
 
 
 if __name__ == "__main__":
