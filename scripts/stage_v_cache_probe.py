@@ -126,12 +126,13 @@ def main(argv=None) -> int:
 def _products(policy: PiToMe, vit, calls, rounds: int) -> None:
     """Time the calls' similarity products alone in fp32 and bf16, by algorithm (BSM / PiToMe)."""
     plan = policy._plan("llava", vit.layers, vit.last_layer, vit.tokens, vit.drop_cls)
-    units = []  # (algorithm, normalised fp32 metric (1, N, C) of the tokens it scores)
+    steps = []  # (the layer's LayerMerge, normalised fp32 metric (1, N, C) of the tokens it scores)
     for layer, x in calls:
         if layer >= len(plan) or plan[layer].r <= 0:
             continue
         m = x.float() if plan[layer].algorithm == "bsm" else x[:, 1:].float()  # PiToMe scores without the CLS
-        units.append((plan[layer].algorithm, m / m.norm(dim=-1, keepdim=True)))
+        steps.append((plan[layer], m / m.norm(dim=-1, keepdim=True)))
+    units = [(step.algorithm, v) for step, v in steps]
 
     def product(alg: str, v: torch.Tensor) -> torch.Tensor:
         if alg == "bsm":
@@ -158,21 +159,17 @@ def _products(policy: PiToMe, vit, calls, rounds: int) -> None:
             continue
         f32, b16 = (statistics.median(ms[(alg, dt)]) for dt in (torch.float32, torch.bfloat16))
         print(f"  {alg:6s} layers ({n:2d}): fp32 {f32:6.1f} ms, bf16 {b16:6.1f} ms (x{b16 / f32:.2f})")
-    _bf16_energy_order(policy, vit, calls)
+    _bf16_energy_order(steps)
 
 
-def _bf16_energy_order(policy: PiToMe, vit, calls) -> None:
-    """Would bf16 products rank the PiToMe layers' tokens as fp32 does? Per layer: the energy order from
-    bf16-rounded unit vectors against the fp32 one, the median gap between neighbouring energies and the
-    largest energy change."""
-    plan = policy._plan("llava", vit.layers, vit.last_layer, vit.tokens, vit.drop_cls)
-    same, gaps, moved, n = 0, [], [], 0
-    for layer, x in calls:
-        step = plan[layer] if layer < len(plan) else None
-        if step is None or step.algorithm != "pitome" or step.r <= 0:
+def _bf16_energy_order(steps) -> None:
+    """Would bf16 products rank the PiToMe layers' tokens as fp32 does? ``steps``: (LayerMerge, unit
+    vectors (1, T, C) fp32) per merge layer. Per PiToMe layer: the energy order from the bf16-rounded
+    vectors against the fp32 one; the median gap between neighbouring energies, the largest change."""
+    same, gaps, moved = 0, [], []
+    for step, v in steps:
+        if step.algorithm != "pitome":
             continue
-        m = x[:, 1:].float()
-        v = m / m.norm(dim=-1, keepdim=True)
         e32 = energy_scores(torch.bmm(v, v.transpose(1, 2)), step.margin)
         vb = v.bfloat16().float()  # the products of bf16 inputs, exact in fp32 apart from the accumulation
         e16 = energy_scores(torch.bmm(vb, vb.transpose(1, 2)), step.margin)
@@ -180,11 +177,9 @@ def _bf16_energy_order(policy: PiToMe, vit, calls) -> None:
                                 torch.argsort(e16, dim=-1, descending=True, stable=True)))
         gaps.append(e32.sort(dim=-1).values.diff(dim=-1).median().item())
         moved.append((e16 - e32).abs().max().item())
-        n += 1
-    if n:
-        print(f"bf16 energies: same order as fp32 in {same} of {n} PiToMe layers; median neighbour gap "
+    if gaps:
+        print(f"bf16 energies: same order as fp32 in {same} of {len(gaps)} PiToMe layers; median neighbour gap "
               f"{statistics.median(gaps):.1e}, largest energy change {max(moved):.1e}")
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -16,17 +16,22 @@ def test_probe_times_the_calls_four_ways(capsys):
 def test_probe_compares_the_bf16_energy_order_of_pitome_layers(capsys):
     import torch
 
-    from vtprune.methods.pitome import PiToMe
-    from vtprune.policy import ViTInfo
+    from vtprune.methods.pitome import LayerMerge
 
     probe = load_script("stage_v_cache_probe")
-    vit = ViTInfo(layers=24, last_layer=22, tokens=577, drop_cls=True)
-    policy = PiToMe(keep=64)  # layers 13..22 are PiToMe layers, 0..12 BSM
+
+    def unit(t):
+        return t / t.norm(dim=-1, keepdim=True)
+
     g = torch.Generator().manual_seed(0)
-    calls = [(3, torch.randn(1, 40, 16, generator=g)),  # a BSM layer: not compared
-             (13, torch.randn(1, 40, 16, generator=g)), (14, torch.randn(1, 30, 16, generator=g))]
-    probe._bf16_energy_order(policy, vit, calls)
-    out = capsys.readouterr().out
-    assert "bf16 energies: same order as fp32 in " in out and " of 2 PiToMe layers; median neighbour gap " in out
-    probe._bf16_energy_order(policy, vit, calls[:1])
+    bsm = (LayerMerge("bsm", 3, None), unit(torch.randn(1, 40, 16, generator=g)))
+    pitome = (LayerMerge("pitome", 3, 0.4), unit(torch.randn(1, 40, 16, generator=g)))
+    # unit vectors bf16 holds exactly (scaled rows of a permuted identity, some repeated): bf16 products are
+    # the fp32 ones, so the energy order must agree
+    exact = (LayerMerge("pitome", 3, 0.4), torch.eye(16)[torch.arange(40) % 16 * 5 % 16][None].clone())
+    probe._bf16_energy_order([bsm, exact])
+    assert "bf16 energies: same order as fp32 in 1 of 1 PiToMe layers; median neighbour gap " in capsys.readouterr().out
+    probe._bf16_energy_order([bsm, pitome, exact])
+    assert " of 2 PiToMe layers" in capsys.readouterr().out  # the BSM layer is not compared
+    probe._bf16_energy_order([bsm])
     assert capsys.readouterr().out == ""  # no PiToMe layer, nothing to say
