@@ -100,7 +100,17 @@ def _wait_for_quiet(max_load: float | None, retries: int, wait_s: float) -> None
     print(f"# load average {_load():.2f}; running anyway", flush=True)
 
 
-METHOD_FAMILIES = ("fastv", "hiprune", "visionzip", "todre", "pitome", "transprune", "random")
+def _family_specs(budgets: Sequence[int]) -> dict[str, list[tuple[str, int | None]]]:
+    """{family: [(spec, budget)]}: every method family the benchmark runs besides "none", in table order."""
+    specs: dict[str, list[tuple[str, int | None]]] = {"fastv": [(f"fastv:layer=2,keep={b}", b) for b in budgets]}
+    for name in ("hiprune", "visionzip", "todre", "pitome"):
+        specs[name] = [(f"{name}:keep={b}", b) for b in budgets]
+    specs["transprune"] = [("transprune", None)]
+    specs["random"] = [(f"random:keep={STAGE_P_TARGET_BUDGET}", STAGE_P_TARGET_BUDGET)]
+    return specs
+
+
+METHOD_FAMILIES = tuple(_family_specs(()))
 
 
 def _configs(budgets: list[int], families: Sequence[str] = METHOD_FAMILIES) -> tuple[list[tuple[str, str, int | None]], list[str]]:
@@ -109,20 +119,14 @@ def _configs(budgets: list[int], families: Sequence[str] = METHOD_FAMILIES) -> t
     import vtprune
 
     reg = vtprune.methods()
-    wanted = [("none", ["none"], [None])]
-    wanted.append(("fastv", [f"fastv:layer=2,keep={b}" for b in budgets], budgets))
-    for name in ("hiprune", "visionzip", "todre", "pitome"):
-        wanted.append((name, [f"{name}:keep={b}" for b in budgets], budgets))
-    wanted.append(("transprune", ["transprune"], [None]))
-    wanted.append(("random", [f"random:keep={STAGE_P_TARGET_BUDGET}"], [STAGE_P_TARGET_BUDGET]))
     out, notes = [], []
-    for fam, specs, bs in wanted:
+    for fam, pairs in [("none", [("none", None)])] + list(_family_specs(budgets).items()):
         if fam != "none" and fam not in families:
             continue
         if fam not in reg:
             notes.append(f"{fam}: not registered in vtprune.methods(), skipped")
             continue
-        out.extend((fam, s, b) for s, b in zip(specs, bs))
+        out.extend((fam, s, b) for s, b in pairs)
     return out, notes
 
 
