@@ -123,6 +123,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def _product(alg: str, v: torch.Tensor) -> torch.Tensor:
+    """The similarity product a merge layer scores with: BSM's strided half product (a x b), PiToMe's T x T."""
+    if alg == "bsm":
+        return torch.bmm(v[:, 0::2], v[:, 1::2].transpose(1, 2))
+    return torch.bmm(v, v.transpose(1, 2))
+
+
 def _products(policy: PiToMe, vit, calls, rounds: int) -> None:
     """Time the calls' similarity products alone in fp32 and bf16, by algorithm (BSM / PiToMe)."""
     plan = policy._plan("llava", vit.layers, vit.last_layer, vit.tokens, vit.drop_cls)
@@ -133,12 +140,6 @@ def _products(policy: PiToMe, vit, calls, rounds: int) -> None:
         m = x.float() if plan[layer].algorithm == "bsm" else x[:, 1:].float()  # PiToMe scores without the CLS
         steps.append((plan[layer], m / m.norm(dim=-1, keepdim=True)))
     units = [(step.algorithm, v) for step, v in steps]
-
-    def product(alg: str, v: torch.Tensor) -> torch.Tensor:
-        if alg == "bsm":
-            return torch.bmm(v[:, 0::2], v[:, 1::2].transpose(1, 2))
-        return torch.bmm(v, v.transpose(1, 2))
-
     ms = {(alg, dt): [] for alg in ("bsm", "pitome") for dt in (torch.float32, torch.bfloat16)}
     cast = {dt: [(alg, v.to(dt)) for alg, v in units] for dt in (torch.float32, torch.bfloat16)}
     for i in range(rounds + 1):
@@ -146,7 +147,7 @@ def _products(policy: PiToMe, vit, calls, rounds: int) -> None:
             spent = {"bsm": 0.0, "pitome": 0.0}
             for alg, v in us:
                 t = time.perf_counter()
-                product(alg, v)
+                _product(alg, v)
                 spent[alg] += time.perf_counter() - t
             if i:
                 for alg in spent:
@@ -170,9 +171,9 @@ def _bf16_energy_order(steps) -> None:
     for step, v in steps:
         if step.algorithm != "pitome":
             continue
-        e32 = energy_scores(torch.bmm(v, v.transpose(1, 2)), step.margin)
+        e32 = energy_scores(_product("pitome", v), step.margin)
         vb = v.bfloat16().float()  # the products of bf16 inputs, exact in fp32 apart from the accumulation
-        e16 = energy_scores(torch.bmm(vb, vb.transpose(1, 2)), step.margin)
+        e16 = energy_scores(_product("pitome", vb), step.margin)
         same += int(torch.equal(torch.argsort(e32, dim=-1, descending=True, stable=True),
                                 torch.argsort(e16, dim=-1, descending=True, stable=True)))
         gaps.append(e32.sort(dim=-1).values.diff(dim=-1).median().item())

@@ -26,7 +26,7 @@ def test_probe_compares_the_bf16_energy_order_of_pitome_layers(capsys):
     g = torch.Generator().manual_seed(0)
     bsm = (LayerMerge("bsm", 3, None), unit(torch.randn(1, 40, 16, generator=g)))
     pitome = (LayerMerge("pitome", 3, 0.4), unit(torch.randn(1, 40, 16, generator=g)))
-    # unit vectors bf16 holds exactly (scaled rows of a permuted identity, some repeated): bf16 products are
+    # unit vectors bf16 holds exactly (rows of the identity, permuted and repeated): bf16 products are
     # the fp32 ones, so the energy order must agree
     exact = (LayerMerge("pitome", 3, 0.4), torch.eye(16)[torch.arange(40) % 16 * 5 % 16][None].clone())
     probe._bf16_energy_order([bsm, exact])
